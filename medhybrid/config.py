@@ -1,0 +1,305 @@
+"""Typed configuration: pydantic models loaded from layered YAML with command-line overrides.
+
+A YAML file may name one or more ``base:`` files (relative to itself) that it overrides key by key.
+Strings may use ``${ENV_VAR:default}``. Overrides are ``dotted.key=value`` with the value parsed as
+YAML (``pretrain.lr=3e-4``, ``model.channels=[32,64]``, ``pretrain.dataset=ph2``). Every model
+forbids unknown keys, so a wrong key, type or path fails at load time with a message naming it.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import re
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+class ConfigError(ValueError):
+    """A configuration problem, with the file and key it comes from."""
+
+
+class StrictModel(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_default=True)
+
+
+# --------------------------------------------------------------------------------------------- YAML helpers
+_ENV = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::([^}]*))?\}")
+
+
+def expand_env(value: Any) -> Any:
+    """Expand ``${NAME}`` and ``${NAME:default}`` in every string of a nested structure."""
+    if isinstance(value, str):
+        def sub(m: re.Match) -> str:
+            if m.group(1) in os.environ:
+                return os.environ[m.group(1)]
+            if m.group(2) is None:
+                raise ConfigError(f"environment variable {m.group(1)} is not set and has no default")
+            return m.group(2)
+        return _ENV.sub(sub, value)
+    if isinstance(value, dict):
+        return {k: expand_env(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [expand_env(v) for v in value]
+    return value
+
+
+def deep_merge(base: dict, over: dict) -> dict:
+    out = copy.deepcopy(base)
+    for k, v in over.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = deep_merge(out[k], v)
+        else:
+            out[k] = copy.deepcopy(v)
+    return out
+
+
+def read_yaml(path: str | os.PathLike) -> dict:
+    """Read a YAML mapping, following ``base:`` files (relative to the file), expanding ``${ENV}``."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: config file not found")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: invalid YAML ({e})") from e
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level, got {type(data).__name__}")
+    bases = data.pop("base", None) or []
+    merged: dict = {}
+    for b in [bases] if isinstance(bases, str) else bases:
+        merged = deep_merge(merged, read_yaml((path.parent / b).resolve()))
+    return deep_merge(merged, expand_env(data))
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} must look like key.sub=value")
+    key, raw = text.split("=", 1)
+    if not key or any(not part for part in key.split(".")):
+        raise ConfigError(f"override {text!r} has an empty key")
+    try:
+        value = yaml.safe_load(raw) if raw != "" else ""
+    except yaml.YAMLError as e:
+        raise ConfigError(f"override {text!r}: value is not valid YAML ({e})") from e
+    return key.split("."), value
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    out = copy.deepcopy(data)
+    for text in overrides:
+        keys, value = parse_override(text)
+        node = out
+        for k in keys[:-1]:
+            if not isinstance(node.get(k), dict):
+                node[k] = {}
+            node = node[k]
+        node[keys[-1]] = expand_env(value)
+    return out
+
+
+def config_dir() -> Path:
+    """Folder of the shipped configs: ``$MEDHYBRID_CONFIG_DIR``, else the repository's ``configs/``."""
+    env = os.environ.get("MEDHYBRID_CONFIG_DIR")
+    if env:
+        return Path(env)
+    if (REPO_ROOT / "configs").is_dir():
+        return REPO_ROOT / "configs"
+    return Path.cwd() / "configs"
+
+
+def find_config(name: str | os.PathLike, kind: str) -> Path:
+    """A config path, or the name of a shipped one (``configs/<kind>/<name>.yaml``)."""
+    p = Path(name)
+    if p.suffix in (".yaml", ".yml", ".json") or p.exists():
+        if not p.is_file():
+            raise ConfigError(f"{p}: config file not found")
+        return p.resolve()
+    shipped = config_dir() / kind / f"{name}.yaml"
+    if shipped.is_file():
+        return shipped
+    known = sorted(q.stem for q in (config_dir() / kind).glob("*.yaml"))
+    raise ConfigError(f"unknown {kind} config {str(name)!r}: not a file, and not one of {known} in {config_dir() / kind}")
+
+
+# --------------------------------------------------------------------------------------------- data
+class MaskSpec(StrictModel):
+    """How raw mask values become class indices."""
+
+    values: dict[int, int] = Field(default_factory=lambda: {0: 0, 255: 1},
+                                   description="raw value -> class index; other values are errors")
+    ignore: list[int] = Field(default_factory=list, description="raw values marking regions excluded from losses and metrics")
+    threshold: float | None = Field(None, description="anti-aliased binary masks: raw >= threshold is foreground")
+
+    @property
+    def num_classes(self) -> int:
+        return 2 if self.threshold is not None else max(self.values.values()) + 1
+
+    @model_validator(mode="after")
+    def _check(self):
+        if self.threshold is None:
+            classes = sorted(set(self.values.values()))
+            if not classes or classes[0] != 0 or classes != list(range(len(classes))):
+                raise ValueError(f"mask.values must map onto classes 0..K-1 with 0 = background, got {self.values}")
+        overlap = set(self.ignore) & set(self.values) if self.threshold is None else set()
+        if overlap:
+            raise ValueError(f"mask values {sorted(overlap)} are both a class and ignored")
+        return self
+
+
+class DatasetSpec(StrictModel):
+    """A dataset of 2D images with masks.
+
+    Pairs come from a folder (``images/<id>.<ext>`` with ``masks/<id><mask_suffix><mask_ext>``) or from
+    a ``datalist``: a CSV with ``image,mask[,split]`` columns or a MONAI decathlon-style JSON. Splits
+    come from ``split`` (JSON ``{split name: [ids]}``), the CSV's ``split`` column or the JSON's keys.
+    Relative paths are relative to ``root``; a relative ``root`` is relative to the YAML that holds it.
+    """
+
+    name: str
+    role: Literal["source", "target"] = "source"
+    description: str = ""
+    root: Path
+    images: str = "images"
+    masks: str = "masks"
+    mask_suffix: str = ""
+    mask_ext: str = ".png"
+    datalist: str | None = None
+    split: str | None = "split.json"
+    channels: Literal[1, 3] = Field(description="1 = grey, 3 = RGB; files are converted to this")
+    mask: MaskSpec = Field(default_factory=MaskSpec)
+
+    @field_validator("root", mode="before")
+    @classmethod
+    def _resolve_root(cls, v: Any, info: ValidationInfo) -> Any:
+        base = (info.context or {}).get("base_dir")
+        if base is not None and isinstance(v, (str, Path)) and not Path(v).is_absolute():
+            v = Path(base) / v
+        return v
+
+    @field_validator("root")
+    @classmethod
+    def _root_exists(cls, v: Path) -> Path:
+        v = Path(os.path.normpath(v))
+        if not v.is_dir():
+            raise ValueError(f"dataset root {v} does not exist or is not a folder")
+        return v
+
+    @property
+    def splits(self) -> tuple[str, ...]:
+        return ("train", "val") if self.role == "source" else ("pool", "test")
+
+
+def load_dataset_spec(ref: str | os.PathLike | dict | DatasetSpec, overrides: list[str] | None = None,
+                      base_dir: str | os.PathLike | None = None) -> DatasetSpec:
+    """A :class:`DatasetSpec` from a shipped name (``ph2``), a dataset YAML, a mapping, or built from a
+    folder with ``images/`` and ``masks/``, a CSV datalist or a decathlon-style JSON datalist.
+
+    ``overrides`` (``key=value``) complete or change the spec, e.g. ``channels=1 mask.threshold=128``
+    for a folder, which cannot say whether it holds grey or RGB images.
+    """
+    if isinstance(ref, DatasetSpec) and not overrides:
+        return ref
+    if isinstance(ref, DatasetSpec):
+        ref = ref.model_dump()
+    source, ctx_dir = "dataset", base_dir
+    if isinstance(ref, dict):
+        data = ref
+    else:
+        p = Path(ref)
+        if base_dir is not None and not p.is_absolute() and (Path(base_dir) / p).exists():
+            p = Path(base_dir) / p
+        if p.is_dir():
+            data, source, ctx_dir = {"name": p.resolve().name, "root": str(p.resolve())}, str(p), None
+        elif p.is_file() and (p.suffix.lower() == ".csv" or (p.suffix.lower() == ".json" and _is_datalist(p))):
+            data = {"name": p.stem, "root": str(p.resolve().parent), "datalist": p.name, "split": None}
+            source, ctx_dir = str(p), None
+        else:
+            path = find_config(ref, "data")
+            data, source, ctx_dir = read_yaml(path), str(path), path.parent
+    data = apply_overrides(data, overrides or [])
+    return validate(DatasetSpec, data, source=source, context={"base_dir": ctx_dir})
+
+
+def _is_datalist(path: Path) -> bool:
+    import json
+
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(data, dict) and any(isinstance(v, list) and v and isinstance(v[0], dict) for v in data.values())
+
+
+# --------------------------------------------------------------------------------------------- preprocessing
+class Preprocess(StrictModel):
+    """How images become network input."""
+
+    resolution: int = Field(64, ge=8, description="square side in pixels")
+    aspect: Literal["stretch", "pad", "crop"] = Field("pad", description="stretch to square, pad, or centre-crop")
+    intensity: Literal["fixed", "minmax", "percentile"] = "fixed"
+    percentiles: tuple[float, float] = (0.5, 99.5)
+
+    @field_validator("resolution")
+    @classmethod
+    def _pow2(cls, v: int) -> int:
+        if v % 8:
+            raise ValueError(f"resolution must be a multiple of 8 (the U-Net downsamples by 8), got {v}")
+        return v
+
+
+# --------------------------------------------------------------------------------------------- loading
+M = TypeVar("M", bound=BaseModel)
+
+
+def format_validation_error(err: ValidationError, source: str) -> str:
+    lines = [f"{source}: invalid configuration"]
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        msg = e["msg"]
+        if e["type"] == "extra_forbidden":
+            msg = "unknown key"
+        got = e.get("input")
+        shown = "" if e["type"] in ("missing", "extra_forbidden") or isinstance(got, dict) else f" (got {got!r})"
+        lines.append(f"  {loc}: {msg}{shown}")
+    return "\n".join(lines)
+
+
+def validate(model: type[M], data: dict, source: str = "config", context: dict | None = None) -> M:
+    try:
+        return model.model_validate(data, context=context)
+    except ValidationError as e:
+        raise ConfigError(format_validation_error(e, source)) from None
+
+
+def load_config(model: type[M], path: str | os.PathLike | None = None, overrides: list[str] | None = None,
+                kind: str | None = None) -> M:
+    """Load ``path`` (or the shipped config named so under ``configs/<kind>/``) with ``overrides``."""
+    data: dict = {}
+    base_dir = Path.cwd()
+    source = "config"
+    if path is not None:
+        p = find_config(path, kind) if kind else Path(path)
+        data = read_yaml(p)
+        base_dir, source = p.parent, str(p)
+    data = apply_overrides(data, overrides or [])
+    return validate(model, data, source=source, context={"base_dir": base_dir})
+
+
+def dump_config(cfg: BaseModel) -> dict:
+    return cfg.model_dump(mode="json")
+
+
+def save_config(cfg: BaseModel, path: str | os.PathLike) -> Path:
+    """Write the resolved config as YAML (atomically)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(yaml.safe_dump(dump_config(cfg), sort_keys=False))
+    os.replace(tmp, path)
+    return path

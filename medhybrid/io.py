@@ -1,0 +1,244 @@
+"""Readers for 2D medical images: PNG/JPEG/BMP/TIFF, DICOM, NIfTI and what SimpleITK reads.
+
+Every reader returns the pixels in *row-major display order*: an array of shape ``(H, W)`` or
+``(H, W, C)``, exactly as a viewer shows the file, never transposed or flipped. A PNG and the
+same pixels wrapped as DICOM load to the same array.
+
+:class:`Image2DReader` plugs these readers into MONAI's :class:`monai.transforms.LoadImage` as an
+:class:`monai.data.ImageReader`; the transforms in :mod:`medhybrid.transforms` use it that way.
+Each reader also reports ``value_range``: the range the stored values can take (bit depth after the
+DICOM modality LUT), which intensity normalisation uses.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from monai.data import ImageReader
+from monai.utils import MetaKeys
+
+PIL_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
+DICOM_SUFFIXES = (".dcm", ".dicom")
+NIFTI_SUFFIXES = (".nii", ".nii.gz")
+SITK_SUFFIXES = (".mha", ".mhd", ".nrrd", ".nhdr")
+SUPPORTED_SUFFIXES = PIL_SUFFIXES + DICOM_SUFFIXES + NIFTI_SUFFIXES + SITK_SUFFIXES
+
+
+class DataError(ValueError):
+    """A problem with an input file, reported with the file's path."""
+
+    def __init__(self, path: str | os.PathLike | None, problem: str):
+        self.path = None if path is None else str(path)
+        self.problem = problem
+        super().__init__(f"{self.path}: {problem}" if self.path else problem)
+
+
+def file_suffix(path: str | os.PathLike) -> str:
+    """Lower-case suffix, with ``.nii.gz`` kept whole."""
+    name = str(path).lower()
+    if name.endswith(".nii.gz"):
+        return ".nii.gz"
+    return Path(name).suffix
+
+
+def _integer_range(dtype: np.dtype) -> tuple[float, float]:
+    info = np.iinfo(dtype)
+    return float(info.min), float(info.max)
+
+
+def _value_range(arr: np.ndarray) -> tuple[float, float]:
+    if np.issubdtype(arr.dtype, np.integer):
+        return _integer_range(arr.dtype)
+    if arr.dtype == bool:
+        return 0.0, 1.0
+    return float(np.min(arr)), float(np.max(arr))
+
+
+def read_pil(path: Path, role: str = "image") -> tuple[np.ndarray, dict]:
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as im:
+            mode = im.mode
+            if role == "image":
+                if mode in ("P", "PA", "CMYK", "YCbCr", "LAB", "HSV", "RGBA"):
+                    im = im.convert("RGB")
+                elif mode in ("LA", "1"):
+                    im = im.convert("L")
+            elif mode in ("1", "LA"):
+                im = im.convert("L")
+            elif mode == "RGBA":
+                im = im.convert("RGB")
+            arr = np.asarray(im)  # forces the full decode: truncated files fail here
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+        raise DataError(path, f"cannot decode image ({type(e).__name__}: {e})") from e
+    if mode.startswith("I;16"):
+        arr = arr.astype(np.uint16)
+    elif mode == "I":
+        vmin, vmax = int(arr.min()), int(arr.max())
+        if vmin >= 0 and vmax < 65536:
+            arr = arr.astype(np.uint16)
+    vr = (0.0, 1.0) if arr.dtype == bool else _value_range(arr)
+    if mode == "I" and arr.dtype == np.int32:
+        vr = (float(arr.min()), float(arr.max()))
+    return arr, {"format": "pil", "mode": mode, "value_range": vr}
+
+
+def read_dicom(path: Path, role: str = "image") -> tuple[np.ndarray, dict]:
+    """Decode a single-frame DICOM image.
+
+    Applies the modality LUT (Rescale Slope/Intercept), inverts MONOCHROME1 so that higher values are
+    brighter, and reports the value range implied by Bits Stored (after rescale and inversion).
+    Compressed transfer syntaxes (JPEG, JPEG 2000, RLE) decode through pydicom's pixel handlers
+    (pylibjpeg plugins).
+    """
+    import pydicom
+    from pydicom.errors import InvalidDicomError
+    from pydicom.pixels import apply_modality_lut
+
+    try:
+        ds = pydicom.dcmread(path)
+    except (InvalidDicomError, OSError, EOFError, ValueError) as e:
+        raise DataError(path, f"not a readable DICOM file ({type(e).__name__}: {e})") from e
+    if "PixelData" not in ds and "FloatPixelData" not in ds and "DoubleFloatPixelData" not in ds:
+        raise DataError(path, "DICOM file has no pixel data (no PixelData element)")
+    try:
+        arr = ds.pixel_array
+    except Exception as e:  # decoders raise many types (missing plugin, truncated stream)
+        syntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", "unknown")
+        raise DataError(path, f"cannot decode DICOM pixel data, transfer syntax {syntax} ({type(e).__name__}: {e})") from e
+    frames = int(ds.get("NumberOfFrames", 1) or 1)
+    if frames > 1:
+        raise DataError(path, f"multi-frame DICOM ({frames} frames); medhybrid reads single 2D images")
+    photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).upper()
+    samples = int(ds.get("SamplesPerPixel", 1))
+    meta: dict[str, Any] = {"format": "dicom", "photometric": photometric}
+    if samples == 1:
+        bits = int(ds.get("BitsStored", ds.get("BitsAllocated", 16)))
+        signed = int(ds.get("PixelRepresentation", 0)) == 1
+        lo_raw, hi_raw = (-(2 ** (bits - 1)), 2 ** (bits - 1) - 1) if signed else (0, 2**bits - 1)
+        slope = float(ds.get("RescaleSlope", 1.0) or 1.0)
+        intercept = float(ds.get("RescaleIntercept", 0.0) or 0.0)
+        has_rescale = "RescaleSlope" in ds or "RescaleIntercept" in ds or "ModalityLUTSequence" in ds
+        if has_rescale:
+            arr = np.asarray(apply_modality_lut(arr, ds), dtype=np.float32)
+            ends = sorted((lo_raw * slope + intercept, hi_raw * slope + intercept))
+            lo, hi = float(ends[0]), float(ends[1])
+        else:
+            lo, hi = float(lo_raw), float(hi_raw)
+        if photometric == "MONOCHROME1":
+            # inverted grey scale: map v -> lo + hi - v, so that the stored minimum becomes white
+            if np.issubdtype(arr.dtype, np.integer):
+                arr = (np.int64(lo) + np.int64(hi) - arr.astype(np.int64)).astype(arr.dtype)
+            else:
+                arr = np.float32(lo + hi) - arr
+        meta.update(bits_stored=bits, rescale_slope=slope, rescale_intercept=intercept)
+        meta["value_range"] = (lo, hi)
+    else:
+        # colour DICOM: pydicom converts YBR to RGB by default; planar configuration is handled there too
+        arr = np.asarray(arr)
+        meta["value_range"] = _value_range(arr)
+    return np.ascontiguousarray(arr), meta
+
+
+def read_nifti(path: Path, role: str = "image") -> tuple[np.ndarray, dict]:
+    """Read a 2D NIfTI image. NIfTI stores (i, j) = (column, row) order, so the array is transposed
+    to (row, column) to match what SimpleITK and the PNG readers return."""
+    import nibabel as nib
+
+    try:
+        img = nib.load(str(path))
+        arr = np.asarray(img.dataobj)
+    except Exception as e:  # nibabel raises ImageFileError, EOFError, zlib errors, ...
+        raise DataError(path, f"cannot read NIfTI file ({type(e).__name__}: {e})") from e
+    while arr.ndim > 2 and arr.shape[2] == 1:
+        arr = arr.reshape(arr.shape[:2] + arr.shape[3:])
+    if arr.ndim == 2:
+        arr = arr.T
+    elif arr.ndim == 3 and arr.shape[2] in (3, 4):
+        arr = np.transpose(arr, (1, 0, 2))[..., :3]
+    else:
+        raise DataError(path, f"NIfTI image has shape {arr.shape}; medhybrid reads 2D images (optionally RGB)")
+    return np.ascontiguousarray(arr), {"format": "nifti", "value_range": _value_range(arr)}
+
+
+def read_sitk(path: Path, role: str = "image") -> tuple[np.ndarray, dict]:
+    import SimpleITK as sitk
+
+    try:
+        img = sitk.ReadImage(str(path))
+        arr = sitk.GetArrayFromImage(img)  # (rows, columns[, components]) for 2D
+    except RuntimeError as e:
+        raise DataError(path, f"SimpleITK cannot read the file ({str(e).strip().splitlines()[-1]})") from e
+    if img.GetDimension() == 3:
+        if img.GetSize()[2] != 1:
+            raise DataError(path, f"3D image of size {img.GetSize()}; medhybrid reads 2D images")
+        arr = arr[0]
+    if arr.ndim == 3 and arr.shape[2] not in (1, 3, 4):
+        raise DataError(path, f"image has {arr.shape[2]} components per pixel; expected 1, 3 or 4")
+    if arr.ndim == 3:
+        arr = arr[..., 0] if arr.shape[2] == 1 else arr[..., :3]
+    return np.ascontiguousarray(arr), {"format": "sitk", "value_range": _value_range(arr)}
+
+
+_READERS = {
+    **dict.fromkeys(PIL_SUFFIXES, read_pil),
+    **dict.fromkeys(DICOM_SUFFIXES, read_dicom),
+    **dict.fromkeys(NIFTI_SUFFIXES, read_nifti),
+    **dict.fromkeys(SITK_SUFFIXES, read_sitk),
+}
+
+
+def read_image(path: str | os.PathLike, role: str = "image") -> tuple[np.ndarray, dict]:
+    """Read one 2D image as ``(H, W)`` or ``(H, W, C)`` plus metadata, choosing the reader by suffix.
+
+    ``role`` is ``"image"`` (palette/alpha images become RGB/grey) or ``"mask"`` (raw values kept).
+    Raises :class:`DataError` naming the file for a missing, unreadable or unsupported file.
+    """
+    path = Path(path)
+    suffix = file_suffix(path)
+    reader = _READERS.get(suffix)
+    if reader is None:
+        raise DataError(path, f"unsupported file type {suffix!r}; supported: {', '.join(SUPPORTED_SUFFIXES)}")
+    if not path.is_file():
+        raise DataError(path, "file not found")
+    if path.stat().st_size == 0:
+        raise DataError(path, "file is empty (0 bytes)")
+    arr, meta = reader(path, role)
+    if arr.ndim not in (2, 3) or arr.size == 0:
+        raise DataError(path, f"decoded to an array of shape {arr.shape}; expected a 2D image")
+    meta["spatial_shape"] = np.asarray(arr.shape[:2])
+    return arr, meta
+
+
+class Image2DReader(ImageReader):
+    """MONAI :class:`~monai.data.ImageReader` over :func:`read_image` (all supported 2D formats).
+
+    Returns channel-last arrays in display order; use with ``LoadImage(..., ensure_channel_first=True)``.
+    """
+
+    def __init__(self, role: str = "image"):
+        super().__init__()
+        self.role = role
+
+    def verify_suffix(self, filename: Sequence[os.PathLike] | os.PathLike) -> bool:
+        names = filename if isinstance(filename, (list, tuple)) else [filename]
+        return all(file_suffix(f) in SUPPORTED_SUFFIXES for f in names)
+
+    def read(self, data: Sequence[os.PathLike] | os.PathLike, **kwargs) -> Any:
+        names = data if isinstance(data, (list, tuple)) else [data]
+        if len(names) != 1:
+            raise ValueError(f"Image2DReader reads one file at a time, got {len(names)}")
+        return read_image(names[0], self.role)
+
+    def get_data(self, img) -> tuple[np.ndarray, dict]:
+        arr, meta = img
+        meta = dict(meta)
+        meta[MetaKeys.SPATIAL_SHAPE] = np.asarray(arr.shape[:2])
+        meta[MetaKeys.ORIGINAL_CHANNEL_DIM] = -1 if arr.ndim == 3 else float("nan")
+        meta["value_range"] = np.asarray(meta["value_range"], dtype=np.float64)
+        return arr, meta

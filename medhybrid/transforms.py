@@ -1,0 +1,289 @@
+"""MONAI transforms for 2D images and masks, each in an array form and a dictionary form.
+
+Conventions after :func:`preprocessing`:
+
+- ``image``: float32 ``(C, S, S)`` in ``[-1, 1]``, ``C`` = 1 (grey) or 3 (RGB) as the dataset states,
+  whatever the file holds.
+- ``label``: float32 ``(1, S, S)`` class indices ``0..K-1``; :data:`IGNORE_INDEX` marks pixels that
+  losses and metrics must skip (V7's devices over the lung, padding added by ``aspect: pad``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Hashable, Mapping, Sequence
+from typing import Literal
+
+import numpy as np
+import torch
+from monai.config import KeysCollection
+from monai.data import MetaTensor
+from monai.transforms import (
+    CenterSpatialCrop,
+    Compose,
+    LoadImage,
+    MapTransform,
+    Resize,
+    SpatialPad,
+    Transform,
+)
+
+from medhybrid.io import DataError, Image2DReader
+
+IGNORE_INDEX = -1.0
+"""Label value of pixels excluded from losses and metrics."""
+
+Aspect = Literal["stretch", "pad", "crop"]
+Intensity = Literal["fixed", "minmax", "percentile"]
+
+
+def _filename(img) -> str | None:
+    return img.meta.get("filename_or_obj") if isinstance(img, MetaTensor) else None
+
+
+# --------------------------------------------------------------------------------------------- loading
+class ToChannels(Transform):
+    """Convert a channel-first image to ``channels`` channels: RGB -> grey by ITU-R 601 luma,
+    grey -> RGB by repetition; an alpha channel is dropped."""
+
+    def __init__(self, channels: int):
+        if channels not in (1, 3):
+            raise ValueError(f"channels must be 1 or 3, got {channels}")
+        self.channels = channels
+
+    def __call__(self, img: torch.Tensor) -> torch.Tensor:
+        c = img.shape[0]
+        if c == 4:
+            img, c = img[:3], 3
+        if c == self.channels:
+            return img
+        if c == 1 and self.channels == 3:
+            return img.repeat(3, 1, 1)
+        if c == 3 and self.channels == 1:
+            w = torch.tensor([0.299, 0.587, 0.114], dtype=img.dtype, device=img.device).view(3, 1, 1)
+            return (img * w).sum(0, keepdim=True)
+        raise DataError(_filename(img), f"image has {c} channels; cannot convert to {self.channels}")
+
+
+class LoadImage2D(Transform):
+    """Load a 2D image file (any format of :mod:`medhybrid.io`) as a channel-first float32
+    :class:`~monai.data.MetaTensor` in display orientation.
+
+    Args:
+        role: ``"image"`` or ``"mask"`` (mask values are kept raw).
+        channels: for images, the number of channels to return (1 grey, 3 RGB); None keeps the file's.
+    """
+
+    def __init__(self, role: str = "image", channels: int | None = None):
+        self.loader = LoadImage(reader=Image2DReader(role), image_only=True, ensure_channel_first=True)
+        self.to_channels = ToChannels(channels) if channels else None
+
+    def __call__(self, filename) -> torch.Tensor:
+        img = self.loader(filename)
+        return self.to_channels(img) if self.to_channels else img
+
+
+class LoadImage2Dd(MapTransform):
+    """Dictionary form of :class:`LoadImage2D`; ``label_keys`` are loaded as masks."""
+
+    def __init__(self, keys: KeysCollection, label_keys: KeysCollection = (), channels: int | None = None):
+        super().__init__(keys)
+        self.label_keys = set(label_keys if isinstance(label_keys, (list, tuple)) else [label_keys])
+        self.image_loader = LoadImage2D("image", channels)
+        self.mask_loader = LoadImage2D("mask")
+
+    def __call__(self, data: Mapping[Hashable, object]) -> dict:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            d[key] = (self.mask_loader if key in self.label_keys else self.image_loader)(d[key])
+        return d
+
+
+# --------------------------------------------------------------------------------------------- masks
+class MaskToLabel(Transform):
+    """Map raw mask values to class indices, with ignored values set to :data:`IGNORE_INDEX`.
+
+    Args:
+        values: raw value -> class index (e.g. ``{0: 0, 255: 1}``); any other value is an error,
+            unless ``threshold`` is set.
+        ignore: raw values that mark regions to exclude (V7's 127).
+        threshold: for anti-aliased binary masks: raw value >= threshold is class 1, else 0
+            (after ``ignore`` values are taken out).
+    """
+
+    def __init__(self, values: Mapping[int, int] | None = None, ignore: Sequence[int] = (), threshold: float | None = None):
+        if values is None and threshold is None:
+            raise ValueError("MaskToLabel needs `values` or `threshold`")
+        self.values = {int(k): int(v) for k, v in (values or {}).items()}
+        self.ignore = [int(v) for v in ignore]
+        self.threshold = threshold
+
+    def __call__(self, mask: torch.Tensor) -> torch.Tensor:
+        name = _filename(mask)
+        if mask.shape[0] > 1:
+            if not bool((mask == mask[:1]).all()):
+                raise DataError(name, f"mask has {mask.shape[0]} differing channels; expected a single-channel label map")
+            mask = mask[:1]
+        raw = torch.as_tensor(mask).round()
+        out = torch.full_like(raw, IGNORE_INDEX, dtype=torch.float32)
+        ignored = torch.zeros_like(raw, dtype=torch.bool)
+        for v in self.ignore:
+            ignored |= raw == v
+        if self.threshold is not None:
+            fg = (raw >= self.threshold) & ~ignored
+            out[~ignored] = 0.0
+            out[fg] = 1.0
+        else:
+            known = ignored.clone()
+            for v, c in self.values.items():
+                hit = raw == v
+                out[hit] = float(c)
+                known |= hit
+            if not bool(known.all()):
+                bad = torch.unique(raw[~known]).to(torch.int64).tolist()
+                shown = ", ".join(map(str, bad[:10])) + (" ..." if len(bad) > 10 else "")
+                allowed = sorted(set(self.values) | set(self.ignore))
+                raise DataError(name, f"mask has unexpected values {shown} (allowed: {allowed}); "
+                                      "for anti-aliased masks set `mask.threshold`")
+        out[ignored] = IGNORE_INDEX
+        if isinstance(mask, MetaTensor):
+            out = MetaTensor(out, meta=mask.meta)
+        return out
+
+
+class MaskToLabeld(MapTransform):
+    """Dictionary form of :class:`MaskToLabel`. With ``ref_key`` it also checks that the mask has
+    the image's size, before any resizing can hide the mismatch."""
+
+    def __init__(self, keys: KeysCollection, values=None, ignore=(), threshold=None, ref_key: str | None = "image"):
+        super().__init__(keys)
+        self.convert = MaskToLabel(values, ignore, threshold)
+        self.ref_key = ref_key
+
+    def __call__(self, data):
+        d = dict(data)
+        for key in self.key_iterator(d):
+            if self.ref_key is not None and self.ref_key in d:
+                ref, m = d[self.ref_key], d[key]
+                if tuple(ref.shape[1:]) != tuple(m.shape[1:]):
+                    raise DataError(_filename(m), f"mask size {tuple(m.shape[1:])} (HxW) differs from image size "
+                                                  f"{tuple(ref.shape[1:])} of {_filename(ref)}")
+            d[key] = self.convert(d[key])
+        return d
+
+
+# --------------------------------------------------------------------------------------------- intensity
+class NormalizeIntensity2D(Transform):
+    """Scale intensities to ``[-1, 1]``.
+
+    - ``fixed``: by the range the file's format allows (``value_range`` from the reader: 0..255 for
+      8-bit files, the Bits Stored range after rescale for DICOM). Keeps the scanner's scale.
+    - ``minmax``: by the image's own min and max.
+    - ``percentile``: by the image's ``lower``/``upper`` percentiles, clipped (robust to hot pixels).
+    """
+
+    def __init__(self, mode: Intensity = "fixed", lower: float = 0.5, upper: float = 99.5):
+        self.mode, self.lower, self.upper = mode, lower, upper
+
+    def __call__(self, img: torch.Tensor) -> torch.Tensor:
+        x = img.float()
+        if self.mode == "fixed" and isinstance(img, MetaTensor) and "value_range" in img.meta:
+            lo, hi = (float(v) for v in torch.as_tensor(img.meta["value_range"]).flatten()[:2])
+        elif self.mode == "percentile":
+            q = torch.quantile(x.flatten()[:: max(1, x.numel() // 1_000_000)].float(),
+                               torch.tensor([self.lower / 100, self.upper / 100]))
+            lo, hi = float(q[0]), float(q[1])
+        else:
+            lo, hi = float(x.min()), float(x.max())
+        scale = (hi - lo) if hi > lo else 1.0
+        out = ((x - lo) / scale).clamp(0.0, 1.0) * 2.0 - 1.0
+        return out
+
+
+class NormalizeIntensity2Dd(MapTransform):
+    """Dictionary form of :class:`NormalizeIntensity2D`."""
+
+    def __init__(self, keys: KeysCollection, mode: Intensity = "fixed", lower: float = 0.5, upper: float = 99.5):
+        super().__init__(keys)
+        self.norm = NormalizeIntensity2D(mode, lower, upper)
+
+    def __call__(self, data):
+        d = dict(data)
+        for key in self.key_iterator(d):
+            d[key] = self.norm(d[key])
+        return d
+
+
+# --------------------------------------------------------------------------------------------- geometry
+def aspect_size(shape: Sequence[int], size: int, aspect: Aspect) -> tuple[int, int]:
+    """Intermediate (H, W) before padding/cropping to ``size x size``."""
+    h, w = int(shape[0]), int(shape[1])
+    if aspect == "stretch":
+        return size, size
+    scale = size / max(h, w) if aspect == "pad" else size / min(h, w)
+    return max(1, round(h * scale)), max(1, round(w * scale))
+
+
+class ResizeAspect(Transform):
+    """Resize a channel-first 2D image to ``size x size``.
+
+    ``aspect``: ``stretch`` (squash to square), ``pad`` (keep aspect, fit the long side, pad the short
+    side with ``pad_value``) or ``crop`` (keep aspect, fit the short side, centre-crop the long side).
+    Labels use nearest-neighbour interpolation; images bilinear with anti-aliasing when shrinking.
+    """
+
+    def __init__(self, size: int, aspect: Aspect = "pad", label: bool = False, pad_value: float | None = None):
+        self.size, self.aspect, self.label = int(size), aspect, label
+        self.pad_value = (IGNORE_INDEX if label else -1.0) if pad_value is None else pad_value
+
+    def __call__(self, img: torch.Tensor) -> torch.Tensor:
+        hw = aspect_size(img.shape[1:], self.size, self.aspect)
+        shrink = hw[0] < img.shape[1] or hw[1] < img.shape[2]
+        if self.label:
+            resize = Resize(hw, mode="nearest-exact")
+        else:
+            resize = Resize(hw, mode="bilinear", align_corners=False, anti_aliasing=shrink)
+        out = resize(img)
+        target = (self.size, self.size)
+        if self.aspect == "pad":
+            out = SpatialPad(target, mode="constant", value=self.pad_value)(out)
+        elif self.aspect == "crop":
+            out = CenterSpatialCrop(target)(out)
+        return out
+
+
+class ResizeAspectd(MapTransform):
+    """Dictionary form of :class:`ResizeAspect`; ``label_keys`` are resized as labels."""
+
+    def __init__(self, keys: KeysCollection, size: int, aspect: Aspect = "pad", label_keys: KeysCollection = ()):
+        super().__init__(keys)
+        label_keys = set(label_keys if isinstance(label_keys, (list, tuple)) else [label_keys])
+        self.resizers = {k: ResizeAspect(size, aspect, label=k in label_keys) for k in self.keys}
+
+    def __call__(self, data):
+        d = dict(data)
+        for key in self.key_iterator(d):
+            d[key] = self.resizers[key](d[key])
+        return d
+
+
+# --------------------------------------------------------------------------------------------- pipeline
+def preprocessing(dataset, preprocess, with_label: bool = True) -> Compose:
+    """The deterministic pipeline from file paths to model-ready tensors for ``dataset``
+    (:class:`medhybrid.config.DatasetSpec`) under ``preprocess`` (:class:`medhybrid.config.Preprocess`)."""
+    keys = ["image", "label"] if with_label else ["image"]
+    label_keys = ["label"] if with_label else []
+    steps: list = [LoadImage2Dd(keys, label_keys=label_keys, channels=dataset.channels)]
+    if with_label:
+        m = dataset.mask
+        steps.append(MaskToLabeld("label", values=m.values, ignore=m.ignore, threshold=m.threshold, ref_key="image"))
+    steps += [
+        NormalizeIntensity2Dd("image", preprocess.intensity, *preprocess.percentiles),
+        ResizeAspectd(keys, preprocess.resolution, preprocess.aspect, label_keys=label_keys),
+    ]
+    return Compose(steps)
+
+
+def image_array(img: torch.Tensor) -> np.ndarray:
+    """Channel-first tensor -> HxW(xC) numpy array, for writing or display."""
+    a = torch.as_tensor(img).detach().cpu().numpy()
+    return a[0] if a.shape[0] == 1 else np.moveaxis(a, 0, -1)

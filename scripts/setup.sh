@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# Create .venv in the repository and install medhybrid (editable) with its pinned dependencies.
+# Idempotent: re-running with an unchanged pyproject.toml does nothing.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3.11}
+command -v "$PY" >/dev/null 2>&1 || PY=python3
+stamp=.venv/.medhybrid-installed
+want=$(sha256sum pyproject.toml | cut -d' ' -f1)
+if [ -x .venv/bin/python ] && [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
+  exit 0
+fi
+[ -x .venv/bin/python ] || "$PY" -m venv .venv
+.venv/bin/python -m pip install --quiet --upgrade pip
+# torch first, exactly pinned: pip takes the CPU build from this machine's local wheel store
+.venv/bin/python -m pip install --quiet "torch==2.13.0"
+.venv/bin/python -m pip install --quiet -e ".[dev]"
+echo "$want" > "$stamp"
+echo "medhybrid installed in .venv"
