@@ -74,11 +74,14 @@ class LoadImage2D(Transform):
     """
 
     def __init__(self, role: str = "image", channels: int | None = None):
-        self.loader = LoadImage(reader=Image2DReader(role), image_only=True, ensure_channel_first=True)
+        self.reader = Image2DReader(role)
+        self.loader = LoadImage(reader=self.reader, image_only=True, ensure_channel_first=True)
         self.to_channels = ToChannels(channels) if channels else None
 
     def __call__(self, filename) -> torch.Tensor:
-        img = self.loader(filename)
+        # the reader is passed per call so that MONAI uses it alone: a reader given only at construction is
+        # tried first, and on failure MONAI falls back to its default readers, hiding the DataError
+        img = self.loader(filename, reader=self.reader)
         return self.to_channels(img) if self.to_channels else img
 
 

@@ -1,0 +1,269 @@
+"""The seams through which medhybrid extends MONAI's Ignite engines (``SupervisedTrainer`` and
+``SupervisedEvaluator``): prepare-batch objects that apply each mode's corruption, inferers that read
+the right output channels, metrics and small handlers. No training loop is written here.
+
+Randomness is a pure function of ``(seed, iteration, rank)`` (noise, masks) and ``(seed, epoch)``
+(data order), so a run resumed from a checkpoint continues exactly as an uninterrupted run would.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+from ignite.engine import Engine, Events
+from ignite.metrics import Metric
+from monai.engines import PrepareBatch
+from monai.inferers import Inferer
+from monai.utils import CommonKeys as Keys
+
+from medhybrid import diffusion as D
+from medhybrid.transforms import IGNORE_INDEX
+
+
+def _tensor(x) -> torch.Tensor:
+    return x.as_tensor() if hasattr(x, "as_tensor") else x
+
+
+def step_generator(seed: int, step: int, rank: int = 0) -> torch.Generator:
+    """A CPU generator whose state depends only on (seed, step, rank)."""
+    return torch.Generator().manual_seed((seed * 1_000_003 + step * 7_919 + rank * 104_729) % (2**63 - 1))
+
+
+class CorruptionPrepareBatch(PrepareBatch):
+    """Prepare-batch seam of pretraining: corrupt the clean image as the mode asks.
+
+    Returns ``(inputs, targets, (), kwargs)``: ``inputs`` the corrupted image, ``targets`` a dict
+    (``image`` clean, ``label``, ``sigma``, ``mask_weight``) for :class:`medhybrid.losses.PretrainLoss`,
+    ``kwargs`` the network's conditioning (``sigma``, and ``precondition=False`` for MDM).
+
+    Hybrid noise-level policy (how the mask loss meets the noise levels): a fraction ``seg_fraction``
+    of each batch takes sigma log-uniform in ``[sigma_min, seg_sigma_max]`` (where the mask is still
+    visible), the rest EDM's log-normal; the per-sample mask-loss weight is
+    ``mask_weight * w(sigma)`` with ``w`` = 1 (``all``), ``1[sigma <= seg_sigma_max]`` (``low``) or
+    ``c_skip(sigma)`` (``cskip``). ``seg_fraction=0, weighting=all`` is the naive hybrid.
+    """
+
+    def __init__(self, mode: str, edm: D.EDMParams = D.EDMParams(), seed: int = 0, rank: int = 0,
+                 mask_weight: float = 1.0, seg_fraction: float = 0.0, seg_sigma_max: float = 0.1,
+                 weighting: str = "all", mdm_patch: int = 8):
+        self.mode, self.edm, self.seed, self.rank = mode, edm, seed, rank
+        self.mask_weight, self.seg_fraction, self.seg_sigma_max = mask_weight, seg_fraction, seg_sigma_max
+        self.weighting, self.mdm_patch = weighting, mdm_patch
+        self.step = 0
+
+    def attach(self, engine: Engine) -> None:
+        """Keep :attr:`step` equal to the engine's iteration (set before each batch is prepared)."""
+        engine.add_event_handler(Events.ITERATION_STARTED, lambda e: setattr(self, "step", e.state.iteration))
+
+    def sigmas(self, n: int, g: torch.Generator) -> torch.Tensor:
+        e = self.edm
+        sigma = D.sample_sigma_lognormal(n, e.p_mean, e.p_std, generator=g)
+        if self.mode == "hybrid" and self.seg_fraction > 0:
+            k = int(round(self.seg_fraction * n))
+            sigma[:k] = D.sample_sigma_loguniform(k, e.sigma_min, self.seg_sigma_max, generator=g)
+        return sigma
+
+    def mask_weights(self, sigma: torch.Tensor) -> torch.Tensor:
+        if self.weighting == "low":
+            w = (sigma <= self.seg_sigma_max * (1 + 1e-6)).float()
+        elif self.weighting == "cskip":
+            w = D.c_skip(sigma, self.edm.sigma_data)
+        else:
+            w = torch.ones_like(sigma)
+        return self.mask_weight * w
+
+    def __call__(self, batchdata, device=None, non_blocking: bool = False, **kwargs):
+        x0 = _tensor(batchdata[Keys.IMAGE]).to(device=device, non_blocking=non_blocking).float()
+        label = batchdata.get(Keys.LABEL)
+        label = None if label is None else _tensor(label).to(device=device, non_blocking=non_blocking)
+        g = step_generator(self.seed, self.step, self.rank)
+        b = x0.shape[0]
+        net_kwargs: dict = {}
+        if self.mode in ("hybrid", "diffusion"):
+            sigma = self.sigmas(b, g)
+            noise = torch.randn(x0.shape, generator=g)
+            sigma = sigma.to(x0.device)
+            x = x0 + sigma.view(-1, 1, 1, 1) * noise.to(x0.device)
+        elif self.mode == "mdm":
+            ratio = torch.rand(b, generator=g)
+            m = D.patch_mask(tuple(x0.shape), ratio, self.mdm_patch, generator=g).to(x0.device)
+            x = x0 * (1 - m)
+            sigma = D.mdm_sigma(ratio, self.edm).to(x0.device)
+            net_kwargs["precondition"] = False
+        else:  # supervised and fine-tuning: the clean image at sigma_min
+            sigma = torch.full((b,), self.edm.sigma_min, device=x0.device)
+            x = x0
+        net_kwargs["sigma"] = sigma
+        targets = {"image": x0, "label": label, "sigma": sigma}
+        if self.mode == "hybrid":
+            targets["mask_weight"] = self.mask_weights(sigma)
+        return x, targets, (), net_kwargs
+
+
+class SegmentationPrepareBatch(PrepareBatch):
+    """Clean image and its label, for fine-tuning evaluation and inference (network fed at sigma_min)."""
+
+    def __call__(self, batchdata, device=None, non_blocking: bool = False, **kwargs):
+        x = _tensor(batchdata[Keys.IMAGE]).to(device=device, non_blocking=non_blocking).float()
+        y = batchdata.get(Keys.LABEL)
+        y = None if y is None else _tensor(y).to(device=device, non_blocking=non_blocking)
+        return x, y
+
+
+class LevelsPrepareBatch(PrepareBatch):
+    """Validation of the unlabelled modes: each image corrupted at every level of ``levels`` (noise
+    sigmas, or MDM mask ratios) with noise fixed per (batch index, level), so numbers compare across epochs."""
+
+    def __init__(self, mode: str, levels: Sequence[float], edm: D.EDMParams = D.EDMParams(), seed: int = 1234, mdm_patch: int = 8):
+        self.mode, self.levels, self.edm, self.seed, self.mdm_patch = mode, list(levels), edm, seed, mdm_patch
+        self.batch_index = 0
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.STARTED, lambda e: setattr(self, "batch_index", 0))
+        engine.add_event_handler(Events.ITERATION_COMPLETED, lambda e: setattr(self, "batch_index", self.batch_index + 1))
+
+    def __call__(self, batchdata, device=None, non_blocking: bool = False, **kwargs):
+        x0 = _tensor(batchdata[Keys.IMAGE]).to(device=device, non_blocking=non_blocking).float()
+        b, n = x0.shape[0], len(self.levels)
+        g = step_generator(self.seed, self.batch_index)
+        lv = torch.tensor(self.levels, dtype=torch.float32).repeat_interleave(b)
+        x0r = x0.repeat(n, 1, 1, 1)
+        kw: dict = {}
+        if self.mode == "mdm":
+            m = D.patch_mask(tuple(x0r.shape), lv, self.mdm_patch, generator=g).to(x0.device)
+            x = x0r * (1 - m)
+            sigma = D.mdm_sigma(lv, self.edm).to(x0.device)
+            kw["precondition"] = False
+        else:
+            sigma = lv.to(x0.device)
+            x = x0r + sigma.view(-1, 1, 1, 1) * torch.randn(x0r.shape, generator=g).to(x0.device)
+        kw["sigma"] = sigma
+        return x, {"image": x0r, "level_index": torch.arange(n).repeat_interleave(b).to(x0.device)}, (), kw
+
+
+class ConditionedInferer(Inferer):
+    """Calls ``network(inputs, **conditioning)``: the full (image + mask) output."""
+
+    def __call__(self, inputs: torch.Tensor, network, *args, **kwargs):
+        return network(inputs, *args, **kwargs)
+
+
+class SegmentationInferer(Inferer):
+    """Mask logits of the clean image at sigma_min: the channels after the first ``image_channels``."""
+
+    def __init__(self, image_channels: int):
+        super().__init__()
+        self.image_channels = image_channels
+
+    def __call__(self, inputs: torch.Tensor, network, *args, **kwargs):
+        return network(inputs)[:, self.image_channels :]
+
+
+def logits_to_onehot(logits: torch.Tensor) -> torch.Tensor:
+    """Binary (1 channel): foreground probability > 0.5, as one channel. Multi-class: one-hot argmax."""
+    if logits.shape[1] == 1:
+        return (logits > 0).float()
+    return torch.nn.functional.one_hot(logits.argmax(1), logits.shape[1]).permute(0, 3, 1, 2).float()
+
+
+def label_to_onehot(label: torch.Tensor, channels: int) -> torch.Tensor:
+    lab = label.clamp(min=0).long()[:, 0]
+    if channels == 1:
+        return (lab > 0).float().unsqueeze(1)
+    return torch.nn.functional.one_hot(lab, channels).permute(0, 3, 1, 2).float()
+
+
+def masked_prediction(logits: torch.Tensor, label: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(prediction, label) one-hot, with ignored pixels zeroed in both so metrics skip them."""
+    label = _tensor(label)
+    valid = (label != IGNORE_INDEX).float()
+    pred = logits_to_onehot(_tensor(logits).float()) * valid
+    return pred, label_to_onehot(label, logits.shape[1]) * valid
+
+
+def dice_output_transform(output: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """``output_transform`` for MONAI's ``MeanDice``/``MeanIoUHandler`` on a non-decollated evaluator."""
+    return masked_prediction(output[Keys.PRED], output[Keys.LABEL])
+
+
+class PerLevelMSE(Metric):
+    """Mean squared error of the reconstruction at each corruption level, plus their mean
+    (``name`` is the mean; ``name_<level>`` each level), on a non-decollated evaluator."""
+
+    def __init__(self, levels: Sequence[float], image_channels: int, output_transform=lambda x: x, device="cpu"):
+        self.levels, self.image_channels = list(levels), image_channels
+        super().__init__(output_transform=output_transform, device=device)
+
+    def reset(self) -> None:
+        self._sum = torch.zeros(len(self.levels), dtype=torch.float64)
+        self._n = torch.zeros(len(self.levels), dtype=torch.float64)
+
+    def update(self, output) -> None:
+        pred, tgt = output[Keys.PRED], output[Keys.LABEL]
+        err = (pred[:, : self.image_channels].float() - tgt["image"].float()).square().flatten(1).mean(1).double().cpu()
+        idx = tgt["level_index"].cpu()
+        self._sum.index_add_(0, idx, err)
+        self._n.index_add_(0, idx, torch.ones_like(err))
+
+    def compute(self) -> float:
+        from ignite.distributed import all_reduce
+
+        s, n = all_reduce(self._sum.clone()), all_reduce(self._n.clone())
+        per = (s / n.clamp(min=1)).tolist()
+        self.per_level = dict(zip(self.levels, per, strict=True))
+        return float(sum(per) / len(per))
+
+    def completed(self, engine: Engine, name: str) -> None:
+        value = self.compute()
+        engine.state.metrics[name] = value
+        for lv, v in self.per_level.items():
+            engine.state.metrics[f"{name}_{lv:g}"] = v
+
+
+class GradientClipping:
+    """Clip the global gradient norm after backward, before the optimizer step (MONAI's
+    ``BACKWARD_COMPLETED`` event)."""
+
+    def __init__(self, max_norm: float):
+        self.max_norm = max_norm
+
+    def attach(self, engine) -> None:
+        from monai.engines.utils import IterationEvents
+
+        engine.add_event_handler(IterationEvents.BACKWARD_COMPLETED, self)
+
+    def __call__(self, engine) -> None:
+        if getattr(engine, "scaler", None) is not None and engine.amp:
+            engine.scaler.unscale_(engine.optimizer)
+        torch.nn.utils.clip_grad_norm_(engine.network.parameters(), self.max_norm)
+
+
+class EpochSeededSampler(torch.utils.data.Sampler):
+    """Exactly ``num_samples`` indices per epoch, drawn with replacement from a generator seeded by
+    (seed, epoch): the data order is a function of the epoch, so resumed runs see the same batches."""
+
+    def __init__(self, data_len: int, num_samples: int, seed: int = 0, rank: int = 0, world_size: int = 1):
+        self.data_len, self.num_samples, self.seed = data_len, num_samples, seed
+        self.rank, self.world_size = rank, world_size
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self):
+        g = step_generator(self.seed, 10_000 + self.epoch)
+        total = self.num_samples * self.world_size
+        if total <= self.data_len:
+            order = torch.randperm(self.data_len, generator=g)[:total]
+        else:
+            reps = math.ceil(total / self.data_len)
+            order = torch.cat([torch.randperm(self.data_len, generator=g) for _ in range(reps)])[:total]
+        return iter(order[self.rank :: self.world_size].tolist())
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.EPOCH_STARTED, lambda e: self.set_epoch(e.state.epoch))

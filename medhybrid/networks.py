@@ -1,0 +1,109 @@
+"""One network for every method: MONAI's noise-level-conditioned ``DiffusionModelUNet`` backbone F
+with ``image channels + mask channels`` outputs, wrapped by EDM preconditioning (eq. 7) that stays out
+of the backbone.
+
+``HybridUNet(x, sigma)`` returns ``(B, C_img + C_mask, H, W)``: the first ``C_img`` channels are the
+denoised estimate ``D(x; sigma)``, the rest are mask logits read straight from F (no skip). Fine-tuning
+and inference feed the clean image at ``sigma_min`` (:meth:`HybridUNet.segment`).
+"""
+
+from __future__ import annotations
+
+import torch
+from monai.networks.nets import DiffusionModelUNet
+from pydantic import Field, model_validator
+from torch import nn
+
+from medhybrid import diffusion as D
+from medhybrid.config import StrictModel
+
+
+class ModelConfig(StrictModel):
+    """Backbone size (MONAI ``DiffusionModelUNet``) and EDM constants."""
+
+    channels: tuple[int, ...] = (32, 64, 128)
+    attention_levels: tuple[bool, ...] = (False, False, True)
+    num_res_blocks: int = Field(1, ge=1)
+    norm_num_groups: int = 16
+    num_head_channels: int = 32
+    noise_embed_scale: float = Field(250.0, description="c_noise (= ln(sigma)/4) is multiplied by this before the "
+                                     "sinusoidal embedding, to span the range MONAI's embedding was built for (~0..1000)")
+    sigma_min: float = 0.002
+    sigma_max: float = 80.0
+    sigma_data: float = 0.5
+
+    @model_validator(mode="after")
+    def _check(self):
+        if len(self.attention_levels) != len(self.channels):
+            raise ValueError(f"attention_levels ({len(self.attention_levels)}) must match channels ({len(self.channels)})")
+        bad = [c for c in self.channels if c % self.norm_num_groups]
+        if bad:
+            raise ValueError(f"channels {bad} are not multiples of norm_num_groups={self.norm_num_groups}")
+        return self
+
+    @property
+    def edm(self) -> D.EDMParams:
+        return D.EDMParams(sigma_min=self.sigma_min, sigma_max=self.sigma_max, sigma_data=self.sigma_data)
+
+
+def mask_channels_for(num_classes: int) -> int:
+    """One sigmoid channel for a binary task, one softmax channel per class otherwise."""
+    return 1 if num_classes <= 2 else num_classes
+
+
+class HybridUNet(nn.Module):
+    """EDM-preconditioned wrapper around a backbone ``F(x, timesteps)`` with C_img + C_mask outputs."""
+
+    def __init__(self, backbone: nn.Module, image_channels: int, mask_channels: int, sigma_data: float = 0.5,
+                 sigma_min: float = 0.002, noise_embed_scale: float = 250.0):
+        super().__init__()
+        self.backbone = backbone
+        self.image_channels = image_channels
+        self.mask_channels = mask_channels
+        self.sigma_data = sigma_data
+        self.sigma_min = sigma_min
+        self.noise_embed_scale = noise_embed_scale
+
+    def _sigma(self, x: torch.Tensor, sigma) -> torch.Tensor:
+        if sigma is None:
+            sigma = self.sigma_min
+        sigma = torch.as_tensor(sigma, dtype=torch.float32, device=x.device)
+        return sigma.expand(x.shape[0]) if sigma.ndim == 0 else sigma.reshape(-1)
+
+    def forward(self, x: torch.Tensor, sigma: torch.Tensor | float | None = None, precondition: bool = True) -> torch.Tensor:
+        """``x``: noised image (B, C_img, H, W); ``sigma``: its noise level (B,) (default sigma_min).
+
+        With ``precondition=False`` (MDM) the image channels are F's raw output, and the input is scaled
+        as a clean image (c_in(sigma_min)); the conditioning still follows ``sigma``.
+        """
+        sigma = self._sigma(x, sigma)
+        s = sigma.view(-1, 1, 1, 1)
+        in_scale = D.c_in(s if precondition else torch.full_like(s, self.sigma_min), self.sigma_data)
+        t = D.c_noise(sigma) * self.noise_embed_scale
+        f = self.backbone(in_scale * x, timesteps=t)
+        f_img, f_mask = f[:, : self.image_channels], f[:, self.image_channels :]
+        if precondition:
+            img = D.c_skip(s, self.sigma_data) * x + D.c_out(s, self.sigma_data) * f_img.float()  # eq. 7
+        else:
+            img = f_img
+        return torch.cat([img.to(f.dtype), f_mask], dim=1)
+
+    def segment(self, x: torch.Tensor) -> torch.Tensor:
+        """Mask logits for clean images, fed at sigma_min."""
+        return self.forward(x, None)[:, self.image_channels :]
+
+
+def build_network(cfg: ModelConfig, image_channels: int, num_classes: int = 2) -> HybridUNet:
+    """The U-Net used by every method: same architecture whatever the pretraining mode."""
+    mask_ch = mask_channels_for(num_classes)
+    backbone = DiffusionModelUNet(
+        spatial_dims=2,
+        in_channels=image_channels,
+        out_channels=image_channels + mask_ch,
+        num_res_blocks=cfg.num_res_blocks,
+        channels=cfg.channels,
+        attention_levels=cfg.attention_levels,
+        norm_num_groups=cfg.norm_num_groups,
+        num_head_channels=cfg.num_head_channels,
+    )
+    return HybridUNet(backbone, image_channels, mask_ch, cfg.sigma_data, cfg.sigma_min, cfg.noise_embed_scale)

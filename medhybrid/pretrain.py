@@ -1,0 +1,294 @@
+"""Pretraining on the source domain, in one of five modes on the same network and data pipeline:
+
+- ``hybrid``: joint denoising + mask prediction from the noised image (Sauvalle & Salzmann 2024)
+- ``supervised``: mask loss only, clean input at sigma_min
+- ``diffusion``: EDM denoising only (labels unused)
+- ``mdm``: masked diffusion (Pan et al. 2023): patches masked instead of noise, SSIM loss
+- ``none``: random initialisation (the from-scratch baseline)
+
+``run_pretraining(cfg)`` writes ``<output_dir>/model.pt`` (weights + metadata, loadable with
+``weights_only=True``), checkpoints, the resolved config and previews, and records one MLflow run.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from pydantic import Field, ValidationInfo, field_validator
+
+from medhybrid.config import DatasetSpec, Preprocess, StrictModel, dump_config, load_dataset_spec, save_config
+from medhybrid.networks import HybridUNet, ModelConfig, build_network, mask_channels_for
+from medhybrid.tracking import MLflowConfig
+from medhybrid.training import TrainConfig, atomic_save
+
+log = logging.getLogger("medhybrid")
+
+MODES = ("hybrid", "supervised", "diffusion", "mdm", "none")
+Mode = Literal["hybrid", "supervised", "diffusion", "mdm", "none"]
+
+
+class HybridConfig(StrictModel):
+    """How the mask loss meets the noise levels in ``hybrid`` mode (see
+    :class:`medhybrid.engines.CorruptionPrepareBatch`)."""
+
+    mask_weight: float = Field(1.0, ge=0, description="weight of the mask term against the EDM term")
+    seg_fraction: float = Field(0.5, ge=0, le=1, description="share of each batch noised only in the low band")
+    seg_sigma_max: float = Field(0.1, gt=0, description="top of the low-noise band where the mask loss applies")
+    weighting: Literal["all", "low", "cskip"] = Field("low", description="per-sample mask-loss weight by sigma")
+
+
+class MDMConfig(StrictModel):
+    patch_size: int = Field(8, ge=1, description="side of the masked squares (Pan et al.: 8)")
+
+
+class PretrainConfig(StrictModel):
+    mode: Mode = "hybrid"
+    dataset: DatasetSpec
+    output_dir: Path | None = Field(None, description="None: runs/pretrain/<dataset>-<mode>")
+    preprocess: Preprocess = Field(default_factory=Preprocess)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    hybrid: HybridConfig = Field(default_factory=HybridConfig)
+    mdm: MDMConfig = Field(default_factory=MDMConfig)
+    mlflow: MLflowConfig = Field(default_factory=MLflowConfig)
+    val_levels: tuple[float, ...] = Field((0.05, 0.2, 0.5, 1.0, 2.0), description="noise sigmas (MDM: mask ratios "
+                                          "are derived) at which unlabelled modes report validation loss")
+
+    @field_validator("dataset", mode="before")
+    @classmethod
+    def _dataset(cls, v: Any, info: ValidationInfo) -> Any:
+        if isinstance(v, (str, Path)):
+            return load_dataset_spec(v, base_dir=(info.context or {}).get("base_dir"))
+        return v
+
+    @field_validator("dataset")
+    @classmethod
+    def _source(cls, v: DatasetSpec) -> DatasetSpec:
+        if v.role != "source":
+            raise ValueError(f"dataset {v.name!r} is a {v.role} dataset; pretraining uses a source domain "
+                             "(its train/val splits), never a target's pool or test")
+        return v
+
+    @property
+    def folder(self) -> Path:
+        return Path(self.output_dir or Path("runs") / "pretrain" / f"{self.dataset.name}-{self.mode}")
+
+    @property
+    def run_name(self) -> str:
+        return self.mlflow.run_name or f"pretrain-{self.mode}-{self.dataset.name}"
+
+
+def config_hash(cfg: StrictModel, exclude: tuple[str, ...] = ("mlflow", "output_dir")) -> str:
+    d = {k: v for k, v in dump_config(cfg).items() if k not in exclude}
+    d.get("train", {}).pop("progress", None)
+    return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+
+
+@dataclass
+class PretrainResult:
+    folder: Path
+    checkpoint: Path
+    run_id: str | None
+    metrics: dict
+
+
+def network_meta(net: HybridUNet, model_cfg: ModelConfig, preprocess: Preprocess, dataset: DatasetSpec, mode: str) -> dict:
+    return {"mode": mode, "image_channels": net.image_channels, "mask_channels": net.mask_channels,
+            "num_classes": dataset.mask.num_classes, "dataset": dataset.name, "model": dump_config(model_cfg),
+            "preprocess": dump_config(preprocess)}
+
+
+def save_model(net: HybridUNet, meta: dict, path: Path) -> Path:
+    """``{"state_dict", "meta"}``: tensors and plain values only, for ``torch.load(weights_only=True)``."""
+    return atomic_save({"state_dict": {k: v.detach().cpu() for k, v in net.state_dict().items()}, "meta": meta}, path)
+
+
+def load_model(path: str | Path, map_location="cpu") -> tuple[HybridUNet, dict]:
+    """Rebuild the network saved by :func:`save_model`."""
+    ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    meta = ckpt["meta"]
+    net = build_network(ModelConfig(**meta["model"]), meta["image_channels"], meta["num_classes"])
+    net.load_state_dict(ckpt["state_dict"])
+    return net, meta
+
+
+def source_datasets(cfg: PretrainConfig):
+    """Cached train and val datasets of the source domain (val capped at ``train.val_max_images``)."""
+    from monai.data import CacheDataset
+
+    from medhybrid.check import require_valid
+    from medhybrid.datasets import load_pairs
+    from medhybrid.transforms import preprocessing
+
+    if cfg.train.check_data:
+        require_valid(cfg.dataset, splits=["train", "val"])
+    train_pairs = load_pairs(cfg.dataset, "train")
+    val_pairs = load_pairs(cfg.dataset, "val")[: cfg.train.val_max_images or None]
+    t = preprocessing(cfg.dataset, cfg.preprocess)
+    kw = dict(transform=t, num_workers=min(4, max(1, cfg.train.num_workers)), progress=False, copy_cache=False)
+    return CacheDataset(train_pairs, **kw), CacheDataset(val_pairs, **kw)
+
+
+def _worker(local_rank: int, cfg: PretrainConfig, run_id: str | None) -> dict:
+    """Training in one process (rank); returns the final metrics."""
+    import ignite.distributed as idist
+    from monai.engines import SupervisedEvaluator
+    from monai.handlers import MeanDice, MLFlowHandler
+
+    from medhybrid import diffusion as D
+    from medhybrid import tracking
+    from medhybrid.engines import (
+        CorruptionPrepareBatch,
+        LevelsPrepareBatch,
+        PerLevelMSE,
+        SegmentationInferer,
+        SegmentationPrepareBatch,
+        ConditionedInferer,
+        dice_output_transform,
+    )
+    from medhybrid.losses import PretrainLoss
+    from medhybrid.training import fit
+
+    rank = idist.get_rank()
+    torch.manual_seed(cfg.train.seed)
+    net = build_network(cfg.model, cfg.dataset.channels, cfg.dataset.mask.num_classes)
+    train_ds, val_ds = source_datasets(cfg)
+    edm = cfg.model.edm
+    h = cfg.hybrid
+    prepare = CorruptionPrepareBatch(cfg.mode, edm, seed=cfg.train.seed, rank=rank, mask_weight=h.mask_weight,
+                                     seg_fraction=h.seg_fraction, seg_sigma_max=h.seg_sigma_max, weighting=h.weighting,
+                                     mdm_patch=cfg.mdm.patch_size)
+    loss = PretrainLoss(cfg.mode, net.mask_channels, edm.sigma_data)
+    img_ch = cfg.dataset.channels
+    uses_masks = cfg.mode in ("hybrid", "supervised")
+    levels = list(cfg.val_levels) if cfg.mode != "mdm" else [0.25, 0.5, 0.75]
+
+    def make_evaluator(eval_net, device):
+        loader = torch.utils.data.DataLoader(val_ds, batch_size=cfg.train.batch_size, shuffle=False)
+        if uses_masks:
+            metric = {"val_dice": MeanDice(include_background=True, output_transform=dice_output_transform)}
+            return SupervisedEvaluator(device=device, val_data_loader=loader, network=eval_net,
+                                       prepare_batch=SegmentationPrepareBatch(), inferer=SegmentationInferer(img_ch),
+                                       key_val_metric=metric, decollate=False)
+        lp = LevelsPrepareBatch(cfg.mode, levels, edm, mdm_patch=cfg.mdm.patch_size)
+        ev = SupervisedEvaluator(device=device, val_data_loader=loader, network=eval_net, prepare_batch=lp,
+                                 inferer=ConditionedInferer(),
+                                 key_val_metric={"val_recon_mse": PerLevelMSE(levels, img_ch)}, decollate=False)
+        lp.attach(ev)
+        return ev
+
+    def on_validated(trainer, evaluator, eval_net):
+        path = preview(cfg, eval_net, val_ds, trainer.state.epoch)
+        if run_id:
+            tracking.log_artifact(cfg.mlflow, run_id, path, "previews")
+
+    def mlflow_factory(evaluator: bool = False):
+        h = MLFlowHandler(tracking_uri=tracking.tracking_uri(cfg.mlflow), experiment_name=cfg.mlflow.experiment,
+                          iteration_log=False if evaluator else (lambda e, it: it % cfg.mlflow.log_every == 0),
+                          output_transform=lambda o: {"loss": float(o["loss"])}, close_on_complete=False,
+                          global_epoch_transform=(lambda ep: trainer_epoch[0]) if evaluator else (lambda ep: ep))
+        h.cur_run = tracking.client(cfg.mlflow).get_run(run_id)
+        return h
+
+    trainer_epoch = [0]
+    result = fit(net, train_ds, prepare, loss, cfg.train, cfg.folder,
+                 make_evaluator=make_evaluator,
+                 mlflow_handler_factory=mlflow_factory if (run_id and rank == 0) else None,
+                 on_validated=_track_epoch(on_validated, trainer_epoch), checkpoint_prefix="pretrain")
+    if rank == 0:
+        save_model(result.network, network_meta(result.network, cfg.model, cfg.preprocess, cfg.dataset, cfg.mode),
+                   cfg.folder / "model.pt")
+    return {k: v for k, v in result.metrics.items() if isinstance(v, (int, float))}
+
+
+def _track_epoch(fn, holder):
+    def wrapped(trainer, evaluator, net):
+        holder[0] = trainer.state.epoch
+        fn(trainer, evaluator, net)
+    return wrapped
+
+
+@torch.no_grad()
+def preview(cfg: PretrainConfig, net: HybridUNet, val_ds, epoch: int, n: int = 6) -> Path:
+    """Rows: clean image; noised (sigma 0.5) / masked (MDM) input; reconstruction; predicted mask over
+    the image with the reference outline in green."""
+    from medhybrid import diffusion as D
+    from medhybrid.engines import logits_to_onehot
+    from medhybrid.visualize import grid, overlay, save_png, to_uint8
+
+    net.eval()
+    device = next(net.parameters()).device
+    items = [val_ds[i] for i in range(min(n, len(val_ds)))]
+    x0 = torch.stack([torch.as_tensor(d["image"]) for d in items]).float().to(device)
+    lab = torch.stack([torch.as_tensor(d["label"]) for d in items]).to(device)
+    g = torch.Generator().manual_seed(0)
+    if cfg.mode == "mdm":
+        ratio = torch.full((len(items),), 0.5)
+        m = D.patch_mask(tuple(x0.shape), ratio, cfg.mdm.patch_size, generator=g).to(device)
+        xin, sig, kw = x0 * (1 - m), D.mdm_sigma(ratio, cfg.model.edm).to(device), {"precondition": False}
+    else:
+        sig = torch.full((len(items),), 0.5, device=device)
+        xin, kw = x0 + sig.view(-1, 1, 1, 1) * torch.randn(x0.shape, generator=g).to(device), {}
+    recon = net(xin, sig, **kw)[:, : net.image_channels]
+    mask = logits_to_onehot(net.segment(x0))
+    fg = mask[:, 0] if mask.shape[1] == 1 else mask[:, 1:].sum(1)
+    rows = [[to_uint8(x) for x in x0], [to_uint8(x) for x in xin], [to_uint8(x) for x in recon],
+            [overlay(x0[i], fg[i], reference=(lab[i, 0] > 0)) for i in range(len(items))]]
+    return save_png(grid(rows), cfg.folder / "previews" / f"epoch_{epoch:03d}.png", upscale=2)
+
+
+def run_pretraining(cfg: PretrainConfig) -> PretrainResult:
+    """Pretrain (or resume, or return the finished run of) ``cfg``; see the module docstring."""
+    from medhybrid import tracking
+    from medhybrid.config import ConfigError
+
+    folder = cfg.folder
+    folder.mkdir(parents=True, exist_ok=True)
+    state = tracking.read_state(folder)
+    h = config_hash(cfg)
+    if state.get("config_hash") and state["config_hash"] != h:
+        raise ConfigError(f"{folder} holds a run of a different configuration (hash {state['config_hash']} != {h}); "
+                          "choose another output_dir or remove that folder")
+    model_path = folder / "model.pt"
+    if state.get("status") == "finished" and model_path.is_file():
+        log.info("%s: already finished, nothing to do", folder)
+        return PretrainResult(folder, model_path, state.get("mlflow_run_id"), state.get("metrics", {}))
+    save_config(cfg, folder / "config.yaml")
+    tracking.write_state(folder, config_hash=h, status="running", mode=cfg.mode, dataset=cfg.dataset.name)
+    run_id = None
+    if cfg.mlflow.enabled:
+        run_id = tracking.open_run(cfg.mlflow, folder, cfg.run_name, params=dump_config(cfg),
+                                   tags={"medhybrid.stage": "pretrain", "medhybrid.mode": cfg.mode,
+                                         "medhybrid.dataset": cfg.dataset.name})
+    try:
+        if cfg.mode == "none":
+            torch.manual_seed(cfg.train.seed)
+            net = build_network(cfg.model, cfg.dataset.channels, cfg.dataset.mask.num_classes)
+            save_model(net, network_meta(net, cfg.model, cfg.preprocess, cfg.dataset, cfg.mode), model_path)
+            metrics: dict = {}
+        elif cfg.train.nproc > 1:
+            import ignite.distributed as idist
+
+            backend = cfg.train.backend or ("nccl" if torch.cuda.is_available() else "gloo")
+            with idist.Parallel(backend=backend, nproc_per_node=cfg.train.nproc) as parallel:
+                parallel.run(_worker, cfg, run_id)
+            metrics = {}
+        else:
+            metrics = _worker(0, cfg, run_id)
+    except BaseException:
+        if run_id:
+            tracking.finish_run(cfg.mlflow, run_id, "FAILED")
+        tracking.write_state(folder, status="failed")
+        raise
+    if run_id:
+        tracking.log_artifact(cfg.mlflow, run_id, folder / "config.yaml")
+        tracking.log_artifact(cfg.mlflow, run_id, model_path)
+        tracking.finish_run(cfg.mlflow, run_id)
+    tracking.write_state(folder, status="finished", metrics=metrics)
+    return PretrainResult(folder, model_path, run_id, metrics)

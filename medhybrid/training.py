@@ -1,0 +1,220 @@
+"""The training harness shared by pretraining and fine-tuning: a MONAI ``SupervisedTrainer`` with
+medhybrid's seams plugged in, atomic checkpoints, resume, EMA, MLflow, progress and multi-process
+data parallelism through ``ignite.distributed``.
+"""
+
+from __future__ import annotations
+
+import glob
+import logging
+import os
+import re
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import torch
+from ignite.engine import Events
+from pydantic import Field
+from torch import nn
+
+from medhybrid.config import StrictModel
+
+log = logging.getLogger("medhybrid")
+
+
+class TrainConfig(StrictModel):
+    """Optimisation schedule, fixed by the config (never tuned on a test split)."""
+
+    epochs: int = Field(10, ge=1)
+    epoch_length: int = Field(50, ge=1, description="iterations per epoch (batches drawn with a per-epoch seed)")
+    batch_size: int = Field(16, ge=1)
+    lr: float = Field(2e-4, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    warmup_iterations: int = Field(50, ge=0)
+    grad_clip: float | None = 1.0
+    ema_decay: float | None = Field(None, description="EMA of the weights (e.g. 0.999); None = off")
+    val_every: int = Field(1, ge=1, description="validate every N epochs")
+    val_max_images: int | None = Field(64, description="validate on the first N images of the split (None: all)")
+    checkpoint_every: int = Field(1, ge=1, description="checkpoint every N epochs")
+    seed: int = 0
+    device: str = Field("auto", description="auto, cpu, cuda, cuda:1 ...")
+    amp: bool = Field(True, description="bf16 autocast and channels-last on CUDA; ignored on CPU (fp32)")
+    num_workers: int = 0
+    nproc: int = Field(1, ge=1, description="data-parallel processes (ignite.distributed)")
+    backend: Literal["gloo", "nccl"] | None = Field(None, description="None: nccl on CUDA, gloo on CPU")
+    check_data: bool = Field(True, description="open and check every training/validation file before training")
+    progress: bool = Field(True, description="progress bar (on a terminal)")
+
+    @property
+    def iterations(self) -> int:
+        return self.epochs * self.epoch_length
+
+
+def resolve_device(name: str) -> torch.device:
+    import ignite.distributed as idist
+
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device(f"cuda:{idist.get_local_rank()}") if idist.get_world_size() > 1 else torch.device("cuda")
+        return torch.device("cpu")
+    return torch.device(name)
+
+
+def atomic_save(obj, path: str | os.PathLike) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+    return path
+
+
+def latest_checkpoint(folder: str | os.PathLike) -> Path | None:
+    found = []
+    for p in glob.glob(str(Path(folder) / "checkpoints" / "*.pt")):
+        m = re.search(r"_(\d+)\.pt$", p)
+        if m:
+            found.append((int(m.group(1)), Path(p)))
+    return max(found)[1] if found else None
+
+
+def unwrap(net: nn.Module) -> nn.Module:
+    return net.module if hasattr(net, "module") and isinstance(net, nn.parallel.DistributedDataParallel) else net
+
+
+@dataclass
+class FitResult:
+    network: nn.Module  # the weights to keep (EMA if enabled), unwrapped
+    metrics: dict
+    iterations: int
+    resumed_from: int
+
+
+def fit(
+    network: nn.Module,
+    train_ds,
+    prepare_batch,
+    loss_function: nn.Module,
+    cfg: TrainConfig,
+    folder: Path,
+    *,
+    make_evaluator: Callable[[nn.Module, torch.device], object] | None = None,
+    mlflow_handler_factory: Callable[[], object] | None = None,
+    on_validated: Callable[[object, object, nn.Module], None] | None = None,
+    checkpoint_prefix: str = "train",
+) -> FitResult:
+    """Train ``network`` on ``train_ds`` with MONAI's ``SupervisedTrainer`` (call inside each process
+    when distributed). Resumes from the newest checkpoint in ``folder/checkpoints``."""
+    import ignite.distributed as idist
+    from ignite.handlers import Checkpoint, DiskSaver, EMAHandler
+    from monai.engines import SupervisedTrainer
+    from monai.handlers import LrScheduleHandler, ValidationHandler
+    from monai.optimizers import WarmupCosineSchedule
+
+    from medhybrid.engines import EpochSeededSampler, GradientClipping
+
+    rank, world = idist.get_rank(), idist.get_world_size()
+    device = resolve_device(cfg.device)
+    cuda = device.type == "cuda"
+    network = network.to(device)
+    if cuda and cfg.amp:
+        network = network.to(memory_format=torch.channels_last)
+    model = network
+    if world > 1:
+        model = idist.auto_model(network, sync_bn=False)
+
+    sampler = EpochSeededSampler(len(train_ds), cfg.epoch_length * cfg.batch_size, seed=cfg.seed, rank=rank, world_size=world)
+    loader = torch.utils.data.DataLoader(train_ds, batch_size=cfg.batch_size, sampler=sampler, num_workers=cfg.num_workers,
+                                         pin_memory=cuda, drop_last=True, persistent_workers=cfg.num_workers > 0)
+    optimizer = torch.optim.AdamW(network.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    scheduler = WarmupCosineSchedule(optimizer, warmup_steps=min(cfg.warmup_iterations, cfg.iterations - 1),
+                                     t_total=cfg.iterations, warmup_multiplier=0.01)
+
+    handlers = [LrScheduleHandler(scheduler, print_lr=False, epoch_level=False)]
+    ema = EMAHandler(network, momentum=1 - cfg.ema_decay) if cfg.ema_decay else None
+    eval_net = ema.ema_model if ema else model
+    evaluator = make_evaluator(eval_net, device) if make_evaluator else None
+    if evaluator is not None:
+        handlers.append(ValidationHandler(validator=evaluator, interval=cfg.val_every, epoch_level=True))
+
+    trainer = SupervisedTrainer(
+        device=device, max_epochs=cfg.epochs, epoch_length=cfg.epoch_length, train_data_loader=loader,
+        network=model, optimizer=optimizer, loss_function=loss_function, prepare_batch=prepare_batch,
+        inferer=_conditioned_inferer(), amp=cuda and cfg.amp, amp_kwargs={"dtype": torch.bfloat16} if cuda else None,
+        decollate=False, train_handlers=handlers,
+    )
+    sampler.attach(trainer)
+    if hasattr(prepare_batch, "attach"):
+        prepare_batch.attach(trainer)
+    if cfg.grad_clip:
+        GradientClipping(cfg.grad_clip).attach(trainer)
+    if ema:
+        ema.attach(trainer, name="ema_momentum", event=Events.ITERATION_COMPLETED)
+
+    to_save = {"network": network, "optimizer": optimizer, "lr_scheduler": scheduler, "trainer": trainer}
+    if ema:
+        to_save["ema_model"] = ema.ema_model
+    ckpt_dir = Path(folder) / "checkpoints"
+    saver = Checkpoint(to_save, DiskSaver(str(ckpt_dir), require_empty=False, atomic=True, create_dir=True),
+                       filename_prefix=checkpoint_prefix, n_saved=2,
+                       global_step_transform=lambda e, _: e.state.iteration)
+    trainer.add_event_handler(Events.EPOCH_COMPLETED(every=cfg.checkpoint_every) | Events.COMPLETED, saver)
+
+    resumed_from = 0
+    last = latest_checkpoint(folder)
+    if last is not None:
+        state = torch.load(last, map_location=device, weights_only=True)
+        Checkpoint.load_objects(to_load=to_save, checkpoint=state)
+        resumed_from = trainer.state.iteration
+        log.info("resuming from %s (iteration %d of %d)", last, resumed_from, cfg.iterations)
+
+    loss_terms: dict[str, list[float]] = {}
+
+    @trainer.on(Events.ITERATION_COMPLETED)
+    def _collect(engine):
+        for k, v in getattr(loss_function, "terms", {}).items():
+            loss_terms.setdefault(k, []).append(v)
+        loss_terms.setdefault("loss", []).append(float(engine.state.output["loss"]))
+
+    @trainer.on(Events.EPOCH_COMPLETED)
+    def _epoch_summary(engine):
+        means = {f"train_{k}": sum(v) / len(v) for k, v in loss_terms.items() if v}
+        loss_terms.clear()
+        engine.state.metrics.update(means)
+        if rank == 0:
+            val = evaluator.state.metrics if evaluator is not None and evaluator.state.epoch else {}
+            shown = ", ".join(f"{k} {v:.4f}" for k, v in {**means, **val}.items() if isinstance(v, float))
+            log.info("epoch %d/%d  %s", engine.state.epoch, cfg.epochs, shown)
+
+    if evaluator is not None and on_validated is not None and rank == 0:
+        evaluator.add_event_handler(Events.COMPLETED, lambda e: on_validated(trainer, e, unwrap(eval_net)))
+
+    if rank == 0 and mlflow_handler_factory is not None:
+        mlh = mlflow_handler_factory()
+        mlh.attach(trainer)
+        if evaluator is not None:
+            mlflow_eval = mlflow_handler_factory(evaluator=True)
+            mlflow_eval.attach(evaluator)
+
+    if rank == 0 and cfg.progress and sys.stderr.isatty():
+        from ignite.handlers import ProgressBar
+
+        ProgressBar(persist=False).attach(trainer, output_transform=lambda o: {"loss": float(o["loss"])})
+
+    t0 = time.time()
+    if resumed_from < cfg.iterations:
+        trainer.run()
+    log.info("trained %d iterations in %.1f s", trainer.state.iteration - resumed_from, time.time() - t0)
+    metrics = dict(evaluator.state.metrics) if evaluator is not None and evaluator.state.epoch else {}
+    keep = unwrap(ema.ema_model) if ema else unwrap(model)
+    return FitResult(network=keep, metrics=metrics, iterations=trainer.state.iteration, resumed_from=resumed_from)
+
+
+def _conditioned_inferer():
+    from medhybrid.engines import ConditionedInferer
+
+    return ConditionedInferer()

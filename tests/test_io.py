@@ -1,0 +1,373 @@
+"""medhybrid.io: every reader path, display orientation, DICOM semantics and errors naming the file."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from medhybrid.io import (
+    DataError,
+    Image2DReader,
+    file_suffix,
+    read_image,
+)
+from medhybrid.transforms import LoadImage2D
+
+
+def _loaded(path, channels=None) -> np.ndarray:
+    """LoadImage2D's output as an HxW(xC) numpy array."""
+    t = LoadImage2D("image", channels)(path)
+    a = t.numpy()
+    return a[0] if a.shape[0] == 1 else np.moveaxis(a, 0, -1)
+
+
+# --------------------------------------------------------------------------------------------- PIL formats
+def test_png_rgb(ph2_pair):
+    arr, meta = read_image(ph2_pair[0])
+    assert arr.shape == (287, 384, 3) and arr.dtype == np.uint8
+    np.testing.assert_array_equal(arr, np.asarray(Image.open(ph2_pair[0])))
+    assert meta["value_range"] == (0.0, 255.0)
+    assert meta["format"] == "pil" and meta["mode"] == "RGB"
+    assert tuple(meta["spatial_shape"]) == (287, 384)
+
+
+def test_png_grey(data):
+    f = data / "chest_xray" / "v7_covid" / "images" / "01E392EE-69F9-4E33-BFCE-E5C968654078.png"
+    arr, meta = read_image(f)
+    assert arr.shape == (381, 512) and arr.dtype == np.uint8
+    assert meta["mode"] == "L" and meta["value_range"] == (0.0, 255.0)
+
+
+def test_jpeg_grey_and_rgb(openist_pair, data):
+    grey, _ = read_image(openist_pair[0])
+    assert grey.ndim == 2 and grey.dtype == np.uint8
+    assert grey.shape == np.asarray(Image.open(openist_pair[1])).shape  # same size as its mask
+    rgb, meta = read_image(data / "dermoscopy" / "isic2018" / "images" / "ISIC_0000000.jpg")
+    assert rgb.shape == (256, 256, 3) and meta["value_range"] == (0.0, 255.0)
+
+
+def test_bmp_written_from_real_png(ph2_pair, tmp_path):
+    ref = np.asarray(Image.open(ph2_pair[0]))
+    f = tmp_path / "IMD002.bmp"
+    Image.fromarray(ref).save(f)
+    arr, meta = read_image(f)
+    np.testing.assert_array_equal(arr, ref)
+    assert meta["mode"] == "RGB"
+
+
+def test_tiff_8_and_16_bit(grey_pixels, tmp_path):
+    f8 = tmp_path / "grey8.tif"
+    Image.fromarray(grey_pixels).save(f8)
+    arr, meta = read_image(f8)
+    np.testing.assert_array_equal(arr, grey_pixels)
+    assert meta["value_range"] == (0.0, 255.0)
+
+    wide = grey_pixels.astype(np.uint16) * 257
+    f16 = tmp_path / "grey16.tiff"
+    Image.fromarray(wide).save(f16)
+    arr, meta = read_image(f16)
+    assert arr.dtype == np.uint16
+    np.testing.assert_array_equal(arr, wide)
+    assert meta["value_range"] == (0.0, 65535.0)
+
+
+def test_png_16_bit(grey_pixels, tmp_path):
+    wide = grey_pixels.astype(np.uint16) * 100
+    f = tmp_path / "grey16.png"
+    Image.fromarray(wide).save(f)
+    arr, meta = read_image(f)
+    assert arr.dtype == np.uint16
+    np.testing.assert_array_equal(arr, wide)
+    assert meta["value_range"] == (0.0, 65535.0)
+
+
+def test_palette_png_image_becomes_rgb_mask_keeps_indices(rgb_pixels, tmp_path):
+    f = tmp_path / "palette.png"
+    pal = Image.fromarray(rgb_pixels).quantize(colors=8, method=Image.Quantize.MEDIANCUT)
+    pal.save(f)
+    img, _ = read_image(f, "image")
+    assert img.shape == (36, 60, 3)
+    np.testing.assert_array_equal(img, np.asarray(pal.convert("RGB")))
+    idx, meta = read_image(f, "mask")
+    assert idx.shape == (36, 60) and meta["mode"] == "P"
+    np.testing.assert_array_equal(idx, np.asarray(pal))
+
+
+def test_rgba_png_drops_alpha(rgb_pixels, tmp_path):
+    rgba = np.dstack([rgb_pixels, np.full(rgb_pixels.shape[:2], 200, np.uint8)])
+    f = tmp_path / "rgba.png"
+    Image.fromarray(rgba).save(f)
+    arr, _ = read_image(f)
+    np.testing.assert_array_equal(arr, rgb_pixels)
+
+
+# --------------------------------------------------------------------------------------------- NIfTI, ITK
+def test_nifti_grey_and_rgb(grey_pixels, rgb_pixels, tmp_path):
+    import nibabel as nib
+
+    # NIfTI's first axis is i (columns): the display-order HxW array is stored transposed
+    nib.save(nib.Nifti1Image(grey_pixels.T.copy(), np.eye(4)), tmp_path / "grey.nii.gz")
+    arr, meta = read_image(tmp_path / "grey.nii.gz")
+    np.testing.assert_array_equal(arr, grey_pixels)
+    assert meta["format"] == "nifti" and meta["value_range"] == (0.0, 255.0)
+
+    nib.save(nib.Nifti1Image(np.transpose(rgb_pixels, (1, 0, 2))[:, :, None, :].copy(), np.eye(4)), tmp_path / "rgb.nii")
+    arr, _ = read_image(tmp_path / "rgb.nii")
+    np.testing.assert_array_equal(arr, rgb_pixels)
+
+
+def test_nifti_written_by_simpleitk_matches(grey_pixels, tmp_path):
+    """read_nifti's transpose follows ITK's convention: a NIfTI written by SimpleITK reads back unchanged."""
+    import SimpleITK as sitk
+
+    sitk.WriteImage(sitk.GetImageFromArray(grey_pixels), str(tmp_path / "itk.nii.gz"))
+    arr, _ = read_image(tmp_path / "itk.nii.gz")
+    np.testing.assert_array_equal(arr, grey_pixels)
+
+
+@pytest.mark.parametrize("suffix", [".mha", ".nrrd"])
+def test_simpleitk_formats(grey_pixels, rgb_pixels, tmp_path, suffix):
+    import SimpleITK as sitk
+
+    sitk.WriteImage(sitk.GetImageFromArray(grey_pixels), str(tmp_path / f"grey{suffix}"))
+    arr, meta = read_image(tmp_path / f"grey{suffix}")
+    np.testing.assert_array_equal(arr, grey_pixels)
+    assert meta["format"] == "sitk" and meta["value_range"] == (0.0, 255.0)
+
+    sitk.WriteImage(sitk.GetImageFromArray(rgb_pixels, isVector=True), str(tmp_path / f"rgb{suffix}"))
+    arr, _ = read_image(tmp_path / f"rgb{suffix}")
+    np.testing.assert_array_equal(arr, rgb_pixels)
+
+
+def test_simpleitk_single_slice_volume_is_2d(grey_pixels, tmp_path):
+    import SimpleITK as sitk
+
+    sitk.WriteImage(sitk.GetImageFromArray(grey_pixels[None]), str(tmp_path / "slice.mha"))
+    arr, _ = read_image(tmp_path / "slice.mha")
+    np.testing.assert_array_equal(arr, grey_pixels)
+
+
+# --------------------------------------------------------------------------------------------- orientation
+@pytest.mark.parametrize("suffix", [".png", ".bmp", ".tif", ".dcm", ".nii", ".nii.gz", ".mha", ".nrrd"])
+def test_same_pixels_load_identically_in_every_format(grey_pixels, tmp_path, suffix, write_dicom):
+    """The same non-square pixels as PNG, DICOM, NIfTI and ITK files: the same array, no transpose or flip."""
+    import nibabel as nib
+    import SimpleITK as sitk
+
+    png = tmp_path / "ref.png"
+    Image.fromarray(grey_pixels).save(png)
+    src = np.asarray(Image.open(png))  # the pixels as a PNG viewer shows them
+    f = tmp_path / f"same{suffix}"
+    if suffix in (".png", ".bmp", ".tif"):
+        Image.fromarray(src).save(f)
+    elif suffix == ".dcm":
+        write_dicom(f, src)
+    elif suffix in (".nii", ".nii.gz"):
+        nib.save(nib.Nifti1Image(src.T.copy(), np.eye(4)), f)
+    else:
+        sitk.WriteImage(sitk.GetImageFromArray(src), str(f))
+
+    arr, meta = read_image(f)
+    assert arr.shape == (40, 72)
+    np.testing.assert_array_equal(arr, src)
+    assert meta["value_range"] == (0.0, 255.0)
+    t = LoadImage2D()(f)
+    assert tuple(t.shape) == (1, 40, 72) and t.dtype.is_floating_point
+    np.testing.assert_array_equal(t[0].numpy(), src.astype(np.float32))
+
+
+def test_dicom_from_png_pixels_equals_png(openist_pair, tmp_path, write_dicom):
+    """A whole real (non-square) X-ray wrapped as MONOCHROME2 8-bit DICOM loads exactly like the JPEG."""
+    ref, _ = read_image(openist_pair[0])
+    write_dicom(tmp_path / "x.dcm", ref)
+    arr, meta = read_image(tmp_path / "x.dcm")
+    np.testing.assert_array_equal(arr, ref)
+    assert meta["photometric"] == "MONOCHROME2" and meta["value_range"] == (0.0, 255.0)
+    np.testing.assert_array_equal(_loaded(tmp_path / "x.dcm"), _loaded(openist_pair[0]))
+
+
+# --------------------------------------------------------------------------------------------- DICOM
+def test_dicom_jpeg2000_decodes_like_uncompressed(data):
+    unc, meta_u = read_image(data / "dicom" / "RG1_UNCI.dcm")
+    j2k, meta_j = read_image(data / "dicom" / "RG1_J2KI.dcm")
+    assert unc.shape == j2k.shape == (1955, 1841)
+    np.testing.assert_array_equal(j2k, unc)
+    assert meta_u["value_range"] == meta_j["value_range"] == (0.0, 32767.0)  # 15 bits stored
+
+
+def test_real_monochrome1_is_inverted(data):
+    import pydicom
+
+    ds = pydicom.dcmread(data / "dicom" / "RG1_UNCI.dcm")
+    assert ds.PhotometricInterpretation == "MONOCHROME1" and ds.BitsStored == 15
+    arr, meta = read_image(data / "dicom" / "RG1_UNCI.dcm")
+    assert meta["photometric"] == "MONOCHROME1" and meta["bits_stored"] == 15
+    np.testing.assert_array_equal(arr.astype(np.int64), 32767 - ds.pixel_array.astype(np.int64))
+
+
+def test_nih_dx_dicom_loads_1024(data):
+    arr, meta = read_image(data / "dicom" / "nih_cxr14_dx_1024.dcm")
+    assert arr.shape == (1024, 1024) and arr.dtype == np.uint8
+    assert meta["photometric"] == "MONOCHROME2" and meta["value_range"] == (0.0, 255.0)
+    t = LoadImage2D(channels=1)(data / "dicom" / "nih_cxr14_dx_1024.dcm")
+    assert tuple(t.shape) == (1, 1024, 1024)
+
+
+def test_synthetic_monochrome1_inverted_monochrome2_not(grey_pixels, tmp_path, write_dicom):
+    lo, hi = 0, 255
+    m1, meta1 = read_image(write_dicom(tmp_path / "m1.dcm", grey_pixels, photometric="MONOCHROME1"))
+    m2, meta2 = read_image(write_dicom(tmp_path / "m2.dcm", grey_pixels, photometric="MONOCHROME2"))
+    np.testing.assert_array_equal(m1.astype(np.int64), lo + hi - grey_pixels.astype(np.int64))
+    np.testing.assert_array_equal(m2, grey_pixels)
+    assert meta1["value_range"] == meta2["value_range"] == (0.0, 255.0)
+
+    # 12 bits stored in 16: inverted within 0..4095, not 0..65535
+    raw12 = grey_pixels.astype(np.uint16) * 16
+    m1_12, meta = read_image(write_dicom(tmp_path / "m1_12.dcm", raw12, photometric="MONOCHROME1", bits_stored=12))
+    np.testing.assert_array_equal(m1_12.astype(np.int64), 4095 - raw12.astype(np.int64))
+    assert meta["value_range"] == (0.0, 4095.0)
+
+
+def test_rescale_slope_intercept(grey_pixels, tmp_path, write_dicom):
+    arr, meta = read_image(write_dicom(tmp_path / "r.dcm", grey_pixels, slope=2, intercept=-100))
+    np.testing.assert_allclose(arr, grey_pixels.astype(np.float64) * 2 - 100)
+    assert meta["value_range"] == (-100.0, 410.0)
+    assert meta["rescale_slope"] == 2.0 and meta["rescale_intercept"] == -100.0
+
+    # with MONOCHROME1, the inversion is applied after the rescale, within the rescaled range
+    arr, meta = read_image(write_dicom(tmp_path / "r1.dcm", grey_pixels, photometric="MONOCHROME1", slope=2, intercept=-100))
+    np.testing.assert_allclose(arr, -100 + 410 - (grey_pixels.astype(np.float64) * 2 - 100))
+    assert meta["value_range"] == (-100.0, 410.0)
+
+
+@pytest.mark.parametrize(("dtype", "bits", "expected"), [
+    (np.uint16, 16, (0.0, 65535.0)),
+    (np.uint16, 12, (0.0, 4095.0)),
+    (np.int16, 12, (-2048.0, 2047.0)),
+])
+def test_dicom_bits_stored_value_range(grey_pixels, tmp_path, write_dicom, dtype, bits, expected):
+    raw = (grey_pixels.astype(np.int32) * 8 - (1024 if dtype == np.int16 else 0)).astype(dtype)
+    arr, meta = read_image(write_dicom(tmp_path / "b.dcm", raw, bits_stored=bits))
+    np.testing.assert_array_equal(arr, raw)
+    assert meta["bits_stored"] == bits and meta["value_range"] == expected
+
+
+# --------------------------------------------------------------------------------------------- errors
+def _raises(path, problem, role="image") -> DataError:
+    with pytest.raises(DataError) as info:
+        read_image(path, role)
+    assert info.value.path == str(path)
+    assert str(path) in str(info.value) and problem in str(info.value)
+    return info.value
+
+
+def test_missing_file(tmp_path):
+    _raises(tmp_path / "absent.png", "file not found")
+
+
+def test_empty_file(tmp_path):
+    (tmp_path / "empty.png").touch()
+    _raises(tmp_path / "empty.png", "file is empty")
+
+
+def test_unsupported_suffix(tmp_path):
+    (tmp_path / "x.gif").write_bytes(b"GIF89a")
+    _raises(tmp_path / "x.gif", "unsupported file type '.gif'")
+
+
+def test_corrupt_png(tmp_path):
+    f = tmp_path / "noise.png"
+    f.write_bytes(np.random.default_rng(1).integers(0, 256, 2048, dtype=np.uint8).tobytes())
+    _raises(f, "cannot decode image")
+
+
+@pytest.mark.parametrize("source", ["jpeg", "png"])
+def test_truncated_image(ph2_pair, openist_pair, tmp_path, source):
+    src = openist_pair[0] if source == "jpeg" else ph2_pair[0]
+    f = tmp_path / f"half{src.suffix}"
+    raw = src.read_bytes()
+    f.write_bytes(raw[: len(raw) // 2])
+    _raises(f, "truncated")
+
+
+def test_dicom_without_pixel_data(data, tmp_path):
+    import pydicom
+
+    ds = pydicom.dcmread(data / "dicom" / "nih_cxr14_dx_1024.dcm")
+    del ds.PixelData
+    ds.save_as(tmp_path / "nopix.dcm")
+    _raises(tmp_path / "nopix.dcm", "no pixel data")
+
+
+def test_not_a_dicom(tmp_path):
+    f = tmp_path / "fake.dcm"
+    f.write_bytes(b"this is not DICOM" * 20)
+    _raises(f, "not a readable DICOM file")
+
+
+def test_truncated_dicom_pixel_data(data, tmp_path):
+    raw = (data / "dicom" / "nih_cxr14_dx_1024.dcm").read_bytes()
+    f = tmp_path / "cut.dcm"
+    f.write_bytes(raw[: len(raw) // 2])
+    with pytest.raises(DataError) as info:
+        read_image(f)
+    assert info.value.path == str(f)
+
+
+def test_3d_inputs_rejected(tmp_path):
+    import nibabel as nib
+    import SimpleITK as sitk
+
+    vol = np.zeros((5, 6, 7), np.uint8)
+    nib.save(nib.Nifti1Image(vol, np.eye(4)), tmp_path / "vol.nii.gz")
+    _raises(tmp_path / "vol.nii.gz", "NIfTI image has shape (5, 6, 7)")
+    sitk.WriteImage(sitk.GetImageFromArray(vol), str(tmp_path / "vol.mha"))
+    _raises(tmp_path / "vol.mha", "3D image of size (7, 6, 5)")
+
+
+def test_loadimage2d_raises_the_readers_error(tmp_path):
+    """Through MONAI's LoadImage, the DataError of medhybrid's reader reaches the caller unchanged (no silent
+    fallback to MONAI's own readers, which would load a 3D NIfTI or hide which file failed)."""
+    import nibabel as nib
+
+    nib.save(nib.Nifti1Image(np.zeros((5, 6, 7), np.uint8), np.eye(4)), tmp_path / "vol.nii.gz")
+    (tmp_path / "noise.png").write_bytes(b"\x00" * 100)
+    for f, problem in [(tmp_path / "vol.nii.gz", "medhybrid reads 2D images"), (tmp_path / "noise.png", "cannot decode"),
+                       (tmp_path / "absent.png", "file not found")]:
+        with pytest.raises(DataError) as info:
+            LoadImage2D()(f)
+        assert info.value.path == str(f) and problem in str(info.value)
+
+
+# --------------------------------------------------------------------------------------------- helpers
+def test_file_suffix():
+    assert file_suffix("a/b/Case.NII.GZ") == ".nii.gz"
+    assert file_suffix("x.PNG") == ".png"
+    assert file_suffix("scan.dcm") == ".dcm"
+    assert file_suffix("noext") == ""
+
+
+def test_image2d_reader_suffixes_and_single_file(ph2_pair):
+    r = Image2DReader()
+    assert r.verify_suffix("a.png") and r.verify_suffix(["a.dcm", "b.nii.gz"]) and r.verify_suffix("c.nrrd")
+    assert not r.verify_suffix("a.gif") and not r.verify_suffix(["a.png", "b.txt"])
+    with pytest.raises(ValueError, match="one file at a time"):
+        r.read([ph2_pair[0], ph2_pair[0]])
+    arr, meta = r.get_data(r.read(ph2_pair[0]))
+    assert arr.shape == (287, 384, 3)
+    assert meta["original_channel_dim"] == -1
+    np.testing.assert_array_equal(meta["value_range"], [0.0, 255.0])
+
+
+def test_data_error_message():
+    e = DataError("/x/y.png", "broken")
+    assert str(e) == "/x/y.png: broken" and e.path == "/x/y.png" and e.problem == "broken"
+    assert str(DataError(None, "no file")) == "no file"
+    assert isinstance(e, ValueError)
+
+
+def test_openist_jpeg_is_grey(data):
+    f = sorted((data / "chest_xray" / "openist" / "images").glob("*.jpg"))[0]
+    arr, meta = read_image(f)
+    assert arr.ndim == 2 and meta["mode"] == "L"
