@@ -29,9 +29,8 @@ def _data_check(args) -> int:
 
 
 def _pretrain(args) -> int:
-    from medhybrid.pretrain import PretrainConfig, run_pretraining
-
     from medhybrid.config import load_config
+    from medhybrid.pretrain import PretrainConfig, run_pretraining
 
     cfg = load_config(PretrainConfig, args.config, args.overrides, kind="pretrain")
     result = run_pretraining(cfg)
@@ -87,6 +86,14 @@ def main(argv: list[str] | None = None) -> int:
         return int(args.func(args) or 0)
     except (ConfigError, DataError, ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
+        return 2
+    except RuntimeError as e:  # MONAI's Compose wraps a transform's error: report the file-level cause
+        cause = e
+        while cause is not None and not isinstance(cause, DataError):
+            cause = cause.__cause__
+        if cause is None:
+            raise
+        print(f"error: {cause}", file=sys.stderr)
         return 2
 
 

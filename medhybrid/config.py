@@ -220,7 +220,7 @@ def load_dataset_spec(ref: str | os.PathLike | dict | DatasetSpec, overrides: li
             data = {"name": p.stem, "root": str(p.resolve().parent), "datalist": p.name, "split": None}
             source, ctx_dir = str(p), None
         else:
-            path = find_config(ref, "data")
+            path = find_config(p, "data")
             data, source, ctx_dir = read_yaml(path), str(path), path.parent
     data = apply_overrides(data, overrides or [])
     return validate(DatasetSpec, data, source=source, context={"base_dir": ctx_dir})

@@ -72,6 +72,8 @@ def _decathlon_pairs(path: Path, root: Path) -> list[dict]:
             continue
         split = DECATHLON_SPLITS.get(key, key)
         for i, it in enumerate(items):
+            if isinstance(it, str):  # decathlon "test": [paths] lists unlabelled images, which are not pairs
+                continue
             if not isinstance(it, dict) or "image" not in it or "label" not in it:
                 raise DataError(path, f"{key}[{i}]: each item needs 'image' and 'label'")
             pairs.append({"id": it.get("id") or _stem(it["image"]), "image": str(root / it["image"]),

@@ -192,7 +192,8 @@ class PerLevelMSE(Metric):
     """Mean squared error of the reconstruction at each corruption level, plus their mean
     (``name`` is the mean; ``name_<level>`` each level), on a non-decollated evaluator."""
 
-    def __init__(self, levels: Sequence[float], image_channels: int, output_transform=lambda x: x, device="cpu"):
+    def __init__(self, levels: Sequence[float], image_channels: int,
+                 output_transform=lambda o: (o[Keys.PRED], o[Keys.LABEL]), device="cpu"):
         self.levels, self.image_channels = list(levels), image_channels
         super().__init__(output_transform=output_transform, device=device)
 
@@ -201,7 +202,7 @@ class PerLevelMSE(Metric):
         self._n = torch.zeros(len(self.levels), dtype=torch.float64)
 
     def update(self, output) -> None:
-        pred, tgt = output[Keys.PRED], output[Keys.LABEL]
+        pred, tgt = output
         err = (pred[:, : self.image_channels].float() - tgt["image"].float()).square().flatten(1).mean(1).double().cpu()
         idx = tgt["level_index"].cpu()
         self._sum.index_add_(0, idx, err)

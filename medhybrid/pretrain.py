@@ -23,7 +23,7 @@ import torch
 from pydantic import Field, ValidationInfo, field_validator
 
 from medhybrid.config import DatasetSpec, Preprocess, StrictModel, dump_config, load_dataset_spec, save_config
-from medhybrid.networks import HybridUNet, ModelConfig, build_network, mask_channels_for
+from medhybrid.networks import HybridUNet, ModelConfig, build_network
 from medhybrid.tracking import MLflowConfig
 from medhybrid.training import TrainConfig, atomic_save
 
@@ -141,15 +141,14 @@ def _worker(local_rank: int, cfg: PretrainConfig, run_id: str | None) -> dict:
     from monai.engines import SupervisedEvaluator
     from monai.handlers import MeanDice, MLFlowHandler
 
-    from medhybrid import diffusion as D
     from medhybrid import tracking
     from medhybrid.engines import (
+        ConditionedInferer,
         CorruptionPrepareBatch,
         LevelsPrepareBatch,
         PerLevelMSE,
         SegmentationInferer,
         SegmentationPrepareBatch,
-        ConditionedInferer,
         dice_output_transform,
     )
     from medhybrid.losses import PretrainLoss
@@ -201,10 +200,12 @@ def _worker(local_rank: int, cfg: PretrainConfig, run_id: str | None) -> dict:
                  make_evaluator=make_evaluator,
                  mlflow_handler_factory=mlflow_factory if (run_id and rank == 0) else None,
                  on_validated=_track_epoch(on_validated, trainer_epoch), checkpoint_prefix="pretrain")
+    metrics = {k: v for k, v in result.metrics.items() if isinstance(v, (int, float))}
     if rank == 0:
         save_model(result.network, network_meta(result.network, cfg.model, cfg.preprocess, cfg.dataset, cfg.mode),
                    cfg.folder / "model.pt")
-    return {k: v for k, v in result.metrics.items() if isinstance(v, (int, float))}
+        tracking.write_state(cfg.folder, metrics=metrics, world_size=idist.get_world_size())
+    return metrics
 
 
 def _track_epoch(fn, holder):
@@ -278,7 +279,7 @@ def run_pretraining(cfg: PretrainConfig) -> PretrainResult:
             backend = cfg.train.backend or ("nccl" if torch.cuda.is_available() else "gloo")
             with idist.Parallel(backend=backend, nproc_per_node=cfg.train.nproc) as parallel:
                 parallel.run(_worker, cfg, run_id)
-            metrics = {}
+            metrics = tracking.read_state(folder).get("metrics", {})
         else:
             metrics = _worker(0, cfg, run_id)
     except BaseException:

@@ -118,9 +118,9 @@ def finish_run(cfg: MLflowConfig, run_id: str, status: str = "FINISHED") -> None
 
 
 def log_metrics(cfg: MLflowConfig, run_id: str, metrics: Mapping[str, float], step: int) -> None:
-    from mlflow.entities import Metric
-
     import time
+
+    from mlflow.entities import Metric
 
     now = int(time.time() * 1000)
     client(cfg).log_batch(run_id, metrics=[Metric(k, float(v), now, step) for k, v in metrics.items()])

@@ -105,6 +105,7 @@ def fit(
     make_evaluator: Callable[[nn.Module, torch.device], object] | None = None,
     mlflow_handler_factory: Callable[[], object] | None = None,
     on_validated: Callable[[object, object, nn.Module], None] | None = None,
+    on_trainer: Callable[[object], None] | None = None,
     checkpoint_prefix: str = "train",
 ) -> FitResult:
     """Train ``network`` on ``train_ds`` with MONAI's ``SupervisedTrainer`` (call inside each process
@@ -148,6 +149,8 @@ def fit(
         decollate=False, train_handlers=handlers,
     )
     sampler.attach(trainer)
+    if on_trainer is not None:
+        on_trainer(trainer)
     if hasattr(prepare_batch, "attach"):
         prepare_batch.attach(trainer)
     if cfg.grad_clip:
@@ -178,7 +181,7 @@ def fit(
     def _collect(engine):
         for k, v in getattr(loss_function, "terms", {}).items():
             loss_terms.setdefault(k, []).append(v)
-        loss_terms.setdefault("loss", []).append(float(engine.state.output["loss"]))
+        loss_terms.setdefault("loss", []).append(engine.state.output["loss"].item())
 
     @trainer.on(Events.EPOCH_COMPLETED)
     def _epoch_summary(engine):

@@ -1,0 +1,276 @@
+"""Few-shot fine-tuning on the target domain.
+
+Any pretrained ``model.pt`` (or random init, for the scratch baseline) is fine-tuned on ``budget``
+labelled images drawn from the target's ``pool`` (nested subsets per seed) with the mask loss, the
+network fed the clean image at sigma_min. There is no validation set in a few-label setting: the
+schedule is fixed by the config, and the target's ``test`` split is only read by :mod:`medhybrid.evaluate`.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from pydantic import Field, ValidationInfo, field_validator
+
+from medhybrid.config import DatasetSpec, Preprocess, StrictModel, dump_config, load_dataset_spec, save_config
+from medhybrid.networks import HybridUNet, ModelConfig, build_network
+from medhybrid.tracking import MLflowConfig
+from medhybrid.training import TrainConfig
+
+log = logging.getLogger("medhybrid")
+
+
+class AugmentConfig(StrictModel):
+    """Random augmentation of the few labelled images (MONAI dictionary transforms)."""
+
+    enabled: bool = True
+    flip: bool = True
+    rotate_degrees: float = Field(15.0, ge=0)
+    scale: float = Field(0.1, ge=0, description="random zoom range +-scale")
+    intensity: float = Field(0.1, ge=0, description="random intensity scale/shift range")
+
+
+class FinetuneSchedule(StrictModel):
+    """Iterations = clamp(per_label * budget, min_iterations, max_iterations), split into epochs."""
+
+    per_label: int = Field(20, ge=1)
+    min_iterations: int = Field(100, ge=1)
+    max_iterations: int = Field(400, ge=1)
+    epochs: int = Field(4, ge=1)
+
+    def iterations(self, budget: int) -> int:
+        return max(self.min_iterations, min(self.max_iterations, self.per_label * budget))
+
+
+class FinetuneConfig(StrictModel):
+    dataset: DatasetSpec
+    init: Path | None = Field(None, description="pretrained model.pt; None = random init (from scratch)")
+    method: str = Field("custom", description="name used in reports and MLflow tags")
+    budget: int | None = Field(5, description="labelled pool images; None = the whole pool")
+    seed: int = 0
+    output_dir: Path | None = None
+    preprocess: Preprocess = Field(default_factory=Preprocess)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    train: TrainConfig = Field(default_factory=lambda: TrainConfig(batch_size=8, lr=1e-4, warmup_iterations=20,
+                                                                  val_max_images=None, grad_clip=1.0))
+    schedule: FinetuneSchedule = Field(default_factory=FinetuneSchedule)
+    augment: AugmentConfig = Field(default_factory=AugmentConfig)
+    mlflow: MLflowConfig = Field(default_factory=MLflowConfig)
+    parent_run_id: str | None = None
+    tags: dict[str, str] = Field(default_factory=dict)
+
+    @field_validator("dataset", mode="before")
+    @classmethod
+    def _dataset(cls, v: Any, info: ValidationInfo) -> Any:
+        if isinstance(v, (str, Path)):
+            return load_dataset_spec(v, base_dir=(info.context or {}).get("base_dir"))
+        return v
+
+    @field_validator("dataset")
+    @classmethod
+    def _target(cls, v: DatasetSpec) -> DatasetSpec:
+        if v.role != "target":
+            raise ValueError(f"dataset {v.name!r} is a {v.role} dataset; few-shot fine-tuning draws from a target's pool")
+        return v
+
+    @field_validator("init")
+    @classmethod
+    def _init_exists(cls, v: Path | None) -> Path | None:
+        if v is not None and not Path(v).is_file():
+            raise ValueError(f"pretrained checkpoint {v} not found")
+        return v
+
+    @property
+    def folder(self) -> Path:
+        b = "all" if self.budget is None else self.budget
+        return Path(self.output_dir or Path("runs") / "finetune" / f"{self.dataset.name}-{self.method}-b{b}-s{self.seed}")
+
+
+def transfer_weights(net: torch.nn.Module, state_dict: dict[str, torch.Tensor], source: str = "checkpoint") -> dict:
+    """Copy every tensor whose name and shape match (nnU-Net style); log loudly what is skipped or missing.
+
+    Returns ``{"loaded": [...], "skipped": {name: reason}, "missing": [...]}``.
+    """
+    own = net.state_dict()
+    loaded, skipped = [], {}
+    for k, v in state_dict.items():
+        if k not in own:
+            skipped[k] = "not in the network"
+        elif own[k].shape != v.shape:
+            skipped[k] = f"shape {tuple(v.shape)} in {source}, {tuple(own[k].shape)} in the network"
+        else:
+            own[k] = v
+            loaded.append(k)
+    missing = [k for k in own if k not in state_dict]
+    net.load_state_dict(own)
+    for k, why in skipped.items():
+        log.warning("weight transfer from %s: SKIPPED %s (%s)", source, k, why)
+    for k in missing:
+        log.warning("weight transfer from %s: MISSING %s (left at its initial value)", source, k)
+    log.info("weight transfer from %s: %d tensors loaded, %d skipped, %d missing", source, len(loaded), len(skipped), len(missing))
+    return {"loaded": loaded, "skipped": skipped, "missing": missing}
+
+
+def initial_network(cfg: FinetuneConfig) -> tuple[HybridUNet, dict]:
+    """The network to fine-tune: the pretrained architecture with its weights, or a fresh one."""
+    torch.manual_seed(cfg.seed)
+    nc = cfg.dataset.mask.num_classes
+    if cfg.init is None:
+        return build_network(cfg.model, cfg.dataset.channels, nc), {"loaded": [], "skipped": {}, "missing": []}
+    ckpt = torch.load(cfg.init, map_location="cpu", weights_only=True)
+    meta = ckpt["meta"]
+    if meta["image_channels"] != cfg.dataset.channels:
+        raise ValueError(f"{cfg.init}: pretrained on {meta['image_channels']}-channel images, target "
+                         f"{cfg.dataset.name!r} has {cfg.dataset.channels}")
+    pre = meta.get("preprocess", {})
+    if pre and pre.get("resolution") != cfg.preprocess.resolution:
+        log.warning("%s was pretrained at %s px, fine-tuning at %s px", cfg.init, pre.get("resolution"), cfg.preprocess.resolution)
+    net = build_network(ModelConfig(**meta["model"]), cfg.dataset.channels, nc)
+    report = transfer_weights(net, ckpt["state_dict"], str(cfg.init))
+    return net, report
+
+
+def augmentation(cfg: AugmentConfig):
+    from monai.transforms import Compose, RandAffined, RandFlipd, RandScaleIntensityd, RandShiftIntensityd
+
+    if not cfg.enabled:
+        return None
+    t = []
+    if cfg.flip:
+        t += [RandFlipd(["image", "label"], prob=0.5, spatial_axis=0), RandFlipd(["image", "label"], prob=0.5, spatial_axis=1)]
+    if cfg.rotate_degrees or cfg.scale:
+        r = cfg.rotate_degrees * 3.14159265 / 180
+        t.append(RandAffined(["image", "label"], prob=0.8, rotate_range=(r,), scale_range=(cfg.scale, cfg.scale),
+                             mode=("bilinear", "nearest"), padding_mode="border"))
+    if cfg.intensity:
+        t += [RandScaleIntensityd("image", factors=cfg.intensity, prob=0.5),
+              RandShiftIntensityd("image", offsets=cfg.intensity, prob=0.5)]
+    return Compose(t)
+
+
+class _AugmentedDataset(torch.utils.data.Dataset):
+    """Cached pairs + seeded random augmentation (reseeded per epoch by :meth:`attach`)."""
+
+    def __init__(self, cached, aug, seed: int):
+        self.cached, self.aug, self.seed = cached, aug, seed
+
+    def __len__(self) -> int:
+        return len(self.cached)
+
+    def __getitem__(self, i):
+        d = self.cached[i]
+        return self.aug(dict(d)) if self.aug is not None else d
+
+    def attach(self, engine) -> None:
+        from ignite.engine import Events
+
+        if self.aug is not None:
+            engine.add_event_handler(Events.EPOCH_STARTED, lambda e: self.aug.set_random_state(seed=self.seed * 1000 + e.state.epoch))
+
+
+@dataclass
+class FinetuneResult:
+    folder: Path
+    checkpoint: Path
+    run_id: str | None
+    ids: list[str]
+    transfer: dict
+
+
+def run_finetuning(cfg: FinetuneConfig) -> FinetuneResult:
+    """Fine-tune (or resume, or return the finished run of) ``cfg``. Writes ``model.pt``,
+    ``config.yaml``, ``subset.json`` (the ids used) and one MLflow run."""
+    import json
+
+    from monai.data import CacheDataset
+
+    from medhybrid import tracking
+    from medhybrid.check import require_valid
+    from medhybrid.config import ConfigError
+    from medhybrid.datasets import few_shot_pairs
+    from medhybrid.engines import CorruptionPrepareBatch
+    from medhybrid.losses import PretrainLoss
+    from medhybrid.pretrain import config_hash, network_meta, save_model
+    from medhybrid.training import fit
+    from medhybrid.transforms import preprocessing
+
+    folder = cfg.folder
+    folder.mkdir(parents=True, exist_ok=True)
+    state = tracking.read_state(folder)
+    h = config_hash(cfg, exclude=("mlflow", "output_dir", "parent_run_id", "tags"))
+    if state.get("config_hash") and state["config_hash"] != h:
+        raise ConfigError(f"{folder} holds a run of a different configuration; choose another output_dir or remove it")
+    model_path = folder / "model.pt"
+    if state.get("status") == "finished" and model_path.is_file():
+        return FinetuneResult(folder, model_path, state.get("mlflow_run_id"), state.get("ids", []), state.get("transfer", {}))
+
+    pairs = few_shot_pairs(cfg.dataset, cfg.budget, cfg.seed)  # pool only; raises on a budget larger than the pool
+    if cfg.train.check_data:
+        require_valid(cfg.dataset, splits=["pool"])
+    ids = [p["id"] for p in pairs]
+    budget = len(pairs)
+    iterations = cfg.schedule.iterations(budget)
+    epochs = min(cfg.schedule.epochs, iterations)
+    train_cfg = cfg.train.model_copy(update={"epochs": epochs, "epoch_length": max(1, iterations // epochs),
+                                             "batch_size": min(cfg.train.batch_size, max(2, budget))})
+    save_config(cfg, folder / "config.yaml")
+    (folder / "subset.json").write_text(json.dumps({"budget": budget, "seed": cfg.seed, "ids": ids}, indent=1))
+    tracking.write_state(folder, config_hash=h, status="running", ids=ids)
+
+    run_id = None
+    if cfg.mlflow.enabled:
+        tags = {"medhybrid.stage": "finetune", "method": cfg.method, "budget": str(budget), "seed": str(cfg.seed),
+                "domain": cfg.dataset.name, **cfg.tags}
+        run_id = tracking.open_run(cfg.mlflow, folder, cfg.mlflow.run_name or f"finetune-{cfg.method}-b{budget}-s{cfg.seed}",
+                                   params=dump_config(cfg), tags=tags, parent_run_id=cfg.parent_run_id)
+    try:
+        net, transfer = initial_network(cfg)
+        tracking.write_state(folder, transfer={"loaded": len(transfer["loaded"]), "skipped": sorted(transfer["skipped"]),
+                                               "missing": transfer["missing"]})
+        cached = CacheDataset(pairs, transform=preprocessing(cfg.dataset, cfg.preprocess), progress=False, copy_cache=True)
+        ds = _AugmentedDataset(cached, augmentation(cfg.augment), cfg.seed)
+        prepare = CorruptionPrepareBatch("supervised", _edm(net), seed=cfg.seed)
+        loss = PretrainLoss("finetune", net.mask_channels)
+        train_cfg = train_cfg.model_copy(update={"seed": cfg.seed})
+
+        def mlflow_factory(evaluator: bool = False):
+            from monai.handlers import MLFlowHandler
+
+            hd = MLFlowHandler(tracking_uri=tracking.tracking_uri(cfg.mlflow), experiment_name=cfg.mlflow.experiment,
+                               iteration_log=lambda e, it: it % cfg.mlflow.log_every == 0,
+                               output_transform=lambda o: {"loss": o["loss"].item()})
+            hd.cur_run = tracking.client(cfg.mlflow).get_run(run_id)
+            return hd
+
+        result = fit(net, ds, prepare, loss, train_cfg, folder, mlflow_handler_factory=mlflow_factory if run_id else None,
+                     checkpoint_prefix="finetune", on_trainer=ds.attach)
+        meta = network_meta(result.network, ModelConfig(**_model_cfg(cfg)), cfg.preprocess, cfg.dataset, "finetune")
+        meta.update(method=cfg.method, budget=budget, seed=cfg.seed)
+        save_model(result.network, meta, model_path)
+    except BaseException:
+        if run_id:
+            tracking.finish_run(cfg.mlflow, run_id, "FAILED")
+        tracking.write_state(folder, status="failed")
+        raise
+    if run_id:
+        tracking.log_artifact(cfg.mlflow, run_id, folder / "config.yaml")
+        tracking.log_artifact(cfg.mlflow, run_id, folder / "subset.json")
+        tracking.finish_run(cfg.mlflow, run_id)
+    tracking.write_state(folder, status="finished")
+    return FinetuneResult(folder, model_path, run_id, ids, transfer)
+
+
+def _edm(net: HybridUNet):
+    from medhybrid.diffusion import EDMParams
+
+    return EDMParams(sigma_min=net.sigma_min, sigma_data=net.sigma_data)
+
+
+def _model_cfg(cfg: FinetuneConfig) -> dict:
+    if cfg.init is None:
+        return dump_config(cfg.model)
+    return torch.load(cfg.init, map_location="cpu", weights_only=True)["meta"]["model"]
