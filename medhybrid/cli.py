@@ -38,6 +38,50 @@ def _pretrain(args) -> int:
     return 0
 
 
+def load_ablation(path: str, profile: str, overrides: list[str]):
+    """An ablation config with one of its ``profiles`` (quick, full) merged over the shared part."""
+    from medhybrid.ablation import AblationConfig
+    from medhybrid.config import apply_overrides, deep_merge, find_config, read_yaml, validate
+
+    p = find_config(path, "ablation")
+    data = read_yaml(p)
+    profiles = data.pop("profiles", {}) or {}
+    if profile not in profiles:
+        raise ConfigError(f"{p}: no profile {profile!r} (profiles: {sorted(profiles)})")
+    data = deep_merge(data, profiles[profile])
+    data.setdefault("name", f"{p.stem}-{profile}")
+    data = apply_overrides(data, overrides)
+    return validate(AblationConfig, data, source=f"{p} [{profile}]", context={"base_dir": p.parent})
+
+
+def _ablate(args) -> int:
+    from medhybrid.ablation import run_ablation
+
+    cfg = load_ablation(args.config, args.profile, args.overrides)
+    out = run_ablation(cfg)
+    print(f"report: {out['report']['markdown']}\nplot:   {out['report']['plot']}")
+    if out["failures"]:
+        print(f"{len(out['failures'])} run(s) failed (see {cfg.folder / 'failures.log'}):", *out["failures"], sep="\n  ")
+        return 1
+    return 0
+
+
+def _finetune(args) -> int:
+    from medhybrid.config import load_config
+    from medhybrid.evaluate import evaluate
+    from medhybrid.finetune import FinetuneConfig, run_finetuning
+    from medhybrid.pretrain import load_model
+
+    cfg = load_config(FinetuneConfig, args.config, args.overrides, kind="finetune")
+    res = run_finetuning(cfg)
+    print(f"fine-tuned on {len(res.ids)} labelled images: {res.checkpoint}")
+    if args.evaluate:
+        net, _ = load_model(res.checkpoint)
+        ev = evaluate(net, cfg.dataset, cfg.preprocess, "test", out_dir=cfg.folder / "eval")
+        print(" ".join(f"{k} {v:.4f}" for k, v in ev.summary.items()), f"\nper-image: {ev.csv}")
+    return 0
+
+
 def _sample(args) -> int:
     from medhybrid.sampling import sample_to_grid
 
@@ -67,6 +111,18 @@ def build_parser() -> argparse.ArgumentParser:
     pre.add_argument("--config", required=True, help="pretrain YAML or shipped name (configs/pretrain/<name>.yaml)")
     pre.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. mode=diffusion train.iterations=200")
     pre.set_defaults(func=_pretrain)
+
+    ft = sub.add_parser("finetune", help="fine-tune a pretrained model.pt (or scratch) on a few target labels")
+    ft.add_argument("--config", required=True, help="finetune YAML or shipped name (configs/finetune/<name>.yaml)")
+    ft.add_argument("--no-evaluate", dest="evaluate", action="store_false", help="skip the test-split evaluation")
+    ft.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="e.g. init=runs/pretrain/isic2018-hybrid/model.pt budget=5")
+    ft.set_defaults(func=_finetune)
+
+    ab = sub.add_parser("ablate", help="methods x budgets x seeds, ending in a report (Markdown, CSV, plot) and MLflow runs")
+    ab.add_argument("--config", required=True, help="ablation YAML or shipped name (configs/ablation/<name>.yaml)")
+    ab.add_argument("--profile", default="quick", help="quick (CPU, minutes) or full (GPU)")
+    ab.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="e.g. seeds=[0] budgets=[5]")
+    ab.set_defaults(func=_ablate)
 
     smp = sub.add_parser("sample", help="draw joint image+mask samples from a hybrid (or diffusion) checkpoint")
     smp.add_argument("--checkpoint", required=True)
