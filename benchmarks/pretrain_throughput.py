@@ -1,0 +1,150 @@
+"""Pretraining throughput and peak memory: medhybrid's engine (MONAI SupervisedTrainer + seams)
+side by side with a plain PyTorch loop on the same network, batch and objective, in one run.
+
+    .venv/bin/python benchmarks/pretrain_throughput.py [--iters 20] [--batch 16] [--res 64] [--mode hybrid]
+
+Each variant runs in its own subprocess (so peak memory is its own): peak RSS on CPU, peak
+``torch.cuda.max_memory_allocated`` on CUDA. Prints images/s, peak memory and engine/plain ratios.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def _rss_mb() -> float:
+    with open("/proc/self/statm") as fh:
+        return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+class PeakRSS:
+    def __init__(self):
+        self.peak, self._stop = _rss_mb(), False
+        self.t = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self):
+        while not self._stop:
+            self.peak = max(self.peak, _rss_mb())
+            time.sleep(0.005)
+
+    def __enter__(self):
+        self.t.start()
+        return self
+
+    def __exit__(self, *a):
+        self._stop = True
+        self.t.join()
+
+
+def _batch(args):
+    import torch
+
+    from medhybrid.config import Preprocess, load_dataset_spec
+    from medhybrid.datasets import load_pairs
+    from medhybrid.transforms import preprocessing
+
+    spec = load_dataset_spec("isic2018")
+    pairs = load_pairs(spec, "train")[: args.batch]
+    t = preprocessing(spec, Preprocess(resolution=args.res))
+    items = [t(p) for p in pairs]
+    return spec, [{"image": torch.as_tensor(d["image"]).as_subclass(torch.Tensor),
+                   "label": torch.as_tensor(d["label"]).as_subclass(torch.Tensor)} for d in items]
+
+
+def run_variant(args) -> dict:
+    import torch
+
+    from medhybrid.engines import CorruptionPrepareBatch
+    from medhybrid.losses import PretrainLoss
+    from medhybrid.networks import ModelConfig, build_network
+    from medhybrid.training import TrainConfig, fit
+
+    torch.manual_seed(0)
+    spec, items = _batch(args)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    net = build_network(ModelConfig(), spec.channels, 2)
+    prepare = CorruptionPrepareBatch(args.mode, seed=0, seg_fraction=0.5, weighting="low")
+    loss_fn = PretrainLoss(args.mode, net.mask_channels)
+    warm = 3
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    with PeakRSS() as mem:
+        if args.variant == "engine":
+            import tempfile
+
+            cfg = TrainConfig(epochs=1, epoch_length=args.iters + warm, batch_size=args.batch, warmup_iterations=0,
+                              check_data=False, progress=False, checkpoint_every=10**6)
+            times = []
+
+            def on_trainer(trainer):
+                from ignite.engine import Events
+
+                trainer.add_event_handler(Events.ITERATION_COMPLETED, lambda e: times.append(time.perf_counter()))
+
+            with tempfile.TemporaryDirectory() as tmp:
+                fit(net, items, prepare, loss_fn, cfg, tmp, on_trainer=on_trainer)
+            elapsed = times[-1] - times[warm - 1]
+        else:
+            net = net.to(device)
+            amp = device.type == "cuda"
+            if amp:
+                net = net.to(memory_format=torch.channels_last)
+            opt = torch.optim.AdamW(net.parameters(), lr=2e-4)
+            batch = {"image": torch.stack([d["image"] for d in items]), "label": torch.stack([d["label"] for d in items])}
+            for i in range(args.iters + warm):
+                if i == warm:
+                    if amp:
+                        torch.cuda.synchronize()
+                    t0 = time.perf_counter()
+                prepare.step = i + 1
+                x, tgt, _, kw = prepare(batch, device)
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+                    out = net(x, **kw)
+                    loss = loss_fn(out, tgt)
+                opt.zero_grad()
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
+                opt.step()
+            if amp:
+                torch.cuda.synchronize()
+            elapsed = time.perf_counter() - t0
+    peak = torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else mem.peak
+    return {"variant": args.variant, "device": str(device), "images_per_s": args.iters * args.batch / elapsed,
+            "peak_mb": peak, "peak_kind": "cuda allocated" if device.type == "cuda" else "process RSS"}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--iters", type=int, default=20)
+    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--res", type=int, default=64)
+    p.add_argument("--mode", default="hybrid")
+    p.add_argument("--variant", choices=["engine", "plain"])
+    args = p.parse_args()
+    if args.variant:
+        print("RESULT " + json.dumps(run_variant(args)))
+        return
+    res = {}
+    for v in ("plain", "engine"):
+        cmd = [sys.executable, __file__, "--variant", v, "--iters", str(args.iters), "--batch", str(args.batch),
+               "--res", str(args.res), "--mode", args.mode]
+        out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+        res[v] = json.loads(next(line for line in out.splitlines() if line.startswith("RESULT "))[7:])
+    e, pl = res["engine"], res["plain"]
+    print(f"pretraining ({args.mode}, batch {args.batch}, {args.res} px, {args.iters} timed iterations) on {e['device']}")
+    print(f"{'':8s} {'images/s':>10s} {'peak MB':>10s}  ({e['peak_kind']})")
+    for v in ("plain", "engine"):
+        print(f"{v:8s} {res[v]['images_per_s']:10.1f} {res[v]['peak_mb']:10.0f}")
+    print(f"ratio engine/plain: throughput {e['images_per_s'] / pl['images_per_s']:.3f}, peak memory {e['peak_mb'] / pl['peak_mb']:.3f}")
+
+
+if __name__ == "__main__":
+    main()
