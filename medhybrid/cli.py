@@ -66,6 +66,20 @@ def _ablate(args) -> int:
     return 0
 
 
+def _report(args) -> int:
+    from medhybrid import tracking
+    from medhybrid.report import embed_in_readme, write_report
+
+    cfg = load_ablation(args.config, args.profile, args.overrides)
+    parent = tracking.read_state(cfg.folder).get("mlflow_run_id") if cfg.mlflow.enabled else None
+    paths = write_report(cfg, cfg.folder / "report", parent_run_id=parent)
+    print(f"report: {paths['markdown']}")
+    if args.readme:
+        embed_in_readme(paths["markdown"], args.readme, cfg.name)
+        print(f"embedded in {args.readme}")
+    return 0
+
+
 def _finetune(args) -> int:
     from medhybrid.config import load_config
     from medhybrid.evaluate import evaluate
@@ -123,6 +137,13 @@ def build_parser() -> argparse.ArgumentParser:
     ab.add_argument("--profile", default="quick", help="quick (CPU, minutes) or full (GPU)")
     ab.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="e.g. seeds=[0] budgets=[5]")
     ab.set_defaults(func=_ablate)
+
+    rp = sub.add_parser("report", help="rebuild an ablation's report from its MLflow runs (also after a partial run)")
+    rp.add_argument("--config", required=True)
+    rp.add_argument("--profile", default="quick")
+    rp.add_argument("--readme", help="also embed the report in this Markdown file between report markers")
+    rp.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
+    rp.set_defaults(func=_report)
 
     smp = sub.add_parser("sample", help="draw joint image+mask samples from a hybrid (or diffusion) checkpoint")
     smp.add_argument("--checkpoint", required=True)

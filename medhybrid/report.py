@@ -35,7 +35,7 @@ def collect_results(cfg, parent_run_id: str | None) -> list[dict]:
             s = json.loads(st.read_text())
             if not s.get("evaluated"):
                 continue
-            method, (b, sd) = st.parent.parent.name, st.parent.name.split("-")
+            method, sd = st.parent.parent.name, st.parent.name.split("-")[1]
             rows.append({"method": method, "budget": len(s.get("ids", [])), "seed": int(sd[1:]), **s["test"], "run_id": ""})
     order = {m: i for i, m in enumerate(cfg.methods)}
     return sorted(rows, key=lambda r: (order.get(r["method"], 99), r["budget"], r["seed"]))
@@ -137,7 +137,8 @@ def write_report(cfg, out_dir: Path, parent_run_id: str | None = None) -> dict[s
     tests = paired_tests(rows, cfg.reference) if any(r["method"] == cfg.reference for r in rows) else []
     if tests:
         lines += ["", f"Paired difference `{cfg.reference}` − baseline (Dice; paired t-test across seeds; "
-                  "'all budgets' pools every (budget, seed) pair):", "", "| baseline | budget | n | mean diff | p |", "|---|---|---|---|---|"]
+                  "'all budgets' pools every (budget, seed) pair):", "",
+                  "| baseline | budget | n | mean diff | p |", "|---|---|---|---|---|"]
         for t in tests:
             p = "–" if math.isnan(t["p_value"]) else f"{t['p_value']:.3g}"
             lines.append(f"| {t['baseline']} | {t['budget']} | {t['n']} | {t['mean_diff']:+.3f} | {p} |")
@@ -145,3 +146,30 @@ def write_report(cfg, out_dir: Path, parent_run_id: str | None = None) -> dict[s
     (out_dir / "report.md").write_text("\n".join(lines))
     return {"markdown": out_dir / "report.md", "plot": out_dir / "dice_vs_labels.png",
             "summary": out_dir / "summary.csv", "results": out_dir / "results.csv"}
+
+
+def embed_in_readme(report_md: Path, readme: Path, name: str) -> None:
+    """Replace the text between ``<!-- report:NAME -->`` and ``<!-- /report:NAME -->`` in ``readme`` with
+    the generated report (headings demoted, the plot linked relative to the README); appended if absent."""
+    import os
+    import re
+    import shutil
+
+    readme, report_md = Path(readme), Path(report_md)
+    # the run folder is not versioned: keep a copy of the generated report beside the README
+    keep = readme.parent / "docs" / "results" / name
+    keep.mkdir(parents=True, exist_ok=True)
+    for f in report_md.parent.iterdir():
+        shutil.copy2(f, keep / f.name)
+    report_md = keep / report_md.name
+    body = report_md.read_text().replace("](dice_vs_labels.png)",
+                                         f"]({os.path.relpath(report_md.parent / 'dice_vs_labels.png', readme.parent)})")
+    body = re.sub(r"^# ", "### ", body, flags=re.M)
+    start, end = f"<!-- report:{name} -->", f"<!-- /report:{name} -->"
+    block = f"{start}\n{body.strip()}\n{end}"
+    text = readme.read_text()
+    if start in text and end in text:
+        text = text[: text.index(start)] + block + text[text.index(end) + len(end) :]
+    else:
+        text = text.rstrip() + "\n\n" + block + "\n"
+    readme.write_text(text)
