@@ -190,29 +190,22 @@ def _worker(local_rank: int, cfg: PretrainConfig, run_id: str | None) -> dict:
     def mlflow_factory(evaluator: bool = False):
         h = MLFlowHandler(tracking_uri=tracking.tracking_uri(cfg.mlflow), experiment_name=cfg.mlflow.experiment,
                           iteration_log=False if evaluator else (lambda e, it: it % cfg.mlflow.log_every == 0),
-                          output_transform=lambda o: {"loss": float(o["loss"])}, close_on_complete=False,
-                          global_epoch_transform=(lambda ep: trainer_epoch[0]) if evaluator else (lambda ep: ep))
+                          output_transform=lambda o: {"loss": o["loss"].item()}, close_on_complete=False)
+        # no global_epoch_transform: MONAI's ValidationHandler runs the evaluator with the trainer's epoch as its
+        # own, so validation metrics are logged at the epoch they belong to
         h.cur_run = tracking.client(cfg.mlflow).get_run(run_id)
         return h
 
-    trainer_epoch = [0]
     result = fit(net, train_ds, prepare, loss, cfg.train, cfg.folder,
                  make_evaluator=make_evaluator,
                  mlflow_handler_factory=mlflow_factory if (run_id and rank == 0) else None,
-                 on_validated=_track_epoch(on_validated, trainer_epoch), checkpoint_prefix="pretrain")
+                 on_validated=on_validated, checkpoint_prefix="pretrain")
     metrics = {k: v for k, v in result.metrics.items() if isinstance(v, (int, float))}
     if rank == 0:
         save_model(result.network, network_meta(result.network, cfg.model, cfg.preprocess, cfg.dataset, cfg.mode),
                    cfg.folder / "model.pt")
         tracking.write_state(cfg.folder, metrics=metrics, world_size=idist.get_world_size())
     return metrics
-
-
-def _track_epoch(fn, holder):
-    def wrapped(trainer, evaluator, net):
-        holder[0] = trainer.state.epoch
-        fn(trainer, evaluator, net)
-    return wrapped
 
 
 @torch.no_grad()

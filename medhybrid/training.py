@@ -165,7 +165,6 @@ def fit(
     saver = Checkpoint(to_save, DiskSaver(str(ckpt_dir), require_empty=False, atomic=True, create_dir=True),
                        filename_prefix=checkpoint_prefix, n_saved=2,
                        global_step_transform=lambda e, _: e.state.iteration)
-    trainer.add_event_handler(Events.EPOCH_COMPLETED(every=cfg.checkpoint_every) | Events.COMPLETED, saver)
 
     resumed_from = 0
     last = latest_checkpoint(folder)
@@ -207,6 +206,10 @@ def fit(
         from ignite.handlers import ProgressBar
 
         ProgressBar(persist=False).attach(trainer, output_transform=lambda o: {"loss": float(o["loss"])})
+
+    # checkpoint last, after the epoch's summary and MLflow logging: a run killed once its checkpoint exists has
+    # recorded everything up to it, so the resumed run (which starts after it) leaves no gap in the metrics
+    trainer.add_event_handler(Events.EPOCH_COMPLETED(every=cfg.checkpoint_every) | Events.COMPLETED, saver)
 
     t0 = time.time()
     if resumed_from < cfg.iterations:

@@ -1,19 +1,23 @@
-"""Shared fixtures for the data-layer tests.
+"""Shared fixtures for the data-layer and training tests.
 
 Real data is read from ``../shared/data`` beside the repository (never copied into it); small synthetic
 files are written to pytest's ``tmp_path`` from real pixels. A missing data folder is a failure, not a
-skip: CI always has it.
+skip: CI always has it. Training tests use tiny dataset YAMLs over the real folders, a tiny U-Net at
+32 px, their own SQLite MLflow store in ``tmp_path`` and ``tmp_path`` as the working folder.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import shutil
 from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import pytest
+import yaml
 from PIL import Image
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -251,3 +255,143 @@ def pytest_configure(config):
     # MONAI probes for a GPU DICOM decoder each time a LoadImage is built; medhybrid quiets the warning on
     # import, but pytest resets warning filters per test.
     config.addinivalue_line("filterwarnings", "ignore:.*nvImageCodec.*:UserWarning")
+    # The models here are tiny: one CPU thread per process is fastest, and on a busy machine several
+    # threads per process are many times slower (threads spin waiting for each other). Subprocesses
+    # (CLI runs, distributed workers) inherit OMP_NUM_THREADS.
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    import torch
+
+    torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+
+
+# --------------------------------------------------------------------------------------------- training runs
+# Tiny sources and targets: dataset YAMLs in tmp_path that point at the real folders, with a split JSON in
+# tmp_path listing a few ids of the real split (the images are read in place, never copied).
+TINY_NET = ["preprocess.resolution=32", "model.channels=[16,32,32]", "model.attention_levels=[false,false,false]"]
+"""Overrides of a PretrainConfig for the tiny U-Net every training test uses."""
+
+TINY_TRAIN = ["train.batch_size=4", "train.epochs=4", "train.epoch_length=4", "train.lr=1e-3", "train.warmup_iterations=0",
+              "train.val_max_images=4", "train.check_data=false", "train.device=cpu", "train.progress=false"]
+"""A short CPU schedule: 4 epochs x 4 iterations of 4 images."""
+
+
+def write_dataset_yaml(folder: Path, name: str, root: Path, split: dict[str, list[str]], **fields) -> Path:
+    """``folder/<name>.yaml`` for the real dataset ``root`` with its split written to ``folder/<name>_split.json``."""
+    folder.mkdir(parents=True, exist_ok=True)
+    split_file = folder / f"{name}_split.json"
+    split_file.write_text(json.dumps(split))
+    path = folder / f"{name}.yaml"
+    path.write_text(yaml.safe_dump({"name": name, "root": str(root), "split": str(split_file), **fields}, sort_keys=False))
+    return path
+
+
+def real_split(root: Path) -> dict[str, list[str]]:
+    return json.loads((root / "split.json").read_text())
+
+
+def isic_yaml(folder: Path, n_train: int = 16, n_val: int = 4, name: str = "isic_tiny") -> Path:
+    """A source dataset of the first ``n_train`` train and ``n_val`` val ids of the real ISIC 2018 split."""
+    s = real_split(ISIC)
+    return write_dataset_yaml(folder, name, ISIC, {"train": s["train"][:n_train], "val": s["val"][:n_val]},
+                              role="source", mask_suffix="_segmentation", channels=3)
+
+
+def ph2_yaml(folder: Path, n_pool: int = 8, n_test: int = 4, name: str = "ph2_tiny") -> Path:
+    """A target dataset of the first ``n_pool`` pool and ``n_test`` test ids of the real PH2 split."""
+    s = real_split(PH2)
+    return write_dataset_yaml(folder, name, PH2, {"pool": s["pool"][:n_pool], "test": s["test"][:n_test]},
+                              role="target", mask_suffix="_lesion", channels=3)
+
+
+@pytest.fixture(scope="session")
+def v7_ids(data) -> dict[str, list[str]]:
+    """8 train and 4 val V7 ids, the ones whose masks hold the ignore value 127 first."""
+    s = real_split(V7)
+    out = {}
+    for split, n in (("train", 8), ("val", 4)):
+        ids = s[split][:60]
+        has_ignore = [i for i in ids if (np.asarray(Image.open(V7 / "masks" / f"{i}_mask.png")) == 127).any()]
+        assert len(has_ignore) >= 2, f"expected V7 {split} masks with the ignore value 127"
+        out[split] = (has_ignore + [i for i in ids if i not in has_ignore])[:n]
+    return out
+
+
+@pytest.fixture
+def isic_tiny(data, tmp_path) -> Path:
+    """Dataset YAML: 16 train / 4 val real ISIC 2018 pairs (RGB, source)."""
+    return isic_yaml(tmp_path / "datasets")
+
+
+@pytest.fixture
+def v7_tiny(v7_ids, tmp_path) -> Path:
+    """Dataset YAML: 8 train / 4 val real V7 pairs (grey, masks with ignore value 127, source)."""
+    return write_dataset_yaml(tmp_path / "datasets", "v7_tiny", V7, v7_ids, role="source", mask_suffix="_mask",
+                              channels=1, mask={"values": {0: 0, 255: 1}, "ignore": [127]})
+
+
+@pytest.fixture
+def ph2_tiny(data, tmp_path) -> Path:
+    """Dataset YAML: 8 pool / 4 test real PH2 pairs (RGB, non-square, target)."""
+    return ph2_yaml(tmp_path / "datasets")
+
+
+@pytest.fixture(scope="session")
+def mlflow_template(tmp_path_factory) -> Path:
+    """An empty MLflow SQLite store with its schema created once (creating it costs seconds per test)."""
+    import mlflow
+
+    db = tmp_path_factory.mktemp("mlflow_template") / "mlflow.db"
+    with contextlib.chdir(db.parent):  # MLflow's "Default" experiment keeps its artifacts in <cwd>/mlruns
+        mlflow.MlflowClient(tracking_uri=f"sqlite:///{db}").search_experiments()
+    return db
+
+
+def mlflow_store(template: Path, folder: Path) -> str:
+    """A fresh MLflow store ``folder/mlflow.db`` (artifacts beside it in ``folder/mlruns``): its tracking URI."""
+    folder.mkdir(parents=True, exist_ok=True)
+    shutil.copy(template, folder / "mlflow.db")
+    return f"sqlite:///{folder / 'mlflow.db'}"
+
+
+@pytest.fixture
+def mlflow_uri(mlflow_template, tmp_path) -> str:
+    """``sqlite:///<tmp_path>/mlflow.db``: every run of a test is tracked there, never in the working folder."""
+    return mlflow_store(mlflow_template, tmp_path)
+
+
+@pytest.fixture
+def workdir(tmp_path, monkeypatch) -> Path:
+    """Run in tmp_path (whatever a run writes relative to the working folder lands there, never in the
+    repository), with no MLflow tracking URI leaking in from the environment."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    return tmp_path
+
+
+@pytest.fixture
+def pretrain_cfg(workdir, mlflow_uri):
+    """``pretrain_cfg(dataset_yaml, mode, *overrides, out="run")``: a tiny :class:`PretrainConfig` writing to
+    ``tmp_path/<out>`` and tracking in ``tmp_path/mlflow.db``; later overrides win."""
+    from medhybrid.config import load_config
+    from medhybrid.pretrain import PretrainConfig
+
+    def make(dataset: Path, mode: str = "hybrid", *overrides: str, out: str = "run"):
+        ov = [f"dataset={dataset}", f"mode={mode}", f"output_dir={workdir / out}", f"mlflow.tracking_uri={mlflow_uri}",
+              *TINY_NET, *TINY_TRAIN, *overrides]
+        return load_config(PretrainConfig, None, ov)
+
+    return make
+
+
+def mlflow_client(uri: str):
+    import mlflow
+
+    return mlflow.MlflowClient(tracking_uri=uri)
+
+
+def artifact_paths(client, run_id: str, path: str | None = None) -> list[str]:
+    """Every artifact file of a run, recursively."""
+    out = []
+    for a in client.list_artifacts(run_id, path):
+        out += artifact_paths(client, run_id, a.path) if a.is_dir else [a.path]
+    return sorted(out)

@@ -1,0 +1,181 @@
+"""medhybrid.training: the SupervisedTrainer harness (checkpoints, exact resume, EMA) and its helpers."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import torch
+
+from medhybrid.config import ConfigError, validate
+from medhybrid.engines import CorruptionPrepareBatch
+from medhybrid.losses import PretrainLoss
+from medhybrid.networks import ModelConfig, build_network
+from medhybrid.training import TrainConfig, atomic_save, fit, latest_checkpoint, resolve_device, unwrap
+
+pytestmark = pytest.mark.usefixtures("workdir")
+
+TINY = ModelConfig(channels=(16, 32, 32), attention_levels=(False, False, False))
+
+
+def _dataset(n: int = 12, size: int = 16) -> list[dict]:
+    """Synthetic pairs: a bright square on a dark background, and its mask."""
+    g = torch.Generator().manual_seed(0)
+    out = []
+    for _ in range(n):
+        r, c = torch.randint(0, size // 2, (2,), generator=g).tolist()
+        lab = torch.zeros(1, size, size)
+        lab[:, r : r + size // 2, c : c + size // 2] = 1
+        img = (lab * 1.5 - 0.75 + 0.1 * torch.randn(3, size, size, generator=g)).clamp(-1, 1)
+        out.append({"image": img, "label": lab, "index": len(out)})
+    return out
+
+
+def _cfg(**kw) -> TrainConfig:
+    base = dict(epochs=3, epoch_length=2, batch_size=4, lr=1e-3, warmup_iterations=0, device="cpu", progress=False, seed=0)
+    return TrainConfig(**{**base, **kw})
+
+
+def _fit(folder, cfg: TrainConfig, seed: int = 0, **kw):
+    torch.manual_seed(seed)
+    net = build_network(TINY, 3)
+    return fit(net, _dataset(), CorruptionPrepareBatch("supervised", seed=cfg.seed), PretrainLoss("supervised"), cfg, folder, **kw)
+
+
+def _same_weights(a: torch.nn.Module, b: torch.nn.Module) -> bool:
+    sa, sb = a.state_dict(), b.state_dict()
+    return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+# --------------------------------------------------------------------------------------------- config and helpers
+def test_train_config():
+    cfg = _cfg(epochs=4, epoch_length=25)
+    assert cfg.iterations == 100
+    with pytest.raises(ConfigError, match="epochs"):
+        validate(TrainConfig, {"epochs": 0})
+    with pytest.raises(ConfigError, match="lr"):
+        validate(TrainConfig, {"lr": 0})
+    with pytest.raises(ConfigError, match="backend"):
+        validate(TrainConfig, {"backend": "mpi"})
+
+
+def test_resolve_device():
+    assert resolve_device("cpu") == torch.device("cpu")
+    expected = "cuda" if torch.cuda.is_available() else "cpu"
+    assert resolve_device("auto").type == expected
+
+
+def test_atomic_save_and_latest_checkpoint(tmp_path):
+    assert latest_checkpoint(tmp_path) is None
+    for step in (9, 10, 2):
+        atomic_save({"step": torch.tensor(step)}, tmp_path / "checkpoints" / f"train_checkpoint_{step}.pt")
+    (tmp_path / "checkpoints" / "notes.pt").write_text("not a checkpoint")
+    latest = latest_checkpoint(tmp_path)
+    assert latest.name == "train_checkpoint_10.pt"  # by number, not by name (9 < 10)
+    assert torch.load(latest, weights_only=True)["step"].item() == 10
+    assert not [p for p in (tmp_path / "checkpoints").iterdir() if p.name.endswith(".tmp")]
+
+
+def test_unwrap():
+    net = torch.nn.Linear(2, 2)
+    assert unwrap(net) is net
+
+
+# --------------------------------------------------------------------------------------------- fit
+def test_fit_trains_and_keeps_the_last_two_checkpoints(tmp_path):
+    torch.manual_seed(0)
+    init = build_network(TINY, 3)
+    res = _fit(tmp_path / "a", _cfg())
+    assert res.iterations == 6 and res.resumed_from == 0 and res.metrics == {}
+    assert not _same_weights(res.network, init)
+    names = sorted(p.name for p in (tmp_path / "a" / "checkpoints").iterdir())
+    assert names == ["train_checkpoint_4.pt", "train_checkpoint_6.pt"]
+    state = torch.load(latest_checkpoint(tmp_path / "a"), weights_only=True)
+    assert set(state) == {"network", "optimizer", "lr_scheduler", "trainer"}
+    assert state["trainer"]["iteration"] == 6 and state["trainer"]["max_epochs"] == 3
+    assert all(torch.equal(state["network"][k], v) for k, v in res.network.state_dict().items())
+
+
+def test_fit_resume_from_checkpoint_is_exact(tmp_path):
+    """A run stopped after its 2nd epoch and resumed ends with the same weights, bit for bit, as one that ran
+    through: data order, noise, optimizer and LR schedule all continue from the checkpoint."""
+    full = _fit(tmp_path / "full", _cfg(checkpoint_every=1))
+    (tmp_path / "resumed" / "checkpoints").mkdir(parents=True)
+    shutil.copy(tmp_path / "full" / "checkpoints" / "train_checkpoint_4.pt", tmp_path / "resumed" / "checkpoints")
+    resumed = _fit(tmp_path / "resumed", _cfg(checkpoint_every=1), seed=123)  # other initial weights: overwritten
+    assert resumed.resumed_from == 4 and resumed.iterations == 6
+    assert _same_weights(resumed.network, full.network)
+
+
+def test_fit_on_a_finished_folder_does_not_train(tmp_path):
+    first = _fit(tmp_path / "a", _cfg())
+    again = _fit(tmp_path / "a", _cfg(), seed=5)
+    assert again.resumed_from == 6 and again.iterations == 6
+    assert _same_weights(again.network, first.network)
+
+
+def test_fit_with_ema_returns_the_average(tmp_path):
+    res = _fit(tmp_path / "ema", _cfg(ema_decay=0.5))
+    raw = _fit(tmp_path / "raw", _cfg())
+    state = torch.load(latest_checkpoint(tmp_path / "ema"), weights_only=True)
+    assert "ema_model" in state
+    assert all(torch.equal(state["ema_model"][k], v) for k, v in res.network.state_dict().items())
+    # the EMA weights are not the last iterate (which equals the run without EMA)
+    assert all(torch.equal(state["network"][k], v) for k, v in raw.network.state_dict().items())
+    assert not _same_weights(res.network, raw.network)
+
+
+def test_fit_logs_epoch_loss_terms(tmp_path):
+    seen = []
+
+    def on_trainer(trainer):
+        from ignite.engine import Events
+
+        trainer.add_event_handler(Events.EPOCH_COMPLETED, lambda e: seen.append(dict(e.state.metrics)))
+
+    _fit(tmp_path / "a", _cfg(), on_trainer=on_trainer)
+    assert len(seen) == 3
+    # registered before fit's own epoch summary, so each epoch sees the previous epoch's means
+    later = seen[-1]
+    assert {"train_loss", "train_mask_loss"} <= set(later)
+    assert later["train_loss"] == pytest.approx(later["train_mask_loss"])  # supervised: the loss is the mask term
+
+
+def test_fit_draws_each_epoch_in_the_sampler_order(tmp_path):
+    """Epoch e sees exactly the batches of ``EpochSeededSampler`` at epoch e (so a resumed epoch sees the same ones)."""
+    from ignite.engine import Events
+
+    from medhybrid.engines import EpochSeededSampler
+
+    seen: dict[int, list[int]] = {}
+
+    def on_trainer(trainer):
+        trainer.add_event_handler(Events.ITERATION_COMPLETED,
+                                  lambda e: seen.setdefault(e.state.epoch, []).extend(e.state.batch["index"].tolist()))
+
+    cfg = _cfg(seed=7)
+    _fit(tmp_path / "a", cfg, on_trainer=on_trainer)
+    assert sorted(seen) == [1, 2, 3]
+    for epoch, indices in seen.items():
+        sampler = EpochSeededSampler(12, cfg.epoch_length * cfg.batch_size, seed=7)
+        sampler.set_epoch(epoch)
+        assert indices == list(sampler)
+    assert seen[1] != seen[2]
+
+
+def test_fit_checkpoints_after_the_epoch_is_logged(tmp_path):
+    """An epoch's checkpoint is written after its summary and tracking: a run killed as soon as the checkpoint
+    exists has logged every epoch up to it, and its resumed run starts after it, so no epoch goes unlogged."""
+    from ignite.engine import Events
+
+    logged = []
+
+    class Tracker:  # stands in for the MLflow handler
+        def attach(self, engine):
+            engine.add_event_handler(Events.EPOCH_COMPLETED, lambda e: logged.append(
+                (e.state.epoch, "train_loss" in e.state.metrics, latest_checkpoint(tmp_path / "a"))))
+
+    _fit(tmp_path / "a", _cfg(), mlflow_handler_factory=Tracker)
+    assert [(epoch, has_loss) for epoch, has_loss, _ in logged] == [(1, True), (2, True), (3, True)]
+    # when epoch e is logged, the newest checkpoint is still epoch e - 1's
+    assert [c.name if c else None for *_, c in logged] == [None, "train_checkpoint_2.pt", "train_checkpoint_4.pt"]
