@@ -3,6 +3,9 @@ side by side with a plain PyTorch loop on the same network, batch and objective,
 
     .venv/bin/python benchmarks/pretrain_throughput.py [--iters 20] [--batch 16] [--res 64] [--mode hybrid]
 
+``--mode`` is a pretraining mode (hybrid, supervised, diffusion, mdm) or ``finetune`` (the few-shot
+fine-tuning step: clean image at sigma_min, mask loss only).
+
 Each variant runs in its own subprocess (so peak memory is its own): peak RSS on CPU, peak
 ``torch.cuda.max_memory_allocated`` on CUDA. Prints images/s, peak memory and engine/plain ratios.
 """
@@ -139,7 +142,8 @@ def main() -> None:
         out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
         res[v] = json.loads(next(line for line in out.splitlines() if line.startswith("RESULT "))[7:])
     e, pl = res["engine"], res["plain"]
-    print(f"pretraining ({args.mode}, batch {args.batch}, {args.res} px, {args.iters} timed iterations) on {e['device']}")
+    stage = "fine-tuning" if args.mode == "finetune" else f"pretraining ({args.mode})"
+    print(f"{stage}, batch {args.batch}, {args.res} px, {args.iters} timed iterations, on {e['device']}")
     print(f"{'':8s} {'images/s':>10s} {'peak MB':>10s}  ({e['peak_kind']})")
     for v in ("plain", "engine"):
         print(f"{v:8s} {res[v]['images_per_s']:10.1f} {res[v]['peak_mb']:10.0f}")

@@ -8,14 +8,16 @@ The report (:mod:`medhybrid.report`) is built from the MLflow runs themselves.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
 import traceback
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
-from pydantic import Field, ValidationInfo, field_validator
+from pydantic import Field, model_validator
 
-from medhybrid.config import DatasetSpec, StrictModel, dump_config, load_dataset_spec, save_config
+from medhybrid.config import DatasetRef, StrictModel, dump_config, save_config
 from medhybrid.tracking import MLflowConfig
 
 log = logging.getLogger("medhybrid")
@@ -26,18 +28,21 @@ DEFAULT_METHODS = {
     "diffusion": {"pretrain": "diffusion"},
     "hybrid": {"pretrain": "hybrid"},
     "mdm": {"pretrain": "mdm"},
+    "ddpm-features": {"pretrain": "diffusion", "head": "ddpm-features"},
 }
 
 
 class MethodSpec(StrictModel):
     pretrain: str = Field(description="pretraining mode: none, supervised, diffusion, hybrid, mdm")
     overrides: dict[str, Any] = Field(default_factory=dict, description="pretrain config overrides for this method")
+    head: Literal["finetune", "ddpm-features"] = Field("finetune", description="finetune: the whole network on the "
+                                                       "few labels; ddpm-features: frozen decoder features + MLP ensemble")
 
 
 class AblationConfig(StrictModel):
     name: str
-    source: DatasetSpec
-    target: DatasetSpec
+    source: DatasetRef
+    target: DatasetRef
     methods: dict[str, MethodSpec] = Field(default_factory=lambda: {k: MethodSpec(**v) for k, v in DEFAULT_METHODS.items()})
     budgets: list[int | None] = Field(default_factory=lambda: [1, 2, 5, 10, 20, 50, None],
                                       description="labelled images; null = the whole pool")
@@ -45,15 +50,29 @@ class AblationConfig(StrictModel):
     output_dir: Path | None = None
     pretrain: dict[str, Any] = Field(default_factory=dict, description="shared PretrainConfig fields")
     finetune: dict[str, Any] = Field(default_factory=dict, description="shared FinetuneConfig fields")
+    pixel_features: dict[str, Any] = Field(default_factory=dict, description="shared PixelFeaturesConfig fields "
+                                           "(features, ensemble) of ddpm-features methods")
     mlflow: MLflowConfig = Field(default_factory=MLflowConfig)
     reference: str = Field("hybrid", description="method compared against each baseline in the report")
+    evaluate_on: Literal["test", "pool-holdout"] = Field(
+        "test", description="test: the target's test split (the reported results). pool-holdout: the pool images outside "
+        "each seed's largest subset, a development set for choosing settings without ever touching test")
 
-    @field_validator("source", "target", mode="before")
-    @classmethod
-    def _dataset(cls, v: Any, info: ValidationInfo) -> Any:
-        if isinstance(v, (str, Path)):
-            return load_dataset_spec(v, base_dir=(info.context or {}).get("base_dir"))
-        return v
+    @model_validator(mode="after")
+    def _holdout_needs_finite_budgets(self):
+        if self.evaluate_on == "pool-holdout" and None in self.budgets:
+            raise ValueError("evaluate_on=pool-holdout needs finite budgets: the whole pool leaves nothing held out")
+        return self
+
+    def eval_pairs(self, seed: int) -> list[dict] | None:
+        """The pairs each fine-tune of ``seed`` is scored on (None: the target's test split)."""
+        if self.evaluate_on == "test":
+            return None
+        from medhybrid.datasets import few_shot_ids, load_pairs
+
+        pool = load_pairs(self.target, "pool")
+        used = set(few_shot_ids([p["id"] for p in pool], max(self.budgets), seed))
+        return [p for p in pool if p["id"] not in used]
 
     @property
     def folder(self) -> Path:
@@ -66,15 +85,23 @@ def _merge(base: dict, over: dict) -> dict:
     return deep_merge(base, over)
 
 
+def pretraining_of(cfg: AblationConfig, method: str) -> str:
+    """The method whose pretraining ``method`` reuses: the first one with the same mode and overrides
+    (``ddpm-features`` shares the ``diffusion`` network rather than training its own copy)."""
+    spec = cfg.methods[method]
+    return next(m for m, s in cfg.methods.items() if (s.pretrain, s.overrides) == (spec.pretrain, spec.overrides))
+
+
 def pretrain_config(cfg: AblationConfig, method: str):
     from medhybrid.config import validate
     from medhybrid.pretrain import PretrainConfig
 
-    spec = cfg.methods[method]
+    key = pretraining_of(cfg, method)
+    spec = cfg.methods[key]
     data = _merge(cfg.pretrain, spec.overrides)
-    data.update(mode=spec.pretrain, dataset=cfg.source.model_dump(), output_dir=str(cfg.folder / "pretrain" / method),
-                mlflow=_merge(dump_config(cfg.mlflow), {"run_name": f"{cfg.name}-pretrain-{method}"}))
-    return validate(PretrainConfig, data, source=f"ablation {cfg.name} pretrain {method}")
+    data.update(mode=spec.pretrain, dataset=cfg.source.model_dump(), output_dir=str(cfg.folder / "pretrain" / key),
+                mlflow=_merge(dump_config(cfg.mlflow), {"run_name": f"{cfg.name}-pretrain-{key}"}))
+    return validate(PretrainConfig, data, source=f"ablation {cfg.name} pretrain {key}")
 
 
 def finetune_config(cfg: AblationConfig, method: str, init: Path, budget: int | None, seed: int, parent: str | None,
@@ -94,11 +121,71 @@ def finetune_config(cfg: AblationConfig, method: str, init: Path, budget: int | 
     return validate(FinetuneConfig, data, source=f"ablation {cfg.name} finetune {method} b{b} s{seed}")
 
 
+def pixel_features_config(cfg: AblationConfig, method: str, init: Path, budget: int | None, seed: int, parent: str | None,
+                          pretrain_run: str | None):
+    from medhybrid.config import validate
+    from medhybrid.pixel_features import PixelFeaturesConfig
+
+    if cfg.methods[method].pretrain in ("none", "supervised"):
+        raise ValueError(f"method {method!r}: ddpm-features needs a generatively pretrained network (diffusion, hybrid "
+                         f"or mdm), not {cfg.methods[method].pretrain!r}")
+    b = "all" if budget is None else budget
+    data = _merge(cfg.pixel_features, {})
+    data.update(dataset=cfg.target.model_dump(), init=str(init), method=method, budget=budget, seed=seed,
+                output_dir=str(cfg.folder / "finetune" / method / f"b{b}-s{seed}"), parent_run_id=parent,
+                tags={"pretrain_run_id": pretrain_run or "", "ablation": cfg.name},
+                mlflow=_merge(dump_config(cfg.mlflow), {"run_name": f"{cfg.name}-{method}-b{b}-s{seed}"}))
+    return validate(PixelFeaturesConfig, data, source=f"ablation {cfg.name} {method} b{b} s{seed}")
+
+
+class _Timings:
+    """Wall-clock seconds per method and stage of this invocation, appended to ``<folder>/timings.json``
+    (one entry per invocation, so a resumed ablation's total is the sum)."""
+
+    def __init__(self, folder: Path):
+        import json
+        import platform
+        import time
+
+        import torch
+
+        self.path = folder / "timings.json"
+        self.history = json.loads(self.path.read_text())["invocations"] if self.path.is_file() else []
+        device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"CPU ({os.cpu_count()} cores)"
+        self.entry = {"started": time.strftime("%Y-%m-%dT%H:%M:%S"), "device": device, "host": platform.node(),
+                      "torch_threads": torch.get_num_threads(), "methods": {}}
+        self.t0 = time.perf_counter()
+
+    @contextlib.contextmanager
+    def __call__(self, method: str, stage: str):
+        import time
+
+        t = time.perf_counter()
+        try:
+            yield
+        finally:
+            m = self.entry["methods"].setdefault(method, {})
+            m[stage] = m.get(stage, 0.0) + time.perf_counter() - t
+
+    def save(self) -> float:
+        import json
+        import time
+
+        self.entry["wall_s"] = time.perf_counter() - self.t0
+        self.history.append(self.entry)
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"invocations": self.history}, indent=1))
+        os.replace(tmp, self.path)
+        return self.entry["wall_s"]
+
+
 def run_ablation(cfg: AblationConfig) -> dict:
     """Run (or resume) the whole ablation and write its report. Returns the report's paths and failures."""
     from medhybrid import tracking
+    from medhybrid.config import Preprocess
     from medhybrid.evaluate import evaluate
     from medhybrid.finetune import run_finetuning
+    from medhybrid.pixel_features import load_segmenter, run_pixel_features
     from medhybrid.pretrain import load_model, run_pretraining
     from medhybrid.report import write_report
 
@@ -112,9 +199,11 @@ def run_ablation(cfg: AblationConfig) -> dict:
                                            "seeds": str(cfg.seeds), "source": cfg.source.name, "target": cfg.target.name},
                                    tags={"medhybrid.stage": "ablation", "domain": cfg.target.name, "ablation": cfg.name})
     failures: list[str] = []
+    clock = _Timings(folder)
     for method in cfg.methods:
         try:
-            pre = run_pretraining(pretrain_config(cfg, method))
+            with clock(method, "pretrain_s"):
+                pre = run_pretraining(pretrain_config(cfg, method))
         except Exception as e:
             log.error("ablation %s: pretraining %s failed: %s", cfg.name, method, e)
             failures.append(f"pretrain {method}: {type(e).__name__}: {e}")
@@ -124,14 +213,24 @@ def run_ablation(cfg: AblationConfig) -> dict:
             for seed in cfg.seeds:
                 tag = f"{method} b{'all' if budget is None else budget} s{seed}"
                 try:
-                    fcfg = finetune_config(cfg, method, pre.checkpoint, budget, seed, parent, pre.run_id)
+                    features = cfg.methods[method].head == "ddpm-features"
+                    make = pixel_features_config if features else finetune_config
+                    fcfg = make(cfg, method, pre.checkpoint, budget, seed, parent, pre.run_id)
                     st = tracking.read_state(fcfg.folder)
                     if st.get("status") == "finished" and st.get("evaluated"):
                         log.info("ablation %s: %s already done, skipped", cfg.name, tag)
                         continue
-                    res = run_finetuning(fcfg)
-                    net, _ = load_model(res.checkpoint)
-                    ev = evaluate(net, fcfg.dataset, fcfg.preprocess, "test", out_dir=fcfg.folder / "eval")
+                    with clock(method, "train_s"):
+                        if features:
+                            res = run_pixel_features(fcfg)
+                            net, meta = load_segmenter(res.checkpoint)
+                            preprocess = Preprocess(**meta["preprocess"])
+                        else:
+                            res = run_finetuning(fcfg)
+                            net, _ = load_model(res.checkpoint)
+                            preprocess = fcfg.preprocess
+                    with clock(method, "eval_s"):
+                        ev = evaluate(net, fcfg.dataset, preprocess, "test", out_dir=fcfg.folder / "eval", pairs=cfg.eval_pairs(seed))
                     if res.run_id:
                         tracking.log_metrics(cfg.mlflow, res.run_id, ev.summary, step=0)
                         tracking.log_artifact(cfg.mlflow, res.run_id, ev.csv, "eval")
@@ -141,6 +240,9 @@ def run_ablation(cfg: AblationConfig) -> dict:
                     log.error("ablation %s: %s failed: %s", cfg.name, tag, e)
                     failures.append(f"{tag}: {type(e).__name__}: {e}")
                     (folder / "failures.log").open("a").write(f"{tag}\n{traceback.format_exc()}\n")
+    wall = clock.save()
+    if parent:
+        tracking.log_metrics(cfg.mlflow, parent, {"wall_s": wall}, step=len(clock.history) - 1)
     report = write_report(cfg, folder / "report", parent_run_id=parent)
     if parent:
         for p in report.values():

@@ -3,6 +3,7 @@
     medhybrid data check <dataset> [key=value ...]
     medhybrid pretrain --config <yaml|name> [key=value ...]
     medhybrid sample --checkpoint <ckpt> [--num N] [--steps S] [--out grid.png]
+    medhybrid infer --model <model.pt> --input <folder|files ...> --output <folder> [--nifti]
 """
 
 from __future__ import annotations
@@ -104,6 +105,14 @@ def _sample(args) -> int:
     return 0
 
 
+def _infer(args) -> int:
+    from medhybrid.inference import infer_files
+
+    written = infer_files(args.model, args.input, args.output, nifti=args.nifti, batch_size=args.batch_size, device=args.device)
+    print(f"{len(written)} mask(s) written to {args.output}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="medhybrid", description="Label-efficient 2D medical image segmentation "
                                 "with hybrid diffusion pretraining (MONAI).")
@@ -152,6 +161,16 @@ def build_parser() -> argparse.ArgumentParser:
     smp.add_argument("--steps", type=int, default=18)
     smp.add_argument("--seed", type=int, default=0)
     smp.set_defaults(func=_sample)
+
+    inf = sub.add_parser("infer", help="segment images (PNG, JPEG, DICOM, NIfTI ...) with a model.pt: one mask per input, "
+                                       "at the input's size")
+    inf.add_argument("--model", required=True, help="model.pt from pretraining or fine-tuning (e.g. a bundle's models/model.pt)")
+    inf.add_argument("--input", required=True, nargs="+", help="image files and/or folders of images")
+    inf.add_argument("--output", required=True, help="folder for <stem>_mask.png (0/255 binary, class index multi-class)")
+    inf.add_argument("--nifti", action="store_true", help="also write <stem>_mask.nii.gz (class indices)")
+    inf.add_argument("--batch-size", type=int, default=8)
+    inf.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ...")
+    inf.set_defaults(func=_infer)
     return p
 
 

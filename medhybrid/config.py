@@ -12,10 +12,10 @@ import copy
 import os
 import re
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Annotated, Any, Literal, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -225,6 +225,17 @@ def load_dataset_spec(ref: str | os.PathLike | dict | DatasetSpec, overrides: li
     data = apply_overrides(data, overrides or [])
     return validate(DatasetSpec, data, source=source, context={"base_dir": ctx_dir})
 
+
+def _dataset_from_ref(v: Any, info: ValidationInfo) -> Any:
+    """Before-validator: a dataset given by name or path becomes its :class:`DatasetSpec` (a relative path is
+    looked up beside the config that names it)."""
+    if isinstance(v, (str, os.PathLike)):
+        return load_dataset_spec(v, base_dir=(info.context or {}).get("base_dir"))
+    return v
+
+
+DatasetRef = Annotated[DatasetSpec, BeforeValidator(_dataset_from_ref)]
+"""A config field holding a dataset: a shipped name (``ph2``), a dataset YAML, a folder, a datalist or a mapping."""
 
 def _is_datalist(path: Path) -> bool:
     import json

@@ -11,12 +11,12 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import ClassVar
 
 import torch
-from pydantic import Field, ValidationInfo, field_validator
+from pydantic import Field, field_validator
 
-from medhybrid.config import DatasetSpec, Preprocess, StrictModel, dump_config, load_dataset_spec, save_config
+from medhybrid.config import DatasetRef, DatasetSpec, Preprocess, StrictModel, dump_config, save_config
 from medhybrid.networks import HybridUNet, ModelConfig, build_network
 from medhybrid.tracking import MLflowConfig
 from medhybrid.training import TrainConfig
@@ -46,35 +46,29 @@ class FinetuneSchedule(StrictModel):
         return max(self.min_iterations, min(self.max_iterations, self.per_label * budget))
 
 
-class FinetuneConfig(StrictModel):
-    dataset: DatasetSpec
-    init: Path | None = Field(None, description="pretrained model.pt; None = random init (from scratch)")
+class FewShotRunConfig(StrictModel):
+    """What every few-shot run on a target domain has: the labelled subset (``budget`` pool images for
+    ``seed``), its starting checkpoint, its folder and its MLflow child run. Fine-tuning and DDPM
+    features (:mod:`medhybrid.pixel_features`) extend it."""
+
+    dataset: DatasetRef
+    init: Path | None = Field(None, description="pretrained model.pt")
     method: str = Field("custom", description="name used in reports and MLflow tags")
     budget: int | None = Field(5, description="labelled pool images; None = the whole pool")
     seed: int = 0
     output_dir: Path | None = None
-    preprocess: Preprocess = Field(default_factory=Preprocess)
-    model: ModelConfig = Field(default_factory=ModelConfig)
-    train: TrainConfig = Field(default_factory=lambda: TrainConfig(batch_size=8, lr=1e-4, warmup_iterations=20,
-                                                                  val_max_images=None, grad_clip=1.0))
-    schedule: FinetuneSchedule = Field(default_factory=FinetuneSchedule)
-    augment: AugmentConfig = Field(default_factory=AugmentConfig)
     mlflow: MLflowConfig = Field(default_factory=MLflowConfig)
     parent_run_id: str | None = None
     tags: dict[str, str] = Field(default_factory=dict)
 
-    @field_validator("dataset", mode="before")
-    @classmethod
-    def _dataset(cls, v: Any, info: ValidationInfo) -> Any:
-        if isinstance(v, (str, Path)):
-            return load_dataset_spec(v, base_dir=(info.context or {}).get("base_dir"))
-        return v
+    runs_subdir: ClassVar[str] = "finetune"
+    what: ClassVar[str] = "few-shot fine-tuning"
 
     @field_validator("dataset")
     @classmethod
     def _target(cls, v: DatasetSpec) -> DatasetSpec:
         if v.role != "target":
-            raise ValueError(f"dataset {v.name!r} is a {v.role} dataset; few-shot fine-tuning draws from a target's pool")
+            raise ValueError(f"dataset {v.name!r} is a {v.role} dataset; {cls.what} draws from a target's pool")
         return v
 
     @field_validator("init")
@@ -87,7 +81,17 @@ class FinetuneConfig(StrictModel):
     @property
     def folder(self) -> Path:
         b = "all" if self.budget is None else self.budget
-        return Path(self.output_dir or Path("runs") / "finetune" / f"{self.dataset.name}-{self.method}-b{b}-s{self.seed}")
+        return Path(self.output_dir or Path("runs") / self.runs_subdir / f"{self.dataset.name}-{self.method}-b{b}-s{self.seed}")
+
+
+class FinetuneConfig(FewShotRunConfig):
+    init: Path | None = Field(None, description="pretrained model.pt; None = random init (from scratch)")
+    preprocess: Preprocess = Field(default_factory=Preprocess)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    train: TrainConfig = Field(default_factory=lambda: TrainConfig(batch_size=8, lr=1e-4, warmup_iterations=20,
+                                                                  val_max_images=None, grad_clip=1.0))
+    schedule: FinetuneSchedule = Field(default_factory=FinetuneSchedule)
+    augment: AugmentConfig = Field(default_factory=AugmentConfig)
 
 
 def transfer_weights(net: torch.nn.Module, state_dict: dict[str, torch.Tensor], source: str = "checkpoint") -> dict:
@@ -184,13 +188,11 @@ class FinetuneResult:
 def run_finetuning(cfg: FinetuneConfig) -> FinetuneResult:
     """Fine-tune (or resume, or return the finished run of) ``cfg``. Writes ``model.pt``,
     ``config.yaml``, ``subset.json`` (the ids used) and one MLflow run."""
-    import json
 
     from monai.data import CacheDataset
 
     from medhybrid import tracking
     from medhybrid.check import require_valid
-    from medhybrid.config import ConfigError
     from medhybrid.datasets import few_shot_pairs
     from medhybrid.engines import CorruptionPrepareBatch
     from medhybrid.losses import PretrainLoss
@@ -199,11 +201,8 @@ def run_finetuning(cfg: FinetuneConfig) -> FinetuneResult:
     from medhybrid.transforms import preprocessing
 
     folder = cfg.folder
-    folder.mkdir(parents=True, exist_ok=True)
-    state = tracking.read_state(folder)
-    h = config_hash(cfg, exclude=("mlflow", "output_dir", "parent_run_id", "tags"))
-    if state.get("config_hash") and state["config_hash"] != h:
-        raise ConfigError(f"{folder} holds a run of a different configuration; choose another output_dir or remove it")
+    h = config_hash(cfg, exclude=FEW_SHOT_UNHASHED)
+    state = tracking.claim_folder(folder, h)
     model_path = folder / "model.pt"
     if state.get("status") == "finished" and model_path.is_file():
         return FinetuneResult(folder, model_path, state.get("mlflow_run_id"), state.get("ids", []), state.get("transfer", {}))
@@ -217,17 +216,8 @@ def run_finetuning(cfg: FinetuneConfig) -> FinetuneResult:
     epochs = min(cfg.schedule.epochs, iterations)
     train_cfg = cfg.train.model_copy(update={"epochs": epochs, "epoch_length": max(1, iterations // epochs),
                                              "batch_size": min(cfg.train.batch_size, max(2, budget))})
-    save_config(cfg, folder / "config.yaml")
-    (folder / "subset.json").write_text(json.dumps({"budget": budget, "seed": cfg.seed, "ids": ids}, indent=1))
-    tracking.write_state(folder, config_hash=h, status="running", ids=ids)
-
-    run_id = None
-    if cfg.mlflow.enabled:
-        tags = {"medhybrid.stage": "finetune", "method": cfg.method, "budget": str(budget), "seed": str(cfg.seed),
-                "domain": cfg.dataset.name, **cfg.tags}
-        run_id = tracking.open_run(cfg.mlflow, folder, cfg.mlflow.run_name or f"finetune-{cfg.method}-b{budget}-s{cfg.seed}",
-                                   params=dump_config(cfg), tags=tags, parent_run_id=cfg.parent_run_id)
-    try:
+    run_id = open_few_shot_run(cfg, h, ids)
+    with tracking.failing_marks(cfg.mlflow, folder, run_id):
         net, transfer = initial_network(cfg)
         tracking.write_state(folder, transfer={"loaded": len(transfer["loaded"]), "skipped": sorted(transfer["skipped"]),
                                                "missing": transfer["missing"]})
@@ -251,17 +241,32 @@ def run_finetuning(cfg: FinetuneConfig) -> FinetuneResult:
         meta = network_meta(result.network, ModelConfig(**_model_cfg(cfg)), cfg.preprocess, cfg.dataset, "finetune")
         meta.update(method=cfg.method, budget=budget, seed=cfg.seed)
         save_model(result.network, meta, model_path)
-    except BaseException:
-        if run_id:
-            tracking.finish_run(cfg.mlflow, run_id, "FAILED")
-        tracking.write_state(folder, status="failed")
-        raise
-    if run_id:
-        tracking.log_artifact(cfg.mlflow, run_id, folder / "config.yaml")
-        tracking.log_artifact(cfg.mlflow, run_id, folder / "subset.json")
-        tracking.finish_run(cfg.mlflow, run_id)
-    tracking.write_state(folder, status="finished")
+    tracking.close_run(cfg.mlflow, folder, run_id, [folder / "config.yaml", folder / "subset.json"])
     return FinetuneResult(folder, model_path, run_id, ids, transfer)
+
+
+FEW_SHOT_UNHASHED = ("mlflow", "output_dir", "parent_run_id", "tags")
+"""Config fields that do not change a few-shot run's result (left out of its config hash)."""
+
+
+def open_few_shot_run(cfg: FewShotRunConfig, config_hash: str, ids: list[str]) -> str | None:
+    """Start (or reopen) a few-shot run in ``cfg.folder``: resolved ``config.yaml``, ``subset.json`` (the
+    labelled ids), ``state.json`` and an MLflow child run tagged method, budget, seed and domain.
+    Returns the MLflow run id (None with MLflow off)."""
+    import json
+
+    from medhybrid import tracking
+
+    folder, budget = cfg.folder, len(ids)
+    save_config(cfg, folder / "config.yaml")
+    (folder / "subset.json").write_text(json.dumps({"budget": budget, "seed": cfg.seed, "ids": ids}, indent=1))
+    tracking.write_state(folder, config_hash=config_hash, status="running", ids=ids)
+    if not cfg.mlflow.enabled:
+        return None
+    tags = {"medhybrid.stage": "finetune", "method": cfg.method, "budget": str(budget), "seed": str(cfg.seed),
+            "domain": cfg.dataset.name, **cfg.tags}
+    return tracking.open_run(cfg.mlflow, folder, cfg.mlflow.run_name or f"finetune-{cfg.method}-b{budget}-s{cfg.seed}",
+                             params=dump_config(cfg), tags=tags, parent_run_id=cfg.parent_run_id)
 
 
 def _edm(net: HybridUNet):

@@ -17,12 +17,12 @@ import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
 import torch
-from pydantic import Field, ValidationInfo, field_validator
+from pydantic import Field, field_validator
 
-from medhybrid.config import DatasetSpec, Preprocess, StrictModel, dump_config, load_dataset_spec, save_config
+from medhybrid.config import DatasetRef, DatasetSpec, Preprocess, StrictModel, dump_config, save_config
 from medhybrid.networks import HybridUNet, ModelConfig, build_network
 from medhybrid.tracking import MLflowConfig
 from medhybrid.training import TrainConfig, atomic_save
@@ -40,7 +40,8 @@ class HybridConfig(StrictModel):
     mask_weight: float = Field(1.0, ge=0, description="weight of the mask term against the EDM term")
     seg_fraction: float = Field(0.5, ge=0, le=1, description="share of each batch noised only in the low band")
     seg_sigma_max: float = Field(0.1, gt=0, description="top of the low-noise band where the mask loss applies")
-    weighting: Literal["all", "low", "cskip"] = Field("low", description="per-sample mask-loss weight by sigma")
+    weighting: Literal["all", "low", "cskip"] = Field("cskip", description="per-sample mask-loss weight by sigma: "
+                                                      "cskip = c_skip(sigma), the share of the clean signal in the input")
 
 
 class MDMConfig(StrictModel):
@@ -49,7 +50,7 @@ class MDMConfig(StrictModel):
 
 class PretrainConfig(StrictModel):
     mode: Mode = "hybrid"
-    dataset: DatasetSpec
+    dataset: DatasetRef
     output_dir: Path | None = Field(None, description="None: runs/pretrain/<dataset>-<mode>")
     preprocess: Preprocess = Field(default_factory=Preprocess)
     model: ModelConfig = Field(default_factory=ModelConfig)
@@ -59,13 +60,6 @@ class PretrainConfig(StrictModel):
     mlflow: MLflowConfig = Field(default_factory=MLflowConfig)
     val_levels: tuple[float, ...] = Field((0.05, 0.2, 0.5, 1.0, 2.0), description="noise sigmas (MDM: mask ratios "
                                           "are derived) at which unlabelled modes report validation loss")
-
-    @field_validator("dataset", mode="before")
-    @classmethod
-    def _dataset(cls, v: Any, info: ValidationInfo) -> Any:
-        if isinstance(v, (str, Path)):
-            return load_dataset_spec(v, base_dir=(info.context or {}).get("base_dir"))
-        return v
 
     @field_validator("dataset")
     @classmethod
@@ -126,13 +120,22 @@ def source_datasets(cfg: PretrainConfig):
     from medhybrid.datasets import load_pairs
     from medhybrid.transforms import preprocessing
 
+    key = json.dumps([dump_config(cfg.dataset), dump_config(cfg.preprocess), cfg.train.val_max_images, cfg.train.check_data],
+                     sort_keys=True, default=str)
+    if key in _SOURCE_CACHE:  # an ablation pretrains several methods on the same data: check and decode it once
+        return _SOURCE_CACHE[key]
     if cfg.train.check_data:
         require_valid(cfg.dataset, splits=["train", "val"])
     train_pairs = load_pairs(cfg.dataset, "train")
     val_pairs = load_pairs(cfg.dataset, "val")[: cfg.train.val_max_images or None]
     t = preprocessing(cfg.dataset, cfg.preprocess)
     kw = dict(transform=t, num_workers=min(4, max(1, cfg.train.num_workers)), progress=False, copy_cache=False)
-    return CacheDataset(train_pairs, **kw), CacheDataset(val_pairs, **kw)
+    _SOURCE_CACHE.clear()  # keep one decoded dataset in memory at a time
+    _SOURCE_CACHE[key] = CacheDataset(train_pairs, **kw), CacheDataset(val_pairs, **kw)
+    return _SOURCE_CACHE[key]
+
+
+_SOURCE_CACHE: dict[str, tuple] = {}
 
 
 def _worker(local_rank: int, cfg: PretrainConfig, run_id: str | None) -> dict:
@@ -240,15 +243,10 @@ def preview(cfg: PretrainConfig, net: HybridUNet, val_ds, epoch: int, n: int = 6
 def run_pretraining(cfg: PretrainConfig) -> PretrainResult:
     """Pretrain (or resume, or return the finished run of) ``cfg``; see the module docstring."""
     from medhybrid import tracking
-    from medhybrid.config import ConfigError
 
     folder = cfg.folder
-    folder.mkdir(parents=True, exist_ok=True)
-    state = tracking.read_state(folder)
     h = config_hash(cfg)
-    if state.get("config_hash") and state["config_hash"] != h:
-        raise ConfigError(f"{folder} holds a run of a different configuration (hash {state['config_hash']} != {h}); "
-                          "choose another output_dir or remove that folder")
+    state = tracking.claim_folder(folder, h)
     model_path = folder / "model.pt"
     if state.get("status") == "finished" and model_path.is_file():
         log.info("%s: already finished, nothing to do", folder)
@@ -260,7 +258,7 @@ def run_pretraining(cfg: PretrainConfig) -> PretrainResult:
         run_id = tracking.open_run(cfg.mlflow, folder, cfg.run_name, params=dump_config(cfg),
                                    tags={"medhybrid.stage": "pretrain", "medhybrid.mode": cfg.mode,
                                          "medhybrid.dataset": cfg.dataset.name})
-    try:
+    with tracking.failing_marks(cfg.mlflow, folder, run_id):
         if cfg.mode == "none":
             torch.manual_seed(cfg.train.seed)
             net = build_network(cfg.model, cfg.dataset.channels, cfg.dataset.mask.num_classes)
@@ -275,14 +273,5 @@ def run_pretraining(cfg: PretrainConfig) -> PretrainResult:
             metrics = tracking.read_state(folder).get("metrics", {})
         else:
             metrics = _worker(0, cfg, run_id)
-    except BaseException:
-        if run_id:
-            tracking.finish_run(cfg.mlflow, run_id, "FAILED")
-        tracking.write_state(folder, status="failed")
-        raise
-    if run_id:
-        tracking.log_artifact(cfg.mlflow, run_id, folder / "config.yaml")
-        tracking.log_artifact(cfg.mlflow, run_id, model_path)
-        tracking.finish_run(cfg.mlflow, run_id)
-    tracking.write_state(folder, status="finished", metrics=metrics)
+    tracking.close_run(cfg.mlflow, folder, run_id, [folder / "config.yaml", model_path], metrics=metrics)
     return PretrainResult(folder, model_path, run_id, metrics)

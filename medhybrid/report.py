@@ -120,7 +120,9 @@ def write_report(cfg, out_dir: Path, parent_run_id: str | None = None) -> dict[s
     plt.close(fig)
 
     lines = [f"# Ablation `{cfg.name}`: {cfg.source.name} → {cfg.target.name}", "",
-             f"Test Dice on `{cfg.target.name}` test split (mean ± std over seeds {cfg.seeds}), "
+             (f"Test Dice on `{cfg.target.name}` test split" if cfg.evaluate_on == "test" else
+              f"Development Dice on `{cfg.target.name}` pool images outside each seed's largest subset (not the test split)")
+             + f" (mean ± std over seeds {cfg.seeds}), "
              f"from {len(rows)} MLflow fine-tune runs" + (f" under parent run `{parent_run_id}`." if parent_run_id else "."), "",
              "| method | " + " | ".join(str(b) for b in budgets) + " |", "|---|" + "---|" * len(budgets)]
     for m in methods:
@@ -142,6 +144,13 @@ def write_report(cfg, out_dir: Path, parent_run_id: str | None = None) -> dict[s
         for t in tests:
             p = "–" if math.isnan(t["p_value"]) else f"{t['p_value']:.3g}"
             lines.append(f"| {t['baseline']} | {t['budget']} | {t['n']} | {t['mean_diff']:+.3f} | {p} |")
+    timings = Path(cfg.folder) / "timings.json"
+    if timings.is_file():
+        inv = json.loads(timings.read_text())["invocations"]
+        total = sum(i.get("wall_s", 0.0) for i in inv)
+        devices = sorted({i["device"] for i in inv})
+        lines += ["", f"Wall time: {total / 60:.1f} min on {', '.join(devices)} over {len(inv)} invocation(s) "
+                  "(`timings.json` in the ablation folder splits it by method and stage)."]
     lines += ["", "![Dice against labels](dice_vs_labels.png)", ""]
     (out_dir / "report.md").write_text("\n".join(lines))
     return {"markdown": out_dir / "report.md", "plot": out_dir / "dice_vs_labels.png",

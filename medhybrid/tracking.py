@@ -8,6 +8,7 @@ the working folder (``sqlite:///<cwd>/mlflow.db``, artifacts in ``<cwd>/mlruns``
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from collections.abc import Mapping
@@ -128,3 +129,39 @@ def log_metrics(cfg: MLflowConfig, run_id: str, metrics: Mapping[str, float], st
 
 def log_artifact(cfg: MLflowConfig, run_id: str, path: str | os.PathLike, artifact_path: str | None = None) -> None:
     client(cfg).log_artifact(run_id, str(path), artifact_path)
+
+
+def claim_folder(folder: Path, config_hash: str) -> dict:
+    """Create ``folder`` and return its ``state.json``; refuse (ConfigError) a folder holding a run of
+    another configuration, so two runs never share a folder, checkpoints or an MLflow run."""
+    from medhybrid.config import ConfigError
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    state = read_state(folder)
+    if state.get("config_hash") and state["config_hash"] != config_hash:
+        raise ConfigError(f"{folder} holds a run of a different configuration (hash {state['config_hash']} != {config_hash}); "
+                          "choose another output_dir or remove that folder")
+    return state
+
+
+@contextlib.contextmanager
+def failing_marks(cfg: MLflowConfig, folder: Path, run_id: str | None):
+    """On any exception in the body (a kill included): the MLflow run ends FAILED and the folder's state
+    says ``failed``; the exception propagates. Re-running the same config resumes the same run."""
+    try:
+        yield
+    except BaseException:
+        if run_id:
+            finish_run(cfg, run_id, "FAILED")
+        write_state(folder, status="failed")
+        raise
+
+
+def close_run(cfg: MLflowConfig, folder: Path, run_id: str | None, artifacts: list[Path], **state) -> None:
+    """Log ``artifacts``, end the MLflow run FINISHED and mark the folder finished (with ``state``)."""
+    if run_id:
+        for a in artifacts:
+            log_artifact(cfg, run_id, a)
+        finish_run(cfg, run_id)
+    write_state(folder, status="finished", **state)

@@ -205,7 +205,7 @@ def fit(
     if rank == 0 and cfg.progress and sys.stderr.isatty():
         from ignite.handlers import ProgressBar
 
-        ProgressBar(persist=False).attach(trainer, output_transform=lambda o: {"loss": float(o["loss"])})
+        ProgressBar(persist=False).attach(trainer, output_transform=lambda o: {"loss": o["loss"].item()})
 
     # checkpoint last, after the epoch's summary and MLflow logging: a run killed once its checkpoint exists has
     # recorded everything up to it, so the resumed run (which starts after it) leaves no gap in the metrics

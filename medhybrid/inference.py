@@ -1,0 +1,288 @@
+"""Inference with a trained ``model.pt``: image files in, mask files of the same size out.
+
+A ``model.pt`` written by :func:`medhybrid.pretrain.save_model` (pretraining or fine-tuning) describes
+itself: ``meta["image_channels"]`` says whether the network sees grey or RGB pixels and
+``meta["preprocess"]`` how training resized and scaled them. :func:`infer_files` reads each image with
+medhybrid's readers (PNG/JPEG/BMP/TIFF, DICOM, NIfTI, MHA/NRRD; :mod:`medhybrid.io`), converts it to
+those channels, applies the training preprocessing (:func:`medhybrid.transforms.preprocessing`),
+predicts the mask logits at ``sigma_min`` in batches, maps them back to the input's native size
+(:func:`medhybrid.evaluate.restore_logits`) and writes
+
+- ``<stem>_mask.png``: uint8, the input's exact height x width; binary models write 0 / 255
+  (logit > 0), multi-class models the class index (argmax);
+- ``<stem>_mask.nii.gz`` when ``nifti`` is set: the class indices (0/1 for a binary model) as a 2D
+  NIfTI that :func:`medhybrid.io.read_image` reads back to the same array (identity affine).
+
+It also holds what the MONAI bundle (``bundles/medhybrid_2d_segmentation``) wires by ``_target_``:
+:class:`Segmenter` (the network whose ``forward`` returns mask logits only, for
+``verify_net_in_out`` / ``ckpt_export``) and :func:`evaluate_model` (test-split metrics written to a
+folder).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import torch
+from pydantic import Field
+
+from medhybrid.config import Preprocess, StrictModel
+from medhybrid.evaluate import restore_logits
+from medhybrid.io import SUPPORTED_SUFFIXES, DataError, file_suffix
+from medhybrid.networks import HybridUNet, ModelConfig, build_network
+
+log = logging.getLogger("medhybrid")
+
+MASK_SUFFIX = "_mask"
+
+
+# --------------------------------------------------------------------------------------------- network
+class Segmenter(HybridUNet):
+    """:class:`~medhybrid.networks.HybridUNet` whose ``forward(x)`` is :meth:`HybridUNet.segment`: clean
+    images (B, C_img, H, W) in [-1, 1] -> mask logits (B, C_mask, H, W), fed at ``sigma_min``.
+
+    Same parameters and state-dict keys as the HybridUNet, so a ``model.pt`` loads into it unchanged;
+    single-input and single-output, as ``monai.bundle`` checks and TorchScript export expect.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        return HybridUNet.forward(self, x, None)[:, self.image_channels :]
+
+    def segment(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward(x)
+
+    @classmethod
+    def wrap(cls, net: HybridUNet) -> Segmenter:
+        """A Segmenter sharing ``net``'s backbone (and weights)."""
+        return cls(net.backbone, net.image_channels, net.mask_channels, net.sigma_data, net.sigma_min, net.noise_embed_scale)
+
+
+def build_segmenter(model: ModelConfig | dict | None = None, image_channels: int = 3, num_classes: int = 2) -> Segmenter:
+    """The bundle's ``network_def``: :func:`medhybrid.networks.build_network` as a :class:`Segmenter`."""
+    cfg = model if isinstance(model, ModelConfig) else ModelConfig(**(model or {}))
+    return Segmenter.wrap(build_network(cfg, image_channels, num_classes))
+
+
+def load_segmenter(model_path: str | os.PathLike, device: str | torch.device = "cpu") -> tuple[Segmenter, dict]:
+    """A :class:`Segmenter` with the weights of ``model_path`` (in eval mode on ``device``) and its metadata."""
+    from medhybrid.pretrain import load_model
+
+    path = Path(model_path)
+    if not path.is_file():
+        raise FileNotFoundError(f"model {path} not found")
+    net, meta = load_model(path)
+    return Segmenter.wrap(net).to(_device(device)).eval(), meta
+
+
+def _device(name: str | torch.device) -> torch.device:
+    if isinstance(name, torch.device):
+        return name
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+# --------------------------------------------------------------------------------------------- inputs
+def image_stem(path: str | os.PathLike) -> str:
+    """File name without its (known, possibly double: ``.nii.gz``) suffix."""
+    name = Path(path).name
+    suffix = file_suffix(name)
+    return name[: -len(suffix)] if suffix and name.lower().endswith(suffix) else Path(name).stem
+
+
+def collect_inputs(inputs: str | os.PathLike | Sequence[str | os.PathLike]) -> list[Path]:
+    """Image files from a folder (every file with a supported suffix, sorted, not recursive), a file, or
+    a list of both. Files named explicitly are kept whatever their suffix (reading them reports problems)."""
+    items = [inputs] if isinstance(inputs, (str, os.PathLike)) else list(inputs)
+    files: list[Path] = []
+    for item in items:
+        p = Path(item)
+        if p.is_dir():
+            found = sorted(f for f in p.iterdir() if f.is_file() and not f.name.startswith(".")
+                           and file_suffix(f) in SUPPORTED_SUFFIXES)
+            skipped = sorted(f.name for f in p.iterdir() if f.is_file() and not f.name.startswith(".") and f not in found)
+            if skipped:
+                log.info("%s: skipping %d file(s) of unsupported type: %s", p, len(skipped), ", ".join(skipped[:5]))
+            files += found
+        elif p.is_file():
+            files.append(p)
+        else:
+            raise DataError(p, "file or folder not found")
+    if not files:
+        raise DataError(None, f"no image files found in {', '.join(map(str, items))} (supported: {', '.join(SUPPORTED_SUFFIXES)})")
+    seen: dict[str, Path] = {}
+    for f in files:
+        stem = image_stem(f)
+        if stem in seen and seen[stem].resolve() != f.resolve():
+            raise DataError(f, f"has the same name as {seen[stem]}: both would write {stem}{MASK_SUFFIX}.png")
+        seen[stem] = f
+    return list(dict.fromkeys(files))
+
+
+class _Prepare:
+    """The training preprocessing of a model (``meta``), split into loading (to read the native size)
+    and the rest (intensity, resize): :func:`medhybrid.transforms.preprocessing`, image only."""
+
+    def __init__(self, meta: dict):
+        from monai.transforms import Compose
+
+        from medhybrid.transforms import preprocessing
+
+        self.preprocess = Preprocess(**meta.get("preprocess", {}))
+        chain = preprocessing(SimpleNamespace(channels=int(meta["image_channels"])), self.preprocess, with_label=False)
+        self.load, self.rest = chain.transforms[0], Compose(chain.transforms[1:])
+
+    def __call__(self, path: Path) -> tuple[torch.Tensor, tuple[int, int]]:
+        try:
+            d = self.load({"image": str(path)})
+            hw = (int(d["image"].shape[1]), int(d["image"].shape[2]))
+            x = torch.as_tensor(self.rest(d)["image"]).float()
+        except DataError:
+            raise
+        except Exception as e:  # MONAI wraps a transform's error: report the file with the root cause
+            chain = [e]
+            while chain[-1].__cause__ is not None:
+                chain.append(chain[-1].__cause__)
+            named = [c for c in chain if isinstance(c, DataError)]
+            if named:
+                raise named[0] from e
+            raise DataError(path, f"cannot read image ({type(chain[-1]).__name__}: {chain[-1]})") from e
+        return x, hw
+
+
+# --------------------------------------------------------------------------------------------- outputs
+def logits_to_mask(logits: torch.Tensor) -> np.ndarray:
+    """(K, H, W) logits -> (H, W) uint8 class indices: ``logit > 0`` for one channel, argmax otherwise."""
+    if logits.shape[0] == 1:
+        return (logits[0] > 0).to(torch.uint8).numpy()
+    return logits.argmax(0).to(torch.uint8).numpy()
+
+
+def write_mask_png(mask: np.ndarray, path: Path, binary: bool) -> Path:
+    from PIL import Image
+
+    Image.fromarray((mask * 255).astype(np.uint8) if binary else mask.astype(np.uint8), mode="L").save(path)
+    return path
+
+
+def write_mask_nifti(mask: np.ndarray, path: Path) -> Path:
+    """2D NIfTI holding ``mask`` (H, W) so that :func:`medhybrid.io.read_nifti` returns it unchanged
+    (NIfTI's first axis is the column)."""
+    import nibabel as nib
+
+    img = nib.Nifti1Image(np.ascontiguousarray(mask.T.astype(np.uint8)), affine=np.eye(4))
+    img.header.set_xyzt_units("mm")
+    nib.save(img, str(path))
+    return path
+
+
+# --------------------------------------------------------------------------------------------- API
+class InferenceConfig(StrictModel):
+    """One inference run (the ``medhybrid infer`` command, the bundle's ``inference`` workflow)."""
+
+    model: Path = Field(description="model.pt from pretraining or fine-tuning")
+    input: list[Path] = Field(description="image files and/or folders of images")
+    output_dir: Path
+    nifti: bool = Field(False, description="also write <stem>_mask.nii.gz")
+    batch_size: int = Field(8, ge=1)
+    device: str = Field("auto", description="auto, cpu, cuda, cuda:1 ...")
+
+
+@torch.no_grad()
+def infer_files(model_path: str | os.PathLike, files: Sequence[str | os.PathLike], output_dir: str | os.PathLike,
+                nifti: bool = False, batch_size: int = 8, device: str | torch.device = "auto") -> list[Path]:
+    """Segment ``files`` with ``model_path``; write ``<stem>_mask.png`` (and ``<stem>_mask.nii.gz``)
+    into ``output_dir``. Returns the PNG masks, one per input, in input order.
+
+    Raises :class:`medhybrid.io.DataError` naming the file when an input cannot be read (nothing is
+    written for the batch that holds it).
+    """
+    files = collect_inputs(list(files))
+    net, meta = load_segmenter(model_path, device)
+    dev = next(net.parameters()).device
+    prepare = _Prepare(meta)
+    pre = prepare.preprocess
+    binary = net.mask_channels == 1
+    out = Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    written: list[Path] = []
+    for start in range(0, len(files), batch_size):
+        chunk = files[start : start + batch_size]
+        loaded = [prepare(f) for f in chunk]
+        x = torch.stack([t for t, _ in loaded]).to(dev)
+        logits = net(x).float().cpu()
+        for f, (_, hw), lg in zip(chunk, loaded, logits, strict=True):
+            full = restore_logits(lg[None], hw, pre.resolution, pre.aspect)[0]
+            mask = logits_to_mask(full)
+            stem = image_stem(f)
+            png = write_mask_png(mask, out / f"{stem}{MASK_SUFFIX}.png", binary)
+            if nifti:
+                write_mask_nifti(mask, out / f"{stem}{MASK_SUFFIX}.nii.gz")
+            written.append(png)
+        log.info("inference: %d/%d images", start + len(chunk), len(files))
+    return written
+
+
+def infer_folder(model_path: str | os.PathLike, input_dir: str | os.PathLike, output_dir: str | os.PathLike,
+                 nifti: bool = False, batch_size: int = 8, device: str | torch.device = "auto") -> list[Path]:
+    """:func:`infer_files` on every supported image file in ``input_dir`` (sorted, not recursive)."""
+    if not Path(input_dir).is_dir():
+        raise DataError(input_dir, "not a folder")
+    return infer_files(model_path, collect_inputs(input_dir), output_dir, nifti=nifti, batch_size=batch_size, device=device)
+
+
+def run_inference(cfg: InferenceConfig) -> list[Path]:
+    return infer_files(cfg.model, collect_inputs(cfg.input), cfg.output_dir, nifti=cfg.nifti, batch_size=cfg.batch_size,
+                       device=cfg.device)
+
+
+def publish_model(checkpoint: str | os.PathLike, model_path: str | os.PathLike) -> Path:
+    """Copy a finished run's ``model.pt`` to ``model_path`` (a bundle's ``models/model.pt``) atomically,
+    after checking that it loads (weights and metadata)."""
+    import shutil
+
+    from medhybrid.pretrain import load_model
+
+    load_model(checkpoint)
+    dst = Path(model_path)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dst.with_name(f".{dst.name}.{os.getpid()}.tmp")
+    shutil.copyfile(checkpoint, tmp)
+    os.replace(tmp, dst)
+    log.info("published %s as %s", checkpoint, dst)
+    return dst
+
+
+# --------------------------------------------------------------------------------------------- evaluation
+def evaluate_model(model_path: str | os.PathLike, dataset, output_dir: str | os.PathLike, split: str = "test",
+                   batch_size: int = 16, device: str | torch.device = "auto") -> dict:
+    """Evaluate ``model_path`` on ``split`` of ``dataset`` (name, YAML, folder or spec) with the model's
+    own preprocessing (:func:`medhybrid.evaluate.evaluate`, native resolution). Writes
+    ``per_image.csv``, overlays and ``metrics.json`` (the means and what was evaluated) into
+    ``output_dir``; returns the content of ``metrics.json``."""
+    from medhybrid.config import load_dataset_spec
+    from medhybrid.evaluate import evaluate
+
+    spec = load_dataset_spec(dataset)
+    net, meta = load_segmenter(model_path, device)
+    if meta["image_channels"] != spec.channels:
+        raise ValueError(f"{model_path}: trained on {meta['image_channels']}-channel images, {spec.name!r} has {spec.channels}")
+    pre = Preprocess(**meta.get("preprocess", {}))
+    out = Path(output_dir)
+    result = evaluate(net, spec, pre, split, out_dir=out, batch_size=batch_size)
+    summary = {k: (None if math.isnan(v) else v) for k, v in result.summary.items()}  # strict JSON: NaN -> null
+    metrics = {**summary, "dataset": spec.name, "split": split, "model": str(Path(model_path).resolve()),
+               "per_image_csv": str(result.csv)}
+    tmp = out / "metrics.json.tmp"
+    tmp.write_text(json.dumps(metrics, indent=2, allow_nan=False))
+    os.replace(tmp, out / "metrics.json")
+    log.info("evaluation on %s/%s: %s", spec.name, split, {k: round(v, 4) for k, v in result.summary.items()})
+    return metrics
+

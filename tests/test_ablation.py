@@ -1,0 +1,126 @@
+"""medhybrid.ablation: methods x budgets x seeds as MLflow child runs, shared pretraining, resume, failures."""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+
+import numpy as np
+import pytest
+from conftest import mlflow_client, ph2_yaml
+
+from medhybrid.ablation import AblationConfig, pixel_features_config, pretrain_config, pretraining_of, run_ablation
+from medhybrid.config import ConfigError, validate
+
+pytestmark = pytest.mark.usefixtures("workdir")
+
+TINY_MODEL = {"channels": [16, 32, 32], "attention_levels": [False, False, False]}
+CPU = {"device": "cpu", "check_data": False, "progress": False}
+
+
+def _config(workdir, mlflow_uri, source, methods: dict, seeds=(0, 1)) -> AblationConfig:
+    target = ph2_yaml(workdir / "datasets", n_pool=8, n_test=4)
+    return validate(AblationConfig, {
+        "name": "t", "source": str(source), "target": str(target), "methods": methods, "budgets": [2], "seeds": list(seeds),
+        "output_dir": str(workdir / "abl"), "reference": "diffusion",
+        "pretrain": {"preprocess": {"resolution": 32}, "model": TINY_MODEL,
+                     "train": {"batch_size": 4, "epochs": 2, "epoch_length": 3, "lr": 1e-3, "warmup_iterations": 0,
+                               "val_max_images": 4, **CPU}},
+        "finetune": {"train": {"batch_size": 2, "lr": 1e-3, "warmup_iterations": 0, **CPU},
+                     "schedule": {"per_label": 1, "min_iterations": 4, "max_iterations": 4, "epochs": 2}},
+        "pixel_features": {"ensemble": {"members": 2, "max_pixels": 2000, "max_epochs": 3}},
+        "mlflow": {"tracking_uri": mlflow_uri}}, context={"base_dir": str(workdir)})
+
+
+def test_default_methods_include_ddpm_features_sharing_the_diffusion_pretraining(workdir, mlflow_uri, isic_tiny):
+    cfg = validate(AblationConfig, {"name": "d", "source": str(isic_tiny), "target": "ph2"})
+    assert list(cfg.methods) == ["scratch", "supervised", "diffusion", "hybrid", "mdm", "ddpm-features"]
+    assert cfg.budgets == [1, 2, 5, 10, 20, 50, None] and cfg.seeds == [0, 1, 2]
+    assert pretraining_of(cfg, "ddpm-features") == "diffusion"
+    assert pretrain_config(cfg, "ddpm-features").folder == pretrain_config(cfg, "diffusion").folder
+    with pytest.raises(ConfigError, match="head"):
+        validate(AblationConfig, {"name": "d", "source": str(isic_tiny), "target": "ph2",
+                                  "methods": {"x": {"pretrain": "diffusion", "head": "linear"}}})
+
+
+def test_ddpm_features_needs_a_generative_pretraining(workdir, mlflow_uri, isic_tiny, tmp_path):
+    cfg = _config(workdir, mlflow_uri, isic_tiny, {"bad": {"pretrain": "supervised", "head": "ddpm-features"}})
+    with pytest.raises(ValueError, match="needs a generatively pretrained network"):
+        pixel_features_config(cfg, "bad", tmp_path, 2, 0, None, None)
+
+
+def _children(uri: str, parent: str) -> list:
+    c = mlflow_client(uri)
+    exp = c.get_run(parent).info.experiment_id
+    return c.search_runs([exp], filter_string=f"tags.mlflow.parentRunId = '{parent}'")
+
+
+def test_ablation_runs_records_reports_and_resumes(workdir, mlflow_uri, isic_tiny, caplog):
+    methods = {"scratch": {"pretrain": "none"}, "diffusion": {"pretrain": "diffusion"},
+               "ddpm-features": {"pretrain": "diffusion", "head": "ddpm-features"},
+               "broken": {"pretrain": "supervised", "head": "ddpm-features"}}
+    cfg = _config(workdir, mlflow_uri, isic_tiny, methods)
+    out = run_ablation(cfg)
+    folder = workdir / "abl"
+
+    # a failed method is recorded and does not stop the others
+    assert len(out["failures"]) == 2 and all(f.startswith("broken b2") for f in out["failures"])
+    assert "needs a generatively pretrained network" in (folder / "failures.log").read_text()
+    # one pretraining per distinct (mode, overrides): ddpm-features reuses the diffusion network
+    assert sorted(p.name for p in (folder / "pretrain").iterdir()) == ["broken", "diffusion", "scratch"]
+
+    client = mlflow_client(mlflow_uri)
+    parent = out["parent_run_id"]
+    assert client.get_run(parent).info.status == "FAILED"
+    runs = _children(mlflow_uri, parent)
+    assert len(runs) == 6  # 3 working methods x 1 budget x 2 seeds, each its own run
+    keys = sorted((r.data.tags["method"], r.data.tags["budget"], r.data.tags["seed"]) for r in runs)
+    assert keys == sorted((m, "2", s) for m in ("scratch", "diffusion", "ddpm-features") for s in ("0", "1"))
+    diffusion_pre = json.loads((folder / "pretrain" / "diffusion" / "state.json").read_text())["mlflow_run_id"]
+    for r in runs:
+        assert r.info.status == "FINISHED" and 0 <= r.data.metrics["test_dice"] <= 1
+        assert r.data.tags["domain"] == "ph2_tiny" and r.data.tags["ablation"] == "t"
+        if r.data.tags["method"] != "scratch":
+            assert r.data.tags["pretrain_run_id"] == diffusion_pre
+    # the report's numbers are the MLflow runs' numbers
+    by_id = {r.info.run_id: r for r in runs}
+    with open(out["report"]["results"]) as fh:
+        rows = list(csv.DictReader(fh))
+    assert sorted(r["run_id"] for r in rows) == sorted(by_id)
+    for row in rows:
+        run = by_id[row["run_id"]]
+        assert float(row["test_dice"]) == pytest.approx(run.data.metrics["test_dice"], abs=0)
+        assert (row["method"], row["seed"]) == (run.data.tags["method"], run.data.tags["seed"])
+    with open(out["report"]["summary"]) as fh:
+        summary = {(r["method"], r["budget"]): r for r in csv.DictReader(fh)}
+    for m in ("scratch", "diffusion", "ddpm-features"):
+        vals = [r.data.metrics["test_dice"] for r in runs if r.data.tags["method"] == m]
+        assert float(summary[(m, "2")]["dice_mean"]) == pytest.approx(np.mean(vals), abs=1e-4)
+        assert float(summary[(m, "2")]["dice_std"]) == pytest.approx(np.std(vals, ddof=1), abs=1e-4)
+    md = out["report"]["markdown"].read_text()
+    assert "| ddpm-features |" in md and "Paired difference `diffusion` − baseline" in md
+    arts = {a.path for a in client.list_artifacts(parent, "report")}
+    assert {"report/report.md", "report/dice_vs_labels.png", "report/summary.csv", "report/results.csv"} <= arts
+
+    # resume: finished runs are skipped; one that was not evaluated is evaluated again in its own MLflow run
+    models = {p: p.stat().st_mtime_ns for p in (folder / "finetune").glob("*/*/model.pt")}
+    st = folder / "finetune" / "scratch" / "b2-s1" / "state.json"
+    s = json.loads(st.read_text())
+    s["evaluated"] = False
+    st.write_text(json.dumps(s))
+    n_runs = len(client.search_runs([client.get_run(parent).info.experiment_id]))
+    with caplog.at_level(logging.INFO, logger="medhybrid"):
+        again = run_ablation(cfg)
+    assert again["parent_run_id"] == parent
+    assert sum("already done, skipped" in r.getMessage() for r in caplog.records) == 5
+    assert sum("scratch b2 s1 test dice" in r.getMessage() for r in caplog.records) == 1
+    assert len(client.search_runs([client.get_run(parent).info.experiment_id])) == n_runs  # nothing new, nothing merged
+    assert {p: p.stat().st_mtime_ns for p in models} == models  # no fine-tune trained again
+
+    # wall time per invocation, method and stage; the report states the total
+    inv = json.loads((folder / "timings.json").read_text())["invocations"]
+    assert len(inv) == 2 and inv[0]["wall_s"] > inv[1]["wall_s"] > 0
+    assert set(inv[0]["methods"]) == set(methods) and inv[0]["methods"]["diffusion"]["pretrain_s"] > 0
+    assert set(inv[1]["methods"]["scratch"]) == {"pretrain_s", "train_s", "eval_s"}  # the one re-evaluated run
+    assert "Wall time:" in again["report"]["markdown"].read_text()
