@@ -111,14 +111,20 @@ def finetune_config(cfg: AblationConfig, method: str, init: Path, budget: int | 
     from medhybrid.pretrain import load_model
 
     meta = load_model(init)[1]
+    data = _merge(cfg.finetune, _few_shot_fields(cfg, method, budget, seed, parent, pretrain_run))
+    data.update(init=str(init) if cfg.methods[method].pretrain != "none" else None, preprocess=meta["preprocess"],
+                model=meta["model"])
+    return validate(FinetuneConfig, data, source=f"ablation {cfg.name} finetune {method} b{budget or 'all'} s{seed}")
+
+
+def _few_shot_fields(cfg: AblationConfig, method: str, budget: int | None, seed: int, parent: str | None,
+                     pretrain_run: str | None) -> dict:
+    """The fields every few-shot run of the ablation sets: target, subset, folder, parent run and tags."""
     b = "all" if budget is None else budget
-    data = _merge(cfg.finetune, {})
-    data.update(dataset=cfg.target.model_dump(), init=str(init) if cfg.methods[method].pretrain != "none" else None,
-                method=method, budget=budget, seed=seed, output_dir=str(cfg.folder / "finetune" / method / f"b{b}-s{seed}"),
-                preprocess=meta["preprocess"], model=meta["model"], parent_run_id=parent,
+    return dict(dataset=cfg.target.model_dump(), method=method, budget=budget, seed=seed,
+                output_dir=str(cfg.folder / "finetune" / method / f"b{b}-s{seed}"), parent_run_id=parent,
                 tags={"pretrain_run_id": pretrain_run or "", "ablation": cfg.name},
                 mlflow=_merge(dump_config(cfg.mlflow), {"run_name": f"{cfg.name}-{method}-b{b}-s{seed}"}))
-    return validate(FinetuneConfig, data, source=f"ablation {cfg.name} finetune {method} b{b} s{seed}")
 
 
 def pixel_features_config(cfg: AblationConfig, method: str, init: Path, budget: int | None, seed: int, parent: str | None,
@@ -129,13 +135,9 @@ def pixel_features_config(cfg: AblationConfig, method: str, init: Path, budget: 
     if cfg.methods[method].pretrain in ("none", "supervised"):
         raise ValueError(f"method {method!r}: ddpm-features needs a generatively pretrained network (diffusion, hybrid "
                          f"or mdm), not {cfg.methods[method].pretrain!r}")
-    b = "all" if budget is None else budget
-    data = _merge(cfg.pixel_features, {})
-    data.update(dataset=cfg.target.model_dump(), init=str(init), method=method, budget=budget, seed=seed,
-                output_dir=str(cfg.folder / "finetune" / method / f"b{b}-s{seed}"), parent_run_id=parent,
-                tags={"pretrain_run_id": pretrain_run or "", "ablation": cfg.name},
-                mlflow=_merge(dump_config(cfg.mlflow), {"run_name": f"{cfg.name}-{method}-b{b}-s{seed}"}))
-    return validate(PixelFeaturesConfig, data, source=f"ablation {cfg.name} {method} b{b} s{seed}")
+    data = _merge(cfg.pixel_features, _few_shot_fields(cfg, method, budget, seed, parent, pretrain_run))
+    data.update(init=str(init))
+    return validate(PixelFeaturesConfig, data, source=f"ablation {cfg.name} {method} b{budget or 'all'} s{seed}")
 
 
 class _Timings:
