@@ -17,7 +17,7 @@ from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
-from medhybrid.config import DatasetRef, StrictModel, dump_config, save_config
+from medhybrid.config import DatasetRef, StrictModel, deep_merge, dump_config, save_config
 from medhybrid.tracking import MLflowConfig
 
 log = logging.getLogger("medhybrid")
@@ -79,12 +79,6 @@ class AblationConfig(StrictModel):
         return Path(self.output_dir or Path("runs") / "ablation" / self.name)
 
 
-def _merge(base: dict, over: dict) -> dict:
-    from medhybrid.config import deep_merge
-
-    return deep_merge(base, over)
-
-
 def pretraining_of(cfg: AblationConfig, method: str) -> str:
     """The method whose pretraining ``method`` reuses: the first one with the same mode and overrides
     (``ddpm-features`` shares the ``diffusion`` network rather than training its own copy)."""
@@ -98,9 +92,9 @@ def pretrain_config(cfg: AblationConfig, method: str):
 
     key = pretraining_of(cfg, method)
     spec = cfg.methods[key]
-    data = _merge(cfg.pretrain, spec.overrides)
+    data = deep_merge(cfg.pretrain, spec.overrides)
     data.update(mode=spec.pretrain, dataset=cfg.source.model_dump(), output_dir=str(cfg.folder / "pretrain" / key),
-                mlflow=_merge(dump_config(cfg.mlflow), {"run_name": f"{cfg.name}-pretrain-{key}"}))
+                mlflow=deep_merge(dump_config(cfg.mlflow), {"run_name": f"{cfg.name}-pretrain-{key}"}))
     return validate(PretrainConfig, data, source=f"ablation {cfg.name} pretrain {key}")
 
 
@@ -111,7 +105,7 @@ def finetune_config(cfg: AblationConfig, method: str, init: Path, budget: int | 
     from medhybrid.pretrain import load_model
 
     meta = load_model(init)[1]
-    data = _merge(cfg.finetune, _few_shot_fields(cfg, method, budget, seed, parent, pretrain_run))
+    data = deep_merge(cfg.finetune, _few_shot_fields(cfg, method, budget, seed, parent, pretrain_run))
     data.update(init=str(init) if cfg.methods[method].pretrain != "none" else None, preprocess=meta["preprocess"],
                 model=meta["model"])
     return validate(FinetuneConfig, data, source=f"ablation {cfg.name} finetune {method} b{budget or 'all'} s{seed}")
@@ -124,7 +118,7 @@ def _few_shot_fields(cfg: AblationConfig, method: str, budget: int | None, seed:
     return dict(dataset=cfg.target.model_dump(), method=method, budget=budget, seed=seed,
                 output_dir=str(cfg.folder / "finetune" / method / f"b{b}-s{seed}"), parent_run_id=parent,
                 tags={"pretrain_run_id": pretrain_run or "", "ablation": cfg.name},
-                mlflow=_merge(dump_config(cfg.mlflow), {"run_name": f"{cfg.name}-{method}-b{b}-s{seed}"}))
+                mlflow=deep_merge(dump_config(cfg.mlflow), {"run_name": f"{cfg.name}-{method}-b{b}-s{seed}"}))
 
 
 def pixel_features_config(cfg: AblationConfig, method: str, init: Path, budget: int | None, seed: int, parent: str | None,
@@ -135,7 +129,7 @@ def pixel_features_config(cfg: AblationConfig, method: str, init: Path, budget: 
     if cfg.methods[method].pretrain in ("none", "supervised"):
         raise ValueError(f"method {method!r}: ddpm-features needs a generatively pretrained network (diffusion, hybrid "
                          f"or mdm), not {cfg.methods[method].pretrain!r}")
-    data = _merge(cfg.pixel_features, _few_shot_fields(cfg, method, budget, seed, parent, pretrain_run))
+    data = deep_merge(cfg.pixel_features, _few_shot_fields(cfg, method, budget, seed, parent, pretrain_run))
     data.update(init=str(init))
     return validate(PixelFeaturesConfig, data, source=f"ablation {cfg.name} {method} b{budget or 'all'} s{seed}")
 

@@ -237,6 +237,7 @@ def _dataset_from_ref(v: Any, info: ValidationInfo) -> Any:
 DatasetRef = Annotated[DatasetSpec, BeforeValidator(_dataset_from_ref)]
 """A config field holding a dataset: a shipped name (``ph2``), a dataset YAML, a folder, a datalist or a mapping."""
 
+
 def _is_datalist(path: Path) -> bool:
     import json
 

@@ -73,20 +73,13 @@ def build_segmenter(model: ModelConfig | dict | None = None, image_channels: int
 def load_segmenter(model_path: str | os.PathLike, device: str | torch.device = "cpu") -> tuple[Segmenter, dict]:
     """A :class:`Segmenter` with the weights of ``model_path`` (in eval mode on ``device``) and its metadata."""
     from medhybrid.pretrain import load_model
+    from medhybrid.training import resolve_device
 
     path = Path(model_path)
     if not path.is_file():
         raise FileNotFoundError(f"model {path} not found")
     net, meta = load_model(path)
-    return Segmenter.wrap(net).to(_device(device)).eval(), meta
-
-
-def _device(name: str | torch.device) -> torch.device:
-    if isinstance(name, torch.device):
-        return name
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    return Segmenter.wrap(net).to(resolve_device(str(device))).eval(), meta
 
 
 # --------------------------------------------------------------------------------------------- inputs
@@ -198,8 +191,8 @@ class InferenceConfig(StrictModel):
 @torch.no_grad()
 def infer_files(model_path: str | os.PathLike, files: Sequence[str | os.PathLike], output_dir: str | os.PathLike,
                 nifti: bool = False, batch_size: int = 8, device: str | torch.device = "auto") -> list[Path]:
-    """Segment ``files`` with ``model_path``; write ``<stem>_mask.png`` (and ``<stem>_mask.nii.gz``)
-    into ``output_dir``. Returns the PNG masks, one per input, in input order.
+    """Segment ``files`` (image files and/or folders, see :func:`collect_inputs`) with ``model_path``; write
+    ``<stem>_mask.png`` (and ``<stem>_mask.nii.gz``) into ``output_dir``. Returns the PNG masks, one per input, in input order.
 
     Raises :class:`medhybrid.io.DataError` naming the file when an input cannot be read (nothing is
     written for the batch that holds it).
@@ -235,12 +228,11 @@ def infer_folder(model_path: str | os.PathLike, input_dir: str | os.PathLike, ou
     """:func:`infer_files` on every supported image file in ``input_dir`` (sorted, not recursive)."""
     if not Path(input_dir).is_dir():
         raise DataError(input_dir, "not a folder")
-    return infer_files(model_path, collect_inputs(input_dir), output_dir, nifti=nifti, batch_size=batch_size, device=device)
+    return infer_files(model_path, [input_dir], output_dir, nifti=nifti, batch_size=batch_size, device=device)
 
 
 def run_inference(cfg: InferenceConfig) -> list[Path]:
-    return infer_files(cfg.model, collect_inputs(cfg.input), cfg.output_dir, nifti=cfg.nifti, batch_size=cfg.batch_size,
-                       device=cfg.device)
+    return infer_files(cfg.model, cfg.input, cfg.output_dir, nifti=cfg.nifti, batch_size=cfg.batch_size, device=cfg.device)
 
 
 def publish_model(checkpoint: str | os.PathLike, model_path: str | os.PathLike) -> Path:
