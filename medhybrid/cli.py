@@ -67,6 +67,17 @@ def _ablate(args) -> int:
     return 0
 
 
+def _active(args) -> int:
+    from medhybrid.active import ActiveLearningConfig, run_active_learning
+    from medhybrid.config import apply_overrides, validate
+
+    abl = load_ablation(args.config, args.profile, args.ablation_overrides or [])
+    cfg = validate(ActiveLearningConfig, apply_overrides({"method": args.method}, args.overrides), source="medhybrid active")
+    out = run_active_learning(abl, cfg)
+    print(f"report: {out['markdown']}\nplot:   {out['plot']}")
+    return 0
+
+
 def _report(args) -> int:
     from medhybrid import tracking
     from medhybrid.report import embed_in_readme, write_report
@@ -146,6 +157,16 @@ def build_parser() -> argparse.ArgumentParser:
     ab.add_argument("--profile", default="quick", help="quick (CPU, minutes) or full (GPU)")
     ab.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="e.g. seeds=[0] budgets=[5]")
     ab.set_defaults(func=_ablate)
+
+    al = sub.add_parser("active", help="next-sample strategy experiment: label the pool in uncertainty order vs random order, "
+                        "fine-tune at each budget, compare test Dice (an ablation config's target and fine-tuning settings)")
+    al.add_argument("--config", required=True, help="ablation YAML or shipped name (configs/ablation/<name>.yaml)")
+    al.add_argument("--profile", default="quick")
+    al.add_argument("--method", default="hybrid", help="the ablation method whose pretrained checkpoint is fine-tuned")
+    al.add_argument("--ablation-override", dest="ablation_overrides", action="append", metavar="KEY=VALUE",
+                    help="override of the ablation config (repeatable)")
+    al.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="e.g. budgets=[2,5,10] seeds=[0,1] uncertainty.sigmas=[0.1]")
+    al.set_defaults(func=_active)
 
     rp = sub.add_parser("report", help="rebuild an ablation's report from its MLflow runs (also after a partial run)")
     rp.add_argument("--config", required=True)

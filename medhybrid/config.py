@@ -15,7 +15,17 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, TypeVar
 
 import yaml
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -173,6 +183,10 @@ class DatasetSpec(StrictModel):
     split: str | None = "split.json"
     channels: Literal[1, 3] = Field(description="1 = grey, 3 = RGB; files are converted to this")
     mask: MaskSpec = Field(default_factory=MaskSpec)
+    required_splits: tuple[str, ...] | None = Field(
+        None, exclude_if=lambda v: v is None,
+        description="splits that must be present; None: train and val for a source, pool and test for a target (a "
+        "training-only target, such as the labels a clinician saved in MONAI Label, sets [pool])")
 
     @field_validator("root", mode="before")
     @classmethod
@@ -192,6 +206,8 @@ class DatasetSpec(StrictModel):
 
     @property
     def splits(self) -> tuple[str, ...]:
+        if self.required_splits is not None:
+            return self.required_splits
         return ("train", "val") if self.role == "source" else ("pool", "test")
 
 
@@ -246,6 +262,16 @@ def _is_datalist(path: Path) -> bool:
     except (OSError, ValueError):
         return False
     return isinstance(data, dict) and any(isinstance(v, list) and v and isinstance(v[0], dict) for v in data.values())
+
+
+def _positive_levels(v: tuple[float, ...]) -> tuple[float, ...]:
+    if not v or any(s <= 0 for s in v):
+        raise ValueError(f"sigmas must be a non-empty list of positive noise levels, got {list(v)}")
+    return v
+
+
+NoiseLevels = Annotated[tuple[float, ...], AfterValidator(_positive_levels)]
+"""A config field holding EDM noise levels (sigma): non-empty, all positive."""
 
 
 # --------------------------------------------------------------------------------------------- preprocessing

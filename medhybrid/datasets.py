@@ -170,8 +170,9 @@ def few_shot_ids(pool_ids: Sequence[str], budget: int, seed: int) -> list[str]:
 
 
 def few_shot_pairs(spec: DatasetSpec, budget: int | None, seed: int, pool_split: str = "pool",
-                   exclude_split: str = "test") -> list[dict]:
-    """Training pairs for a few-shot run: ``budget`` pairs from the ``pool`` split (all of it for None).
+                   exclude_split: str = "test", ids: Sequence[str] | None = None) -> list[dict]:
+    """Training pairs for a few-shot run: ``budget`` pairs from the ``pool`` split (all of it for None), or
+    the pool pairs of ``ids`` in that order (an id outside the pool raises).
 
     Only the pool is ever drawn from; a pair of ``exclude_split`` (the held-out test split) cannot
     enter, and an id listed in both raises.
@@ -181,7 +182,13 @@ def few_shot_pairs(spec: DatasetSpec, budget: int | None, seed: int, pool_split:
     held = {p["id"] for p in pairs if p.get("split") == exclude_split}
     if not pool:
         raise ValueError(f"dataset {spec.name!r} has no {pool_split!r} split to draw labelled images from")
-    ids = [p["id"] for p in pool] if budget is None else few_shot_ids([p["id"] for p in pool], budget, seed)
+    if ids is not None:
+        ids = list(ids)
+        outside = [i for i in ids if i not in {p["id"] for p in pool}]
+        if outside:
+            raise ValueError(f"ids {outside[:5]} are not in the {pool_split!r} split of dataset {spec.name!r}")
+    else:
+        ids = [p["id"] for p in pool] if budget is None else few_shot_ids([p["id"] for p in pool], budget, seed)
     leaked = held.intersection(ids)
     if leaked:
         raise ValueError(f"{exclude_split!r} images {sorted(leaked)[:5]} would enter a training subset")

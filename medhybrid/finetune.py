@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import ClassVar
 
 import torch
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
 from medhybrid.config import DatasetRef, DatasetSpec, Preprocess, StrictModel, dump_config, save_config
 from medhybrid.networks import HybridUNet, ModelConfig, build_network
@@ -56,6 +56,8 @@ class FewShotRunConfig(StrictModel):
     method: str = Field("custom", description="name used in reports and MLflow tags")
     budget: int | None = Field(5, description="labelled pool images; None = the whole pool")
     seed: int = 0
+    ids: list[str] | None = Field(None, description="the pool ids to label, in the order they were chosen (an active-learning "
+                                  "order, :mod:`medhybrid.active`) instead of the seeded draw; budget must then be None or len(ids)")
     output_dir: Path | None = None
     mlflow: MLflowConfig = Field(default_factory=MLflowConfig)
     parent_run_id: str | None = None
@@ -71,6 +73,15 @@ class FewShotRunConfig(StrictModel):
             raise ValueError(f"dataset {v.name!r} is a {v.role} dataset; {cls.what} draws from a target's pool")
         return v
 
+    @model_validator(mode="after")
+    def _ids_match_budget(self):
+        if self.ids is not None:
+            if not self.ids or len(set(self.ids)) != len(self.ids):
+                raise ValueError(f"ids must be distinct pool ids, at least one, got {self.ids}")
+            if self.budget is not None and self.budget != len(self.ids):
+                raise ValueError(f"budget {self.budget} does not match the {len(self.ids)} ids given")
+        return self
+
     @field_validator("init")
     @classmethod
     def _init_exists(cls, v: Path | None) -> Path | None:
@@ -80,7 +91,7 @@ class FewShotRunConfig(StrictModel):
 
     @property
     def folder(self) -> Path:
-        b = "all" if self.budget is None else self.budget
+        b = len(self.ids) if self.ids is not None else "all" if self.budget is None else self.budget
         return Path(self.output_dir or Path("runs") / self.runs_subdir / f"{self.dataset.name}-{self.method}-b{b}-s{self.seed}")
 
 
@@ -196,18 +207,18 @@ def run_finetuning(cfg: FinetuneConfig) -> FinetuneResult:
     from medhybrid.datasets import few_shot_pairs
     from medhybrid.engines import CorruptionPrepareBatch
     from medhybrid.losses import PretrainLoss
-    from medhybrid.pretrain import config_hash, network_meta, save_model
+    from medhybrid.pretrain import network_meta, save_model
     from medhybrid.training import fit
     from medhybrid.transforms import preprocessing
 
     folder = cfg.folder
-    h = config_hash(cfg, exclude=FEW_SHOT_UNHASHED)
+    h = few_shot_hash(cfg)
     state = tracking.claim_folder(folder, h)
     model_path = folder / "model.pt"
     if state.get("status") == "finished" and model_path.is_file():
         return FinetuneResult(folder, model_path, state.get("mlflow_run_id"), state.get("ids", []), state.get("transfer", {}))
 
-    pairs = few_shot_pairs(cfg.dataset, cfg.budget, cfg.seed)  # pool only; raises on a budget larger than the pool
+    pairs = few_shot_pairs(cfg.dataset, cfg.budget, cfg.seed, ids=cfg.ids)  # pool only; raises on a budget larger than the pool
     if cfg.train.check_data:
         require_valid(cfg.dataset, splits=["pool"])
     ids = [p["id"] for p in pairs]
@@ -247,6 +258,13 @@ def run_finetuning(cfg: FinetuneConfig) -> FinetuneResult:
 
 FEW_SHOT_UNHASHED = ("mlflow", "output_dir", "parent_run_id", "tags")
 """Config fields that do not change a few-shot run's result (left out of its config hash)."""
+
+
+def few_shot_hash(cfg: FewShotRunConfig) -> str:
+    """The config hash of a few-shot run (``ids`` left out when unset, so runs from before it existed keep their hash)."""
+    from medhybrid.pretrain import config_hash
+
+    return config_hash(cfg, exclude=FEW_SHOT_UNHASHED + (("ids",) if cfg.ids is None else ()))
 
 
 def open_few_shot_run(cfg: FewShotRunConfig, config_hash: str, ids: list[str]) -> str | None:

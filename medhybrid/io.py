@@ -98,7 +98,11 @@ def read_dicom(path: Path, role: str = "image") -> tuple[np.ndarray, dict]:
     """
     import pydicom
     from pydicom.errors import InvalidDicomError
-    from pydicom.pixels import apply_modality_lut
+
+    try:
+        from pydicom.pixels import apply_modality_lut
+    except ImportError:  # pydicom 2 (the MONAI Label environment, which needs pydicom<3)
+        from pydicom.pixel_data_handlers.util import apply_modality_lut
 
     try:
         ds = pydicom.dcmread(path)

@@ -29,10 +29,10 @@ from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
-from pydantic import Field, field_validator
+from pydantic import Field
 from torch import nn
 
-from medhybrid.config import Preprocess, StrictModel, dump_config
+from medhybrid.config import NoiseLevels, Preprocess, StrictModel, dump_config
 from medhybrid.finetune import FewShotRunConfig
 from medhybrid.networks import HybridUNet, ModelConfig
 from medhybrid.transforms import IGNORE_INDEX
@@ -43,19 +43,12 @@ log = logging.getLogger("medhybrid")
 class FeatureConfig(StrictModel):
     """Which activations of the frozen U-Net make the pixel features."""
 
-    sigmas: tuple[float, ...] = Field((0.2, 0.5, 1.0), description="noise levels (EDM sigma); the paper's DDPM "
+    sigmas: NoiseLevels = Field((0.2, 0.5, 1.0), description="noise levels (EDM sigma); the paper's DDPM "
                                       "t = 50, 150, 250 of 1000")
     blocks: tuple[int, ...] | None = Field(None, description="decoder blocks (indices into the backbone's "
                                            "up_blocks, 0 = deepest); None = all")
     noise_seed: int = Field(0, description="seed of the fixed noise, one draw per level")
     chunk: int = Field(8, ge=1, description="images per forward pass")
-
-    @field_validator("sigmas")
-    @classmethod
-    def _positive(cls, v: tuple[float, ...]) -> tuple[float, ...]:
-        if not v or any(s <= 0 for s in v):
-            raise ValueError(f"sigmas must be a non-empty list of positive noise levels, got {list(v)}")
-        return v
 
 
 class EnsembleConfig(StrictModel):
@@ -310,12 +303,12 @@ def run_pixel_features(cfg: PixelFeaturesConfig) -> PixelFeaturesResult:
 
     from medhybrid import tracking
     from medhybrid.datasets import few_shot_pairs
-    from medhybrid.finetune import FEW_SHOT_UNHASHED, open_few_shot_run
-    from medhybrid.pretrain import config_hash, load_model
+    from medhybrid.finetune import few_shot_hash, open_few_shot_run
+    from medhybrid.pretrain import load_model
     from medhybrid.transforms import preprocessing
 
     folder = cfg.folder
-    h = config_hash(cfg, exclude=FEW_SHOT_UNHASHED)
+    h = few_shot_hash(cfg)
     state = tracking.claim_folder(folder, h)
     model_path = folder / "model.pt"
     if state.get("status") == "finished" and model_path.is_file():
@@ -326,7 +319,7 @@ def run_pixel_features(cfg: PixelFeaturesConfig) -> PixelFeaturesResult:
         raise ValueError(f"{cfg.init}: pretrained on {meta['image_channels']}-channel images, target "
                          f"{cfg.dataset.name!r} has {cfg.dataset.channels}")
     preprocess = Preprocess(**meta["preprocess"])
-    pairs = few_shot_pairs(cfg.dataset, cfg.budget, cfg.seed)
+    pairs = few_shot_pairs(cfg.dataset, cfg.budget, cfg.seed, ids=cfg.ids)
     ids = [p["id"] for p in pairs]
     run_id = open_few_shot_run(cfg, h, ids)
     with tracking.failing_marks(cfg.mlflow, folder, run_id):

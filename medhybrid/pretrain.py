@@ -84,6 +84,14 @@ def config_hash(cfg: StrictModel, exclude: tuple[str, ...] = ("mlflow", "output_
     return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
 
+def _free_port() -> int:
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 @dataclass
 class PretrainResult:
     folder: Path
@@ -268,7 +276,9 @@ def run_pretraining(cfg: PretrainConfig) -> PretrainResult:
             import ignite.distributed as idist
 
             backend = cfg.train.backend or ("nccl" if torch.cuda.is_available() else "gloo")
-            with idist.Parallel(backend=backend, nproc_per_node=cfg.train.nproc) as parallel:
+            # a free port per run, not ignite's fixed 2222: two runs (or a lingering socket) never share a rendezvous
+            with idist.Parallel(backend=backend, nproc_per_node=cfg.train.nproc, master_addr="127.0.0.1",
+                                master_port=_free_port()) as parallel:
                 parallel.run(_worker, cfg, run_id)
             metrics = tracking.read_state(folder).get("metrics", {})
         else:

@@ -80,6 +80,13 @@ for step in pretrain finetune evaluate; do
     "$PY" -m monai.bundle run --config_file "$(configs "${files[@]}")" "${stage[@]}"
 done
 
+pretrained="$bundle_root/runs/pretrain-hybrid/model.pt"
+if [[ -f "$pretrained" ]]; then
+    echo "== models/pretrained.pt (the hybrid pretraining: where MONAI Label's training starts, medhybrid/label)"
+    "$PY" -c "import sys; from medhybrid.inference import publish_model; publish_model(sys.argv[1], sys.argv[2])" \
+        "$pretrained" "$bundle_root/models/pretrained.pt"
+fi
+
 echo "== ckpt_export"
 select_overrides configs/inference.yaml
 "$PY" -m monai.bundle ckpt_export network_def --filepath "$bundle_root/models/model.ts" --ckpt_file "$bundle_root/models/model.pt" \

@@ -90,14 +90,16 @@ def rgb_pixels(ph2_pair) -> np.ndarray:
 
 
 # --------------------------------------------------------------------------------------------- writers
-def _write_dicom(path: Path, arr: np.ndarray, photometric: str = "MONOCHROME2", bits_stored: int | None = None,
-                 slope: float | None = None, intercept: float | None = None) -> Path:
-    """A minimal valid single-frame DICOM (Secondary Capture, explicit VR little endian) holding ``arr``."""
+def _write_dicom(path: Path, arr: np.ndarray, photometric: str | None = None, bits_stored: int | None = None,
+                 slope: float | None = None, intercept: float | None = None, spacing: float | None = None) -> Path:
+    """A minimal valid single-frame DICOM (Secondary Capture, explicit VR little endian) holding ``arr``: grey (H, W)
+    uint8/uint16/int16 (MONOCHROME2 unless told), or RGB (H, W, 3) uint8, interleaved, as a camera stores it."""
     from pydicom.dataset import Dataset, FileMetaDataset
     from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
 
     arr = np.ascontiguousarray(arr)
-    assert arr.ndim == 2 and arr.dtype in (np.uint8, np.uint16, np.int16)
+    rgb = arr.ndim == 3
+    assert (arr.ndim == 2 and arr.dtype in (np.uint8, np.uint16, np.int16)) or (rgb and arr.shape[2] == 3 and arr.dtype == np.uint8)
     bits_allocated = arr.dtype.itemsize * 8
     uid = generate_uid(entropy_srcs=[str(path)])
     meta = FileMetaDataset()
@@ -109,9 +111,11 @@ def _write_dicom(path: Path, arr: np.ndarray, photometric: str = "MONOCHROME2", 
     ds.SOPClassUID = SecondaryCaptureImageStorage
     ds.SOPInstanceUID = uid
     ds.Modality = "OT"
-    ds.Rows, ds.Columns = arr.shape
-    ds.SamplesPerPixel = 1
-    ds.PhotometricInterpretation = photometric
+    ds.Rows, ds.Columns = arr.shape[:2]
+    ds.SamplesPerPixel = 3 if rgb else 1
+    ds.PhotometricInterpretation = photometric or ("RGB" if rgb else "MONOCHROME2")
+    if rgb:
+        ds.PlanarConfiguration = 0
     ds.BitsAllocated = bits_allocated
     ds.BitsStored = bits_stored or bits_allocated
     ds.HighBit = ds.BitsStored - 1
@@ -120,6 +124,8 @@ def _write_dicom(path: Path, arr: np.ndarray, photometric: str = "MONOCHROME2", 
         ds.RescaleSlope = slope
     if intercept is not None:
         ds.RescaleIntercept = intercept
+    if spacing is not None:
+        ds.PixelSpacing = [spacing, spacing]
     ds.PixelData = arr.tobytes()
     ds.save_as(path, enforce_file_format=True)
     return path
@@ -127,7 +133,7 @@ def _write_dicom(path: Path, arr: np.ndarray, photometric: str = "MONOCHROME2", 
 
 @pytest.fixture
 def write_dicom() -> Callable[..., Path]:
-    """``write_dicom(path, arr, photometric=..., bits_stored=..., slope=..., intercept=...)``."""
+    """``write_dicom(path, arr, photometric=..., bits_stored=..., slope=..., intercept=..., spacing=...)``."""
     return _write_dicom
 
 

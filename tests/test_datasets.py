@@ -183,3 +183,19 @@ def test_few_shot_pairs_needs_a_pool(tiny_dataset, tiny_spec):
         few_shot_pairs(tiny_spec, 3, seed=0)
     with pytest.raises(ValueError, match="has no 'labelled' split"):
         few_shot_pairs(tiny_spec, 1, seed=0, pool_split="labelled")
+
+
+def test_few_shot_pairs_of_chosen_ids_keep_their_order_and_stay_in_the_pool(tiny_spec):
+    pairs = few_shot_pairs(tiny_spec, None, 0, ids=["IMD004", "IMD003"])
+    assert [p["id"] for p in pairs] == ["IMD004", "IMD003"]  # an active-learning order, not the seeded draw
+    with pytest.raises(ValueError, match=r"\['IMD002'\] are not in the 'pool' split"):
+        few_shot_pairs(tiny_spec, None, 0, ids=["IMD003", "IMD002"])  # IMD002 is a test image
+
+
+def test_required_splits_relax_the_pool_and_test_rule(tiny_dataset, tiny_overrides):
+    (tiny_dataset / "split.json").write_text(json.dumps({"pool": ["IMD003", "IMD004"]}))
+    spec = load_dataset_spec(tiny_dataset, tiny_overrides)
+    assert any("no 'test' split" in str(p) for p in discover_pairs(spec)[1])
+    relaxed = load_dataset_spec(tiny_dataset, [*tiny_overrides, "required_splits=[pool]"])
+    assert discover_pairs(relaxed)[1] == [] and "required_splits" in relaxed.model_dump()
+    assert "required_splits" not in spec.model_dump()  # unset: absent from dumps, so config hashes do not change

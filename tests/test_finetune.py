@@ -225,3 +225,16 @@ def test_pretrained_beats_scratch_at_two_labels(data, workdir, mlflow_uri):
     assert all(p > s for p, s in zip(dice["pretrained"], dice["scratch"], strict=True)), dice  # for each subset
     assert mean["pretrained"] > 0.7, dice
     assert mean["pretrained"] > mean["scratch"] + 0.05, dice
+
+
+def test_chosen_ids_replace_the_seeded_draw(workdir, mlflow_uri, ph2_tiny):
+    pool = real_split(PH2)["pool"][:8]
+    with pytest.raises(ConfigError, match="budget 3 does not match the 2 ids"):
+        _ft_cfg(ph2_tiny, workdir, mlflow_uri, budget=3, ids=pool[:2])
+    with pytest.raises(ConfigError, match="distinct"):
+        _ft_cfg(ph2_tiny, workdir, mlflow_uri, ids=[pool[0], pool[0]])
+    cfg = _ft_cfg(ph2_tiny, workdir, mlflow_uri, budget=None, ids=[pool[5], pool[2]], output_dir=None, method="al")
+    assert cfg.folder.name.endswith("-al-b2-s0")
+    res = run_finetuning(cfg.model_copy(update={"output_dir": workdir / "ft_ids"}))
+    assert res.ids == [pool[5], pool[2]]
+    assert json.loads((workdir / "ft_ids" / "subset.json").read_text())["ids"] == [pool[5], pool[2]]

@@ -1,0 +1,139 @@
+"""medhybrid.active: mask disagreement across noise levels, and the uncertainty-vs-random labelling experiment."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import pytest
+import torch
+from conftest import mlflow_client, ph2_yaml
+
+from medhybrid.ablation import AblationConfig
+from medhybrid.active import (
+    ActiveLearningConfig,
+    UncertaintyConfig,
+    mask_dice,
+    mask_disagreement,
+    most_uncertain,
+    run_active_learning,
+    score_files,
+    score_images,
+)
+from medhybrid.config import ConfigError, validate
+from medhybrid.datasets import few_shot_ids, load_pairs
+from medhybrid.inference import Segmenter
+from medhybrid.networks import HybridUNet, ModelConfig, build_network
+
+pytestmark = pytest.mark.usefixtures("workdir")
+
+TINY = ModelConfig(channels=(16, 32, 32), attention_levels=(False, False, False))
+
+
+class _Fixed(HybridUNet):
+    """A stand-in network whose mask is ``x[:, 0] > threshold(sigma)``: noise-free masks agree with themselves."""
+
+    def __init__(self, react: float):
+        super().__init__(torch.nn.Conv2d(1, 1, 1), image_channels=1, mask_channels=1)
+        self.react = react
+
+    def forward(self, x, sigma=None, precondition=True):
+        s = self._sigma(x, sigma).view(-1, 1, 1)
+        return torch.cat([x, (x[:, :1] - self.react * s[:, None]) * 10], dim=1)
+
+
+def test_mask_dice_per_image_and_empty_masks_agree():
+    a = torch.zeros(3, 4, 4, dtype=torch.long)
+    b = a.clone()
+    a[0, :2] = 1
+    b[0, :1] = 1  # 4 of 8 and 4 px: Dice 2*4/12
+    a[1, :2] = 1  # image 1: prediction vs nothing -> 0
+    d = mask_dice(a, b, 2)
+    assert d.tolist() == pytest.approx([8 / 12, 0.0, 1.0])
+    c = torch.tensor([[[1, 2], [2, 0]]])
+    assert mask_dice(c, c, 3).item() == 1.0 and mask_dice(c, torch.zeros_like(c), 3).item() == 0.0
+
+
+def test_disagreement_is_zero_for_a_noise_blind_mask_and_grows_with_sensitivity():
+    x = torch.linspace(-1, 1, 32 * 32).reshape(1, 1, 32, 32).repeat(2, 1, 1, 1)  # half of each image is "lesion"
+    x[1] = x[1] * 0.5  # flatter intensities: the same noise moves more of its boundary
+    g = lambda: torch.Generator().manual_seed(0)  # noqa: E731
+    blind = mask_disagreement(_Fixed(0.0), x, (1e-6,), 2, g())
+    assert blind.tolist() == pytest.approx([0.0, 0.0], abs=1e-3)
+    low = mask_disagreement(_Fixed(0.0), x, (0.1,), 4, g())
+    high = mask_disagreement(_Fixed(3.0), x, (0.1,), 4, g())  # the mask also shifts with sigma
+    assert (high > low).all() and (low > 0).all() and (high <= 1).all()
+    assert low[1] > low[0]  # a fuzzier boundary is a less certain mask
+
+
+def test_scores_are_seeded_and_work_for_a_segmenter(ph2_pair):
+    torch.manual_seed(0)
+    net = build_network(TINY, 3, 2).eval()
+    imgs = [torch.rand(3, 32, 32) * 2 - 1 for _ in range(5)]
+    cfg = UncertaintyConfig(batch_size=2)
+    s1, s2 = score_images(net, imgs, cfg), score_images(net, imgs, cfg)
+    assert s1 == s2 and len(s1) == 5 and all(0 <= s <= 1 for s in s1)
+    seg = Segmenter.wrap(net)
+    assert score_images(seg, imgs, cfg) == s1  # the served Segmenter scores the same
+    meta = {"image_channels": 3, "preprocess": {"resolution": 32, "aspect": "pad"}}
+    assert len(score_files(seg, meta, [ph2_pair[0]] * 2)) == 2
+    with pytest.raises(ValueError, match="positive"):
+        UncertaintyConfig(sigmas=(0.0, 0.1))
+
+
+def test_most_uncertain_is_deterministic_and_skips_labelled():
+    scores = {"a": 0.1, "b": 0.5, "c": 0.5, "d": 0.9}
+    assert most_uncertain(scores, 2) == ["d", "b"]
+    assert most_uncertain(scores, 2, exclude=["d"]) == ["b", "c"]
+    assert most_uncertain(scores, 10, exclude=["a", "b", "c", "d"]) == []
+
+
+def test_config_needs_increasing_budgets():
+    with pytest.raises(ConfigError, match="increasing"):
+        validate(ActiveLearningConfig, {"budgets": [5, 2]})
+    with pytest.raises(ConfigError, match="increasing"):
+        validate(ActiveLearningConfig, {"budgets": [0, 2]})
+
+
+def test_experiment_labels_in_uncertainty_order_and_compares_with_random(workdir, mlflow_uri, isic_tiny):
+    target = ph2_yaml(workdir / "datasets", n_pool=8, n_test=4)
+    cpu = {"device": "cpu", "check_data": False, "progress": False}
+    abl = validate(AblationConfig, {
+        "name": "t", "source": str(isic_tiny), "target": str(target), "methods": {"hybrid": {"pretrain": "hybrid"}},
+        "output_dir": str(workdir / "abl"),
+        "pretrain": {"preprocess": {"resolution": 32}, "model": {"channels": [16, 32, 32], "attention_levels": [False] * 3},
+                     "train": {"batch_size": 4, "epochs": 1, "epoch_length": 4, "lr": 1e-3, "warmup_iterations": 0,
+                               "val_max_images": 4, **cpu}},
+        "finetune": {"train": {"batch_size": 2, "lr": 1e-3, "warmup_iterations": 0, **cpu},
+                     "schedule": {"per_label": 1, "min_iterations": 3, "max_iterations": 3, "epochs": 1}},
+        "mlflow": {"tracking_uri": mlflow_uri}}, context={"base_dir": str(workdir)})
+    cfg = ActiveLearningConfig(budgets=[1, 3], seeds=[0], uncertainty=UncertaintyConfig(sigmas=(0.1,), repeats=1))
+    out = run_active_learning(abl, cfg)
+    folder = workdir / "abl" / "active-learning" / "hybrid"
+    rows = list(csv.DictReader(open(out["csv"])))
+    assert [(r["strategy"], r["budget"]) for r in rows] == [("random", "1"), ("random", "3"), ("uncertainty", "1"), ("uncertainty", "3")]
+    pool = [p["id"] for p in load_pairs(abl.target, "pool")]
+    test = {p["id"] for p in load_pairs(abl.target, "test")}
+    for r in rows:
+        ids = r["ids"].split()
+        assert len(ids) == int(r["budget"]) and set(ids) <= set(pool) and not set(ids) & test  # never a test image
+        assert 0 <= float(r["test_dice"]) <= 1
+    assert rows[1]["ids"].split() == few_shot_ids(pool, 3, 0)
+    # round 1: the most uncertain pool image under the pretrained model; round 2: two more, rescored after fine-tuning
+    s1 = json.loads((folder / "uncertainty" / "b1-s0" / "scores.json").read_text())
+    s3 = json.loads((folder / "uncertainty" / "b3-s0" / "scores.json").read_text())
+    assert set(s1) == set(pool) and rows[2]["ids"].split() == most_uncertain(s1, 1)
+    first = rows[2]["ids"].split()
+    assert rows[3]["ids"].split() == first + most_uncertain(s3, 2, exclude=first)
+    subset = json.loads((folder / "uncertainty" / "b3-s0" / "subset.json").read_text())
+    assert subset["ids"] == rows[3]["ids"].split()  # the fine-tune used exactly the chosen images
+    report = out["markdown"].read_text()
+    assert "uncertainty - random" in report and "| 3 |" in report and out["plot"].stat().st_size > 0
+    runs = mlflow_client(mlflow_uri).search_runs([mlflow_client(mlflow_uri).get_run(out["parent_run_id"]).info.experiment_id],
+                                                 filter_string=f"tags.mlflow.parentRunId = '{out['parent_run_id']}'")
+    assert sorted((r.data.tags["strategy"], r.data.tags["budget"]) for r in runs) == [
+        ("random", "1"), ("random", "3"), ("uncertainty", "1"), ("uncertainty", "3")]
+    assert all("test_dice" in r.data.metrics for r in runs)
+    # resumable: a second call trains nothing and rebuilds the same table
+    again = run_active_learning(abl, cfg)
+    assert [r["test_dice"] for r in again["rows"]] == [float(r["test_dice"]) for r in rows]
