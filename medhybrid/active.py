@@ -112,16 +112,58 @@ def score_images(net: HybridUNet, images: Sequence[torch.Tensor], cfg: Uncertain
     return scores
 
 
-def score_pairs(net: HybridUNet, pairs: Sequence[dict], channels: int, preprocess: Preprocess,
-                cfg: UncertaintyConfig | None = None) -> dict[str, float]:
-    """``{id: u}`` for dataset pairs (only their images are read)."""
+@torch.no_grad()
+def embed_images(net: HybridUNet, images: Sequence[torch.Tensor], batch_size: int = 16) -> torch.Tensor:
+    """(N, C) unit-norm embeddings of model-ready images: the U-Net's bottleneck (``backbone.middle_block``)
+    activations of the clean image, averaged over space."""
+    feats: list[torch.Tensor] = []
+    hook = net.backbone.middle_block.register_forward_hook(lambda m, i, o: feats.append(o.float().mean((2, 3)).cpu()))
+    was_training = net.training
+    net.eval()
+    dev = next(net.parameters()).device
+    try:
+        for start in range(0, len(images), batch_size):
+            net.segment(torch.stack([torch.as_tensor(t).float() for t in images[start : start + batch_size]]).to(dev))
+    finally:
+        hook.remove()
+        net.train(was_training)
+    return torch.nn.functional.normalize(torch.cat(feats), dim=1)
+
+
+def information_density(emb: torch.Tensor) -> torch.Tensor:
+    """Mean similarity of each image to the others, in [0, 1] ((1 + cosine) / 2; Settles & Craven 2008): low for an
+    outlier, high for an image like many others."""
+    n = emb.shape[0]
+    if n < 2:
+        return torch.ones(n)
+    sim = (1 + emb @ emb.T) / 2
+    return ((sim.sum(1) - sim.diagonal()) / (n - 1)).clamp(0, 1)
+
+
+def density_weighted(scores: dict[str, float], density: dict[str, float], beta: float = 1.0) -> dict[str, float]:
+    """u(x) * density(x)^beta: uncertain images that are also typical of the pool come first."""
+    return {i: scores[i] * density[i] ** beta for i in scores}
+
+
+def _pair_images(pairs: Sequence[dict], channels: int, preprocess: Preprocess) -> list[torch.Tensor]:
     from types import SimpleNamespace
 
     from medhybrid.transforms import preprocessing
 
     t = preprocessing(SimpleNamespace(channels=channels), preprocess, with_label=False)
-    images = [t({"image": p["image"]})["image"] for p in pairs]
-    return dict(zip([p["id"] for p in pairs], score_images(net, images, cfg), strict=True))
+    return [t({"image": p["image"]})["image"] for p in pairs]
+
+
+def score_pairs(net: HybridUNet, pairs: Sequence[dict], channels: int, preprocess: Preprocess,
+                cfg: UncertaintyConfig | None = None) -> dict[str, float]:
+    """``{id: u}`` for dataset pairs (only their images are read)."""
+    return dict(zip([p["id"] for p in pairs], score_images(net, _pair_images(pairs, channels, preprocess), cfg), strict=True))
+
+
+def density_pairs(net: HybridUNet, pairs: Sequence[dict], channels: int, preprocess: Preprocess) -> dict[str, float]:
+    """``{id: information density}`` of dataset pairs among themselves."""
+    d = information_density(embed_images(net, _pair_images(pairs, channels, preprocess)))
+    return dict(zip([p["id"] for p in pairs], d.tolist(), strict=True))
 
 
 def score_files(net: HybridUNet, meta: dict, files: Sequence[str | os.PathLike], cfg: UncertaintyConfig | None = None) -> list[float]:
@@ -145,7 +187,14 @@ class ActiveLearningConfig(StrictModel):
     """Uncertainty order vs random order at the same label budgets, on an ablation's target domain."""
 
     method: str = Field("hybrid", description="the ablation method whose pretrained checkpoint is fine-tuned")
-    strategies: list[Literal["random", "uncertainty"]] = Field(default_factory=lambda: ["random", "uncertainty"])
+    strategies: list[Literal["random", "uncertainty", "density"]] = Field(
+        default_factory=lambda: ["random", "uncertainty"],
+        description="random: the ablation's seeded subsets; uncertainty: highest u first; density: highest u * density^beta")
+    density_beta: float = Field(1.0, ge=0, description="weight of information density in the density strategy")
+    evaluate_on: Literal["test", "pool-holdout"] = Field(
+        "test", description="test: the target's test split (the reported result). pool-holdout: a fixed set of `holdout` pool "
+        "images, never selectable, scores every run: a development set for choosing a strategy without touching test")
+    holdout: int = Field(30, ge=1, description="pool images held out as the development set (pool-holdout)")
     budgets: list[int] = Field(default_factory=lambda: [2, 5, 10, 20], description="increasing label budgets (labelling rounds)")
     seeds: list[int] = Field(default_factory=lambda: [0, 1, 2])
     uncertainty: UncertaintyConfig = Field(default_factory=UncertaintyConfig)
@@ -169,7 +218,7 @@ def run_active_learning(abl, cfg: ActiveLearningConfig) -> dict:
 
     if cfg.method not in abl.methods or abl.methods[cfg.method].pretrain == "none":
         raise ValueError(f"method {cfg.method!r} must be a pretrained method of ablation {abl.name!r} ({sorted(abl.methods)})")
-    folder = abl.folder / "active-learning" / cfg.method
+    folder = abl.folder / "active-learning" / (cfg.method + ("-pool-holdout" if cfg.evaluate_on == "pool-holdout" else ""))
     folder.mkdir(parents=True, exist_ok=True)
     from medhybrid.config import save_config
 
@@ -178,6 +227,11 @@ def run_active_learning(abl, cfg: ActiveLearningConfig) -> dict:
     init_net, meta = load_model(pre.checkpoint)
     preprocess = Preprocess(**meta["preprocess"])
     pool = load_pairs(abl.target, "pool")
+    dev: list[dict] | None = None
+    if cfg.evaluate_on == "pool-holdout":
+        held = set(few_shot_ids([p["id"] for p in pool], cfg.holdout, 10_000))  # one fixed draw, not a run seed
+        dev = [p for p in pool if p["id"] in held]
+        pool = [p for p in pool if p["id"] not in held]
     if cfg.budgets[-1] > len(pool):
         raise ValueError(f"budget {cfg.budgets[-1]} is larger than the pool of {abl.target.name!r} ({len(pool)} images)")
     parent = None
@@ -192,15 +246,22 @@ def run_active_learning(abl, cfg: ActiveLearningConfig) -> dict:
             selected: list[str] = []
             net = init_net
             for budget in cfg.budgets:
+                rho = math.nan
                 if strategy == "random":
                     selected = few_shot_ids([p["id"] for p in pool], budget, seed)
                 else:
                     scores = score_pairs(net, pool, abl.target.channels, preprocess, cfg.uncertainty)
+                    rho = score_error_correlation(net, abl.target, preprocess, [p for p in pool if p["id"] not in selected], scores)
+                    if strategy == "density":
+                        free = [p for p in pool if p["id"] not in selected]
+                        scores = density_weighted({p["id"]: scores[p["id"]] for p in free},
+                                                  density_pairs(net, free, abl.target.channels, preprocess), cfg.density_beta)
                     selected = selected + most_uncertain(scores, budget - len(selected), exclude=selected)
                     (folder / strategy / f"b{budget}-s{seed}").mkdir(parents=True, exist_ok=True)
                     _write_json(folder / strategy / f"b{budget}-s{seed}" / "scores.json", scores)
-                net, dice = _finetune_and_test(abl, cfg, pre, folder, strategy, budget, seed, selected, parent)
-                rows.append({"strategy": strategy, "budget": budget, "seed": seed, "test_dice": dice, "ids": " ".join(selected)})
+                net, dice = _finetune_and_test(abl, cfg, pre, folder, strategy, budget, seed, selected, parent, dev)
+                rows.append({"strategy": strategy, "budget": budget, "seed": seed, "test_dice": dice, "ids": " ".join(selected),
+                             "score_error_rho": rho})
                 log.info("active learning %s: %s b%d s%d test dice %.4f", abl.name, strategy, budget, seed, dice)
     paths = write_active_report(rows, folder, abl.target.name, cfg)
     if parent:
@@ -210,8 +271,24 @@ def run_active_learning(abl, cfg: ActiveLearningConfig) -> dict:
     return {**paths, "rows": rows, "parent_run_id": parent}
 
 
+def score_error_correlation(net: HybridUNet, dataset, preprocess: Preprocess, pairs: Sequence[dict],
+                            scores: dict[str, float]) -> float:
+    """Spearman correlation between the uncertainty ``scores`` of ``pairs`` (pool images a round could pick) and the
+    model's actual error 1 - Dice on them: does u find the images the model gets wrong? A diagnostic the simulation
+    can afford because its pool is labelled; it reads pool labels only, never the test split."""
+    from scipy.stats import spearmanr
+
+    from medhybrid.evaluate import evaluate
+
+    if len(pairs) < 3:
+        return math.nan
+    err = {r["id"]: 1.0 - r["dice"] for r in evaluate(net, dataset, preprocess, "pool", pairs=list(pairs)).rows}
+    ids = [p["id"] for p in pairs if not math.isnan(err[p["id"]])]
+    return float(spearmanr([scores[i] for i in ids], [err[i] for i in ids]).statistic)
+
+
 def _finetune_and_test(abl, cfg: ActiveLearningConfig, pre, folder: Path, strategy: str, budget: int, seed: int,
-                       ids: list[str], parent: str | None) -> tuple[HybridUNet, float]:
+                       ids: list[str], parent: str | None, dev: list[dict] | None = None) -> tuple[HybridUNet, float]:
     from medhybrid import tracking
     from medhybrid.config import deep_merge, dump_config, validate
     from medhybrid.evaluate import evaluate
@@ -231,7 +308,7 @@ def _finetune_and_test(abl, cfg: ActiveLearningConfig, pre, folder: Path, strate
     st = tracking.read_state(fcfg.folder)
     if st.get("evaluated"):
         return net, float(st["test"]["test_dice"])
-    ev = evaluate(net, fcfg.dataset, fcfg.preprocess, "test", out_dir=fcfg.folder / "eval")
+    ev = evaluate(net, fcfg.dataset, fcfg.preprocess, "test", out_dir=fcfg.folder / "eval", pairs=dev)
     if res.run_id:
         tracking.log_metrics(abl.mlflow, res.run_id, ev.summary, step=0)
         tracking.log_artifact(abl.mlflow, res.run_id, ev.csv, "eval")
@@ -248,8 +325,8 @@ def _write_json(path: Path, data) -> None:
 
 
 def write_active_report(rows: list[dict], folder: Path, domain: str, cfg: ActiveLearningConfig) -> dict[str, Path]:
-    """``results.csv`` (one row per run), ``report.md`` (mean and sd per strategy and budget, the paired difference
-    uncertainty - random per seed) and ``plot.png``."""
+    """``results.csv`` (one row per run), ``report.md`` (mean and sd per strategy and budget, each strategy's paired
+    difference to random per seed) and ``plot.png``."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -257,36 +334,50 @@ def write_active_report(rows: list[dict], folder: Path, domain: str, cfg: Active
 
     csv_path = folder / "results.csv"
     with open(csv_path, "w", newline="") as fh:
-        w = csv.DictWriter(fh, fieldnames=["strategy", "budget", "seed", "test_dice", "ids"])
+        w = csv.DictWriter(fh, fieldnames=["strategy", "budget", "seed", "test_dice", "score_error_rho", "ids"])
         w.writeheader()
         w.writerows(rows)
     dice = {(r["strategy"], r["budget"], r["seed"]): r["test_dice"] for r in rows}
     strategies = [s for s in cfg.strategies if any(r["strategy"] == s for r in rows)]
-    lines = [f"# Next-sample strategy on {domain}: uncertainty order vs random order", "",
+    others = [s for s in strategies if s != "random"] if "random" in strategies else []
+    split = (f"the {domain} test split (never used to choose images)" if cfg.evaluate_on == "test" else
+             f"{cfg.holdout} {domain} pool images held out as a development set (never selectable; the test split is not read)")
+
+    def diffs(s: str, budgets: Sequence[int]) -> list[float]:
+        return [dice[(s, b, sd)] - dice[("random", b, sd)] for b in budgets for sd in cfg.seeds
+                if (s, b, sd) in dice and ("random", b, sd) in dice]
+
+    lines = [f"# Next-sample strategy on {domain}: labelling order vs random order", "",
              f"Method `{cfg.method}` (its pretrained checkpoint, fine-tuned on the labelled images with medhybrid's few-shot "
-             f"fine-tuning), seeds {cfg.seeds}. Test Dice on the {domain} test split (never used to choose images). "
-             f"Uncertainty: 1 - mean Dice of the mask under noise sigma in {list(cfg.uncertainty.sigmas)} "
-             f"({cfg.uncertainty.repeats} draws each) against the clean mask; the most uncertain pool images are labelled "
-             "first, rescored after each round's fine-tuning.", "",
-             "| labels | " + " | ".join(strategies) + (" | uncertainty - random (per seed) |" if len(strategies) == 2 else " |"),
-             "|---|" + "---|" * len(strategies) + ("---|" if len(strategies) == 2 else "")]
+             f"fine-tuning), seeds {cfg.seeds}. Dice on {split}. "
+             f"Uncertainty u: 1 - mean Dice of the mask under noise sigma in {list(cfg.uncertainty.sigmas)} "
+             f"({cfg.uncertainty.repeats} draws each) against the clean mask; `uncertainty` labels the highest u first, "
+             f"`density` the highest u * density^{cfg.density_beta:g} (density: mean cosine similarity of the bottleneck "
+             "features to the other unlabelled images); both rescore after each round's fine-tuning.", "",
+             "| labels | " + " | ".join(strategies) + "".join(f" | {s} - random (per seed)" for s in others) + " |",
+             "|---|" + "---|" * (len(strategies) + len(others))]
     for b in cfg.budgets:
         cells = []
         for s in strategies:
             v = [dice[(s, b, sd)] for sd in cfg.seeds if (s, b, sd) in dice]
             cells.append(f"{np.mean(v):.3f} ± {np.std(v):.3f}" if v else "–")
-        if len(strategies) == 2:
-            d = [dice[("uncertainty", b, sd)] - dice[("random", b, sd)] for sd in cfg.seeds
-                 if ("uncertainty", b, sd) in dice and ("random", b, sd) in dice]
+        for s in others:
+            d = diffs(s, [b])
             cells.append(f"{np.mean(d):+.3f} ({', '.join(f'{x:+.3f}' for x in d)})" if d else "–")
         lines.append(f"| {b} | " + " | ".join(cells) + " |")
-    if len(strategies) == 2:
-        d = [dice[("uncertainty", b, sd)] - dice[("random", b, sd)] for b in cfg.budgets for sd in cfg.seeds
-             if ("uncertainty", b, sd) in dice and ("random", b, sd) in dice]
+    for s in others:
+        d = diffs(s, cfg.budgets)
         if d:
-            wins = sum(x > 0 for x in d)
-            lines += ["", f"Pooled over budgets and seeds: mean difference {np.mean(d):+.4f}, uncertainty ahead in {wins} of "
-                      f"{len(d)} pairs (sign test p = {_sign_test(d):.3f})."]
+            lines += ["", f"`{s}` pooled over budgets and seeds: mean difference to random {np.mean(d):+.4f}, ahead in "
+                      f"{sum(x > 0 for x in d)} of {len(d)} pairs (sign test p = {_sign_test(d):.3f})."]
+    for s in others:
+        rho = {b: [r["score_error_rho"] for r in rows if r["strategy"] == s and r["budget"] == b
+                   and not math.isnan(r.get("score_error_rho", math.nan))] for b in cfg.budgets}
+        if any(rho.values()):
+            chose = "; ".join(f"{b} labels {np.mean(v):+.2f}" for b, v in rho.items() if v)
+            lines += ["", f"Does u find the model's mistakes (`{s}` runs)? Spearman correlation between u and 1 - Dice over "
+                      "the unlabelled pool images under the model that chose each round (the pretrained network for the "
+                      f"first round, then the previous round's fine-tuned one), mean over seeds: {chose}."]
     md = folder / "report.md"
     md.write_text("\n".join(lines) + "\n")
     fig, ax = plt.subplots(figsize=(5, 3.5))
@@ -296,7 +387,7 @@ def write_active_report(rows: list[dict], folder: Path, domain: str, cfg: Active
     ax.set_xscale("log")
     ax.set_xticks(cfg.budgets, [str(b) for b in cfg.budgets])
     ax.set_xlabel("labelled images")
-    ax.set_ylabel(f"test Dice ({domain})")
+    ax.set_ylabel(f"Dice ({domain} {'test' if cfg.evaluate_on == 'test' else 'dev'})")
     ax.legend()
     ax.grid(alpha=0.3)
     fig.tight_layout()

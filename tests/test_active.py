@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 
 import pytest
 import torch
@@ -119,6 +120,9 @@ def test_experiment_labels_in_uncertainty_order_and_compares_with_random(workdir
         assert len(ids) == int(r["budget"]) and set(ids) <= set(pool) and not set(ids) & test  # never a test image
         assert 0 <= float(r["test_dice"]) <= 1
     assert rows[1]["ids"].split() == few_shot_ids(pool, 3, 0)
+    rho = [float(r["score_error_rho"]) for r in rows]
+    assert math.isnan(rho[0]) and math.isnan(rho[1])  # the score-vs-error diagnostic is for the uncertainty rounds
+    assert all(-1 <= v <= 1 for v in rho[2:] if not math.isnan(v))
     # round 1: the most uncertain pool image under the pretrained model; round 2: two more, rescored after fine-tuning
     s1 = json.loads((folder / "uncertainty" / "b1-s0" / "scores.json").read_text())
     s3 = json.loads((folder / "uncertainty" / "b3-s0" / "scores.json").read_text())
@@ -128,7 +132,7 @@ def test_experiment_labels_in_uncertainty_order_and_compares_with_random(workdir
     subset = json.loads((folder / "uncertainty" / "b3-s0" / "subset.json").read_text())
     assert subset["ids"] == rows[3]["ids"].split()  # the fine-tune used exactly the chosen images
     report = out["markdown"].read_text()
-    assert "uncertainty - random" in report and "| 3 |" in report and out["plot"].stat().st_size > 0
+    assert "uncertainty - random" in report and "| 3 |" in report and "test split" in report and out["plot"].stat().st_size > 0
     runs = mlflow_client(mlflow_uri).search_runs([mlflow_client(mlflow_uri).get_run(out["parent_run_id"]).info.experiment_id],
                                                  filter_string=f"tags.mlflow.parentRunId = '{out['parent_run_id']}'")
     assert sorted((r.data.tags["strategy"], r.data.tags["budget"]) for r in runs) == [

@@ -162,6 +162,8 @@ def test_uncertainty_ranks_studies_under_the_served_model(tmp_path, tiny_bundle)
     scores = ws.uncertainty(files)
     assert len(scores) == 4 and all(0 <= s <= 1 for s in scores)
     assert ws.uncertainty(files) == scores  # seeded noise: the same ranking every call
+    emb = ws.embeddings(files)
+    assert emb.shape[0] == 4 and torch.allclose(emb.norm(dim=1), torch.ones(4), atol=1e-5)
 
 
 # --------------------------------------------------------------------------------------------- the real server
@@ -254,7 +256,7 @@ def test_label_server_infer_save_train_infer(label_server, tmp_path):
     server, studies, ids, log = label_server
     info = server.json("GET", "/info/")
     assert set(info["models"]) == {"medhybrid"} and set(info["trainers"]) == {"medhybrid"}
-    assert info["labels"] == {"lesion": 1} and "uncertainty" in info["strategies"]
+    assert info["labels"] == {"lesion": 1} and {"uncertainty", "density", "random"} <= set(info["strategies"])
     assert info["datastore"]["total"] == 6  # the DICOM files are studies too
 
     # /infer: a mask of each study's size and orientation, PNG for PNG studies and NIfTI for DICOM studies
@@ -269,6 +271,8 @@ def test_label_server_infer_save_train_infer(label_server, tmp_path):
     # next sample: the most uncertain unlabelled study
     nxt = server.json("POST", "/activelearning/uncertainty", {})
     assert nxt["id"] in ids and 0 <= nxt["score"] <= 1 and nxt["unlabeled"] == 6
+    dense = server.json("POST", "/activelearning/density", {})  # uncertainty x information density
+    assert dense["id"] in ids and 0 <= dense["score"] <= nxt["score"] and dense["ranked_by"] == "u * density"
 
     # the clinician saves labels for 5 studies: PNG masks for the PNG studies, NIfTI for the DICOM ones (as a viewer does)
     labelled = ids[:5]

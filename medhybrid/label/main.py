@@ -63,4 +63,5 @@ class MedhybridApp(MONAILabelApp):
         return {MODEL: MedhybridTrain(self.workspace)}
 
     def init_strategies(self):
-        return {"uncertainty": UncertaintyStrategy(self.workspace), "random": Random(), "first": First()}
+        return {"uncertainty": UncertaintyStrategy(self.workspace),
+                "density": UncertaintyStrategy(self.workspace, density_beta=1.0), "random": Random(), "first": First()}
