@@ -14,6 +14,9 @@ from medhybrid.ablation import AblationConfig
 from medhybrid.active import (
     ActiveLearningConfig,
     UncertaintyConfig,
+    density_weighted,
+    embed_images,
+    information_density,
     mask_dice,
     mask_disagreement,
     most_uncertain,
@@ -82,6 +85,18 @@ def test_scores_are_seeded_and_work_for_a_segmenter(ph2_pair):
         UncertaintyConfig(sigmas=(0.0, 0.1))
 
 
+def test_information_density_is_low_for_an_outlier_and_weights_the_scores():
+    emb = torch.nn.functional.normalize(torch.tensor([[1.0, 0.0], [0.9, 0.1], [0.95, 0.05], [-1.0, 0.2]]), dim=1)
+    d = information_density(emb)
+    assert d.argmin().item() == 3 and ((d >= 0) & (d <= 1)).all()
+    w = density_weighted({"a": 0.5, "b": 0.5}, {"a": 1.0, "b": 0.25}, beta=1.0)
+    assert w == {"a": 0.5, "b": 0.125} and density_weighted({"a": 0.5}, {"a": 0.25}, beta=0.0) == {"a": 0.5}
+    torch.manual_seed(0)
+    net = build_network(TINY, 3, 2)
+    e = embed_images(net, [torch.rand(3, 32, 32) for _ in range(3)], batch_size=2)
+    assert e.shape == (3, 32) and torch.allclose(e.norm(dim=1), torch.ones(3), atol=1e-5)
+
+
 def test_most_uncertain_is_deterministic_and_skips_labelled():
     scores = {"a": 0.1, "b": 0.5, "c": 0.5, "d": 0.9}
     assert most_uncertain(scores, 2) == ["d", "b"]
@@ -96,10 +111,10 @@ def test_config_needs_increasing_budgets():
         validate(ActiveLearningConfig, {"budgets": [0, 2]})
 
 
-def test_experiment_labels_in_uncertainty_order_and_compares_with_random(workdir, mlflow_uri, isic_tiny):
+def _tiny_ablation(workdir, mlflow_uri, isic_tiny) -> AblationConfig:
     target = ph2_yaml(workdir / "datasets", n_pool=8, n_test=4)
     cpu = {"device": "cpu", "check_data": False, "progress": False}
-    abl = validate(AblationConfig, {
+    return validate(AblationConfig, {
         "name": "t", "source": str(isic_tiny), "target": str(target), "methods": {"hybrid": {"pretrain": "hybrid"}},
         "output_dir": str(workdir / "abl"),
         "pretrain": {"preprocess": {"resolution": 32}, "model": {"channels": [16, 32, 32], "attention_levels": [False] * 3},
@@ -108,6 +123,10 @@ def test_experiment_labels_in_uncertainty_order_and_compares_with_random(workdir
         "finetune": {"train": {"batch_size": 2, "lr": 1e-3, "warmup_iterations": 0, **cpu},
                      "schedule": {"per_label": 1, "min_iterations": 3, "max_iterations": 3, "epochs": 1}},
         "mlflow": {"tracking_uri": mlflow_uri}}, context={"base_dir": str(workdir)})
+
+
+def test_experiment_labels_in_uncertainty_order_and_compares_with_random(workdir, mlflow_uri, isic_tiny):
+    abl = _tiny_ablation(workdir, mlflow_uri, isic_tiny)
     cfg = ActiveLearningConfig(budgets=[1, 3], seeds=[0], uncertainty=UncertaintyConfig(sigmas=(0.1,), repeats=1))
     out = run_active_learning(abl, cfg)
     folder = workdir / "abl" / "active-learning" / "hybrid"
@@ -141,3 +160,19 @@ def test_experiment_labels_in_uncertainty_order_and_compares_with_random(workdir
     # resumable: a second call trains nothing and rebuilds the same table
     again = run_active_learning(abl, cfg)
     assert [r["test_dice"] for r in again["rows"]] == [float(r["test_dice"]) for r in rows]
+
+
+def test_development_set_is_never_selected_and_density_runs(workdir, mlflow_uri, isic_tiny):
+    abl = _tiny_ablation(workdir, mlflow_uri, isic_tiny)
+    cfg = ActiveLearningConfig(budgets=[1, 2], seeds=[0], strategies=["random", "density"], evaluate_on="pool-holdout", holdout=3,
+                               uncertainty=UncertaintyConfig(sigmas=(0.1,), repeats=1))
+    out = run_active_learning(abl, cfg)
+    pool = [p["id"] for p in load_pairs(abl.target, "pool")]
+    dev = set(few_shot_ids(pool, 3, 10_000))
+    for r in out["rows"]:
+        assert not set(r["ids"].split()) & dev  # the development images are never labelled
+    folder = workdir / "abl" / "active-learning" / "hybrid-pool-holdout"
+    per_image = folder / "density" / "b2-s0" / "eval" / "per_image.csv"
+    assert {row["id"] for row in csv.DictReader(open(per_image))} == dev  # and they are what every run is scored on
+    report = out["markdown"].read_text()
+    assert "development set" in report and "density - random" in report

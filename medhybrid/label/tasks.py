@@ -100,31 +100,20 @@ class MedhybridTrain(TrainTask):
 
 
 class UncertaintyStrategy(Strategy):
-    """Next study = the unlabelled one whose mask changes most when the image is noised (:mod:`medhybrid.active`),
-    with ``density_beta`` > 0 weighted by its information density among the unlabelled studies (u * density^beta), so
-    that an outlier is not proposed first. Scores and embeddings are cached per served model and image file, so only
+    """Next study = the unlabelled one whose mask changes most when the image is noised (:mod:`medhybrid.active`):
+    the study the current model is most likely wrong on. Measured on the shipped target domains, labelling in this
+    order trained *worse* models than random order (README, "MONAI Label"): use it to review the model's weakest
+    predictions, and ``random`` to choose training images. Scores are cached per served model and image file, so only
     new studies are scored after the first call."""
 
-    def __init__(self, workspace: LabelWorkspace, cfg: UncertaintyConfig | None = None, density_beta: float = 0.0):
-        name = "uncertainty x information density" if density_beta else "uncertainty"
-        super().__init__(f"Next study by {name}: disagreement of the hybrid network's masks across noise levels"
-                         + (" times similarity to the other unlabelled studies" if density_beta else ""))
+    def __init__(self, workspace: LabelWorkspace, cfg: UncertaintyConfig | None = None):
+        super().__init__("Most uncertain study first: disagreement of the hybrid network's masks across noise levels")
         self.workspace = workspace
         self.cfg = cfg or UncertaintyConfig()
-        self.density_beta = density_beta
-        self._cache: dict[tuple, tuple[float, Any]] = {}
+        self._scores: dict[tuple, float] = {}
         self._lock = threading.Lock()
 
-    def _measure(self, uris: list[str]) -> list[tuple[float, Any]]:
-        u = self.workspace.uncertainty(uris, self.cfg)
-        emb = self.workspace.embeddings(uris) if self.density_beta else [None] * len(uris)
-        return list(zip(u, emb, strict=True))
-
     def scores(self, datastore: Datastore, ids: list[str]) -> dict[str, float]:
-        import torch
-
-        from medhybrid.active import density_weighted, information_density
-
         model = self.workspace.model_path
         model_key = (str(model), model.stat().st_mtime_ns)
         keyed = {}
@@ -132,27 +121,21 @@ class UncertaintyStrategy(Strategy):
             uri = datastore.get_image_uri(i)
             keyed[i] = (model_key, uri, os.stat(uri).st_mtime_ns)
         with self._lock:
-            todo = [i for i in ids if keyed[i] not in self._cache]
+            todo = [i for i in ids if keyed[i] not in self._scores]
             if todo:
                 uris = [keyed[i][1] for i in todo]
                 try:
-                    measured = self._measure(uris)
+                    values = self.workspace.uncertainty(uris, self.cfg)
                 except DataError:
-                    measured = []
-                    for u in uris:  # one unreadable study must not block the others: measure them one by one
+                    values = []
+                    for u in uris:  # one unreadable study must not block the others: score them one by one
                         try:
-                            measured.append(self._measure([u])[0])
+                            values.append(self.workspace.uncertainty([u], self.cfg)[0])
                         except DataError as e:
                             log.warning("uncertainty strategy: skipped %s", e)
-                            measured.append((float("nan"), None))
-                self._cache.update({keyed[i]: m for i, m in zip(todo, measured, strict=True)})
-            ok = [i for i in ids if self._cache[keyed[i]][0] == self._cache[keyed[i]][0]]
-            scores = {i: self._cache[keyed[i]][0] for i in ok}
-            if self.density_beta and len(ok) > 1:
-                emb = torch.stack([torch.as_tensor(self._cache[keyed[i]][1]) for i in ok])
-                density = dict(zip(ok, information_density(emb).tolist(), strict=True))
-                scores = density_weighted(scores, density, self.density_beta)
-            return scores
+                            values.append(float("nan"))
+                self._scores.update({keyed[i]: v for i, v in zip(todo, values, strict=True)})
+            return {i: self._scores[keyed[i]] for i in ids if self._scores[keyed[i]] == self._scores[keyed[i]]}
 
     def __call__(self, request: dict[str, Any], datastore: Datastore) -> dict[str, Any] | None:
         ids = sorted(datastore.get_unlabeled_images(label_tag=DefaultLabelTag.FINAL.value))
@@ -162,5 +145,5 @@ class UncertaintyStrategy(Strategy):
         if not scores:
             return None
         best = most_uncertain(scores, 1)[0]
-        return {"id": best, "score": scores[best], "ranked_by": "u * density" if self.density_beta else "u",
-                "model": str(self.workspace.model_path), "unlabeled": len(ids)}
+        return {"id": best, "score": scores[best], "ranked_by": "u", "model": str(self.workspace.model_path),
+                "unlabeled": len(ids)}

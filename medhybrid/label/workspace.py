@@ -186,16 +186,6 @@ class LabelWorkspace:
         net, meta = self.load()
         return score_files(net, meta, images, cfg)
 
-    def embeddings(self, images: Sequence[str | os.PathLike]) -> torch.Tensor:
-        """(N, C) unit-norm bottleneck embeddings of the studies under the served model
-        (:func:`medhybrid.active.embed_images`), for information density."""
-        from medhybrid.active import embed_images
-        from medhybrid.inference import _Prepare
-
-        net, meta = self.load()
-        prepare = _Prepare(meta)
-        return embed_images(net, [prepare(Path(f))[0] for f in images])
-
     # ----------------------------------------------------------------------------------------- training
     def history(self) -> list[dict]:
         f = self.workdir / "history.json"
