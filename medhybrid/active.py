@@ -351,9 +351,11 @@ def write_active_report(rows: list[dict], folder: Path, domain: str, cfg: Active
              f"Method `{cfg.method}` (its pretrained checkpoint, fine-tuned on the labelled images with medhybrid's few-shot "
              f"fine-tuning), seeds {cfg.seeds}. Dice on {split}. "
              f"Uncertainty u: 1 - mean Dice of the mask under noise sigma in {list(cfg.uncertainty.sigmas)} "
-             f"({cfg.uncertainty.repeats} draws each) against the clean mask; `uncertainty` labels the highest u first, "
-             f"`density` the highest u * density^{cfg.density_beta:g} (density: mean cosine similarity of the bottleneck "
-             "features to the other unlabelled images); both rescore after each round's fine-tuning.", "",
+             f"({cfg.uncertainty.repeats} draws each) against the clean mask; `uncertainty` labels the highest u first"
+             + (f", `density` the highest u * density^{cfg.density_beta:g} (density: mean cosine similarity of the bottleneck "
+                "features to the other unlabelled images)" if "density" in strategies else "")
+             + ", rescoring after each round's fine-tuning; `random` labels seeded random subsets "
+             "(the ablation's, when scored on test).", "",
              "| labels | " + " | ".join(strategies) + "".join(f" | {s} - random (per seed)" for s in others) + " |",
              "|---|" + "---|" * (len(strategies) + len(others))]
     for b in cfg.budgets:
@@ -386,6 +388,7 @@ def write_active_report(rows: list[dict], folder: Path, domain: str, cfg: Active
         ax.plot(cfg.budgets, m, marker="o", label=s)
     ax.set_xscale("log")
     ax.set_xticks(cfg.budgets, [str(b) for b in cfg.budgets])
+    ax.minorticks_off()
     ax.set_xlabel("labelled images")
     ax.set_ylabel(f"Dice ({domain} {'test' if cfg.evaluate_on == 'test' else 'dev'})")
     ax.legend()
