@@ -33,6 +33,7 @@ import torch
 from pydantic import Field, field_validator
 
 from medhybrid.config import NoiseLevels, Preprocess, StrictModel
+from medhybrid.evaluate import class_map
 from medhybrid.networks import HybridUNet
 
 log = logging.getLogger("medhybrid")
@@ -48,11 +49,6 @@ class UncertaintyConfig(StrictModel):
 
 
 # --------------------------------------------------------------------------------------------- the score
-def hard_mask(logits: torch.Tensor) -> torch.Tensor:
-    """(B, K, H, W) mask logits -> (B, H, W) class indices (``logit > 0`` for one sigmoid channel)."""
-    return (logits[:, 0] > 0).long() if logits.shape[1] == 1 else logits.argmax(1)
-
-
 def mask_dice(a: torch.Tensor, b: torch.Tensor, num_classes: int) -> torch.Tensor:
     """Per-image Dice between (B, H, W) class maps, averaged over foreground classes present in either;
     1 where neither has any foreground (two empty masks agree)."""
@@ -85,13 +81,13 @@ def mask_disagreement(net: HybridUNet, x: torch.Tensor, sigmas: Sequence[float] 
     dev = next(net.parameters()).device
     x = x.to(dev).float()
     k = net.mask_channels if net.mask_channels > 1 else 2
-    clean = hard_mask(net.segment(x)).cpu()
+    clean = class_map(net.segment(x)).cpu()
     dice = torch.zeros(x.shape[0], dtype=torch.float64)
     for sigma in sigmas:
         for _ in range(repeats):
             eps = torch.randn(x.shape, generator=generator).to(dev)
             noisy = _mask_logits(net, x + sigma * eps, sigma)
-            dice += mask_dice(hard_mask(noisy).cpu(), clean, k)
+            dice += mask_dice(class_map(noisy).cpu(), clean, k)
     return 1.0 - dice / (len(sigmas) * repeats)
 
 
@@ -145,25 +141,14 @@ def density_weighted(scores: dict[str, float], density: dict[str, float], beta: 
     return {i: scores[i] * density[i] ** beta for i in scores}
 
 
-def _pair_images(pairs: Sequence[dict], channels: int, preprocess: Preprocess) -> list[torch.Tensor]:
+def _pair_images(pairs: Sequence[dict], channels: int, preprocess: Preprocess) -> dict[str, torch.Tensor]:
+    """``{id: model-ready image}`` of dataset pairs (only their images are read)."""
     from types import SimpleNamespace
 
     from medhybrid.transforms import preprocessing
 
     t = preprocessing(SimpleNamespace(channels=channels), preprocess, with_label=False)
-    return [t({"image": p["image"]})["image"] for p in pairs]
-
-
-def score_pairs(net: HybridUNet, pairs: Sequence[dict], channels: int, preprocess: Preprocess,
-                cfg: UncertaintyConfig | None = None) -> dict[str, float]:
-    """``{id: u}`` for dataset pairs (only their images are read)."""
-    return dict(zip([p["id"] for p in pairs], score_images(net, _pair_images(pairs, channels, preprocess), cfg), strict=True))
-
-
-def density_pairs(net: HybridUNet, pairs: Sequence[dict], channels: int, preprocess: Preprocess) -> dict[str, float]:
-    """``{id: information density}`` of dataset pairs among themselves."""
-    d = information_density(embed_images(net, _pair_images(pairs, channels, preprocess)))
-    return dict(zip([p["id"] for p in pairs], d.tolist(), strict=True))
+    return {p["id"]: torch.as_tensor(t({"image": p["image"]})["image"]) for p in pairs}
 
 
 def score_files(net: HybridUNet, meta: dict, files: Sequence[str | os.PathLike], cfg: UncertaintyConfig | None = None) -> list[float]:
@@ -227,6 +212,7 @@ def run_active_learning(abl, cfg: ActiveLearningConfig) -> dict:
     init_net, meta = load_model(pre.checkpoint)
     preprocess = Preprocess(**meta["preprocess"])
     pool = load_pairs(abl.target, "pool")
+    images = _pair_images(pool, abl.target.channels, preprocess)  # decoded once, scored every round
     dev: list[dict] | None = None
     if cfg.evaluate_on == "pool-holdout":
         held = set(few_shot_ids([p["id"] for p in pool], cfg.holdout, 10_000))  # one fixed draw, not a run seed
@@ -250,16 +236,19 @@ def run_active_learning(abl, cfg: ActiveLearningConfig) -> dict:
                 if strategy == "random":
                     selected = few_shot_ids([p["id"] for p in pool], budget, seed)
                 else:
-                    scores = score_pairs(net, pool, abl.target.channels, preprocess, cfg.uncertainty)
-                    rho = score_error_correlation(net, abl.target, preprocess, [p for p in pool if p["id"] not in selected], scores)
+                    ids = [p["id"] for p in pool]
+                    scores = dict(zip(ids, score_images(net, [images[i] for i in ids], cfg.uncertainty), strict=True))
+                    free = [p for p in pool if p["id"] not in selected]
+                    rho = score_error_correlation(net, abl.target, preprocess, free, scores)
                     if strategy == "density":
-                        free = [p for p in pool if p["id"] not in selected]
-                        scores = density_weighted({p["id"]: scores[p["id"]] for p in free},
-                                                  density_pairs(net, free, abl.target.channels, preprocess), cfg.density_beta)
+                        free_ids = [p["id"] for p in free]
+                        density = information_density(embed_images(net, [images[i] for i in free_ids])).tolist()
+                        scores = density_weighted({i: scores[i] for i in free_ids}, dict(zip(free_ids, density, strict=True)),
+                                                  cfg.density_beta)
                     selected = selected + most_uncertain(scores, budget - len(selected), exclude=selected)
                     (folder / strategy / f"b{budget}-s{seed}").mkdir(parents=True, exist_ok=True)
                     _write_json(folder / strategy / f"b{budget}-s{seed}" / "scores.json", scores)
-                net, dice = _finetune_and_test(abl, cfg, pre, folder, strategy, budget, seed, selected, parent, dev)
+                net, dice = _finetune_and_test(abl, cfg, pre, meta, folder, strategy, budget, seed, selected, parent, dev)
                 rows.append({"strategy": strategy, "budget": budget, "seed": seed, "test_dice": dice, "ids": " ".join(selected),
                              "score_error_rho": rho})
                 log.info("active learning %s: %s b%d s%d test dice %.4f", abl.name, strategy, budget, seed, dice)
@@ -287,7 +276,7 @@ def score_error_correlation(net: HybridUNet, dataset, preprocess: Preprocess, pa
     return float(spearmanr([scores[i] for i in ids], [err[i] for i in ids]).statistic)
 
 
-def _finetune_and_test(abl, cfg: ActiveLearningConfig, pre, folder: Path, strategy: str, budget: int, seed: int,
+def _finetune_and_test(abl, cfg: ActiveLearningConfig, pre, meta: dict, folder: Path, strategy: str, budget: int, seed: int,
                        ids: list[str], parent: str | None, dev: list[dict] | None = None) -> tuple[HybridUNet, float]:
     from medhybrid import tracking
     from medhybrid.config import deep_merge, dump_config, validate
@@ -295,7 +284,6 @@ def _finetune_and_test(abl, cfg: ActiveLearningConfig, pre, folder: Path, strate
     from medhybrid.finetune import FinetuneConfig, run_finetuning
     from medhybrid.pretrain import load_model
 
-    meta = load_model(pre.checkpoint)[1]
     out = folder / strategy / f"b{budget}-s{seed}"
     data = deep_merge(abl.finetune, dict(
         dataset=abl.target.model_dump(), method=f"{cfg.method}-{strategy}", budget=budget, seed=seed, ids=ids,

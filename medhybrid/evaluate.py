@@ -37,6 +37,11 @@ def restore_logits(logits: torch.Tensor, original_hw: tuple[int, int], size: int
     return F.interpolate(logits.float(), size=(h, w), mode="bilinear", align_corners=False)
 
 
+def class_map(logits: torch.Tensor) -> torch.Tensor:
+    """(B, K, H, W) mask logits -> (B, H, W) class indices: ``logit > 0`` for one sigmoid channel, argmax otherwise."""
+    return (logits[:, 0] > 0).long() if logits.shape[1] == 1 else logits.argmax(1)
+
+
 def predict(net: HybridUNet, image: torch.Tensor) -> torch.Tensor:
     """Mask logits for preprocessed images (B, C, S, S), at sigma_min."""
     net.eval()
@@ -103,11 +108,11 @@ def evaluate(net: HybridUNet, dataset: DatasetSpec, preprocess: Preprocess, spli
             d = native[1](native[0]({"image": p["image"], "label": p["label"]}))
             lab = torch.as_tensor(d["label"])[0]
             full = restore_logits(lg[None], tuple(lab.shape), preprocess.resolution, preprocess.aspect)[0]
-            pred = (full[0] > 0).long() if full.shape[0] == 1 else full.argmax(0)
+            pred = class_map(full[None])[0]
             m = binary_metrics(pred, lab)
             row = {"id": p["id"], **m}
             result.rows.append(row)
-            keep.append((m["dice"], row, xm, (lg[0] > 0) if lg.shape[0] == 1 else (lg.argmax(0) > 0)))
+            keep.append((m["dice"], row, xm, class_map(lg[None])[0] > 0))
     if out_dir is not None:
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)

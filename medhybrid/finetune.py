@@ -138,9 +138,7 @@ def initial_network(cfg: FinetuneConfig) -> tuple[HybridUNet, dict]:
         return build_network(cfg.model, cfg.dataset.channels, nc), {"loaded": [], "skipped": {}, "missing": []}
     ckpt = torch.load(cfg.init, map_location="cpu", weights_only=True)
     meta = ckpt["meta"]
-    if meta["image_channels"] != cfg.dataset.channels:
-        raise ValueError(f"{cfg.init}: pretrained on {meta['image_channels']}-channel images, target "
-                         f"{cfg.dataset.name!r} has {cfg.dataset.channels}")
+    require_channels(meta, cfg)
     pre = meta.get("preprocess", {})
     if pre and pre.get("resolution") != cfg.preprocess.resolution:
         log.warning("%s was pretrained at %s px, fine-tuning at %s px", cfg.init, pre.get("resolution"), cfg.preprocess.resolution)
@@ -211,12 +209,10 @@ def run_finetuning(cfg: FinetuneConfig) -> FinetuneResult:
     from medhybrid.training import fit
     from medhybrid.transforms import preprocessing
 
-    folder = cfg.folder
-    h = few_shot_hash(cfg)
-    state = tracking.claim_folder(folder, h)
-    model_path = folder / "model.pt"
-    if state.get("status") == "finished" and model_path.is_file():
-        return FinetuneResult(folder, model_path, state.get("mlflow_run_id"), state.get("ids", []), state.get("transfer", {}))
+    folder, model_path = cfg.folder, cfg.folder / "model.pt"
+    h, done = claim_few_shot_run(cfg)
+    if done is not None:
+        return FinetuneResult(folder, model_path, done.get("mlflow_run_id"), done.get("ids", []), done.get("transfer", {}))
 
     pairs = few_shot_pairs(cfg.dataset, cfg.budget, cfg.seed, ids=cfg.ids)  # pool only; raises on a budget larger than the pool
     if cfg.train.check_data:
@@ -265,6 +261,24 @@ def few_shot_hash(cfg: FewShotRunConfig) -> str:
     from medhybrid.pretrain import config_hash
 
     return config_hash(cfg, exclude=FEW_SHOT_UNHASHED + (("ids",) if cfg.ids is None else ()))
+
+
+def claim_few_shot_run(cfg: FewShotRunConfig) -> tuple[str, dict | None]:
+    """Claim ``cfg.folder`` for this run (:func:`medhybrid.tracking.claim_folder`): its config hash, and its
+    ``state.json`` when the run already finished with its ``model.pt`` (None: train, or resume, it)."""
+    from medhybrid import tracking
+
+    h = few_shot_hash(cfg)
+    state = tracking.claim_folder(cfg.folder, h)
+    done = state.get("status") == "finished" and (cfg.folder / "model.pt").is_file()
+    return h, state if done else None
+
+
+def require_channels(meta: dict, cfg: FewShotRunConfig) -> None:
+    """A checkpoint (its ``meta``) must take the target's image channels."""
+    if meta["image_channels"] != cfg.dataset.channels:
+        raise ValueError(f"{cfg.init}: pretrained on {meta['image_channels']}-channel images, target "
+                         f"{cfg.dataset.name!r} has {cfg.dataset.channels}")
 
 
 def open_few_shot_run(cfg: FewShotRunConfig, config_hash: str, ids: list[str]) -> str | None:

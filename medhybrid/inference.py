@@ -34,7 +34,7 @@ import torch
 from pydantic import Field
 
 from medhybrid.config import Preprocess, StrictModel
-from medhybrid.evaluate import restore_logits
+from medhybrid.evaluate import class_map, restore_logits
 from medhybrid.io import SUPPORTED_SUFFIXES, DataError, file_suffix
 from medhybrid.networks import HybridUNet, ModelConfig, build_network
 
@@ -152,10 +152,19 @@ class _Prepare:
 
 # --------------------------------------------------------------------------------------------- outputs
 def logits_to_mask(logits: torch.Tensor) -> np.ndarray:
-    """(K, H, W) logits -> (H, W) uint8 class indices: ``logit > 0`` for one channel, argmax otherwise."""
-    if logits.shape[0] == 1:
-        return (logits[0] > 0).to(torch.uint8).numpy()
-    return logits.argmax(0).to(torch.uint8).numpy()
+    """(K, H, W) logits -> (H, W) uint8 class indices (:func:`medhybrid.evaluate.class_map`)."""
+    return class_map(logits[None])[0].to(torch.uint8).numpy()
+
+
+@torch.no_grad()
+def segment_files(net: Segmenter, prepare: _Prepare, files: Sequence[Path]) -> list[np.ndarray]:
+    """(H, W) uint8 class-index masks of ``files``, each at its file's own size: the model's preprocessing, one batch,
+    the logits mapped back to the file's pixel grid before thresholding."""
+    loaded = [prepare(Path(f)) for f in files]
+    logits = net(torch.stack([t for t, _ in loaded]).to(next(net.parameters()).device)).float().cpu()
+    pre = prepare.preprocess
+    return [logits_to_mask(restore_logits(lg[None], hw, pre.resolution, pre.aspect)[0])
+            for (_, hw), lg in zip(loaded, logits, strict=True)]
 
 
 def write_mask_png(mask: np.ndarray, path: Path, binary: bool) -> Path:
@@ -199,21 +208,14 @@ def infer_files(model_path: str | os.PathLike, files: Sequence[str | os.PathLike
     """
     files = collect_inputs(list(files))
     net, meta = load_segmenter(model_path, device)
-    dev = next(net.parameters()).device
     prepare = _Prepare(meta)
-    pre = prepare.preprocess
     binary = net.mask_channels == 1
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
     written: list[Path] = []
     for start in range(0, len(files), batch_size):
         chunk = files[start : start + batch_size]
-        loaded = [prepare(f) for f in chunk]
-        x = torch.stack([t for t, _ in loaded]).to(dev)
-        logits = net(x).float().cpu()
-        for f, (_, hw), lg in zip(chunk, loaded, logits, strict=True):
-            full = restore_logits(lg[None], hw, pre.resolution, pre.aspect)[0]
-            mask = logits_to_mask(full)
+        for f, mask in zip(chunk, segment_files(net, prepare, chunk), strict=True):
             stem = image_stem(f)
             png = write_mask_png(mask, out / f"{stem}{MASK_SUFFIX}.png", binary)
             if nifti:

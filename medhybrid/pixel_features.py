@@ -303,21 +303,17 @@ def run_pixel_features(cfg: PixelFeaturesConfig) -> PixelFeaturesResult:
 
     from medhybrid import tracking
     from medhybrid.datasets import few_shot_pairs
-    from medhybrid.finetune import few_shot_hash, open_few_shot_run
+    from medhybrid.finetune import claim_few_shot_run, open_few_shot_run, require_channels
     from medhybrid.pretrain import load_model
     from medhybrid.transforms import preprocessing
 
-    folder = cfg.folder
-    h = few_shot_hash(cfg)
-    state = tracking.claim_folder(folder, h)
-    model_path = folder / "model.pt"
-    if state.get("status") == "finished" and model_path.is_file():
-        return PixelFeaturesResult(folder, model_path, state.get("mlflow_run_id"), state.get("ids", []), state.get("stats", {}))
+    folder, model_path = cfg.folder, cfg.folder / "model.pt"
+    h, done = claim_few_shot_run(cfg)
+    if done is not None:
+        return PixelFeaturesResult(folder, model_path, done.get("mlflow_run_id"), done.get("ids", []), done.get("stats", {}))
 
     net, meta = load_model(cfg.init)
-    if meta["image_channels"] != cfg.dataset.channels:
-        raise ValueError(f"{cfg.init}: pretrained on {meta['image_channels']}-channel images, target "
-                         f"{cfg.dataset.name!r} has {cfg.dataset.channels}")
+    require_channels(meta, cfg)
     preprocess = Preprocess(**meta["preprocess"])
     pairs = few_shot_pairs(cfg.dataset, cfg.budget, cfg.seed, ids=cfg.ids)
     ids = [p["id"] for p in pairs]

@@ -10,6 +10,7 @@ training preprocessing, and the logits are mapped back to the study's pixel grid
 from __future__ import annotations
 
 import logging
+import math
 import os
 import tempfile
 import threading
@@ -135,7 +136,7 @@ class UncertaintyStrategy(Strategy):
                             log.warning("uncertainty strategy: skipped %s", e)
                             values.append(float("nan"))
                 self._scores.update({keyed[i]: v for i, v in zip(todo, values, strict=True)})
-            return {i: self._scores[keyed[i]] for i in ids if self._scores[keyed[i]] == self._scores[keyed[i]]}
+            return {i: self._scores[keyed[i]] for i in ids if not math.isnan(self._scores[keyed[i]])}
 
     def __call__(self, request: dict[str, Any], datastore: Datastore) -> dict[str, Any] | None:
         ids = sorted(datastore.get_unlabeled_images(label_tag=DefaultLabelTag.FINAL.value))

@@ -163,16 +163,10 @@ class LabelWorkspace:
     def segment(self, image: str | os.PathLike, out: str | os.PathLike) -> tuple[Path, dict]:
         """Segment one study into ``out`` (class indices, the study's size and orientation; the format from the
         suffix, see :func:`write_label`). Returns the file and a summary."""
-        from medhybrid.config import Preprocess
-        from medhybrid.evaluate import restore_logits
-        from medhybrid.inference import _Prepare, logits_to_mask
+        from medhybrid.inference import _Prepare, segment_files
 
         net, meta = self.load()
-        prepare = _Prepare(meta)
-        x, hw = prepare(Path(image))
-        logits = net(x[None].to(next(net.parameters()).device)).float().cpu()
-        pre = Preprocess(**meta["preprocess"])
-        mask = logits_to_mask(restore_logits(logits, hw, pre.resolution, pre.aspect)[0])
+        mask = segment_files(net, _Prepare(meta), [Path(image)])[0]
         path = write_label(mask, image, out)
         counts = {name: int((mask == k).sum()) for name, k in self.labels().items()}
         return path, {"model": str(self.model_path), "shape": [int(s) for s in mask.shape], "pixels": counts,
@@ -253,9 +247,8 @@ class LabelWorkspace:
         if n_val:
             from medhybrid.config import Preprocess
 
-            pre = Preprocess(**meta["preprocess"])
-            new = evaluate(load_model(res.checkpoint)[0], spec, pre, "test", out_dir=folder / "validation")
-            before_net, before_meta = self.load()
+            new = evaluate(load_model(res.checkpoint)[0], spec, cfg.preprocess, "test", out_dir=folder / "validation")
+            before_net, before_meta = self.load()  # the model served until now, with its own preprocessing
             before = evaluate(before_net, spec, Preprocess(**before_meta["preprocess"]), "test")
             stats.update(val_dice=new.summary["test_dice"], val_dice_before=before.summary["test_dice"])
             if res.run_id:
