@@ -1,13 +1,16 @@
 """Pretraining throughput and peak memory: medhybrid's engine (MONAI SupervisedTrainer + seams)
 side by side with a plain PyTorch loop on the same network, batch and objective, in one run.
 
-    .venv/bin/python benchmarks/pretrain_throughput.py [--iters 20] [--batch 16] [--res 64] [--mode hybrid]
+    .venv/bin/python benchmarks/pretrain_throughput.py [--iters 20] [--batch 16] [--res 64] [--mode hybrid] [--compile]
 
 ``--mode`` is a pretraining mode (hybrid, supervised, diffusion, mdm) or ``finetune`` (the few-shot
 fine-tuning step: clean image at sigma_min, mask loss only).
 
 Each variant runs in its own subprocess (so peak memory is its own): peak RSS on CPU, peak
 ``torch.cuda.max_memory_allocated`` on CUDA. Prints images/s, peak memory and engine/plain ratios.
+``--compile`` adds both loops under ``torch.compile`` (the engine through ``TrainConfig.compile``), each
+with a fresh inductor cache, and prints the warm-up time (the first iterations, compilation included)
+and the compiled/eager ratios.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 
@@ -77,40 +81,45 @@ def run_variant(args) -> dict:
     prepare = CorruptionPrepareBatch(args.mode, seed=0, seg_fraction=0.5, weighting="low")
     loss_fn = PretrainLoss(args.mode, net.mask_channels)
     warm = 3
+    if args.compile:
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="inductor-")  # a cold compile, every run
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     with PeakRSS() as mem:
         if args.variant == "engine":
-            import tempfile
-
             cfg = TrainConfig(epochs=1, epoch_length=args.iters + warm, batch_size=args.batch, warmup_iterations=0,
-                              check_data=False, progress=False, checkpoint_every=10**6)
+                              check_data=False, progress=False, checkpoint_every=10**6, compile=args.compile)
             times = []
 
             def on_trainer(trainer):
                 from ignite.engine import Events
 
+                trainer.add_event_handler(Events.STARTED, lambda e: times.append(time.perf_counter()))
                 trainer.add_event_handler(Events.ITERATION_COMPLETED, lambda e: times.append(time.perf_counter()))
 
             with tempfile.TemporaryDirectory() as tmp:
                 fit(net, items, prepare, loss_fn, cfg, tmp, on_trainer=on_trainer)
-            elapsed = times[-1] - times[warm - 1]
+            elapsed = times[-1] - times[warm]
+            warmup = times[warm] - times[0]
         else:
             net = net.to(device)
             amp = device.type == "cuda"
             if amp:
                 net = net.to(memory_format=torch.channels_last)
             opt = torch.optim.AdamW(net.parameters(), lr=2e-4)
+            forward = torch.compile(net) if args.compile else net
             batch = {"image": torch.stack([d["image"] for d in items]), "label": torch.stack([d["label"] for d in items])}
+            start = time.perf_counter()
             for i in range(args.iters + warm):
                 if i == warm:
                     if amp:
                         torch.cuda.synchronize()
                     t0 = time.perf_counter()
+                    warmup = t0 - start
                 prepare.step = i + 1
                 x, tgt, _, kw = prepare(batch, device)
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-                    out = net(x, **kw)
+                    out = forward(x, **kw)
                     loss = loss_fn(out, tgt)
                 opt.zero_grad()
                 loss.backward()
@@ -120,8 +129,10 @@ def run_variant(args) -> dict:
                 torch.cuda.synchronize()
             elapsed = time.perf_counter() - t0
     peak = torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else mem.peak
-    return {"variant": args.variant, "device": str(device), "images_per_s": args.iters * args.batch / elapsed,
-            "peak_mb": peak, "peak_kind": "cuda allocated" if device.type == "cuda" else "process RSS"}
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu, {torch.get_num_threads()} threads"
+    return {"variant": args.variant, "device": f"{device} ({name}), torch {torch.__version__}",
+            "images_per_s": args.iters * args.batch / elapsed, "warmup_s": warmup, "peak_mb": peak,
+            "peak_kind": "cuda allocated" if device.type == "cuda" else "process RSS"}
 
 
 def main() -> None:
@@ -130,24 +141,37 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--res", type=int, default=64)
     p.add_argument("--mode", default="hybrid")
+    p.add_argument("--compile", action="store_true", help="also run both loops under torch.compile")
     p.add_argument("--variant", choices=["engine", "plain"])
     args = p.parse_args()
     if args.variant:
         print("RESULT " + json.dumps(run_variant(args)))
         return
     res = {}
-    for v in ("plain", "engine"):
-        cmd = [sys.executable, __file__, "--variant", v, "--iters", str(args.iters), "--batch", str(args.batch),
-               "--res", str(args.res), "--mode", args.mode]
-        out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
-        res[v] = json.loads(next(line for line in out.splitlines() if line.startswith("RESULT "))[7:])
+    for compiled in (False, True) if args.compile else (False,):
+        for v in ("plain", "engine"):
+            cmd = [sys.executable, __file__, "--variant", v, "--iters", str(args.iters), "--batch", str(args.batch),
+                   "--res", str(args.res), "--mode", args.mode] + (["--compile"] if compiled else [])
+            out = subprocess.run(cmd, capture_output=True, text=True)
+            if out.returncode:
+                sys.exit(f"{' '.join(cmd)} failed:\n{out.stderr[-3000:]}")
+            res[v + ("+compile" if compiled else "")] = json.loads(
+                next(line for line in out.stdout.splitlines() if line.startswith("RESULT "))[7:])
     e, pl = res["engine"], res["plain"]
     stage = "fine-tuning" if args.mode == "finetune" else f"pretraining ({args.mode})"
     print(f"{stage}, batch {args.batch}, {args.res} px, {args.iters} timed iterations, on {e['device']}")
-    print(f"{'':8s} {'images/s':>10s} {'peak MB':>10s}  ({e['peak_kind']})")
-    for v in ("plain", "engine"):
-        print(f"{v:8s} {res[v]['images_per_s']:10.1f} {res[v]['peak_mb']:10.0f}")
-    print(f"ratio engine/plain: throughput {e['images_per_s'] / pl['images_per_s']:.3f}, peak memory {e['peak_mb'] / pl['peak_mb']:.3f}")
+    print(f"{'':15s} {'images/s':>10s} {'peak MB':>10s} {'warm-up s':>10s}  (peak: {e['peak_kind']}; warm-up: first 3 "
+          "iterations, compilation included)")
+    for v, r in res.items():
+        print(f"{v:15s} {r['images_per_s']:10.1f} {r['peak_mb']:10.0f} {r['warmup_s']:10.1f}")
+
+    def ratio(a: dict, b: dict) -> str:
+        return f"throughput {a['images_per_s'] / b['images_per_s']:.3f}, peak memory {a['peak_mb'] / b['peak_mb']:.3f}"
+
+    print(f"ratio engine/plain: {ratio(e, pl)}")
+    if args.compile:
+        print(f"ratio engine+compile/plain+compile: {ratio(res['engine+compile'], res['plain+compile'])}")
+        print(f"ratio compiled/eager: plain {ratio(res['plain+compile'], pl)}; engine {ratio(res['engine+compile'], e)}")
 
 
 if __name__ == "__main__":

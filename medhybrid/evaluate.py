@@ -17,10 +17,11 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from monai.transforms import Compose
 
 from medhybrid.config import DatasetSpec, Preprocess
 from medhybrid.networks import HybridUNet
-from medhybrid.transforms import IGNORE_INDEX, LoadImage2Dd, MaskToLabeld, aspect_size, preprocessing
+from medhybrid.transforms import IGNORE_INDEX, aspect_size, preprocessing
 
 
 def restore_logits(logits: torch.Tensor, original_hw: tuple[int, int], size: int, aspect: str) -> torch.Tensor:
@@ -95,17 +96,18 @@ def evaluate(net: HybridUNet, dataset: DatasetSpec, preprocess: Preprocess, spli
     pairs = pairs if pairs is not None else load_pairs(dataset, split)
     if not pairs:
         raise ValueError(f"dataset {dataset.name!r} has no {split!r} images to evaluate")
-    model_t = preprocessing(dataset, preprocess)
-    native = [LoadImage2Dd(["image", "label"], label_keys=["label"], channels=dataset.channels),
-              MaskToLabeld("label", dataset.mask.values, dataset.mask.ignore, dataset.mask.threshold)]
+    # each file decoded once: the native pair (mask checked against its image), then the image's intensity and
+    # resize steps of the model's preprocessing
+    native = Compose(preprocessing(dataset, preprocess).transforms[:2])
+    to_model = Compose(preprocessing(dataset, preprocess, with_label=False).transforms[1:])
     result = EvalResult()
     keep: list[tuple[float, dict, torch.Tensor, torch.Tensor]] = []
     for start in range(0, len(pairs), batch_size):
         chunk = pairs[start : start + batch_size]
-        x = torch.stack([torch.as_tensor(model_t(p)["image"]) for p in chunk])
+        decoded = [native({"image": p["image"], "label": p["label"]}) for p in chunk]
+        x = torch.stack([torch.as_tensor(to_model({"image": d["image"]})["image"]) for d in decoded])
         logits = predict(net, x)
-        for p, lg, xm in zip(chunk, logits, x, strict=True):
-            d = native[1](native[0]({"image": p["image"], "label": p["label"]}))
+        for p, d, lg, xm in zip(chunk, decoded, logits, x, strict=True):
             lab = torch.as_tensor(d["label"])[0]
             full = restore_logits(lg[None], tuple(lab.shape), preprocess.resolution, preprocess.aspect)[0]
             pred = class_map(full[None])[0]

@@ -80,7 +80,8 @@ class PretrainConfig(StrictModel):
 
 def config_hash(cfg: StrictModel, exclude: tuple[str, ...] = ("mlflow", "output_dir")) -> str:
     d = {k: v for k, v in dump_config(cfg).items() if k not in exclude}
-    d.get("train", {}).pop("progress", None)
+    for execution_only in ("progress", "compile"):  # how a run executes, not what it computes
+        d.get("train", {}).pop(execution_only, None)
     return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
 

@@ -43,6 +43,9 @@ class TrainConfig(StrictModel):
     seed: int = 0
     device: str = Field("auto", description="auto, cpu, cuda, cuda:1 ...")
     amp: bool = Field(True, description="bf16 autocast and channels-last on CUDA; ignored on CPU (fp32)")
+    compile: bool = Field(False, description="torch.compile the training forward (MONAI SupervisedTrainer's compile): "
+                          "a one-off compile (~80 s for the default U-Net on a 2-core CPU, where it gains ~1 %) for "
+                          "fused kernels on CUDA; an execution setting, not part of a run's config hash")
     num_workers: int = 0
     nproc: int = Field(1, ge=1, description="data-parallel processes (ignite.distributed)")
     backend: Literal["gloo", "nccl"] | None = Field(None, description="None: nccl on CUDA, gloo on CPU")
@@ -146,7 +149,7 @@ def fit(
         device=device, max_epochs=cfg.epochs, epoch_length=cfg.epoch_length, train_data_loader=loader,
         network=model, optimizer=optimizer, loss_function=loss_function, prepare_batch=prepare_batch,
         inferer=_conditioned_inferer(), amp=cuda and cfg.amp, amp_kwargs={"dtype": torch.bfloat16} if cuda else None,
-        decollate=False, train_handlers=handlers,
+        decollate=False, train_handlers=handlers, compile=cfg.compile,
     )
     sampler.attach(trainer)
     if on_trainer is not None:

@@ -39,3 +39,36 @@ def test_inference_latency_side_by_side(data):
     ms = {line.split()[0]: float(line.split()[1]) for line in out.splitlines() if line.startswith(("plain ", "medhybrid "))}
     assert set(ms) == {"plain", "medhybrid"} and all(v > 0 for v in ms.values())
     assert _ratio(out, "latency") == pytest.approx(ms["medhybrid"] / ms["plain"], rel=0.01)
+
+
+def test_ablation_time_side_by_side(data, tmp_path):
+    """A tiny ablation on real ISIC -> PH2 images: the tool and the plain script train the same methods
+    (the ddpm-features head left out of both), both score the test images, and the ratio is printed."""
+    import yaml
+    from conftest import isic_yaml, ph2_yaml
+
+    cpu = {"device": "cpu", "progress": False}
+    config = {
+        "source": str(isic_yaml(tmp_path / "datasets", n_train=8, n_val=2)),
+        "target": str(ph2_yaml(tmp_path / "datasets", n_pool=4, n_test=3)),
+        "methods": {"scratch": {"pretrain": "none"}, "hybrid": {"pretrain": "hybrid"},
+                    "ddpm-features": {"pretrain": "hybrid", "head": "ddpm-features"}},
+        "reference": "hybrid",
+        "pretrain": {"preprocess": {"resolution": 32},
+                     "model": {"channels": [16, 32], "attention_levels": [False, False]},
+                     "train": {"epochs": 1, "epoch_length": 3, "batch_size": 4, "warmup_iterations": 0, "val_max_images": 2, **cpu}},
+        "finetune": {"train": {"batch_size": 2, "warmup_iterations": 0, **cpu},
+                     "schedule": {"per_label": 1, "min_iterations": 3, "max_iterations": 3, "epochs": 1}},
+        "profiles": {"tiny": {"budgets": [2], "seeds": [0, 1]}},
+    }
+    path = tmp_path / "tiny.yaml"
+    path.write_text(yaml.safe_dump(config))
+    out = _run("ablation_time.py", "--config", str(path), "--profile", "tiny")
+    assert "2 methods x 1 budgets x 2 seeds" in out, out
+    rows = {tuple(line.split()[:2]): [float(v) for v in line.split()[2:]] for line in out.splitlines()
+            if line.split()[:1] in (["scratch"], ["hybrid"])}
+    assert set(rows) == {(m, s) for m in ("scratch", "hybrid") for s in ("plain", "medhybrid")}, out
+    for (method, _), (pretrain_s, train_s, eval_s, dice) in rows.items():
+        assert train_s > 0 and eval_s > 0 and 0 < dice <= 1 and (pretrain_s > 0 or method == "scratch")
+    assert "ddpm-features" not in out
+    assert _ratio(out, "wall") > 0

@@ -189,6 +189,16 @@ def test_same_run_name_different_folders_are_two_runs(isic_tiny, pretrain_cfg, m
     assert runs[b.run_id].data.tags["medhybrid.folder"] == str(b.folder.resolve())
 
 
+def test_config_hash_ignores_execution_settings(isic_tiny, pretrain_cfg):
+    """How a run executes (progress bar, torch.compile) is not what it computes: same hash, so a run
+    started one way resumes the other; a change to the schedule is a different run."""
+    from medhybrid.pretrain import config_hash
+
+    base = config_hash(pretrain_cfg(isic_tiny))
+    assert config_hash(pretrain_cfg(isic_tiny, "hybrid", "train.compile=true", "train.progress=false")) == base
+    assert config_hash(pretrain_cfg(isic_tiny, "hybrid", "train.lr=0.0005")) != base
+
+
 def test_pretrain_refuses_a_target_dataset(ph2_tiny, workdir):
     with pytest.raises(ConfigError, match="is a target dataset; pretraining uses a source domain"):
         validate(PretrainConfig, {"dataset": str(ph2_tiny)}, context={"base_dir": str(workdir)})
