@@ -44,8 +44,9 @@ class TrainConfig(StrictModel):
     device: str = Field("auto", description="auto, cpu, cuda, cuda:1 ...")
     amp: bool = Field(True, description="bf16 autocast and channels-last on CUDA; ignored on CPU (fp32)")
     compile: bool = Field(False, description="torch.compile the training forward (MONAI SupervisedTrainer's compile): "
-                          "a one-off compile (~80 s for the default U-Net on a 2-core CPU, where it gains ~1 %) for "
-                          "fused kernels on CUDA; an execution setting, not part of a run's config hash")
+                          "a one-off compile (~83 s for the default U-Net on a 2-core CPU, where the compiled steps are "
+                          "4-8 % slower: benchmarks/README.md) for fused kernels on CUDA; an execution setting, not part "
+                          "of a run's config hash")
     num_workers: int = 0
     nproc: int = Field(1, ge=1, description="data-parallel processes (ignite.distributed)")
     backend: Literal["gloo", "nccl"] | None = Field(None, description="None: nccl on CUDA, gloo on CPU")
