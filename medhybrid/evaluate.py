@@ -17,11 +17,10 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from monai.transforms import Compose
 
 from medhybrid.config import DatasetSpec, Preprocess
 from medhybrid.networks import HybridUNet
-from medhybrid.transforms import IGNORE_INDEX, aspect_size, preprocessing
+from medhybrid.transforms import IGNORE_INDEX, aspect_size, native_then_model, preprocessing
 
 
 def restore_logits(logits: torch.Tensor, original_hw: tuple[int, int], size: int, aspect: str) -> torch.Tensor:
@@ -96,10 +95,7 @@ def evaluate(net: HybridUNet, dataset: DatasetSpec, preprocess: Preprocess, spli
     pairs = pairs if pairs is not None else load_pairs(dataset, split)
     if not pairs:
         raise ValueError(f"dataset {dataset.name!r} has no {split!r} images to evaluate")
-    # each file decoded once: the native pair (mask checked against its image), then the image's intensity and
-    # resize steps of the model's preprocessing
-    native = Compose(preprocessing(dataset, preprocess).transforms[:2])
-    to_model = Compose(preprocessing(dataset, preprocess, with_label=False).transforms[1:])
+    native, to_model = native_then_model(dataset, preprocess)
     result = EvalResult()
     keep: list[tuple[float, dict, torch.Tensor, torch.Tensor]] = []
     for start in range(0, len(pairs), batch_size):
@@ -129,12 +125,11 @@ def evaluate(net: HybridUNet, dataset: DatasetSpec, preprocess: Preprocess, spli
 
 def _overlays(keep, dataset, preprocess, out: Path, n: int) -> list[Path]:
     from medhybrid.datasets import load_pairs
-    from medhybrid.transforms import preprocessing as prep
     from medhybrid.visualize import grid, overlay, save_png
 
     order = sorted(keep, key=lambda k: k[0])
     by_id = {p["id"]: p for p in load_pairs(dataset)}
-    t = prep(dataset, preprocess)
+    t = preprocessing(dataset, preprocess)
     paths = []
     for tag, chosen in (("worst", order[:n]), ("best", order[::-1][:n])):
         tiles = []

@@ -124,13 +124,11 @@ class _Prepare:
     and the rest (intensity, resize): :func:`medhybrid.transforms.preprocessing`, image only."""
 
     def __init__(self, meta: dict):
-        from monai.transforms import Compose
-
-        from medhybrid.transforms import preprocessing
+        from medhybrid.transforms import native_then_model
 
         self.preprocess = Preprocess(**meta.get("preprocess", {}))
-        chain = preprocessing(SimpleNamespace(channels=int(meta["image_channels"])), self.preprocess, with_label=False)
-        self.load, self.rest = chain.transforms[0], Compose(chain.transforms[1:])
+        self.load, self.rest = native_then_model(SimpleNamespace(channels=int(meta["image_channels"])), self.preprocess,
+                                                 with_label=False)
 
     def __call__(self, path: Path) -> tuple[torch.Tensor, tuple[int, int]]:
         try:

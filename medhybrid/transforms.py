@@ -270,20 +270,34 @@ class ResizeAspectd(MapTransform):
 
 
 # --------------------------------------------------------------------------------------------- pipeline
-def preprocessing(dataset, preprocess, with_label: bool = True) -> Compose:
-    """The deterministic pipeline from file paths to model-ready tensors for ``dataset``
-    (:class:`medhybrid.config.DatasetSpec`) under ``preprocess`` (:class:`medhybrid.config.Preprocess`)."""
-    keys = ["image", "label"] if with_label else ["image"]
-    label_keys = ["label"] if with_label else []
+def _reading(dataset, with_label: bool) -> list:
+    """Read the image (and its mask, as class indices checked against the image) at native size."""
+    keys, label_keys = (["image", "label"], ["label"]) if with_label else (["image"], [])
     steps: list = [LoadImage2Dd(keys, label_keys=label_keys, channels=dataset.channels)]
     if with_label:
         m = dataset.mask
         steps.append(MaskToLabeld("label", values=m.values, ignore=m.ignore, threshold=m.threshold, ref_key="image"))
-    steps += [
-        NormalizeIntensity2Dd("image", preprocess.intensity, *preprocess.percentiles),
-        ResizeAspectd(keys, preprocess.resolution, preprocess.aspect, label_keys=label_keys),
-    ]
-    return Compose(steps)
+    return steps
+
+
+def _to_model(preprocess, with_label: bool) -> list:
+    """Intensity normalisation of the image, then the aspect-aware resize (of the mask too, with ``with_label``)."""
+    keys, label_keys = (["image", "label"], ["label"]) if with_label else (["image"], [])
+    return [NormalizeIntensity2Dd("image", preprocess.intensity, *preprocess.percentiles),
+            ResizeAspectd(keys, preprocess.resolution, preprocess.aspect, label_keys=label_keys)]
+
+
+def preprocessing(dataset, preprocess, with_label: bool = True) -> Compose:
+    """The deterministic pipeline from file paths to model-ready tensors for ``dataset``
+    (:class:`medhybrid.config.DatasetSpec`) under ``preprocess`` (:class:`medhybrid.config.Preprocess`)."""
+    return Compose(_reading(dataset, with_label) + _to_model(preprocess, with_label))
+
+
+def native_then_model(dataset, preprocess, with_label: bool = True) -> tuple[Compose, Compose]:
+    """:func:`preprocessing` in two parts, for predicting at each file's native size with every file decoded once:
+    reading (the image, and with ``with_label`` its mask as class indices checked against the image) and the
+    image's own model steps (intensity, resize). ``dataset`` needs ``channels`` (and ``mask`` with ``with_label``)."""
+    return Compose(_reading(dataset, with_label)), Compose(_to_model(preprocess, with_label=False))
 
 
 def image_array(img: torch.Tensor) -> np.ndarray:
