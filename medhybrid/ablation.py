@@ -164,14 +164,13 @@ class _Timings:
             m[stage] = m.get(stage, 0.0) + time.perf_counter() - t
 
     def save(self) -> float:
-        import json
         import time
+
+        from medhybrid.tracking import write_json
 
         self.entry["wall_s"] = time.perf_counter() - self.t0
         self.history.append(self.entry)
-        tmp = self.path.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"invocations": self.history}, indent=1))
-        os.replace(tmp, self.path)
+        write_json(self.path, {"invocations": self.history}, indent=1)
         return self.entry["wall_s"]
 
 

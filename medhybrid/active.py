@@ -247,7 +247,7 @@ def run_active_learning(abl, cfg: ActiveLearningConfig) -> dict:
                                                   cfg.density_beta)
                     selected = selected + most_uncertain(scores, budget - len(selected), exclude=selected)
                     (folder / strategy / f"b{budget}-s{seed}").mkdir(parents=True, exist_ok=True)
-                    _write_json(folder / strategy / f"b{budget}-s{seed}" / "scores.json", scores)
+                    tracking.write_json(folder / strategy / f"b{budget}-s{seed}" / "scores.json", scores, indent=1)
                 net, dice = _finetune_and_test(abl, cfg, pre, meta, folder, strategy, budget, seed, selected, parent, dev)
                 rows.append({"strategy": strategy, "budget": budget, "seed": seed, "test_dice": dice, "ids": " ".join(selected),
                              "score_error_rho": rho})
@@ -302,14 +302,6 @@ def _finetune_and_test(abl, cfg: ActiveLearningConfig, pre, meta: dict, folder: 
         tracking.log_artifact(abl.mlflow, res.run_id, ev.csv, "eval")
     tracking.write_state(fcfg.folder, evaluated=True, test=ev.summary)
     return net, float(ev.summary["test_dice"])
-
-
-def _write_json(path: Path, data) -> None:
-    import json
-
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(data, indent=1))
-    os.replace(tmp, path)
 
 
 def write_active_report(rows: list[dict], folder: Path, domain: str, cfg: ActiveLearningConfig) -> dict[str, Path]:

@@ -21,7 +21,6 @@ folder).
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
@@ -37,6 +36,7 @@ from medhybrid.config import Preprocess, StrictModel
 from medhybrid.evaluate import class_map, restore_logits
 from medhybrid.io import SUPPORTED_SUFFIXES, DataError, file_suffix
 from medhybrid.networks import HybridUNet, ModelConfig, build_network
+from medhybrid.tracking import write_json
 
 log = logging.getLogger("medhybrid")
 
@@ -272,9 +272,7 @@ def evaluate_model(model_path: str | os.PathLike, dataset, output_dir: str | os.
     summary = {k: (None if math.isnan(v) else v) for k, v in result.summary.items()}  # strict JSON: NaN -> null
     metrics = {**summary, "dataset": spec.name, "split": split, "model": str(Path(model_path).resolve()),
                "per_image_csv": str(result.csv)}
-    tmp = out / "metrics.json.tmp"
-    tmp.write_text(json.dumps(metrics, indent=2, allow_nan=False))
-    os.replace(tmp, out / "metrics.json")
+    write_json(out / "metrics.json", metrics, allow_nan=False)
     log.info("evaluation on %s/%s: %s", spec.name, split, {k: round(v, 4) for k, v in result.summary.items()})
     return metrics
 

@@ -76,15 +76,23 @@ def read_state(folder: Path) -> dict:
     return json.loads(p.read_text()) if p.is_file() else {}
 
 
+def write_json(path: str | os.PathLike, data: Any, indent: int = 2, allow_nan: bool = True) -> Path:
+    """Write ``data`` as JSON atomically: a reader (or a run killed mid-write) sees the old file or the new one,
+    never half of one. ``allow_nan=False`` for strict JSON (NaN raises)."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(data, indent=indent, allow_nan=allow_nan))
+    os.replace(tmp, path)
+    return path
+
+
 def write_state(folder: Path, **updates) -> dict:
     """Update ``state.json`` atomically."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     state = read_state(folder)
     state.update(updates)
-    tmp = folder / "state.json.tmp"
-    tmp.write_text(json.dumps(state, indent=2))
-    os.replace(tmp, folder / "state.json")
+    write_json(folder / "state.json", state)
     return state
 
 

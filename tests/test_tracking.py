@@ -37,6 +37,17 @@ def test_state_file(tmp_path):
     assert [p.name for p in (tmp_path / "run").iterdir()] == ["state.json"]  # no temporary left
 
 
+def test_write_json_is_atomic(tmp_path):
+    """The file is replaced whole, no temporary file stays behind, and a strict write that fails (NaN) leaves
+    the previous content in place."""
+    path = tracking.write_json(tmp_path / "a.json", {"x": [1, 2]}, indent=1)
+    assert json.loads(path.read_text()) == {"x": [1, 2]} and path.read_text().startswith("{\n \"x\"")
+    with pytest.raises(ValueError):
+        tracking.write_json(path, {"x": float("nan")}, allow_nan=False)
+    assert json.loads(path.read_text()) == {"x": [1, 2]}
+    assert [p.name for p in tmp_path.iterdir()] == ["a.json"]
+
+
 def test_open_run_creates_then_reopens(tmp_path, mlflow_uri):
     cfg = MLflowConfig(tracking_uri=mlflow_uri, experiment="exp")
     folder = tmp_path / "run"

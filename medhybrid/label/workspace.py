@@ -30,6 +30,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from medhybrid.config import REPO_ROOT, ConfigError
 from medhybrid.io import DataError, file_suffix
+from medhybrid.tracking import write_json
 
 log = logging.getLogger("medhybrid")
 
@@ -90,12 +91,6 @@ def write_label(mask: np.ndarray, reference: str | os.PathLike, path: str | os.P
             img.CopyInformation(ref)
     sitk.WriteImage(img, str(path), useCompression=True)
     return path
-
-
-def _atomic_json(path: Path, data) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(data, indent=1))
-    os.replace(tmp, path)
 
 
 class LabelWorkspace:
@@ -258,8 +253,9 @@ class LabelWorkspace:
                                                               "val_dice_before": stats["val_dice_before"]}, step=0)
         publish_model(res.checkpoint, self.trained_model)
         stats["model"] = str(self.trained_model)
-        _atomic_json(folder / "stats.json", stats)
-        _atomic_json(self.workdir / "history.json", [*self.history(), {**stats, "finished": time.strftime("%Y-%m-%dT%H:%M:%S")}])
+        write_json(folder / "stats.json", stats, indent=1)
+        write_json(self.workdir / "history.json", [*self.history(), {**stats, "finished": time.strftime("%Y-%m-%dT%H:%M:%S")}],
+                   indent=1)
         log.info("medhybrid label: trained on %d labelled studies (%d held out), published %s", len(pairs), n_val, self.trained_model)
         return stats
 
