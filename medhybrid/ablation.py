@@ -134,6 +134,22 @@ def pixel_features_config(cfg: AblationConfig, method: str, init: Path, budget: 
     return validate(PixelFeaturesConfig, data, source=f"ablation {cfg.name} {method} b{budget or 'all'} s{seed}")
 
 
+def evaluate_few_shot_run(mlflow: MLflowConfig, folder: Path, run_id: str | None, net, dataset, preprocess,
+                          pairs: list[dict] | None = None) -> dict[str, float]:
+    """Score the finished few-shot run in ``folder`` on the target's test split (or ``pairs``, a development set):
+    per-image CSV and overlays in ``folder/eval``, the summary logged to its MLflow run and kept in ``state.json``
+    (``evaluated``, ``test``) so a resumed experiment does not score it again. Returns the summary."""
+    from medhybrid import tracking
+    from medhybrid.evaluate import evaluate
+
+    ev = evaluate(net, dataset, preprocess, "test", out_dir=folder / "eval", pairs=pairs)
+    if run_id:
+        tracking.log_metrics(mlflow, run_id, ev.summary, step=0)
+        tracking.log_artifact(mlflow, run_id, ev.csv, "eval")
+    tracking.write_state(folder, evaluated=True, test=ev.summary)
+    return ev.summary
+
+
 class _Timings:
     """Wall-clock seconds per method and stage of this invocation, appended to ``<folder>/timings.json``
     (one entry per invocation, so a resumed ablation's total is the sum)."""
@@ -178,7 +194,6 @@ def run_ablation(cfg: AblationConfig) -> dict:
     """Run (or resume) the whole ablation and write its report. Returns the report's paths and failures."""
     from medhybrid import tracking
     from medhybrid.config import Preprocess
-    from medhybrid.evaluate import evaluate
     from medhybrid.finetune import run_finetuning
     from medhybrid.pixel_features import load_segmenter, run_pixel_features
     from medhybrid.pretrain import load_model, run_pretraining
@@ -225,12 +240,9 @@ def run_ablation(cfg: AblationConfig) -> dict:
                             net, _ = load_model(res.checkpoint)
                             preprocess = fcfg.preprocess
                     with clock(method, "eval_s"):
-                        ev = evaluate(net, fcfg.dataset, preprocess, "test", out_dir=fcfg.folder / "eval", pairs=cfg.eval_pairs(seed))
-                    if res.run_id:
-                        tracking.log_metrics(cfg.mlflow, res.run_id, ev.summary, step=0)
-                        tracking.log_artifact(cfg.mlflow, res.run_id, ev.csv, "eval")
-                    tracking.write_state(fcfg.folder, evaluated=True, test=ev.summary)
-                    log.info("ablation %s: %s test dice %.4f", cfg.name, tag, ev.summary["test_dice"])
+                        summary = evaluate_few_shot_run(cfg.mlflow, fcfg.folder, res.run_id, net, fcfg.dataset, preprocess,
+                                                        cfg.eval_pairs(seed))
+                    log.info("ablation %s: %s test dice %.4f", cfg.name, tag, summary["test_dice"])
                 except Exception as e:
                     log.error("ablation %s: %s failed: %s", cfg.name, tag, e)
                     failures.append(f"{tag}: {type(e).__name__}: {e}")

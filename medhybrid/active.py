@@ -279,8 +279,8 @@ def score_error_correlation(net: HybridUNet, dataset, preprocess: Preprocess, pa
 def _finetune_and_test(abl, cfg: ActiveLearningConfig, pre, meta: dict, folder: Path, strategy: str, budget: int, seed: int,
                        ids: list[str], parent: str | None, dev: list[dict] | None = None) -> tuple[HybridUNet, float]:
     from medhybrid import tracking
+    from medhybrid.ablation import evaluate_few_shot_run
     from medhybrid.config import deep_merge, dump_config, validate
-    from medhybrid.evaluate import evaluate
     from medhybrid.finetune import FinetuneConfig, run_finetuning
     from medhybrid.pretrain import load_model
 
@@ -296,12 +296,8 @@ def _finetune_and_test(abl, cfg: ActiveLearningConfig, pre, meta: dict, folder: 
     st = tracking.read_state(fcfg.folder)
     if st.get("evaluated"):
         return net, float(st["test"]["test_dice"])
-    ev = evaluate(net, fcfg.dataset, fcfg.preprocess, "test", out_dir=fcfg.folder / "eval", pairs=dev)
-    if res.run_id:
-        tracking.log_metrics(abl.mlflow, res.run_id, ev.summary, step=0)
-        tracking.log_artifact(abl.mlflow, res.run_id, ev.csv, "eval")
-    tracking.write_state(fcfg.folder, evaluated=True, test=ev.summary)
-    return net, float(ev.summary["test_dice"])
+    summary = evaluate_few_shot_run(abl.mlflow, fcfg.folder, res.run_id, net, fcfg.dataset, fcfg.preprocess, dev)
+    return net, float(summary["test_dice"])
 
 
 def write_active_report(rows: list[dict], folder: Path, domain: str, cfg: ActiveLearningConfig) -> dict[str, Path]:
