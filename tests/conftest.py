@@ -20,6 +20,8 @@ import pytest
 import yaml
 from PIL import Image
 
+from medhybrid.networks import ModelConfig
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DATA = REPO_ROOT.parent / "shared" / "data"
 
@@ -275,6 +277,10 @@ def pytest_configure(config):
 # tmp_path listing a few ids of the real split (the images are read in place, never copied).
 TINY_NET = ["preprocess.resolution=32", "model.channels=[16,32,32]", "model.attention_levels=[false,false,false]"]
 """Overrides of a PretrainConfig for the tiny U-Net every training test uses."""
+
+
+TINY_UNET = ModelConfig(channels=(16, 32, 32), attention_levels=(False, False, False))
+"""The same tiny U-Net as a :class:`medhybrid.networks.ModelConfig`, for tests that build networks directly."""
 
 TINY_TRAIN = ["train.batch_size=4", "train.epochs=4", "train.epoch_length=4", "train.lr=1e-3", "train.warmup_iterations=0",
               "train.val_max_images=4", "train.check_data=false", "train.device=cpu", "train.progress=false"]

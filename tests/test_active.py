@@ -8,6 +8,7 @@ import math
 
 import pytest
 import torch
+from conftest import TINY_UNET as TINY
 from conftest import mlflow_client, ph2_yaml
 
 from medhybrid.ablation import AblationConfig
@@ -27,11 +28,9 @@ from medhybrid.active import (
 from medhybrid.config import ConfigError, validate
 from medhybrid.datasets import few_shot_ids, load_pairs
 from medhybrid.inference import Segmenter
-from medhybrid.networks import HybridUNet, ModelConfig, build_network
+from medhybrid.networks import HybridUNet, build_network
 
 pytestmark = pytest.mark.usefixtures("workdir")
-
-TINY = ModelConfig(channels=(16, 32, 32), attention_levels=(False, False, False))
 
 
 class _Fixed(HybridUNet):

@@ -8,6 +8,7 @@ import json
 import pytest
 import torch
 from conftest import PH2, artifact_paths, isic_yaml, mlflow_client, ph2_yaml, real_split
+from conftest import TINY_UNET as TINY
 
 from medhybrid.config import ConfigError, Preprocess, load_config, load_dataset_spec, validate
 from medhybrid.datasets import few_shot_ids
@@ -21,12 +22,11 @@ from medhybrid.finetune import (
     run_finetuning,
     transfer_weights,
 )
-from medhybrid.networks import ModelConfig, build_network
+from medhybrid.networks import build_network
 from medhybrid.pretrain import PretrainConfig, load_model, network_meta, run_pretraining, save_model
 
 pytestmark = pytest.mark.usefixtures("workdir")
 
-TINY = ModelConfig(channels=(16, 32, 32), attention_levels=(False, False, False))
 TINY_DICT = {"channels": [16, 32, 32], "attention_levels": [False, False, False]}
 
 

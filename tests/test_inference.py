@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import PH2, ph2_yaml, real_split
+from conftest import TINY_UNET as TINY
 from PIL import Image
 
 from medhybrid.cli import main
@@ -26,12 +27,10 @@ from medhybrid.inference import (
     run_inference,
 )
 from medhybrid.io import DataError, read_image
-from medhybrid.networks import ModelConfig, build_network
+from medhybrid.networks import build_network
 from medhybrid.pretrain import network_meta, save_model
 
 pytestmark = pytest.mark.usefixtures("workdir")
-
-TINY = ModelConfig(channels=(16, 32, 32), attention_levels=(False, False, False))
 
 
 @pytest.fixture(scope="module")

@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import TINY_UNET as TINY
 
 from medhybrid import diffusion as D
 from medhybrid.config import ConfigError, validate
 from medhybrid.networks import HybridUNet, ModelConfig, build_network, mask_channels_for
-
-TINY = ModelConfig(channels=(16, 32, 32), attention_levels=(False, False, False))
 
 
 def _net(image_channels: int = 3, num_classes: int = 2, cfg: ModelConfig = TINY, seed: int = 0) -> HybridUNet:

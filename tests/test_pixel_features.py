@@ -6,12 +6,13 @@ import math
 
 import pytest
 import torch
+from conftest import TINY_UNET as TINY
 from conftest import mlflow_client, ph2_yaml
 
 from medhybrid.config import ConfigError, Preprocess, load_dataset_spec, validate
 from medhybrid.datasets import load_pairs
 from medhybrid.evaluate import evaluate
-from medhybrid.networks import ModelConfig, build_network
+from medhybrid.networks import build_network
 from medhybrid.pixel_features import (
     EnsembleConfig,
     FeatureConfig,
@@ -26,8 +27,6 @@ from medhybrid.pixel_features import (
     vote_entropy,
 )
 from medhybrid.transforms import IGNORE_INDEX, preprocessing
-
-TINY = ModelConfig(channels=(16, 32, 32), attention_levels=(False, False, False))
 
 
 @pytest.fixture

@@ -4,18 +4,17 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import TINY_UNET as TINY
 from PIL import Image
 
 from medhybrid import diffusion as D
 from medhybrid.cli import main
 from medhybrid.config import Preprocess, load_dataset_spec
-from medhybrid.networks import ModelConfig, build_network
+from medhybrid.networks import build_network
 from medhybrid.pretrain import network_meta, save_model
 from medhybrid.sampling import sample_pairs, sample_to_grid
 
 pytestmark = pytest.mark.usefixtures("workdir")
-
-TINY = ModelConfig(channels=(16, 32, 32), attention_levels=(False, False, False))
 
 
 def _net(image_channels: int = 3, num_classes: int = 2):

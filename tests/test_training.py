@@ -6,6 +6,7 @@ import shutil
 
 import pytest
 import torch
+from conftest import TINY_UNET as TINY
 
 from medhybrid.config import ConfigError, validate
 from medhybrid.engines import CorruptionPrepareBatch
@@ -14,8 +15,6 @@ from medhybrid.networks import ModelConfig, build_network
 from medhybrid.training import TrainConfig, atomic_save, fit, latest_checkpoint, resolve_device, unwrap
 
 pytestmark = pytest.mark.usefixtures("workdir")
-
-TINY = ModelConfig(channels=(16, 32, 32), attention_levels=(False, False, False))
 
 
 def _dataset(n: int = 12, size: int = 16) -> list[dict]:
