@@ -85,7 +85,8 @@ def config_hash(cfg: StrictModel, exclude: tuple[str, ...] = ("mlflow", "output_
     return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 free right now (for a rendezvous or a local server)."""
     import socket
 
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
@@ -279,7 +280,7 @@ def run_pretraining(cfg: PretrainConfig) -> PretrainResult:
             backend = cfg.train.backend or ("nccl" if torch.cuda.is_available() else "gloo")
             # a free port per run, not ignite's fixed 2222: two runs (or a lingering socket) never share a rendezvous
             with idist.Parallel(backend=backend, nproc_per_node=cfg.train.nproc, master_addr="127.0.0.1",
-                                master_port=_free_port()) as parallel:
+                                master_port=free_port()) as parallel:
                 parallel.run(_worker, cfg, run_id)
             metrics = tracking.read_state(folder).get("metrics", {})
         else:

@@ -14,7 +14,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import time
 import urllib.error
@@ -33,7 +32,7 @@ from medhybrid.evaluate import binary_metrics
 from medhybrid.inference import publish_model
 from medhybrid.io import DataError, read_image
 from medhybrid.label.workspace import LabelWorkspace, TrainParams, pick_device, write_label
-from medhybrid.pretrain import PretrainConfig, load_model, run_pretraining
+from medhybrid.pretrain import PretrainConfig, free_port, load_model, run_pretraining
 
 LABEL_PYTHON = Path(os.environ.get("MEDHYBRID_LABEL_PYTHON", REPO_ROOT / ".venv-label" / "bin" / "python"))
 BUNDLE = REPO_ROOT / "bundles" / "medhybrid_2d_segmentation"
@@ -165,12 +164,6 @@ def test_uncertainty_ranks_studies_under_the_served_model(tmp_path, tiny_bundle)
 
 
 # --------------------------------------------------------------------------------------------- the real server
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 class _Server:
     def __init__(self, url: str):
         self.url = url
@@ -207,7 +200,7 @@ def label_server(tmp_path, tiny_bundle, write_dicom):
         shutil.copy(PH2 / "images" / f"{sid}.png", studies / f"{sid}.png")
     for sid in ids[3:]:
         write_dicom(studies / f"{sid}.dcm", np.asarray(Image.open(PH2 / "images" / f"{sid}.png")), spacing=0.05)
-    port = _free_port()
+    port = free_port()
     env = {**os.environ, "MONAI_LABEL_SESSION_PATH": str(tmp_path / "sessions"), "PYTHONUNBUFFERED": "1",
            "MONAI_LABEL_AUTO_UPDATE_SCORING": "false"}
     env.pop("MLFLOW_TRACKING_URI", None)
