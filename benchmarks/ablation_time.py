@@ -21,11 +21,15 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from pretrain_throughput import plain_step  # noqa: E402
 
 STAGES = ("pretrain_s", "train_s", "eval_s")
 
@@ -80,15 +84,7 @@ def _plain_train(net, images, labels, prepare, loss_fn, train, iterations: int, 
         else:
             items = [augment({"image": images[i], "label": labels[i]}) for i in idx.tolist()]
             b = {k: torch.stack([torch.as_tensor(d[k]).as_subclass(torch.Tensor) for d in items]) for k in ("image", "label")}
-        prepare.step = it + 1
-        x, target, _, kw = prepare(b, device)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-            loss = loss_fn(net(x, **kw), target)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        if train.grad_clip:
-            torch.nn.utils.clip_grad_norm_(net.parameters(), train.grad_clip)
-        opt.step()
+        plain_step(net, net, opt, prepare, loss_fn, b, it + 1, device, amp, train.grad_clip)
         sched.step()
     return net
 

@@ -51,6 +51,22 @@ class PeakRSS:
         self.t.join()
 
 
+def plain_step(net, forward, opt, prepare, loss_fn, batch: dict, step: int, device, amp: bool, grad_clip: float | None) -> None:
+    """One step of a plain PyTorch loop: corrupt the batch (medhybrid's prepare-batch at ``step``), forward (``forward``:
+    ``net`` or its compiled form; bf16 autocast with ``amp``), loss, backward, gradient clipping, optimiser step."""
+    import torch
+
+    prepare.step = step
+    x, target, _, kw = prepare(batch, device)
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+        loss = loss_fn(forward(x, **kw), target)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    if grad_clip:
+        torch.nn.utils.clip_grad_norm_(net.parameters(), grad_clip)
+    opt.step()
+
+
 def _batch(args):
     import torch
 
@@ -81,8 +97,6 @@ def run_variant(args) -> dict:
     prepare = CorruptionPrepareBatch(args.mode, seed=0, seg_fraction=0.5, weighting="low")
     loss_fn = PretrainLoss(args.mode, net.mask_channels)
     warm = 3
-    if args.compile:
-        os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="inductor-")  # a cold compile, every run
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     with PeakRSS() as mem:
@@ -116,15 +130,7 @@ def run_variant(args) -> dict:
                         torch.cuda.synchronize()
                     t0 = time.perf_counter()
                     warmup = t0 - start
-                prepare.step = i + 1
-                x, tgt, _, kw = prepare(batch, device)
-                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-                    out = forward(x, **kw)
-                    loss = loss_fn(out, tgt)
-                opt.zero_grad()
-                loss.backward()
-                torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
-                opt.step()
+                plain_step(net, forward, opt, prepare, loss_fn, batch, i + 1, device, amp, 1.0)
             if amp:
                 torch.cuda.synchronize()
             elapsed = time.perf_counter() - t0
@@ -152,7 +158,8 @@ def main() -> None:
         for v in ("plain", "engine"):
             cmd = [sys.executable, __file__, "--variant", v, "--iters", str(args.iters), "--batch", str(args.batch),
                    "--res", str(args.res), "--mode", args.mode] + (["--compile"] if compiled else [])
-            out = subprocess.run(cmd, capture_output=True, text=True)
+            with tempfile.TemporaryDirectory(prefix="inductor-") as cache:  # a cold compile, every run, removed after
+                out = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "TORCHINDUCTOR_CACHE_DIR": cache})
             if out.returncode:
                 sys.exit(f"{' '.join(cmd)} failed:\n{out.stderr[-3000:]}")
             res[v + ("+compile" if compiled else "")] = json.loads(
