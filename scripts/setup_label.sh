@@ -1,18 +1,19 @@
 #!/usr/bin/env bash
 # Create .venv-label: the MONAI Label 0.8.5 server with the medhybrid app (medhybrid/label).
-# Idempotent: re-running with unchanged pyproject.toml and this script does nothing.
+# Idempotent: re-running with unchanged pyproject.toml, docker/requirements-label.txt and this script does nothing.
 #
 # An environment of its own, as in docker/Dockerfile.label: MONAI Label 0.8.5 needs torchvision (PyPI's does not
 # import beside the CPU torch 2.13.0 of .venv, so torch 2.14.1 + torchvision 0.29.1 from this machine's wheel
 # store), pydicom<3, pynetdicom<3 and dicomweb-client<0.60, and its dependencies pydicom-seg and numpymaxflow
-# need numpy<2 and jsonschema<4. medhybrid's other pins are installed as they are, medhybrid itself with --no-deps.
+# need numpy<2 and jsonschema<4: docker/requirements-label.txt, shared with the image. medhybrid's other pins are
+# installed as they are, medhybrid itself with --no-deps.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3.11}
 command -v "$PY" >/dev/null 2>&1 || PY=python3
 venv=.venv-label
 stamp=$venv/.medhybrid-label-installed
-want=$(cat pyproject.toml scripts/setup_label.sh | sha256sum | cut -d' ' -f1)
+want=$(cat pyproject.toml scripts/setup_label.sh docker/requirements-label.txt | sha256sum | cut -d' ' -f1)
 if [ -x $venv/bin/python ] && [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
   exit 0
 fi
@@ -26,9 +27,7 @@ trap 'rm -f "$reqs"' EXIT
 $venv/bin/python docker/pyproject_deps.py pyproject.toml \
   --exclude torch pydicom numpy jsonschema pandas pylibjpeg pylibjpeg-openjpeg > "$reqs"
 SAM2_BUILD_CUDA=0 $venv/bin/python -m pip install --quiet --no-build-isolation \
-  "monailabel==0.8.5" "torch==2.14.1" "torchvision==0.29.1" \
-  "pydicom==2.4.4" "pynetdicom==2.1.1" "dicomweb-client==0.59.3" "numpy==1.26.4" "pandas==2.2.3" \
-  "pytest==9.2.0" -r "$reqs"
+  -r docker/requirements-label.txt "pytest==9.2.0" -r "$reqs"
 $venv/bin/python -m pip install --quiet --no-deps --no-build-isolation -e .
 echo "$want" > "$stamp"
 echo "MONAI Label and medhybrid installed in $venv"

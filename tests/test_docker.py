@@ -214,7 +214,11 @@ def test_label_server_command():
     workdirs = [args for word, args in stage if word == "WORKDIR"]
     assert workdirs[0] == "/opt/medhybrid"
     assert ("COPY", "medhybrid/ medhybrid/") in stage
-    assert "monailabel==0.8.5" in run_text(dockerfile("label"))
+    # MONAI Label 0.8.5 and its pins come from one file, installed by the image and by scripts/setup_label.sh alike
+    assert "monailabel==0.8.5" in (DOCKER / "requirements-label.txt").read_text().splitlines()
+    assert ("COPY", "docker/pyproject_deps.py docker/requirements-label.txt /tmp/") in stage
+    assert "-r /tmp/requirements-label.txt" in run_text(dockerfile("label"))
+    assert "-r docker/requirements-label.txt" in (REPO_ROOT / "scripts" / "setup_label.sh").read_text()
     assert " ".join(argv) in (DOCKER / "README.md").read_text()
 
 
