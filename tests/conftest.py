@@ -278,7 +278,6 @@ def pytest_configure(config):
 TINY_NET = ["preprocess.resolution=32", "model.channels=[16,32,32]", "model.attention_levels=[false,false,false]"]
 """Overrides of a PretrainConfig for the tiny U-Net every training test uses."""
 
-
 TINY_UNET = ModelConfig(channels=(16, 32, 32), attention_levels=(False, False, False))
 """The same tiny U-Net as a :class:`medhybrid.networks.ModelConfig`, for tests that build networks directly."""
 

@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import PH2, REPO_ROOT, isic_yaml, mlflow_client, real_split
+from conftest import PH2, REPO_ROOT, TINY_NET, isic_yaml, mlflow_client, real_split
 from PIL import Image
 
 from medhybrid.config import ConfigError, load_config
@@ -49,8 +49,7 @@ def tiny_bundle(tmp_path_factory, data) -> Path:
     shutil.copy(BUNDLE / "configs" / "metadata.json", bundle / "configs" / "metadata.json")
     cfg = load_config(PretrainConfig, None, [
         f"dataset={isic_yaml(root / 'datasets', n_train=32, n_val=4)}", "mode=hybrid", f"output_dir={bundle / 'runs' / 'pretrain-hybrid'}",
-        "mlflow.enabled=false", "preprocess.resolution=32", "preprocess.aspect=pad", "model.channels=[16,32,32]",
-        "model.attention_levels=[false,false,false]", "train.batch_size=8", "train.epochs=1", "train.epoch_length=40",
+        "mlflow.enabled=false", *TINY_NET, "preprocess.aspect=pad", "train.batch_size=8", "train.epochs=1", "train.epoch_length=40",
         "train.lr=1e-3", "train.warmup_iterations=5", "train.val_max_images=4", "train.check_data=false", "train.device=cpu",
         "train.progress=false"])
     pre = run_pretraining(cfg)
