@@ -106,7 +106,7 @@ def plain_side(cfg, out: Path) -> dict:
     from medhybrid.finetune import _edm, augmentation, initial_network
     from medhybrid.losses import PretrainLoss
     from medhybrid.networks import build_network
-    from medhybrid.pretrain import network_meta, save_model
+    from medhybrid.pretrain import corruption, network_meta, save_model
     from medhybrid.training import resolve_device
     from medhybrid.transforms import preprocessing
 
@@ -129,12 +129,8 @@ def plain_side(cfg, out: Path) -> dict:
                 if data_key not in source:  # decoded once, like the ablation's source cache
                     source.clear()
                     source[data_key] = _decode(load_pairs(pcfg.dataset, "train"), preprocessing(pcfg.dataset, pcfg.preprocess))
-                h = pcfg.hybrid
-                prepare = CorruptionPrepareBatch(pcfg.mode, pcfg.model.edm, seed=pcfg.train.seed, mask_weight=h.mask_weight,
-                                                 seg_fraction=h.seg_fraction, seg_sigma_max=h.seg_sigma_max,
-                                                 weighting=h.weighting, mdm_patch=pcfg.mdm.patch_size)
                 loss = PretrainLoss(pcfg.mode, net.mask_channels, pcfg.model.edm.sigma_data)
-                net = _plain_train(net, *source[data_key], prepare, loss, pcfg.train, pcfg.train.iterations,
+                net = _plain_train(net, *source[data_key], corruption(pcfg), loss, pcfg.train, pcfg.train.iterations,
                                    pcfg.train.batch_size, device)
             inits[key] = save_model(net.cpu(), network_meta(net, pcfg.model, pcfg.preprocess, pcfg.dataset, pcfg.mode),
                                     out / "plain" / key / "model.pt")

@@ -148,6 +148,17 @@ def source_datasets(cfg: PretrainConfig):
 _SOURCE_CACHE: dict[str, tuple] = {}
 
 
+def corruption(cfg: PretrainConfig, rank: int = 0):
+    """The prepare-batch of ``cfg``'s mode (:class:`medhybrid.engines.CorruptionPrepareBatch`): its noise levels or
+    masking, and the hybrid's mask-loss policy, seeded by ``train.seed`` and the process ``rank``."""
+    from medhybrid.engines import CorruptionPrepareBatch
+
+    h = cfg.hybrid
+    return CorruptionPrepareBatch(cfg.mode, cfg.model.edm, seed=cfg.train.seed, rank=rank, mask_weight=h.mask_weight,
+                                  seg_fraction=h.seg_fraction, seg_sigma_max=h.seg_sigma_max, weighting=h.weighting,
+                                  mdm_patch=cfg.mdm.patch_size)
+
+
 def _worker(local_rank: int, cfg: PretrainConfig, run_id: str | None) -> dict:
     """Training in one process (rank); returns the final metrics."""
     import ignite.distributed as idist
@@ -157,7 +168,6 @@ def _worker(local_rank: int, cfg: PretrainConfig, run_id: str | None) -> dict:
     from medhybrid import tracking
     from medhybrid.engines import (
         ConditionedInferer,
-        CorruptionPrepareBatch,
         LevelsPrepareBatch,
         PerLevelMSE,
         SegmentationInferer,
@@ -172,10 +182,7 @@ def _worker(local_rank: int, cfg: PretrainConfig, run_id: str | None) -> dict:
     net = build_network(cfg.model, cfg.dataset.channels, cfg.dataset.mask.num_classes)
     train_ds, val_ds = source_datasets(cfg)
     edm = cfg.model.edm
-    h = cfg.hybrid
-    prepare = CorruptionPrepareBatch(cfg.mode, edm, seed=cfg.train.seed, rank=rank, mask_weight=h.mask_weight,
-                                     seg_fraction=h.seg_fraction, seg_sigma_max=h.seg_sigma_max, weighting=h.weighting,
-                                     mdm_patch=cfg.mdm.patch_size)
+    prepare = corruption(cfg, rank)
     loss = PretrainLoss(cfg.mode, net.mask_channels, edm.sigma_data)
     img_ch = cfg.dataset.channels
     uses_masks = cfg.mode in ("hybrid", "supervised")
