@@ -35,6 +35,10 @@ DEFAULT_METHODS = {
 class MethodSpec(StrictModel):
     pretrain: str = Field(description="pretraining mode: none, supervised, diffusion, hybrid, mdm")
     overrides: dict[str, Any] = Field(default_factory=dict, description="pretrain config overrides for this method")
+    target_images: Literal["none", "add", "only"] = Field(
+        "none", description="the target's pool images, without their masks, in pretraining (never its test images): "
+        "add = beside the labelled source at unlabelled.share of each batch; only = the pool alone (diffusion, mdm: "
+        "self-pretraining on the target, as in Pan et al. 2023)")
     head: Literal["finetune", "ddpm-features"] = Field("finetune", description="finetune: the whole network on the "
                                                        "few labels; ddpm-features: frozen decoder features + MLP ensemble")
 
@@ -83,7 +87,8 @@ def pretraining_of(cfg: AblationConfig, method: str) -> str:
     """The method whose pretraining ``method`` reuses: the first one with the same mode and overrides
     (``ddpm-features`` shares the ``diffusion`` network rather than training its own copy)."""
     spec = cfg.methods[method]
-    return next(m for m, s in cfg.methods.items() if (s.pretrain, s.overrides) == (spec.pretrain, spec.overrides))
+    same = (spec.pretrain, spec.overrides, spec.target_images)
+    return next(m for m, s in cfg.methods.items() if (s.pretrain, s.overrides, s.target_images) == same)
 
 
 def pretrain_config(cfg: AblationConfig, method: str):
@@ -95,6 +100,11 @@ def pretrain_config(cfg: AblationConfig, method: str):
     data = deep_merge(cfg.pretrain, spec.overrides)
     data.update(mode=spec.pretrain, dataset=cfg.source.model_dump(), output_dir=str(cfg.folder / "pretrain" / key),
                 mlflow=deep_merge(dump_config(cfg.mlflow), {"run_name": f"{cfg.name}-pretrain-{key}"}))
+    if spec.target_images != "none":  # the pool's images only: the target's test split never enters pretraining
+        pool = {"dataset": cfg.target.model_dump(), "splits": ["pool"]}
+        data["unlabelled"] = deep_merge(data.get("unlabelled") or {}, {"sources": [pool]})
+        if spec.target_images == "only":
+            data["dataset"] = None
     return validate(PretrainConfig, data, source=f"ablation {cfg.name} pretrain {key}")
 
 

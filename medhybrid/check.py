@@ -19,7 +19,10 @@ from medhybrid.transforms import IGNORE_INDEX, LoadImage2Dd, MaskToLabeld
 @dataclass
 class CheckReport:
     dataset: str
+    labelled: bool = True
     pairs: int = 0
+    formats: Counter = field(default_factory=Counter)  # reader format (png, jpeg, dicom, ...) -> files
+    skipped: list[str] = field(default_factory=list)  # files of an image-only folder that are not images
     splits: Counter = field(default_factory=Counter)
     sizes: Counter = field(default_factory=Counter)  # (H, W) -> count
     file_channels: Counter = field(default_factory=Counter)
@@ -33,7 +36,12 @@ class CheckReport:
         return not self.problems
 
     def format(self) -> str:
-        lines = [f"dataset {self.dataset}: {self.pairs} pairs"]
+        lines = [f"dataset {self.dataset}: {self.pairs} " + ("pairs" if self.labelled else "images (no masks)")]
+        if self.formats:
+            lines.append("  formats: " + ", ".join(f"{k} {v}" for k, v in sorted(self.formats.items())))
+        if self.skipped:
+            shown = ", ".join(self.skipped[:3]) + (" ..." if len(self.skipped) > 3 else "")
+            lines.append(f"  skipped {len(self.skipped)} file(s) that are not images: {shown}")
         if self.splits:
             lines.append("  splits: " + ", ".join(f"{k} {v}" for k, v in sorted(self.splits.items(), key=lambda kv: str(kv[0]))))
         if self.sizes:
@@ -58,51 +66,68 @@ class CheckReport:
         return "\n".join(lines)
 
 
-def _check_pair(spec: DatasetSpec, pair: dict, load: LoadImage2Dd, to_label: MaskToLabeld):
+def _check_pair(spec: DatasetSpec, pair: dict, load: LoadImage2Dd, to_label: MaskToLabeld | None):
+    """Open one pair (or, with ``to_label`` None, one image) as training will; (statistics, None) or (None, problem)."""
     try:
-        d = load({"image": pair["image"], "label": pair["label"]})
+        d = load({k: pair[k] for k in (("image", "label") if to_label else ("image",))})
         channels = int(d["image"].shape[0])
         if channels not in (1, 3, 4):
             raise DataError(pair["image"], f"image has {channels} channels; expected grey or RGB")
-        d = to_label(d)
+        if to_label is not None:
+            d = to_label(d)
     except DataError as e:
         return None, str(e)
     except Exception as e:  # anything else the decoders raise still names the pair
         return None, f"{pair['image']}: {type(e).__name__}: {e}"
+    size, fmt = tuple(int(s) for s in d["image"].shape[1:]), _format(d["image"])
+    if to_label is None:
+        return (size, channels, fmt, {}, 0), None
     lab = torch.as_tensor(d["label"])
     counts = {int(c): int((lab == c).sum()) for c in range(spec.mask.num_classes)}
     ignored = int((lab == IGNORE_INDEX).sum())
-    return (tuple(int(s) for s in d["image"].shape[1:]), channels, counts, ignored), None
+    return (size, channels, fmt, counts, ignored), None
 
 
-def check_dataset(spec: DatasetSpec, splits: Sequence[str] | None = None, workers: int = 4) -> CheckReport:
-    """Open every pair (of ``splits``, default all) and collect statistics and problems."""
-    report = CheckReport(spec.name)
-    pairs, problems = discover_pairs(spec)
+def _format(img) -> str:
+    meta = getattr(img, "meta", {})
+    if meta.get("format") == "pil":
+        return str(meta.get("pil_format") or "pil").lower()
+    return str(meta.get("format", "?"))
+
+
+def check_dataset(spec: DatasetSpec, splits: Sequence[str] | None = None, workers: int = 4,
+                  images_only: bool = False) -> CheckReport:
+    """Open every pair (of ``splits``, default all) and collect statistics and problems. An image-only dataset, or
+    any dataset with ``images_only``, has only its images opened: readable, 2D, grey or RGB; no mask is needed."""
+    labelled = spec.labelled and not images_only
+    report = CheckReport(spec.name, labelled=labelled)
+    pairs, problems = discover_pairs(spec, report.skipped)
     report.problems += [str(p) for p in problems]
     if splits:
         pairs = [p for p in pairs if p.get("split") in set(splits)]
     report.pairs = len(pairs)
     report.splits.update(p.get("split") or "(none)" for p in pairs)
-    load = LoadImage2Dd(["image", "label"], label_keys=["label"])
-    to_label = MaskToLabeld("label", spec.mask.values, spec.mask.ignore, spec.mask.threshold, ref_key="image")
+    load = LoadImage2Dd(["image", "label"], label_keys=["label"]) if labelled else LoadImage2Dd(["image"])
+    to_label = MaskToLabeld("label", spec.mask.values, spec.mask.ignore, spec.mask.threshold, ref_key="image") if labelled else None
     with ThreadPoolExecutor(max_workers=workers) as pool:
         for result, problem in pool.map(lambda p: _check_pair(spec, p, load, to_label), pairs):
             if problem:
                 report.problems.append(problem)
                 continue
-            size, channels, counts, ignored = result
+            size, channels, fmt, counts, ignored = result
             report.sizes[size] += 1
             report.file_channels[channels] += 1
-            report.class_pixels.update(counts)
-            report.ignored_pixels += ignored
-            report.empty_masks += int(sum(v for c, v in counts.items() if c > 0) == 0)
+            report.formats[fmt] += 1
+            if labelled:
+                report.class_pixels.update(counts)
+                report.ignored_pixels += ignored
+                report.empty_masks += int(sum(v for c, v in counts.items() if c > 0) == 0)
     return report
 
 
-def require_valid(spec: DatasetSpec, splits: Sequence[str] | None = None) -> CheckReport:
+def require_valid(spec: DatasetSpec, splits: Sequence[str] | None = None, images_only: bool = False) -> CheckReport:
     """Run :func:`check_dataset` and raise :class:`DataError` listing the problems, if any."""
-    report = check_dataset(spec, splits)
+    report = check_dataset(spec, splits, images_only=images_only)
     if not report.ok:
         raise DataError(None, f"dataset {spec.name!r} failed its check:\n" + "\n".join(
             f"  {p}" for p in report.problems[:20]) + (f"\n  ... {len(report.problems) - 20} more" if len(report.problems) > 20 else ""))

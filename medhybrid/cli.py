@@ -23,7 +23,7 @@ def _data_check(args) -> int:
     status = 0
     for name in args.dataset:
         spec = load_dataset_spec(name, args.overrides)
-        report = check_dataset(spec, args.split or None, workers=args.workers)
+        report = check_dataset(spec, args.split or None, workers=args.workers, images_only=args.images_only)
         print(report.format(), flush=True)
         status |= 0 if report.ok else 1
     return status
@@ -134,10 +134,14 @@ def build_parser() -> argparse.ArgumentParser:
     chk = data.add_parser("check", help="load every pair, print counts, sizes, class balance and problems; "
                                         "exit 1 on any problem")
     chk.add_argument("dataset", nargs="+", help="shipped dataset name (configs/data/<name>.yaml), dataset YAML, "
-                                                "folder with images/ and masks/, CSV or decathlon JSON datalist")
+                                                "folder with images/ and masks/, a folder of images without masks "
+                                                "(searched recursively, DICOM with or without .dcm), CSV or decathlon JSON datalist")
     chk.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                     help="override a dataset field, e.g. --set channels=1 --set mask.threshold=128")
+                     help="override a dataset field, e.g. --set mask.threshold=128, or --set channels=1 where the "
+                          "files disagree on grey or RGB")
     chk.add_argument("--split", action="append", help="check only this split (repeatable)")
+    chk.add_argument("--images-only", action="store_true",
+                     help="open the images only, not the masks: a labelled dataset's split as unlabelled images for pretraining")
     chk.add_argument("--workers", type=int, default=4)
     chk.set_defaults(func=_data_check)
 

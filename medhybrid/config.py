@@ -163,11 +163,14 @@ class MaskSpec(StrictModel):
 
 
 class DatasetSpec(StrictModel):
-    """A dataset of 2D images with masks.
+    """A dataset of 2D images, with masks or image-only (``masks: null``).
 
     Pairs come from a folder (``images/<id>.<ext>`` with ``masks/<id><mask_suffix><mask_ext>``) or from
     a ``datalist``: a CSV with ``image,mask[,split]`` columns or a MONAI decathlon-style JSON. Splits
-    come from ``split`` (JSON ``{split name: [ids]}``), the CSV's ``split`` column or the JSON's keys.
+    come from ``split`` (JSON ``{split name: [ids]}``, used when the file exists or no datalist gives
+    splits), the CSV's ``split`` column or the JSON's keys. An image-only dataset (``masks: null``) takes
+    every image file under ``images`` (searched recursively; DICOM files are recognised without a suffix),
+    or a datalist's ``image`` column, and needs no splits.
     Relative paths are relative to ``root``; a relative ``root`` is relative to the YAML that holds it.
     """
 
@@ -176,7 +179,7 @@ class DatasetSpec(StrictModel):
     description: str = ""
     root: Path
     images: str = "images"
-    masks: str = "masks"
+    masks: str | None = Field("masks", description="masks folder; null: an image-only dataset (unlabelled images)")
     mask_suffix: str = ""
     mask_ext: str = ".png"
     datalist: str | None = None
@@ -205,9 +208,16 @@ class DatasetSpec(StrictModel):
         return v
 
     @property
+    def labelled(self) -> bool:
+        """Whether the dataset has masks (an image-only dataset is for pretraining's unlabelled images)."""
+        return self.masks is not None
+
+    @property
     def splits(self) -> tuple[str, ...]:
         if self.required_splits is not None:
             return self.required_splits
+        if not self.labelled:
+            return ()
         return ("train", "val") if self.role == "source" else ("pool", "test")
 
 
@@ -216,8 +226,11 @@ def load_dataset_spec(ref: str | os.PathLike | dict | DatasetSpec, overrides: li
     """A :class:`DatasetSpec` from a shipped name (``ph2``), a dataset YAML, a mapping, or built from a
     folder with ``images/`` and ``masks/``, a CSV datalist or a decathlon-style JSON datalist.
 
-    ``overrides`` (``key=value``) complete or change the spec, e.g. ``channels=1 mask.threshold=128``
-    for a folder, which cannot say whether it holds grey or RGB images.
+    A folder without ``images/`` and ``masks/`` subfolders is an image-only dataset of every image file
+    under it; a CSV without a ``mask`` (or ``label``) column is an image-only datalist. ``channels``, when
+    neither the spec nor ``overrides`` give it, is read from the files' headers (grey or RGB); files that
+    disagree raise :class:`ConfigError` asking for ``channels=1`` or ``channels=3``. ``overrides``
+    (``key=value``) complete or change the spec, e.g. ``mask.threshold=128``.
     """
     if isinstance(ref, DatasetSpec) and not overrides:
         return ref
@@ -232,14 +245,61 @@ def load_dataset_spec(ref: str | os.PathLike | dict | DatasetSpec, overrides: li
             p = Path(base_dir) / p
         if p.is_dir():
             data, source, ctx_dir = {"name": p.resolve().name, "root": str(p.resolve())}, str(p), None
+            if not ((p / "images").is_dir() and (p / "masks").is_dir()):
+                data.update(images=".", masks=None)  # a folder of images: image-only, searched recursively
         elif p.is_file() and (p.suffix.lower() == ".csv" or (p.suffix.lower() == ".json" and _is_datalist(p))):
             data = {"name": p.stem, "root": str(p.resolve().parent), "datalist": p.name, "split": None}
+            if p.suffix.lower() == ".csv" and not {"mask", "label"} & set(_csv_columns(p)):
+                data["masks"] = None
             source, ctx_dir = str(p), None
         else:
             path = find_config(p, "data")
             data, source, ctx_dir = read_yaml(path), str(path), path.parent
     data = apply_overrides(data, overrides or [])
+    if "channels" not in data and (channels := _infer_channels(data, source, ctx_dir)) is not None:
+        data["channels"] = channels
     return validate(DatasetSpec, data, source=source, context={"base_dir": ctx_dir})
+
+
+def _csv_columns(path: Path) -> list[str]:
+    import csv
+
+    with open(path, newline="") as fh:
+        return [c.strip() for c in next(csv.reader(fh), [])]
+
+
+def _infer_channels(data: dict, source: str, base_dir) -> int | None:
+    """The channel count the dataset's image files agree on (1 grey, 3 RGB), read from their headers; None when no
+    file could be read (validation then asks for ``channels``). Raises :class:`ConfigError` when they disagree."""
+    from medhybrid.datasets import discover_pairs
+    from medhybrid.io import file_channels
+
+    try:  # any channel count validates the rest of the spec; the files are what decides it
+        spec = validate(DatasetSpec, {**data, "channels": 1}, source=source, context={"base_dir": base_dir})
+    except ConfigError:
+        return None
+    found: dict[int, list[str]] = {}
+    items, problems = discover_pairs(spec)
+    for item in items:
+        c = file_channels(item["image"])
+        if c is not None:
+            found.setdefault(c, []).append(item["image"])
+    if not found:
+        from medhybrid.io import read_image
+
+        unreadable = []
+        for item in items[:5]:
+            try:
+                read_image(item["image"])
+            except Exception as e:  # the reason the file cannot be read, naming it
+                unreadable.append(str(e))
+        why = [str(p) for p in problems] or unreadable
+        raise ConfigError(f"{source}: no readable image to tell grey from RGB" + ("".join(f"\n  {w}" for w in why[:5])))
+    if len(found) > 1:
+        parts = "; ".join(f"{len(v)} {'grey' if c == 1 else 'RGB'} (e.g. {v[0]})" for c, v in sorted(found.items()))
+        raise ConfigError(f"{source}: the image files disagree on grey or RGB ({parts}); say which the model should "
+                          "see with channels=1 or channels=3 (medhybrid data check: --set channels=N); files are converted to it")
+    return next(iter(found), None)
 
 
 def _dataset_from_ref(v: Any, info: ValidationInfo) -> Any:

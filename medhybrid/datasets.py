@@ -1,6 +1,7 @@
 """Image/mask pairs, splits and few-shot subsets of a :class:`~medhybrid.config.DatasetSpec`.
 
-A *pair* is a dict ``{"id", "image", "label", "split"}`` with absolute paths: a MONAI datalist item.
+A *pair* is a dict ``{"id", "image", "label", "split"}`` with absolute paths: a MONAI datalist item. An
+image-only dataset (``masks: null``) yields items without ``label``.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from medhybrid.config import DatasetSpec
-from medhybrid.io import SUPPORTED_SUFFIXES, DataError, file_suffix
+from medhybrid.io import SUPPORTED_SUFFIXES, DataError, file_suffix, reader_for
 
 DECATHLON_SPLITS = {"training": "train", "validation": "val", "test": "test"}
 
@@ -22,6 +23,34 @@ def _stem(path: str | Path) -> str:
     name = Path(path).name
     suffix = file_suffix(name)
     return name[: len(name) - len(suffix)] if suffix else name
+
+
+def _folder_images(spec: DatasetSpec, problems: list[DataError], skipped: list[str]) -> list[dict]:
+    """Every image file under ``root/images``, recursively (hidden files and folders left out), DICOM files
+    recognised by their content whatever their name; other files go to ``skipped``. Ids are the paths relative to
+    that folder, without a known image suffix."""
+    img_dir = spec.root / spec.images
+    if not img_dir.is_dir():
+        problems.append(DataError(img_dir, "images folder not found"))
+        return []
+    items = []
+    for f in sorted(img_dir.rglob("*")):
+        rel = f.relative_to(img_dir)
+        if not f.is_file() or any(part.startswith(".") for part in rel.parts):
+            continue
+        if reader_for(f) is None:
+            skipped.append(str(f))
+            continue
+        sid = rel.as_posix()
+        if file_suffix(f) in SUPPORTED_SUFFIXES:
+            sid = sid[: len(sid) - len(file_suffix(f))]
+        items.append({"id": sid, "image": str(f)})
+    if not items:
+        shown = ", ".join(Path(p).name for p in skipped[:3]) + (" ..." if len(skipped) > 3 else "")
+        problems.append(DataError(img_dir, "no image files found" + (
+            f": {len(skipped)} file(s) that are neither a supported image type nor DICOM ({shown})" if skipped
+            else " (the folder is empty)")))
+    return items
 
 
 def _folder_pairs(spec: DatasetSpec, problems: list[DataError]) -> list[dict]:
@@ -44,27 +73,30 @@ def _folder_pairs(spec: DatasetSpec, problems: list[DataError]) -> list[dict]:
     return pairs
 
 
-def _csv_pairs(path: Path, root: Path) -> list[dict]:
+def _csv_pairs(path: Path, root: Path, labelled: bool = True) -> list[dict]:
     with open(path, newline="") as fh:
         rows = list(csv.DictReader(fh))
     if not rows:
         return []
     cols = set(rows[0])
     label_col = "mask" if "mask" in cols else "label" if "label" in cols else None
-    if "image" not in cols or label_col is None:
-        raise DataError(path, f"CSV datalist needs columns 'image' and 'mask' (or 'label'), has {sorted(cols)}")
+    if "image" not in cols or (labelled and label_col is None):
+        raise DataError(path, f"CSV datalist needs columns 'image' and 'mask' (or 'label'), has {sorted(cols)}"
+                        + ("; an image-only dataset needs only 'image' (set masks: null)" if "image" in cols else ""))
     pairs = []
     for i, r in enumerate(rows, start=2):
-        if not r["image"] or not r[label_col]:
-            raise DataError(path, f"line {i}: empty image or mask path")
-        item = {"id": r.get("id") or _stem(r["image"]), "image": str(root / r["image"]), "label": str(root / r[label_col])}
+        if not r["image"] or (labelled and not r[label_col]):
+            raise DataError(path, f"line {i}: empty image or mask path" if labelled else f"line {i}: empty image path")
+        item = {"id": r.get("id") or _stem(r["image"]), "image": str(root / r["image"])}
+        if labelled:
+            item["label"] = str(root / r[label_col])
         if r.get("split"):
             item["split"] = r["split"]
         pairs.append(item)
     return pairs
 
 
-def _decathlon_pairs(path: Path, root: Path) -> list[dict]:
+def _decathlon_pairs(path: Path, root: Path, labelled: bool = True) -> list[dict]:
     data = json.loads(path.read_text())
     pairs = []
     for key, items in data.items():
@@ -72,12 +104,16 @@ def _decathlon_pairs(path: Path, root: Path) -> list[dict]:
             continue
         split = DECATHLON_SPLITS.get(key, key)
         for i, it in enumerate(items):
-            if isinstance(it, str):  # decathlon "test": [paths] lists unlabelled images, which are not pairs
+            if isinstance(it, str):  # decathlon "test": [paths] lists images without labels
+                if not labelled:
+                    pairs.append({"id": _stem(it), "image": str(root / it), "split": split})
                 continue
-            if not isinstance(it, dict) or "image" not in it or "label" not in it:
-                raise DataError(path, f"{key}[{i}]: each item needs 'image' and 'label'")
-            pairs.append({"id": it.get("id") or _stem(it["image"]), "image": str(root / it["image"]),
-                          "label": str(root / it["label"]), "split": split})
+            if not isinstance(it, dict) or "image" not in it or (labelled and "label" not in it):
+                raise DataError(path, f"{key}[{i}]: each item needs 'image'" + (" and 'label'" if labelled else ""))
+            item = {"id": it.get("id") or _stem(it["image"]), "image": str(root / it["image"]), "split": split}
+            if labelled:
+                item["label"] = str(root / it["label"])
+            pairs.append(item)
     return pairs
 
 
@@ -86,6 +122,9 @@ def _assign_splits(spec: DatasetSpec, pairs: list[dict], problems: list[DataErro
         return
     path = spec.root / spec.split
     if not path.is_file():
+        # the default split.json is optional where the datalist already assigns splits or none are needed
+        if not spec.splits or any(p.get("split") for p in pairs):
+            return
         problems.append(DataError(path, "split file not found"))
         return
     try:
@@ -110,20 +149,26 @@ def _assign_splits(spec: DatasetSpec, pairs: list[dict], problems: list[DataErro
             by_id[sid]["split"] = name
 
 
-def discover_pairs(spec: DatasetSpec) -> tuple[list[dict], list[DataError]]:
-    """All pairs of ``spec`` with their split, and the problems found (missing folders, unknown ids,
-    overlapping splits, missing required splits). Files are not opened here: see :mod:`medhybrid.check`."""
+def discover_pairs(spec: DatasetSpec, skipped: list[str] | None = None) -> tuple[list[dict], list[DataError]]:
+    """All pairs (image-only datasets: items) of ``spec`` with their split, and the problems found (missing folders,
+    unknown ids, overlapping splits, missing required splits, a folder without images). Files are not opened here:
+    see :mod:`medhybrid.check`. ``skipped`` collects the files an image-only folder holds that are not images."""
     problems: list[DataError] = []
     if spec.datalist:
         path = spec.root / spec.datalist
         if not path.is_file():
             return [], [DataError(path, "datalist file not found")]
         try:
-            pairs = _csv_pairs(path, spec.root) if path.suffix.lower() == ".csv" else _decathlon_pairs(path, spec.root)
+            read = _csv_pairs if path.suffix.lower() == ".csv" else _decathlon_pairs
+            pairs = read(path, spec.root, spec.labelled)
         except DataError as e:
             return [], [e]
         except (ValueError, OSError) as e:
             return [], [DataError(path, f"cannot read datalist ({e})")]
+    elif not spec.labelled:
+        pairs = _folder_images(spec, problems, skipped if skipped is not None else [])
+        if not pairs:
+            return pairs, problems
     else:
         pairs = _folder_pairs(spec, problems)
     ids = [p["id"] for p in pairs]
@@ -132,7 +177,7 @@ def discover_pairs(spec: DatasetSpec) -> tuple[list[dict], list[DataError]]:
         problems.append(DataError(spec.root, f"id {d!r} appears more than once"))
     _assign_splits(spec, pairs, problems)
     if not pairs:
-        problems.append(DataError(spec.root, "dataset is empty: no image/mask pairs found"))
+        problems.append(DataError(spec.root, "dataset is empty: no " + ("image/mask pairs" if spec.labelled else "images") + " found"))
         return pairs, problems
     present = {p.get("split") for p in pairs}
     for required in spec.splits:
@@ -177,6 +222,8 @@ def few_shot_pairs(spec: DatasetSpec, budget: int | None, seed: int, pool_split:
     Only the pool is ever drawn from; a pair of ``exclude_split`` (the held-out test split) cannot
     enter, and an id listed in both raises.
     """
+    if not spec.labelled:
+        raise ValueError(f"dataset {spec.name!r} has no masks (masks: null): few-shot training needs labelled images")
     pairs = load_pairs(spec)
     pool = [p for p in pairs if p.get("split") == pool_split]
     held = {p["id"] for p in pairs if p.get("split") == exclude_split}

@@ -43,6 +43,10 @@ class CorruptionPrepareBatch(PrepareBatch):
     visible), the rest EDM's log-normal; the per-sample mask-loss weight is
     ``mask_weight * w(sigma)`` with ``w`` = 1 (``all``), ``1[sigma <= seg_sigma_max]`` (``low``) or
     ``c_skip(sigma)`` (``cskip``). ``seg_fraction=0, weighting=all`` is the naive hybrid.
+
+    Batches that mix in unlabelled images (:mod:`medhybrid.unlabelled`) carry ``labelled`` (B,): the low band is
+    drawn for a ``seg_fraction`` of the *labelled* samples, and an unlabelled sample's mask weight is exactly 0
+    whatever its sigma, so it only ever meets the denoising (or masked-patch) objective.
     """
 
     def __init__(self, mode: str, edm: D.EDMParams = D.EDMParams(), seed: int = 0, rank: int = 0,
@@ -57,32 +61,39 @@ class CorruptionPrepareBatch(PrepareBatch):
         """Keep :attr:`step` equal to the engine's iteration (set before each batch is prepared)."""
         engine.add_event_handler(Events.ITERATION_STARTED, lambda e: setattr(self, "step", e.state.iteration))
 
-    def sigmas(self, n: int, g: torch.Generator) -> torch.Tensor:
+    def sigmas(self, n: int, g: torch.Generator, labelled: torch.Tensor | None = None) -> torch.Tensor:
+        """EDM's log-normal sigmas; in hybrid mode the first ``seg_fraction`` of the labelled samples (all samples
+        when ``labelled`` is None) take the low band instead."""
         e = self.edm
         sigma = D.sample_sigma_lognormal(n, e.p_mean, e.p_std, generator=g)
         if self.mode == "hybrid" and self.seg_fraction > 0:
-            k = int(round(self.seg_fraction * n))
-            sigma[:k] = D.sample_sigma_loguniform(k, e.sigma_min, self.seg_sigma_max, generator=g)
+            idx = torch.arange(n) if labelled is None else torch.nonzero(labelled.cpu() > 0).flatten()
+            k = int(round(self.seg_fraction * len(idx)))
+            sigma[idx[:k]] = D.sample_sigma_loguniform(k, e.sigma_min, self.seg_sigma_max, generator=g)
         return sigma
 
-    def mask_weights(self, sigma: torch.Tensor) -> torch.Tensor:
+    def mask_weights(self, sigma: torch.Tensor, labelled: torch.Tensor | None = None) -> torch.Tensor:
+        """Per-sample mask-loss weight: ``mask_weight * w(sigma)``, times 0 for an unlabelled sample."""
         if self.weighting == "low":
             w = (sigma <= self.seg_sigma_max * (1 + 1e-6)).float()
         elif self.weighting == "cskip":
             w = D.c_skip(sigma, self.edm.sigma_data)
         else:
             w = torch.ones_like(sigma)
-        return self.mask_weight * w
+        w = self.mask_weight * w
+        return w if labelled is None else w * (labelled.to(w.device) > 0).float()
 
     def __call__(self, batchdata, device=None, non_blocking: bool = False, **kwargs):
         x0 = _tensor(batchdata[Keys.IMAGE]).to(device=device, non_blocking=non_blocking).float()
         label = batchdata.get(Keys.LABEL)
         label = None if label is None else _tensor(label).to(device=device, non_blocking=non_blocking)
+        labelled = batchdata.get("labelled")
+        labelled = None if labelled is None else _tensor(labelled).float().flatten()
         g = step_generator(self.seed, self.step, self.rank)
         b = x0.shape[0]
         net_kwargs: dict = {}
         if self.mode in ("hybrid", "diffusion"):
-            sigma = self.sigmas(b, g)
+            sigma = self.sigmas(b, g, labelled)
             noise = torch.randn(x0.shape, generator=g)
             sigma = sigma.to(x0.device)
             x = x0 + sigma.view(-1, 1, 1, 1) * noise.to(x0.device)
@@ -98,7 +109,9 @@ class CorruptionPrepareBatch(PrepareBatch):
         net_kwargs["sigma"] = sigma
         targets = {"image": x0, "label": label, "sigma": sigma}
         if self.mode == "hybrid":
-            targets["mask_weight"] = self.mask_weights(sigma)
+            targets["mask_weight"] = self.mask_weights(sigma, labelled)
+        if labelled is not None:
+            targets["labelled"] = labelled.to(x0.device)
         return x, targets, (), net_kwargs
 
 
@@ -268,3 +281,35 @@ class EpochSeededSampler(torch.utils.data.Sampler):
 
     def attach(self, engine: Engine) -> None:
         engine.add_event_handler(Events.EPOCH_STARTED, lambda e: self.set_epoch(e.state.epoch))
+
+
+class MixedBatchSampler(EpochSeededSampler):
+    """:class:`EpochSeededSampler` over a labelled part (indices ``0..n_labelled-1``) and an unlabelled part (the
+    indices after it), yielding ``num_batches`` batches of ``batch_size`` whose first ``per_batch[0]`` indices are
+    labelled and the last ``per_batch[1]`` unlabelled (read consecutively by a ``DataLoader`` with that batch size).
+
+    Each part is drawn without replacement within its own permutations, seeded by (seed, epoch); global batch ``j`` goes
+    to rank ``j % world_size``, so ranks never repeat or drop an index within an epoch's draw.
+    """
+
+    def __init__(self, n_labelled: int, n_unlabelled: int, per_batch: tuple[int, int], num_batches: int, seed: int = 0,
+                 rank: int = 0, world_size: int = 1):
+        if (per_batch[0] and not n_labelled) or (per_batch[1] and not n_unlabelled):
+            raise ValueError(f"batches of {per_batch} (labelled, unlabelled) need both kinds of images, have "
+                             f"{n_labelled} labelled and {n_unlabelled} unlabelled")
+        self.sizes, self.per_batch, self.num_batches = (n_labelled, n_unlabelled), per_batch, num_batches
+        super().__init__(n_labelled + n_unlabelled, num_batches * sum(per_batch), seed, rank, world_size)
+
+    def _draw(self, g: torch.Generator, size: int, total: int) -> torch.Tensor:
+        if not total:
+            return torch.zeros(0, dtype=torch.long)
+        return torch.cat([torch.randperm(size, generator=g) for _ in range(math.ceil(total / size))])[:total]
+
+    def __iter__(self):
+        g = step_generator(self.seed, 10_000 + self.epoch)
+        batches = self.num_batches * self.world_size
+        (kl, ku), nl = self.per_batch, self.sizes[0]
+        lab = self._draw(g, self.sizes[0], batches * kl).view(batches, kl)
+        unl = self._draw(g, self.sizes[1], batches * ku).view(batches, ku) + nl
+        order = torch.cat([lab, unl], dim=1)[self.rank :: self.world_size]
+        return iter(order.flatten().tolist())

@@ -63,7 +63,7 @@ def read_pil(path: Path, role: str = "image") -> tuple[np.ndarray, dict]:
 
     try:
         with Image.open(path) as im:
-            mode = im.mode
+            mode, fmt = im.mode, im.format
             if role == "image":
                 if mode in ("P", "PA", "CMYK", "YCbCr", "LAB", "HSV", "RGBA"):
                     im = im.convert("RGB")
@@ -85,7 +85,7 @@ def read_pil(path: Path, role: str = "image") -> tuple[np.ndarray, dict]:
     vr = (0.0, 1.0) if arr.dtype == bool else _value_range(arr)
     if mode == "I" and arr.dtype == np.int32:
         vr = (float(arr.min()), float(arr.max()))
-    return arr, {"format": "pil", "mode": mode, "value_range": vr}
+    return arr, {"format": "pil", "pil_format": fmt or "", "mode": mode, "value_range": vr}
 
 
 def read_dicom(path: Path, role: str = "image") -> tuple[np.ndarray, dict]:
@@ -197,17 +197,39 @@ _READERS = {
 }
 
 
+def is_dicom_file(path: str | os.PathLike) -> bool:
+    """Whether ``path`` starts like a DICOM Part 10 file (a 128-byte preamble, then ``DICM``), whatever its name:
+    PACS exports often store DICOM files without a suffix."""
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(132)
+    except OSError:
+        return False
+    return len(head) == 132 and head[128:] == b"DICM"
+
+
+def reader_for(path: str | os.PathLike):
+    """The reader of ``path``: by suffix, else DICOM for a file that starts like one (None: not an image file)."""
+    reader = _READERS.get(file_suffix(path))
+    if reader is None and is_dicom_file(path):
+        return read_dicom
+    return reader
+
+
 def read_image(path: str | os.PathLike, role: str = "image") -> tuple[np.ndarray, dict]:
-    """Read one 2D image as ``(H, W)`` or ``(H, W, C)`` plus metadata, choosing the reader by suffix.
+    """Read one 2D image as ``(H, W)`` or ``(H, W, C)`` plus metadata, choosing the reader by suffix (a DICOM file
+    is recognised by its content whatever its name).
 
     ``role`` is ``"image"`` (palette/alpha images become RGB/grey) or ``"mask"`` (raw values kept).
     Raises :class:`DataError` naming the file for a missing, unreadable or unsupported file.
     """
     path = Path(path)
-    suffix = file_suffix(path)
-    reader = _READERS.get(suffix)
+    reader = reader_for(path)
     if reader is None:
-        raise DataError(path, f"unsupported file type {suffix!r}; supported: {', '.join(SUPPORTED_SUFFIXES)}")
+        if not path.is_file() and file_suffix(path) == "":
+            raise DataError(path, "file not found")
+        raise DataError(path, f"unsupported file type {file_suffix(path)!r} (and not a DICOM file); "
+                              f"supported: {', '.join(SUPPORTED_SUFFIXES)} or DICOM without a suffix")
     if not path.is_file():
         raise DataError(path, "file not found")
     if path.stat().st_size == 0:
@@ -217,6 +239,30 @@ def read_image(path: str | os.PathLike, role: str = "image") -> tuple[np.ndarray
         raise DataError(path, f"decoded to an array of shape {arr.shape}; expected a 2D image")
     meta["spatial_shape"] = np.asarray(arr.shape[:2])
     return arr, meta
+
+
+def file_channels(path: str | os.PathLike) -> int | None:
+    """1 (grey) or 3 (colour) as the file stores it, from its header where the format allows (PNG/JPEG/..., DICOM),
+    else from a full decode; None for a file that cannot be read (the data check reports it)."""
+    reader = reader_for(path)
+    try:
+        if reader is read_pil:
+            from PIL import Image
+
+            with Image.open(path) as im:
+                return 1 if im.mode in ("1", "L", "LA", "I", "F") or im.mode.startswith("I;") else 3
+        if reader is read_dicom:
+            import pydicom
+
+            ds = pydicom.dcmread(path, stop_before_pixels=True)
+            photometric = str(ds.get("PhotometricInterpretation", "")).upper()
+            return 3 if int(ds.get("SamplesPerPixel", 1)) > 1 or photometric == "PALETTE COLOR" else 1
+        if reader is not None:
+            arr = read_image(path)[0]
+            return 1 if arr.ndim == 2 else 3
+    except Exception:  # an unreadable file has no say; the data check names it
+        return None
+    return None
 
 
 class Image2DReader(ImageReader):
@@ -231,7 +277,7 @@ class Image2DReader(ImageReader):
 
     def verify_suffix(self, filename: Sequence[os.PathLike] | os.PathLike) -> bool:
         names = filename if isinstance(filename, (list, tuple)) else [filename]
-        return all(file_suffix(f) in SUPPORTED_SUFFIXES for f in names)
+        return all(reader_for(f) is not None for f in names)
 
     def read(self, data: Sequence[os.PathLike] | os.PathLike, **kwargs) -> Any:
         names = data if isinstance(data, (list, tuple)) else [data]

@@ -86,7 +86,8 @@ class PretrainLoss(nn.Module):
         if self.mode in ("hybrid", "supervised", "finetune"):
             w = target.get("mask_weight")
             seg = self.seg(logits, target["label"])
-            terms["mask_loss"] = seg.mean()
+            lab = target.get("labelled")  # batches mixing in unlabelled images: their mask term is 0, not averaged in
+            terms["mask_loss"] = seg.mean() if lab is None else (seg * lab).sum() / lab.sum().clamp(min=1)
             total = total + (seg if w is None else w * seg)
         self.terms = {k: float(v.detach()) for k, v in terms.items()}
         return total.mean()

@@ -6,6 +6,11 @@
 - ``mdm``: masked diffusion (Pan et al. 2023): patches masked instead of noise, SSIM loss
 - ``none``: random initialisation (the from-scratch baseline)
 
+Beside the labelled source, ``unlabelled`` lists image-only sources (a PACS export, a clinic's archive, a target's
+``pool`` without its masks) mixed into every batch at ``unlabelled.share`` (:mod:`medhybrid.unlabelled`): the
+denoising and masked-patch objectives apply to them, the mask loss never does. ``diffusion`` and ``mdm`` can
+pretrain from unlabelled images alone (``dataset: null``).
+
 ``run_pretraining(cfg)`` writes ``<output_dir>/model.pt`` (weights + metadata, loadable with
 ``weights_only=True``), checkpoints, the resolved config and previews, and records one MLflow run.
 """
@@ -20,12 +25,13 @@ from pathlib import Path
 from typing import Literal
 
 import torch
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
 from medhybrid.config import DatasetRef, DatasetSpec, Preprocess, StrictModel, dump_config, save_config
 from medhybrid.networks import HybridUNet, ModelConfig, build_network
 from medhybrid.tracking import MLflowConfig
 from medhybrid.training import TrainConfig, atomic_save
+from medhybrid.unlabelled import UnlabelledConfig
 
 log = logging.getLogger("medhybrid")
 
@@ -50,7 +56,12 @@ class MDMConfig(StrictModel):
 
 class PretrainConfig(StrictModel):
     mode: Mode = "hybrid"
-    dataset: DatasetRef
+    dataset: DatasetRef | None = Field(description="the labelled source domain (train/val splits); null: diffusion or "
+                                       "mdm from the unlabelled images alone")
+    unlabelled: UnlabelledConfig | None = Field(None, exclude_if=lambda v: v is None,
+                                                description="image-only sources mixed into each batch (no mask loss)")
+    num_classes: int | None = Field(None, ge=2, exclude_if=lambda v: v is None,
+                                    description="mask classes of the network without a labelled dataset (None: 2, binary)")
     output_dir: Path | None = Field(None, description="None: runs/pretrain/<dataset>-<mode>")
     preprocess: Preprocess = Field(default_factory=Preprocess)
     model: ModelConfig = Field(default_factory=ModelConfig)
@@ -63,25 +74,68 @@ class PretrainConfig(StrictModel):
 
     @field_validator("dataset")
     @classmethod
-    def _source(cls, v: DatasetSpec) -> DatasetSpec:
-        if v.role != "source":
+    def _source(cls, v: DatasetSpec | None) -> DatasetSpec | None:
+        if v is not None and v.role != "source":
             raise ValueError(f"dataset {v.name!r} is a {v.role} dataset; pretraining uses a source domain "
-                             "(its train/val splits), never a target's pool or test")
+                             "(its train/val splits), never a target's pool or test (a target's pool images can join "
+                             "without their masks: unlabelled.sources: [{dataset: NAME, splits: [pool]}])")
+        if v is not None and not v.labelled:
+            raise ValueError(f"dataset {v.name!r} has no masks: list it under unlabelled.sources instead")
         return v
+
+    @model_validator(mode="after")
+    def _data(self):
+        if self.unlabelled is not None and not self.unlabelled.sources:
+            self.unlabelled = None  # shared settings without sources (an ablation's common part): nothing to mix in
+        if self.unlabelled is not None and self.mode not in ("hybrid", "diffusion", "mdm"):
+            raise ValueError(f"mode {self.mode!r} cannot use unlabelled images (they have no masks); "
+                             "hybrid, diffusion and mdm can")
+        if self.dataset is None:
+            if self.unlabelled is None or self.mode not in ("diffusion", "mdm"):
+                raise ValueError(f"dataset: null needs unlabelled.sources and mode diffusion or mdm (got {self.mode!r}); "
+                                 f"{self.mode} pretraining needs a labelled source dataset")
+        elif self.unlabelled is not None and self.unlabelled.share >= 1:
+            raise ValueError("unlabelled.share must be below 1 beside a labelled dataset (1 leaves no labelled image); "
+                             "use dataset: null to pretrain on unlabelled images alone")
+        if self.num_classes is not None and self.dataset is not None and self.num_classes != self.dataset.mask.num_classes:
+            raise ValueError(f"num_classes {self.num_classes} disagrees with dataset {self.dataset.name!r} "
+                             f"({self.dataset.mask.num_classes} classes); leave it unset")
+        return self
+
+    @property
+    def data_name(self) -> str:
+        """The dataset(s) pretrained on, for names: the labelled source, then ``+`` each unlabelled source."""
+        names = [self.dataset.name] if self.dataset is not None else []
+        names += [s.name.replace(":", "-") for s in (self.unlabelled.sources if self.unlabelled else [])]
+        return "+".join(names)
+
+    @property
+    def channels(self) -> int:
+        """Image channels of the network: the labelled dataset's, else the first unlabelled source's (the images of
+        every other source are converted to it)."""
+        return self.dataset.channels if self.dataset is not None else self.unlabelled.sources[0].dataset.channels
+
+    @property
+    def classes(self) -> int:
+        return self.dataset.mask.num_classes if self.dataset is not None else (self.num_classes or 2)
 
     @property
     def folder(self) -> Path:
-        return Path(self.output_dir or Path("runs") / "pretrain" / f"{self.dataset.name}-{self.mode}")
+        return Path(self.output_dir or Path("runs") / "pretrain" / f"{self.data_name}-{self.mode}")
 
     @property
     def run_name(self) -> str:
-        return self.mlflow.run_name or f"pretrain-{self.mode}-{self.dataset.name}"
+        return self.mlflow.run_name or f"pretrain-{self.mode}-{self.data_name}"
 
 
 def config_hash(cfg: StrictModel, exclude: tuple[str, ...] = ("mlflow", "output_dir")) -> str:
+    from medhybrid.unlabelled import EXECUTION_ONLY
+
     d = {k: v for k, v in dump_config(cfg).items() if k not in exclude}
     for execution_only in ("progress", "compile"):  # how a run executes, not what it computes
         d.get("train", {}).pop(execution_only, None)
+    for execution_only in EXECUTION_ONLY:  # where unlabelled images are held (memory, disk cache)
+        (d.get("unlabelled") or {}).pop(execution_only, None)
     return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -102,10 +156,17 @@ class PretrainResult:
     metrics: dict
 
 
-def network_meta(net: HybridUNet, model_cfg: ModelConfig, preprocess: Preprocess, dataset: DatasetSpec, mode: str) -> dict:
+def network_meta(net: HybridUNet, model_cfg: ModelConfig, preprocess: Preprocess, dataset: DatasetSpec | str, mode: str,
+                 num_classes: int | None = None) -> dict:
+    """What a ``model.pt`` says of itself: mode, channels, classes, the data it learnt from, network and preprocessing
+    (``dataset`` a spec, or a name with ``num_classes`` for pretraining without a labelled dataset)."""
+    name, classes = (dataset, num_classes) if isinstance(dataset, str) else (dataset.name, dataset.mask.num_classes)
     return {"mode": mode, "image_channels": net.image_channels, "mask_channels": net.mask_channels,
-            "num_classes": dataset.mask.num_classes, "dataset": dataset.name, "model": dump_config(model_cfg),
-            "preprocess": dump_config(preprocess)}
+            "num_classes": classes, "dataset": name, "model": dump_config(model_cfg), "preprocess": dump_config(preprocess)}
+
+
+def pretrain_meta(net: HybridUNet, cfg: PretrainConfig) -> dict:
+    return network_meta(net, cfg.model, cfg.preprocess, cfg.data_name, cfg.mode, cfg.classes)
 
 
 def save_model(net: HybridUNet, meta: dict, path: Path) -> Path:
@@ -120,6 +181,41 @@ def load_model(path: str | Path, map_location="cpu") -> tuple[HybridUNet, dict]:
     net = build_network(ModelConfig(**meta["model"]), meta["image_channels"], meta["num_classes"])
     net.load_state_dict(ckpt["state_dict"])
     return net, meta
+
+
+def training_data(cfg: PretrainConfig, rank: int = 0, world_size: int = 1):
+    """``(train, val, sampler)``: the datasets of ``cfg``'s images and the sampler of its batches (None: the harness's
+    own). Without unlabelled sources: the source's cached train and val splits. With them: labelled train images
+    followed by the unlabelled ones (:class:`medhybrid.unlabelled.MixedDataset`), each batch holding
+    ``unlabelled.share`` of unlabelled images; validation stays on the source's val split, or, with no labelled dataset,
+    on the first ``train.val_max_images`` unlabelled images (a reconstruction monitor, not a held-out score)."""
+    from medhybrid.engines import MixedBatchSampler
+    from medhybrid.unlabelled import MixedDataset, batch_split, check_sources, unlabelled_dataset
+
+    if cfg.unlabelled is None:
+        train_ds, val_ds = source_datasets(cfg)
+        return train_ds, val_ds, None
+    key = json.dumps(["unlabelled", dump_config(cfg.unlabelled), cfg.channels, dump_config(cfg.preprocess)], sort_keys=True,
+                     default=str)
+    if key not in _UNLABELLED_CACHE:
+        if cfg.train.check_data:
+            check_sources(cfg.unlabelled)
+        _UNLABELLED_CACHE.clear()
+        _UNLABELLED_CACHE[key] = unlabelled_dataset(cfg.unlabelled, cfg.channels, cfg.preprocess)
+    unl = _UNLABELLED_CACHE[key]
+    if cfg.dataset is not None:
+        train_ds, val_ds = source_datasets(cfg)
+        per_batch = batch_split(cfg.train.batch_size, cfg.unlabelled.share)
+    else:
+        train_ds, per_batch = [], (0, cfg.train.batch_size)
+        val_ds = torch.utils.data.Subset(unl, range(min(len(unl), cfg.train.val_max_images or len(unl))))
+    mixed = MixedDataset(train_ds, unl, cfg.preprocess.resolution)
+    sampler = MixedBatchSampler(len(train_ds), len(unl), per_batch, cfg.train.epoch_length, seed=cfg.train.seed,
+                                rank=rank, world_size=world_size)
+    return mixed, val_ds, sampler
+
+
+_UNLABELLED_CACHE: dict[str, object] = {}
 
 
 def source_datasets(cfg: PretrainConfig):
@@ -179,12 +275,12 @@ def _worker(local_rank: int, cfg: PretrainConfig, run_id: str | None) -> dict:
 
     rank = idist.get_rank()
     torch.manual_seed(cfg.train.seed)
-    net = build_network(cfg.model, cfg.dataset.channels, cfg.dataset.mask.num_classes)
-    train_ds, val_ds = source_datasets(cfg)
+    net = build_network(cfg.model, cfg.channels, cfg.classes)
+    train_ds, val_ds, sampler = training_data(cfg, rank, idist.get_world_size())
     edm = cfg.model.edm
     prepare = corruption(cfg, rank)
     loss = PretrainLoss(cfg.mode, net.mask_channels, edm.sigma_data)
-    img_ch = cfg.dataset.channels
+    img_ch = cfg.channels
     uses_masks = cfg.mode in ("hybrid", "supervised")
     levels = list(cfg.val_levels) if cfg.mode != "mdm" else [0.25, 0.5, 0.75]
 
@@ -219,11 +315,10 @@ def _worker(local_rank: int, cfg: PretrainConfig, run_id: str | None) -> dict:
     result = fit(net, train_ds, prepare, loss, cfg.train, cfg.folder,
                  make_evaluator=make_evaluator,
                  mlflow_handler_factory=mlflow_factory if (run_id and rank == 0) else None,
-                 on_validated=on_validated, checkpoint_prefix="pretrain")
+                 on_validated=on_validated, checkpoint_prefix="pretrain", sampler=sampler)
     metrics = {k: v for k, v in result.metrics.items() if isinstance(v, (int, float))}
     if rank == 0:
-        save_model(result.network, network_meta(result.network, cfg.model, cfg.preprocess, cfg.dataset, cfg.mode),
-                   cfg.folder / "model.pt")
+        save_model(result.network, pretrain_meta(result.network, cfg), cfg.folder / "model.pt")
         tracking.write_state(cfg.folder, metrics=metrics, world_size=idist.get_world_size())
     return metrics
 
@@ -240,7 +335,7 @@ def preview(cfg: PretrainConfig, net: HybridUNet, val_ds, epoch: int, n: int = 6
     device = next(net.parameters()).device
     items = [val_ds[i] for i in range(min(n, len(val_ds)))]
     x0 = torch.stack([torch.as_tensor(d["image"]) for d in items]).float().to(device)
-    lab = torch.stack([torch.as_tensor(d["label"]) for d in items]).to(device)
+    lab = torch.stack([torch.as_tensor(d["label"]) for d in items]).to(device) if "label" in items[0] else None
     g = torch.Generator().manual_seed(0)
     if cfg.mode == "mdm":
         ratio = torch.full((len(items),), 0.5)
@@ -253,7 +348,7 @@ def preview(cfg: PretrainConfig, net: HybridUNet, val_ds, epoch: int, n: int = 6
     mask = logits_to_onehot(net.segment(x0))
     fg = mask[:, 0] if mask.shape[1] == 1 else mask[:, 1:].sum(1)
     rows = [[to_uint8(x) for x in x0], [to_uint8(x) for x in xin], [to_uint8(x) for x in recon],
-            [overlay(x0[i], fg[i], reference=(lab[i, 0] > 0)) for i in range(len(items))]]
+            [overlay(x0[i], fg[i], reference=None if lab is None else (lab[i, 0] > 0)) for i in range(len(items))]]
     return save_png(grid(rows), cfg.folder / "previews" / f"epoch_{epoch:03d}.png", upscale=2)
 
 
@@ -269,17 +364,18 @@ def run_pretraining(cfg: PretrainConfig) -> PretrainResult:
         log.info("%s: already finished, nothing to do", folder)
         return PretrainResult(folder, model_path, state.get("mlflow_run_id"), state.get("metrics", {}))
     save_config(cfg, folder / "config.yaml")
-    tracking.write_state(folder, config_hash=h, status="running", mode=cfg.mode, dataset=cfg.dataset.name)
+    tracking.write_state(folder, config_hash=h, status="running", mode=cfg.mode, dataset=cfg.data_name)
     run_id = None
     if cfg.mlflow.enabled:
-        run_id = tracking.open_run(cfg.mlflow, folder, cfg.run_name, params=dump_config(cfg),
-                                   tags={"medhybrid.stage": "pretrain", "medhybrid.mode": cfg.mode,
-                                         "medhybrid.dataset": cfg.dataset.name})
+        tags = {"medhybrid.stage": "pretrain", "medhybrid.mode": cfg.mode, "medhybrid.dataset": cfg.data_name}
+        if cfg.unlabelled is not None:
+            tags["medhybrid.unlabelled"] = ",".join(s.name for s in cfg.unlabelled.sources)
+        run_id = tracking.open_run(cfg.mlflow, folder, cfg.run_name, params=dump_config(cfg), tags=tags)
     with tracking.failing_marks(cfg.mlflow, folder, run_id):
         if cfg.mode == "none":
             torch.manual_seed(cfg.train.seed)
-            net = build_network(cfg.model, cfg.dataset.channels, cfg.dataset.mask.num_classes)
-            save_model(net, network_meta(net, cfg.model, cfg.preprocess, cfg.dataset, cfg.mode), model_path)
+            net = build_network(cfg.model, cfg.channels, cfg.classes)
+            save_model(net, pretrain_meta(net, cfg), model_path)
             metrics: dict = {}
         elif cfg.train.nproc > 1:
             import ignite.distributed as idist

@@ -111,9 +111,12 @@ def fit(
     on_validated: Callable[[object, object, nn.Module], None] | None = None,
     on_trainer: Callable[[object], None] | None = None,
     checkpoint_prefix: str = "train",
+    sampler: torch.utils.data.Sampler | None = None,
 ) -> FitResult:
     """Train ``network`` on ``train_ds`` with MONAI's ``SupervisedTrainer`` (call inside each process
-    when distributed). Resumes from the newest checkpoint in ``folder/checkpoints``."""
+    when distributed). Resumes from the newest checkpoint in ``folder/checkpoints``. ``sampler`` (this rank's, with
+    ``attach(engine)`` setting its epoch, and ``epoch_length * batch_size`` indices read consecutively into batches)
+    replaces the default :class:`~medhybrid.engines.EpochSeededSampler` over ``train_ds``."""
     import ignite.distributed as idist
     from ignite.handlers import Checkpoint, DiskSaver, EMAHandler
     from monai.engines import SupervisedTrainer
@@ -132,7 +135,8 @@ def fit(
     if world > 1:
         model = idist.auto_model(network, sync_bn=False)
 
-    sampler = EpochSeededSampler(len(train_ds), cfg.epoch_length * cfg.batch_size, seed=cfg.seed, rank=rank, world_size=world)
+    if sampler is None:
+        sampler = EpochSeededSampler(len(train_ds), cfg.epoch_length * cfg.batch_size, seed=cfg.seed, rank=rank, world_size=world)
     loader = torch.utils.data.DataLoader(train_ds, batch_size=cfg.batch_size, sampler=sampler, num_workers=cfg.num_workers,
                                          pin_memory=cuda, drop_last=True, persistent_workers=cfg.num_workers > 0)
     optimizer = torch.optim.AdamW(network.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)

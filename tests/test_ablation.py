@@ -12,6 +12,7 @@ from conftest import mlflow_client, ph2_yaml
 
 from medhybrid.ablation import AblationConfig, pixel_features_config, pretrain_config, pretraining_of, run_ablation
 from medhybrid.config import ConfigError, validate
+from medhybrid.datasets import load_pairs
 
 pytestmark = pytest.mark.usefixtures("workdir")
 
@@ -124,3 +125,31 @@ def test_ablation_runs_records_reports_and_resumes(workdir, mlflow_uri, isic_tin
     assert set(inv[0]["methods"]) == set(methods) and inv[0]["methods"]["diffusion"]["pretrain_s"] > 0
     assert set(inv[1]["methods"]["scratch"]) == {"pretrain_s", "train_s", "eval_s"}  # the one re-evaluated run
     assert "Wall time:" in again["report"]["markdown"].read_text()
+
+
+def test_target_image_methods_pretrain_on_the_pool_never_the_test_split(workdir, mlflow_uri, isic_tiny):
+    from medhybrid.pretrain import training_data
+    from medhybrid.unlabelled import source_items
+
+    methods = {"hybrid": {"pretrain": "hybrid"}, "hybrid-target": {"pretrain": "hybrid", "target_images": "add"},
+               "mdm-self": {"pretrain": "mdm", "target_images": "only"}}
+    cfg = _config(workdir, mlflow_uri, isic_tiny, methods, seeds=(0,))
+    cfg.pretrain["unlabelled"] = {"share": 0.25}
+    assert pretrain_config(cfg, "hybrid").unlabelled is None  # the shared share brings no images by itself
+    pool, test = ({p["image"] for p in load_pairs(cfg.target, s)} for s in ("pool", "test"))
+    add, only = pretrain_config(cfg, "hybrid-target"), pretrain_config(cfg, "mdm-self")
+    assert add.dataset.name == "isic_tiny" and add.unlabelled.share == 0.25 and only.dataset is None
+    for pcfg in (add, only):
+        images = {i["image"] for s in pcfg.unlabelled.sources for i in source_items(s)}
+        assert images == pool and not images & test
+    mixed, _, sampler = training_data(add)
+    assert len(mixed) == 16 + 8 and sampler.per_batch == (3, 1)
+    assert pretraining_of(cfg, "hybrid-target") == "hybrid-target"  # not the plain hybrid's network
+
+    out = run_ablation(cfg)
+    assert out["failures"] == []
+    runs = _children(mlflow_uri, out["parent_run_id"])
+    assert sorted(r.data.tags["method"] for r in runs) == ["hybrid", "hybrid-target", "mdm-self"]
+    assert all(0 < r.data.metrics["test_dice"] <= 1 for r in runs)
+    meta = {m: json.loads((workdir / "abl" / "pretrain" / m / "state.json").read_text())["dataset"] for m in methods}
+    assert meta == {"hybrid": "isic_tiny", "hybrid-target": "isic_tiny+ph2_tiny-pool", "mdm-self": "ph2_tiny-pool"}

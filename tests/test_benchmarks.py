@@ -72,3 +72,14 @@ def test_ablation_time_side_by_side(data, tmp_path):
         assert train_s > 0 and eval_s > 0 and 0 < dice <= 1 and (pretrain_s > 0 or method == "scratch")
     assert "ddpm-features" not in out
     assert _ratio(out, "wall") > 0
+
+
+def test_unlabelled_scale_memory_against_disk_cache(data):
+    out = _run("unlabelled_scale.py", "--repeat", "3", "--images", "12", "--iters", "2", "--batch", "4", "--res", "32")
+    rows = {line.split()[0]: line.split()[1:] for line in out.splitlines() if line.startswith(("memory-", "disk-"))}
+    assert set(rows) == {"memory-1x", "memory-3x", "disk-3x-cold", "disk-3x-warm"}
+    assert [int(v[0]) for v in rows.values()] == [12, 36, 36, 36]  # every linked copy is its own image
+    assert all(float(v[3]) > 0 and float(v[4]) > 0 for v in rows.values())
+    assert float(re.search(r"disk cache: ([0-9.]+) MB", out).group(1)) > 0
+    for name in ("throughput disk-warm/memory", "peak memory disk-3x/memory-3x", "setup disk/memory at 3x"):
+        assert _ratio(out, name) > 0

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import shutil
+
 import pytest
 
 from medhybrid.cli import main
@@ -43,12 +45,14 @@ def test_data_check_several_datasets_one_bad(capsys, tiny_dataset, tiny_override
     assert "dataset ph2tiny: 2 pairs" in out and "dataset ph2: 100 pairs" in out
 
 
-def test_data_check_config_errors_exit_2(capsys, tiny_dataset):
+def test_data_check_config_errors_exit_2(capsys, tiny_dataset, data):
     assert main(["data", "check", "no_such_dataset"]) == 2
     assert "error: unknown data config 'no_such_dataset'" in capsys.readouterr().err
-    assert main(["data", "check", str(tiny_dataset)]) == 2  # a folder cannot say grey or RGB
+    # grey and RGB files in one folder: medhybrid asks which the model should see
+    shutil.copy(data / "chest_xray" / "openist" / "images" / "1-10.jpg", tiny_dataset / "images" / "grey.jpg")
+    assert main(["data", "check", str(tiny_dataset)]) == 2
     err = capsys.readouterr().err
-    assert str(tiny_dataset) in err and "channels: Field required" in err
+    assert str(tiny_dataset) in err and "disagree on grey or RGB" in err and "grey.jpg" in err
     assert main(["data", "check", "ph2", "--set", "chanels=3"]) == 2
     assert "chanels: unknown key" in capsys.readouterr().err
 

@@ -230,11 +230,11 @@ def test_dataset_spec_from_folder_with_overrides(tiny_dataset, data):
     assert spec.mask == MaskSpec() and spec.split == "split.json"
     pairs, problems = discover_pairs(spec)
     assert problems == [] and len(pairs) == 4
-    with pytest.raises(ConfigError, match="channels: Field required"):
-        load_dataset_spec(tiny_dataset)
-    # a folder is also accepted as a string path, with a folder of grey images
-    grey = load_dataset_spec(str(data / "chest_xray" / "openist"), ["channels=1", "mask_suffix=_mask", "mask.threshold=128"])
-    assert grey.name == "openist" and grey.mask.threshold == 128 and grey.mask.num_classes == 2
+    # without channels, the files say: the PH2 images are RGB
+    assert load_dataset_spec(tiny_dataset, ["mask_suffix=_lesion", "role=target"]).channels == 3
+    # a folder is also accepted as a string path, with a folder of grey images (grey read from the JPEG headers)
+    grey = load_dataset_spec(str(data / "chest_xray" / "openist"), ["mask_suffix=_mask", "mask.threshold=128"])
+    assert grey.name == "openist" and grey.mask.threshold == 128 and grey.mask.num_classes == 2 and grey.channels == 1
 
 
 def _copy_ph2(data: Path, dest: Path, ids: list[str]) -> None:

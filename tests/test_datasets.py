@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+from conftest import PH2
 
 from medhybrid.config import load_dataset_spec
 from medhybrid.datasets import discover_pairs, few_shot_ids, few_shot_pairs, load_pairs
@@ -199,3 +200,25 @@ def test_required_splits_relax_the_pool_and_test_rule(tiny_dataset, tiny_overrid
     relaxed = load_dataset_spec(tiny_dataset, [*tiny_overrides, "required_splits=[pool]"])
     assert discover_pairs(relaxed)[1] == [] and "required_splits" in relaxed.model_dump()
     assert "required_splits" not in spec.model_dump()  # unset: absent from dumps, so config hashes do not change
+
+
+def test_csv_datalist_with_a_split_column_needs_no_split_file(data, tmp_path, capsys):
+    """A new user's folder: pairs.csv (image, mask, split) and a five-line dataset YAML that leaves ``split`` at its
+    default: the CSV's column is the split, and the missing split.json is no problem."""
+    from medhybrid.check import check_dataset
+
+    split = json.loads((PH2 / "split.json").read_text())
+    rows = [(i, "pool") for i in split["pool"][:3]] + [(i, "test") for i in split["test"][:2]]
+    (tmp_path / "pairs.csv").write_text("image,mask,split\n" + "".join(
+        f"{PH2 / 'images' / f'{i}.png'},{PH2 / 'masks' / f'{i}_lesion.png'},{s}\n" for i, s in rows))
+    yml = tmp_path / "clinic.yaml"
+    yml.write_text("name: clinic\nrole: target\nroot: .\ndatalist: pairs.csv\nchannels: 3\n")
+    spec = load_dataset_spec(yml)
+    assert spec.split == "split.json"
+    report = check_dataset(spec)
+    assert report.ok, report.problems
+    assert dict(report.splits) == {"pool": 3, "test": 2}
+    assert [p["id"] for p in few_shot_pairs(spec, 2, seed=0)] == few_shot_ids(split["pool"][:3], 2, 0)
+    # a split file that is there still decides, and one that lists an unknown id is still a problem
+    (tmp_path / "split.json").write_text(json.dumps({"pool": ["nope"]}))
+    assert any("lists 'nope'" in m for m in _messages(discover_pairs(spec)[1]))
