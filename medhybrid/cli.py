@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from pathlib import Path
 
 from medhybrid.config import ConfigError
 from medhybrid.io import DataError
@@ -84,7 +85,7 @@ def _report(args) -> int:
 
     cfg = load_ablation(args.config, args.profile, args.overrides)
     parent = tracking.read_state(cfg.folder).get("mlflow_run_id") if cfg.mlflow.enabled else None
-    paths = write_report(cfg, cfg.folder / "report", parent_run_id=parent)
+    paths = write_report(cfg, Path(args.out) if args.out else cfg.folder / "report", parent_run_id=parent)
     print(f"report: {paths['markdown']}")
     if args.readme:
         embed_in_readme(paths["markdown"], args.readme, cfg.name)
@@ -176,6 +177,8 @@ def build_parser() -> argparse.ArgumentParser:
     rp.add_argument("--config", required=True)
     rp.add_argument("--profile", default="quick")
     rp.add_argument("--readme", help="also embed the report in this Markdown file between report markers")
+    rp.add_argument("--out", help="write the report to this folder (default: the ablation's report/), e.g. the same runs "
+                    "compared against another reference method (reference=NAME)")
     rp.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
     rp.set_defaults(func=_report)
 

@@ -31,7 +31,7 @@ from medhybrid.config import DatasetRef, DatasetSpec, Preprocess, StrictModel, d
 from medhybrid.networks import HybridUNet, ModelConfig, build_network
 from medhybrid.tracking import MLflowConfig
 from medhybrid.training import TrainConfig, atomic_save
-from medhybrid.unlabelled import UnlabelledConfig
+from medhybrid.unlabelled import EXECUTION_ONLY, MixedDataset, UnlabelledConfig, batch_split, check_sources, unlabelled_dataset
 
 log = logging.getLogger("medhybrid")
 
@@ -129,8 +129,6 @@ class PretrainConfig(StrictModel):
 
 
 def config_hash(cfg: StrictModel, exclude: tuple[str, ...] = ("mlflow", "output_dir")) -> str:
-    from medhybrid.unlabelled import EXECUTION_ONLY
-
     d = {k: v for k, v in dump_config(cfg).items() if k not in exclude}
     for execution_only in ("progress", "compile"):  # how a run executes, not what it computes
         d.get("train", {}).pop(execution_only, None)
@@ -190,7 +188,6 @@ def training_data(cfg: PretrainConfig, rank: int = 0, world_size: int = 1):
     ``unlabelled.share`` of unlabelled images; validation stays on the source's val split, or, with no labelled dataset,
     on the first ``train.val_max_images`` unlabelled images (a reconstruction monitor, not a held-out score)."""
     from medhybrid.engines import MixedBatchSampler
-    from medhybrid.unlabelled import MixedDataset, batch_split, check_sources, unlabelled_dataset
 
     if cfg.unlabelled is None:
         train_ds, val_ds = source_datasets(cfg)
@@ -209,7 +206,7 @@ def training_data(cfg: PretrainConfig, rank: int = 0, world_size: int = 1):
     else:
         train_ds, per_batch = [], (0, cfg.train.batch_size)
         val_ds = torch.utils.data.Subset(unl, range(min(len(unl), cfg.train.val_max_images or len(unl))))
-    mixed = MixedDataset(train_ds, unl, cfg.preprocess.resolution)
+    mixed = MixedDataset(train_ds, unl)
     sampler = MixedBatchSampler(len(train_ds), len(unl), per_batch, cfg.train.epoch_length, seed=cfg.train.seed,
                                 rank=rank, world_size=world_size)
     return mixed, val_ds, sampler

@@ -1,8 +1,11 @@
-"""Ablation report: mean ± std test Dice per method and budget, Dice against the number of labels,
-and the paired difference reference (hybrid) − each baseline with a paired t-test across seeds.
+"""Ablation report: mean ± std test Dice per method and budget, Dice against the number of labels, and the paired
+difference reference (hybrid) − each baseline on the same test images and labelled subsets, with a 95 % confidence
+interval from a hierarchical bootstrap over seeds and images and Holm-corrected p-values (:mod:`medhybrid.stats`),
+ending in one verdict: does the reference beat, tie or lose to the best other method at ≤ 10 labels?
 
 The numbers are read back from the MLflow child runs of the ablation's parent run (or, with MLflow
-off, from the fine-tune folders' ``state.json``), so the report shows exactly what was recorded.
+off, from the fine-tune folders' ``state.json``), and the per-image scores from each run's
+``eval/per_image.csv`` (its folder, else its MLflow artifact), so the report shows exactly what was recorded.
 """
 
 from __future__ import annotations
@@ -29,14 +32,16 @@ def collect_results(cfg, parent_run_id: str | None) -> list[dict]:
                 continue
             rows.append({"method": t.get("method"), "budget": int(t["budget"]), "seed": int(t["seed"]),
                          "test_dice": m["test_dice"], "test_iou": m.get("test_iou", math.nan),
-                         "test_hd95": m.get("test_hd95", math.nan), "run_id": r.info.run_id})
+                         "test_hd95": m.get("test_hd95", math.nan), "run_id": r.info.run_id,
+                         "folder": t.get("medhybrid.folder", "")})
     else:
         for st in sorted(Path(cfg.folder / "finetune").glob("*/*/state.json")):
             s = json.loads(st.read_text())
             if not s.get("evaluated"):
                 continue
             method, sd = st.parent.parent.name, st.parent.name.split("-")[1]
-            rows.append({"method": method, "budget": len(s.get("ids", [])), "seed": int(sd[1:]), **s["test"], "run_id": ""})
+            rows.append({"method": method, "budget": len(s.get("ids", [])), "seed": int(sd[1:]), **s["test"], "run_id": "",
+                         "folder": str(st.parent)})
     order = {m: i for i, m in enumerate(cfg.methods)}
     return sorted(rows, key=lambda r: (order.get(r["method"], 99), r["budget"], r["seed"]))
 
@@ -48,42 +53,88 @@ def summary_table(rows: list[dict]) -> dict[tuple[str, int], tuple[float, float,
     return {k: (float(np.mean(v)), float(np.std(v, ddof=1)) if len(v) > 1 else 0.0, len(v)) for k, v in groups.items()}
 
 
-def paired_tests(rows: list[dict], reference: str) -> list[dict]:
-    """reference − baseline per budget (paired by seed) and pooled over all (budget, seed) pairs."""
-    from scipy.stats import ttest_rel
+def per_image_scores(cfg, rows: list[dict]) -> dict[tuple[str, int, int], dict[str, float]]:
+    """Per-image Dice of every row's run, keyed by (method, budget, seed): ``eval/per_image.csv`` in the run's folder,
+    else the run's MLflow artifact of that name. Rows whose scores cannot be found are left out."""
+    import csv
+    import tempfile
 
-    by = {(r["method"], r["budget"], r["seed"]): r["test_dice"] for r in rows}
+    out = {}
+    for r in rows:
+        path = Path(r.get("folder") or "") / "eval" / "per_image.csv"
+        if not path.is_file() and r.get("run_id"):
+            from medhybrid import tracking
+
+            try:
+                path = Path(tracking.client(cfg.mlflow).download_artifacts(r["run_id"], "eval/per_image.csv",
+                                                                            tempfile.mkdtemp(prefix="medhybrid-report-")))
+            except Exception:  # an artifact store that cannot be reached: the row has no per-image scores
+                continue
+        if path.is_file():
+            with open(path, newline="") as fh:
+                out[(r["method"], r["budget"], r["seed"])] = {row["id"]: float(row["dice"]) for row in csv.DictReader(fh)}
+    return out
+
+
+POOLED_MAX_BUDGET = 10
+"""The verdict's scope: budgets up to this many labels, where the choice of pretraining matters most."""
+
+
+def paired_comparisons(rows: list[dict], scores: dict, reference: str, n_boot: int = 2000) -> list[dict]:
+    """reference − baseline on the same images and labelled subsets: per budget, pooled over budgets ≤
+    :data:`POOLED_MAX_BUDGET`, and pooled over all budgets. Each: seeds, images, mean paired difference, hierarchical
+    bootstrap 95 % CI (seeds and images resampled), the paired t-test over labelled subsets (the per-seed mean
+    differences; pooled rows: per (budget, seed)) and its p-value Holm-adjusted over the whole table."""
+    from medhybrid.stats import holm, paired_bootstrap, paired_differences, pooled_bootstrap
+
     methods = sorted({r["method"] for r in rows} - {reference}, key=[r["method"] for r in rows].index)
     budgets = sorted({r["budget"] for r in rows})
     out = []
     for m in methods:
-        pooled_a, pooled_b = [], []
-        for b in budgets + [None]:
-            if b is None:
-                a, c = pooled_a, pooled_b
-            else:
-                seeds = sorted({s for (mm, bb, s) in by if bb == b and mm == reference} & {s for (mm, bb, s) in by if bb == b and mm == m})
-                a = [by[(reference, b, s)] for s in seeds]
-                c = [by[(m, b, s)] for s in seeds]
-                pooled_a += a
-                pooled_b += c
-            if not a:
+        per_budget: dict[int, tuple[list[int], list[np.ndarray]]] = {}
+        for b in budgets:
+            seeds = sorted(s for (mm, bb, s) in scores if mm == reference and bb == b and (m, b, s) in scores)
+            diffs = [paired_differences(scores[(reference, b, s)], scores[(m, b, s)]) for s in seeds]
+            if not diffs or any(len(d) == 0 for d in diffs):
                 continue
-            diff = np.asarray(a) - np.asarray(c)
-            p = float(ttest_rel(a, c).pvalue) if len(a) > 1 and np.std(diff) > 0 else math.nan
-            out.append({"baseline": m, "budget": "all budgets" if b is None else b, "n": len(a),
-                        "mean_diff": float(diff.mean()), "p_value": p})
+            per_budget[b] = (seeds, diffs)
+            out.append({"baseline": m, "budget": b, **_row(paired_bootstrap(diffs, n_boot), [float(np.mean(d)) for d in diffs])})
+        for label, bs in ((f"≤ {POOLED_MAX_BUDGET}", [b for b in per_budget if b <= POOLED_MAX_BUDGET]), ("all budgets", list(per_budget))):
+            common = sorted(set.intersection(*(set(per_budget[b][0]) for b in bs))) if len(bs) > 1 else []
+            if not common:
+                continue
+            groups = [[per_budget[b][1][per_budget[b][0].index(s)] for s in common] for b in bs]
+            units = [float(np.mean(d)) for g in groups for d in g]
+            out.append({"baseline": m, "budget": label, **_row(pooled_bootstrap(groups, n_boot), units)})
+    for row, adj in zip(out, holm([r["p_value"] for r in out]), strict=True):
+        row["p_holm"] = adj
     return out
+
+
+def _row(res, units: list[float]) -> dict:
+    """A table row: the bootstrap's mean and interval, and the paired t-test over ``units`` (per-subset mean diffs)."""
+    from medhybrid.stats import seed_t_test
+
+    res.p_value = seed_t_test(units)
+    return {"seeds": res.seeds, "images": res.images, "mean_diff": res.mean, "ci_low": res.low, "ci_high": res.high,
+            "p_value": res.p_value, "result": res}
+
+
+def _p(p: float) -> str:
+    return "–" if math.isnan(p) else "<0.001" if p < 0.001 else f"{p:.3g}"
+
+
+def best_baseline(table: dict, reference: str, max_budget: int = POOLED_MAX_BUDGET) -> str | None:
+    """The other method with the highest mean Dice over the budgets ≤ ``max_budget`` that the reference also ran."""
+    budgets = sorted({b for (m, b) in table if m == reference and b <= max_budget})
+    means = {m: np.mean([table[(m, b)][0] for b in budgets]) for m in {m for (m, _) in table} - {reference}
+             if budgets and all((m, b) in table for b in budgets)}
+    return max(means, key=means.get) if means else None
 
 
 def write_report(cfg, out_dir: Path, parent_run_id: str | None = None) -> dict[str, Path]:
     """Write ``results.csv``, ``summary.csv``, ``report.md`` and ``dice_vs_labels.png`` under ``out_dir``."""
     import csv
-
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -93,7 +144,8 @@ def write_report(cfg, out_dir: Path, parent_run_id: str | None = None) -> dict[s
     budgets = sorted({k[1] for k in table})
 
     with open(out_dir / "results.csv", "w", newline="") as fh:
-        w = csv.DictWriter(fh, fieldnames=["method", "budget", "seed", "test_dice", "test_iou", "test_hd95", "run_id"])
+        w = csv.DictWriter(fh, fieldnames=["method", "budget", "seed", "test_dice", "test_iou", "test_hd95", "run_id"],
+                           extrasaction="ignore")
         w.writeheader()
         w.writerows(rows)
     with open(out_dir / "summary.csv", "w", newline="") as fh:
@@ -102,22 +154,11 @@ def write_report(cfg, out_dir: Path, parent_run_id: str | None = None) -> dict[s
         for (m, b), (mu, sd, n) in sorted(table.items(), key=lambda kv: (methods.index(kv[0][0]), kv[0][1])):
             w.writerow([m, b, f"{mu:.4f}", f"{sd:.4f}", n])
 
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for m in methods:
-        bs = [b for b in budgets if (m, b) in table]
-        mu = np.array([table[(m, b)][0] for b in bs])
-        sd = np.array([table[(m, b)][1] for b in bs])
-        ax.plot(bs, mu, marker="o", label=m)
-        ax.fill_between(bs, mu - sd, mu + sd, alpha=0.15)
-    ax.set_xscale("log")
-    ax.set_xlabel(f"labelled {cfg.target.name} images")
-    ax.set_ylabel(f"test Dice ({cfg.target.name})")
-    ax.set_title(f"{cfg.source.name} → {cfg.target.name}")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(out_dir / "dice_vs_labels.png", dpi=120)
-    plt.close(fig)
+    has_ref = any(r["method"] == cfg.reference for r in rows)
+    tests = paired_comparisons(rows, per_image_scores(cfg, rows), cfg.reference) if has_ref else []
+    best_other = best_baseline(table, cfg.reference) if has_ref else None
+    score = "test Dice" if cfg.evaluate_on == "test" else "development Dice"
+    _plot(out_dir / "dice_vs_labels.png", cfg, table, methods, budgets, tests, best_other, score)
 
     lines = [f"# Ablation `{cfg.name}`: {cfg.source.name} → {cfg.target.name}", "",
              (f"Test Dice on `{cfg.target.name}` test split" if cfg.evaluate_on == "test" else
@@ -136,14 +177,29 @@ def write_report(cfg, out_dir: Path, parent_run_id: str | None = None) -> dict[s
             else:
                 cells.append("–")
         lines.append(f"| {m} | " + " | ".join(cells) + " |")
-    tests = paired_tests(rows, cfg.reference) if any(r["method"] == cfg.reference for r in rows) else []
+    small = [t for t in tests if t["baseline"] == best_other and isinstance(t["budget"], int) and t["budget"] <= POOLED_MAX_BUDGET]
+    verdict_row = next((t for t in tests if t["baseline"] == best_other and t["budget"] == f"≤ {POOLED_MAX_BUDGET}"),
+                       small[0] if len(small) == 1 else None)  # a single small budget is its own pool
+    if verdict_row is not None:
+        from medhybrid.stats import verdict
+
+        v = verdict(verdict_row["result"], adjusted_p=verdict_row["p_holm"])
+        lines += ["", f"**Verdict at ≤ {POOLED_MAX_BUDGET} labels: `{cfg.reference}` {v} the best other method, "
+                  f"`{best_other}`**: {verdict_row['mean_diff']:+.3f} {score}, 95 % CI [{verdict_row['ci_low']:+.3f}, "
+                  f"{verdict_row['ci_high']:+.3f}], p = {_p(verdict_row['p_holm'])} (paired t-test over labelled subsets, Holm), "
+                  f"{verdict_row['seeds']} seeds, {verdict_row['images']} paired image scores. A verdict other than a tie "
+                  "needs both the interval to exclude 0 and the corrected test to reject."]
     if tests:
-        lines += ["", f"Paired difference `{cfg.reference}` − baseline (Dice; paired t-test across seeds; "
-                  "'all budgets' pools every (budget, seed) pair):", "",
-                  "| baseline | budget | n | mean diff | p |", "|---|---|---|---|---|"]
+        lines += ["", f"Paired difference `{cfg.reference}` − baseline ({score} on the same images, after fine-tuning on the "
+                  "same labelled subsets). 95 % CI: hierarchical bootstrap resampling seeds, then images within each seed "
+                  "(2000 replicates). p: paired t-test on the per-subset mean differences (the labelled subset is the unit), "
+                  f"Holm-corrected over the table's {len(tests)} comparisons. '≤ {POOLED_MAX_BUDGET}' and 'all budgets' pool "
+                  "budgets (one seed draw shared by all budgets; each (budget, seed) one unit of the test). With few seeds the "
+                  "bootstrap sees few distinct subsets and its interval understates their spread; the test does not.", "",
+                  "| baseline | budget | seeds | images | mean diff | 95 % CI | p | p (Holm) |", "|---|---|---|---|---|---|---|---|"]
         for t in tests:
-            p = "–" if math.isnan(t["p_value"]) else f"{t['p_value']:.3g}"
-            lines.append(f"| {t['baseline']} | {t['budget']} | {t['n']} | {t['mean_diff']:+.3f} | {p} |")
+            lines.append(f"| {t['baseline']} | {t['budget']} | {t['seeds']} | {t['images']} | {t['mean_diff']:+.3f} | "
+                         f"[{t['ci_low']:+.3f}, {t['ci_high']:+.3f}] | {_p(t['p_value'])} | {_p(t['p_holm'])} |")
     timings = Path(cfg.folder) / "timings.json"
     if timings.is_file():
         inv = json.loads(timings.read_text())["invocations"]
@@ -155,6 +211,48 @@ def write_report(cfg, out_dir: Path, parent_run_id: str | None = None) -> dict[s
     (out_dir / "report.md").write_text("\n".join(lines))
     return {"markdown": out_dir / "report.md", "plot": out_dir / "dice_vs_labels.png",
             "summary": out_dir / "summary.csv", "results": out_dir / "results.csv"}
+
+
+def _plot(path: Path, cfg, table: dict, methods: list[str], budgets: list[int], tests: list[dict], best: str | None,
+          score: str) -> None:
+    """Left: mean Dice against labels per method. Right: reference − best baseline per budget with its 95 % CI."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import FixedLocator, NullLocator
+
+    diff = [t for t in tests if t["baseline"] == best and isinstance(t["budget"], int)]
+    fig, axes = plt.subplots(1, 2 if diff else 1, figsize=(11 if diff else 6, 4.2), squeeze=False)
+    ax = axes[0, 0]
+    cmap = plt.get_cmap("tab20")
+    for i, m in enumerate(methods):
+        bs = [b for b in budgets if (m, b) in table]
+        ref = m == cfg.reference
+        ax.plot(bs, [table[(m, b)][0] for b in bs], marker="o", label=m, color=cmap((2 * i) % 20 + (2 * i) // 20 % 2),
+                lw=2.5 if ref else 1.2, zorder=3 if ref else 2)
+    for a in axes[0]:
+        a.set_xscale("log")
+        a.xaxis.set_major_locator(FixedLocator(budgets))
+        a.xaxis.set_minor_locator(NullLocator())
+        a.set_xticklabels([str(b) for b in budgets])
+        a.set_xlabel(f"labelled {cfg.target.name} images")
+        a.grid(alpha=0.3)
+    ax.set_ylabel(f"mean {score} ({cfg.target.name})")
+    ax.set_title(f"{cfg.source.name} → {cfg.target.name}")
+    ax.legend(fontsize=7, ncol=2)
+    if diff:
+        ax2 = axes[0, 1]
+        x = [t["budget"] for t in diff]
+        mu = np.array([t["mean_diff"] for t in diff])
+        err = np.array([[t["mean_diff"] - t["ci_low"] for t in diff], [t["ci_high"] - t["mean_diff"] for t in diff]])
+        ax2.errorbar(x, mu, yerr=err, marker="o", capsize=4, color="black")
+        ax2.axhline(0, color="grey", lw=1)
+        ax2.set_ylabel(f"{score} difference")
+        ax2.set_title(f"{cfg.reference} − {best} (95 % CI, hierarchical bootstrap)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 def embed_in_readme(report_md: Path, readme: Path, name: str) -> None:

@@ -140,8 +140,8 @@ class MixedDataset(torch.utils.data.Dataset):
     ``{"image", "label", "labelled"}``: an unlabelled item's label is all :data:`IGNORE_INDEX` and ``labelled`` is 0,
     so a batch collates whatever mixes it and the mask loss can never see one of its pixels."""
 
-    def __init__(self, labelled, unlabelled, resolution: int):
-        self.labelled, self.unlabelled, self.resolution = labelled, unlabelled, resolution
+    def __init__(self, labelled, unlabelled):
+        self.labelled, self.unlabelled = labelled, unlabelled
 
     def __len__(self) -> int:
         return len(self.labelled) + len(self.unlabelled)

@@ -101,6 +101,9 @@ def test_ablation_runs_records_reports_and_resumes(workdir, mlflow_uri, isic_tin
         assert float(summary[(m, "2")]["dice_std"]) == pytest.approx(np.std(vals, ddof=1), abs=1e-4)
     md = out["report"]["markdown"].read_text()
     assert "| ddpm-features |" in md and "Paired difference `diffusion` − baseline" in md
+    assert "| baseline | budget | seeds | images | mean diff | 95 % CI | p | p (Holm) |" in md
+    assert "| scratch | 2 | 2 | 8 |" in md and "| ddpm-features | 2 | 2 | 8 |" in md  # 2 seeds x 4 paired test images
+    assert "**Verdict at ≤ 10 labels: `diffusion` " in md
     arts = {a.path for a in client.list_artifacts(parent, "report")}
     assert {"report/report.md", "report/dice_vs_labels.png", "report/summary.csv", "report/results.csv"} <= arts
 
@@ -153,3 +156,16 @@ def test_target_image_methods_pretrain_on_the_pool_never_the_test_split(workdir,
     assert all(0 < r.data.metrics["test_dice"] <= 1 for r in runs)
     meta = {m: json.loads((workdir / "abl" / "pretrain" / m / "state.json").read_text())["dataset"] for m in methods}
     assert meta == {"hybrid": "isic_tiny", "hybrid-target": "isic_tiny+ph2_tiny-pool", "mdm-self": "ph2_tiny-pool"}
+
+    # the same runs compared against another reference, written elsewhere (medhybrid report --out)
+    import yaml
+
+    from medhybrid.cli import main
+    from medhybrid.config import dump_config
+
+    spec = workdir / "t.yaml"
+    spec.write_text(yaml.safe_dump({**dump_config(cfg), "profiles": {"tiny": {}}}))
+    assert main(["report", "--config", str(spec), "--profile", "tiny", "reference=hybrid-target", "--out", str(workdir / "r2")]) == 0
+    md = (workdir / "r2" / "report.md").read_text()
+    assert "Paired difference `hybrid-target` − baseline" in md and "| hybrid | 2 | 1 |" in md
+    assert (workdir / "abl" / "report" / "report.md").read_text() != md

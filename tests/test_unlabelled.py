@@ -179,7 +179,7 @@ def test_unlabelled_samples_get_no_mask_weight_and_no_low_band():
 def test_mixed_dataset_items_collate(data):
     labelled = [{"image": torch.rand(3, 8, 8), "label": torch.ones(1, 8, 8)}]
     unl = [{"image": torch.rand(3, 8, 8)}, {"image": torch.rand(3, 8, 8)}]
-    ds = MixedDataset(labelled, unl, 8)
+    ds = MixedDataset(labelled, unl)
     batch = torch.utils.data.default_collate([ds[i] for i in range(3)])
     assert batch["labelled"].tolist() == [1.0, 0.0, 0.0]
     assert bool((batch["label"][1:] == -1).all()) and bool((batch["label"][0] == 1).all())
