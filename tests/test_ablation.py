@@ -169,3 +169,11 @@ def test_target_image_methods_pretrain_on_the_pool_never_the_test_split(workdir,
     md = (workdir / "r2" / "report.md").read_text()
     assert "Paired difference `hybrid-target` − baseline" in md and "| hybrid | 2 | 1 |" in md
     assert (workdir / "abl" / "report" / "report.md").read_text() != md
+
+    # per-image scores come from the run folders, else from each run's MLflow artifact: the same report either way
+    from medhybrid.report import write_report
+
+    for f in (workdir / "abl" / "finetune").glob("*/*/eval/per_image.csv"):
+        f.unlink()
+    again = write_report(cfg, workdir / "r3", parent_run_id=out["parent_run_id"])["markdown"].read_text()
+    assert again == (workdir / "abl" / "report" / "report.md").read_text()
