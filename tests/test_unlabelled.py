@@ -208,27 +208,16 @@ def test_disk_cache_decodes_once_and_matches_memory(pacs, tmp_path):
 
 
 # --------------------------------------------------------------------------------------------- pretraining
-def _pretrain_yaml(tmp_path: Path, mlflow_uri: str) -> Path:
-    import yaml
-
-    cfg: dict = {}
-    for ov in TINY_NET + TINY_TRAIN + [f"mlflow.tracking_uri={mlflow_uri}"]:
-        key, value = ov.split("=", 1)
-        node = cfg
-        *parents, last = key.split(".")
-        for k in parents:
-            node = node.setdefault(k, {})
-        node[last] = yaml.safe_load(value)
-    path = tmp_path / "pretrain.yaml"
-    path.write_text(yaml.safe_dump(cfg))
-    return path
+def _pretrain_argv(mlflow_uri: str, *overrides: str) -> list[str]:
+    """``medhybrid pretrain`` on the shipped ISIC 2018 config, shrunk to the tiny U-Net and schedule of the tests."""
+    return ["pretrain", "--config", "isic2018", *TINY_NET, *TINY_TRAIN, f"mlflow.tracking_uri={mlflow_uri}", *overrides]
 
 
 @pytest.mark.parametrize("mode", ["diffusion", "mdm"])
 def test_cli_pretrains_from_a_folder_of_unlabelled_images_alone(mode, pacs, workdir, mlflow_uri, capsys):
     out = workdir / f"run-{mode}"
-    rc = main(["pretrain", "--config", str(_pretrain_yaml(workdir, mlflow_uri)), f"mode={mode}", "dataset=null",
-               f"unlabelled.sources=[{pacs}]", f"output_dir={out}", "train.check_data=true"])
+    rc = main(_pretrain_argv(mlflow_uri, f"mode={mode}", "dataset=null", f"unlabelled.sources=[{pacs}]", f"output_dir={out}",
+                             "train.check_data=true"))
     assert rc == 0
     ckpt = torch.load(out / "model.pt", weights_only=True)
     assert ckpt["meta"]["mode"] == mode and ckpt["meta"]["image_channels"] == 1 and ckpt["meta"]["dataset"] == "pacs"
@@ -252,8 +241,8 @@ def test_hybrid_with_the_target_pool_never_gives_an_unlabelled_image_a_mask_loss
 
     monkeypatch.setattr(CorruptionPrepareBatch, "__call__", record)
     out = workdir / "hybrid-target"
-    rc = main(["pretrain", "--config", str(_pretrain_yaml(workdir, mlflow_uri)), "mode=hybrid", f"dataset={isic_tiny}",
-               f"unlabelled={{sources: [{{dataset: {target}, splits: [pool]}}], share: 0.25}}", f"output_dir={out}"])
+    rc = main(_pretrain_argv(mlflow_uri, "mode=hybrid", f"dataset={isic_tiny}",
+                             f"unlabelled={{sources: [{{dataset: {target}, splits: [pool]}}], share: 0.25}}", f"output_dir={out}"))
     assert rc == 0
     assert len(seen) == 16  # 4 epochs x 4 iterations
     pool = {Path(p).stem for p in real_split(PH2)["pool"][:8]}
