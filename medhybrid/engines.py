@@ -266,14 +266,16 @@ class EpochSeededSampler(torch.utils.data.Sampler):
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
+    @staticmethod
+    def draw(g: torch.Generator, size: int, total: int) -> torch.Tensor:
+        """``total`` indices of ``range(size)``: whole permutations one after another, the last one cut."""
+        if not total:
+            return torch.zeros(0, dtype=torch.long)
+        return torch.cat([torch.randperm(size, generator=g) for _ in range(math.ceil(total / size))])[:total]
+
     def __iter__(self):
         g = step_generator(self.seed, 10_000 + self.epoch)
-        total = self.num_samples * self.world_size
-        if total <= self.data_len:
-            order = torch.randperm(self.data_len, generator=g)[:total]
-        else:
-            reps = math.ceil(total / self.data_len)
-            order = torch.cat([torch.randperm(self.data_len, generator=g) for _ in range(reps)])[:total]
+        order = self.draw(g, self.data_len, self.num_samples * self.world_size)
         return iter(order[self.rank :: self.world_size].tolist())
 
     def __len__(self) -> int:
@@ -300,16 +302,11 @@ class MixedBatchSampler(EpochSeededSampler):
         self.sizes, self.per_batch, self.num_batches = (n_labelled, n_unlabelled), per_batch, num_batches
         super().__init__(n_labelled + n_unlabelled, num_batches * sum(per_batch), seed, rank, world_size)
 
-    def _draw(self, g: torch.Generator, size: int, total: int) -> torch.Tensor:
-        if not total:
-            return torch.zeros(0, dtype=torch.long)
-        return torch.cat([torch.randperm(size, generator=g) for _ in range(math.ceil(total / size))])[:total]
-
     def __iter__(self):
         g = step_generator(self.seed, 10_000 + self.epoch)
         batches = self.num_batches * self.world_size
         (kl, ku), nl = self.per_batch, self.sizes[0]
-        lab = self._draw(g, self.sizes[0], batches * kl).view(batches, kl)
-        unl = self._draw(g, self.sizes[1], batches * ku).view(batches, ku) + nl
+        lab = self.draw(g, self.sizes[0], batches * kl).view(batches, kl)
+        unl = self.draw(g, self.sizes[1], batches * ku).view(batches, ku) + nl
         order = torch.cat([lab, unl], dim=1)[self.rank :: self.world_size]
         return iter(order.flatten().tolist())

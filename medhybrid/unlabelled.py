@@ -22,7 +22,8 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import torch
-from monai.data import CacheDataset, Dataset, MetaTensor, PersistentDataset
+from monai.data import CacheDataset, Dataset, PersistentDataset
+from monai.utils import convert_to_tensor
 from pydantic import BeforeValidator, Field, field_validator, model_validator
 
 from medhybrid.config import DatasetRef, Preprocess, StrictModel, dump_config
@@ -150,13 +151,9 @@ class MixedDataset(torch.utils.data.Dataset):
         n = len(self.labelled)
         if i < n:
             d = self.labelled[i]
-            return {"image": _plain(d["image"]), "label": _plain(d["label"]), "labelled": torch.tensor(1.0)}
-        image = _plain(self.unlabelled[i - n]["image"])
+            return {"image": convert_to_tensor(d["image"]), "label": convert_to_tensor(d["label"]), "labelled": torch.tensor(1.0)}
+        image = convert_to_tensor(self.unlabelled[i - n]["image"])
         return {"image": image, "label": torch.full((1, *image.shape[1:]), IGNORE_INDEX), "labelled": torch.tensor(0.0)}
-
-
-def _plain(x) -> torch.Tensor:
-    return x.as_tensor() if isinstance(x, MetaTensor) else torch.as_tensor(x)
 
 
 def batch_split(batch_size: int, share: float) -> tuple[int, int]:
