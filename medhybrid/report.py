@@ -60,19 +60,20 @@ def per_image_scores(cfg, rows: list[dict]) -> dict[tuple[str, int, int], dict[s
     import tempfile
 
     out = {}
-    for r in rows:
-        path = Path(r.get("folder") or "") / "eval" / "per_image.csv"
-        if not path.is_file() and r.get("run_id"):
-            from medhybrid import tracking
+    with tempfile.TemporaryDirectory(prefix="medhybrid-report-") as downloads:  # artifacts fetched for this report only
+        for r in rows:
+            path = Path(r.get("folder") or "") / "eval" / "per_image.csv"
+            if not path.is_file() and r.get("run_id"):
+                from medhybrid import tracking
 
-            try:
-                path = Path(tracking.client(cfg.mlflow).download_artifacts(r["run_id"], "eval/per_image.csv",
-                                                                            tempfile.mkdtemp(prefix="medhybrid-report-")))
-            except Exception:  # an artifact store that cannot be reached: the row has no per-image scores
-                continue
-        if path.is_file():
-            with open(path, newline="") as fh:
-                out[(r["method"], r["budget"], r["seed"])] = {row["id"]: float(row["dice"]) for row in csv.DictReader(fh)}
+                try:
+                    path = Path(tracking.client(cfg.mlflow).download_artifacts(r["run_id"], "eval/per_image.csv",
+                                                                                str(Path(downloads) / r["run_id"])))
+                except Exception:  # an artifact store that cannot be reached: the row has no per-image scores
+                    continue
+            if path.is_file():
+                with open(path, newline="") as fh:
+                    out[(r["method"], r["budget"], r["seed"])] = {row["id"]: float(row["dice"]) for row in csv.DictReader(fh)}
     return out
 
 
