@@ -13,7 +13,7 @@ import logging
 import sys
 from pathlib import Path
 
-from medhybrid.config import ConfigError
+from medhybrid.config import ConfigError, deep_merge
 from medhybrid.io import DataError
 
 
@@ -41,19 +41,35 @@ def _pretrain(args) -> int:
 
 
 def load_ablation(path: str, profile: str, overrides: list[str]):
-    """An ablation config with one of its ``profiles`` (quick, full) merged over the shared part."""
-    from medhybrid.ablation import AblationConfig
-    from medhybrid.config import apply_overrides, deep_merge, find_config, read_yaml, validate
+    """An ablation config with one of its ``profiles`` (quick, standard, full) merged over the shared part. A profile's
+    ``methods`` may be a list of names: it then runs that selection of the methods defined at the top level."""
+    from medhybrid.ablation import DEFAULT_METHODS, AblationConfig
+    from medhybrid.config import apply_overrides, find_config, read_yaml, validate
 
     p = find_config(path, "ablation")
     data = read_yaml(p)
     profiles = data.pop("profiles", {}) or {}
-    if profile not in profiles:
-        raise ConfigError(f"{p}: no profile {profile!r} (profiles: {sorted(profiles)})")
-    data = deep_merge(data, profiles[profile])
+    defined = data.get("methods") or DEFAULT_METHODS
+    data = deep_merge(data, _profile(profiles, profile, p))
     data.setdefault("name", f"{p.stem}-{profile}")
     data = apply_overrides(data, overrides)
+    if isinstance(data.get("methods"), list):  # a profile (or methods=[a,b]) runs a selection of the defined methods
+        unknown = [m for m in data["methods"] if m not in defined]
+        if unknown:
+            raise ConfigError(f"{p} [{profile}]: methods {unknown} are not defined (defined: {sorted(defined)})")
+        data["methods"] = {m: defined[m] for m in data["methods"]}
     return validate(AblationConfig, data, source=f"{p} [{profile}]", context={"base_dir": p.parent})
+
+
+def _profile(profiles: dict, name: str, path: Path, seen: tuple[str, ...] = ()) -> dict:
+    """Profile ``name``, with the profile it ``extends`` (if any) merged under it."""
+    if name not in profiles:
+        raise ConfigError(f"{path}: no profile {name!r} (profiles: {sorted(profiles)})")
+    if name in seen:
+        raise ConfigError(f"{path}: profiles extend each other in a loop: {' -> '.join((*seen, name))}")
+    prof = dict(profiles[name])
+    base = prof.pop("extends", None)
+    return deep_merge(_profile(profiles, base, path, (*seen, name)), prof) if base else prof
 
 
 def _ablate(args) -> int:
@@ -159,7 +175,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     ab = sub.add_parser("ablate", help="methods x budgets x seeds, ending in a report (Markdown, CSV, plot) and MLflow runs")
     ab.add_argument("--config", required=True, help="ablation YAML or shipped name (configs/ablation/<name>.yaml)")
-    ab.add_argument("--profile", default="quick", help="quick (CPU, minutes) or full (GPU)")
+    ab.add_argument("--profile", default="quick", help="quick (CPU, under 30 min a domain), standard (CPU, "
+                    "about an hour a domain), compare (every method, quick schedule) or full (GPU)")
     ab.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="e.g. seeds=[0] budgets=[5]")
     ab.set_defaults(func=_ablate)
 
