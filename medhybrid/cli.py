@@ -109,6 +109,15 @@ def _report(args) -> int:
     return 0
 
 
+def _curve(args) -> int:
+    from medhybrid.report import write_length_curve
+
+    cfgs = [load_ablation(args.config, profile, args.overrides) for profile in args.profiles]
+    paths = write_length_curve(cfgs, Path(args.out), baseline=args.baseline, methods=args.methods)
+    print(f"curve: {paths['markdown']}")
+    return 0
+
+
 def _finetune(args) -> int:
     from medhybrid.config import load_config
     from medhybrid.evaluate import evaluate
@@ -198,6 +207,16 @@ def build_parser() -> argparse.ArgumentParser:
                     "compared against another reference method (reference=NAME)")
     rp.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
     rp.set_defaults(func=_report)
+
+    cv = sub.add_parser("curve", help="does the gap grow with pretraining? ablation profiles of one domain that differ in "
+                        "pretraining length, compared on the labelled subsets they share")
+    cv.add_argument("--config", required=True)
+    cv.add_argument("--profiles", nargs="+", required=True, help="e.g. quick length-500 standard")
+    cv.add_argument("--baseline", default="supervised")
+    cv.add_argument("--methods", nargs="+", help="default: the methods every profile ran")
+    cv.add_argument("--out", required=True)
+    cv.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
+    cv.set_defaults(func=_curve)
 
     smp = sub.add_parser("sample", help="draw joint image+mask samples from a hybrid (or diffusion) checkpoint")
     smp.add_argument("--checkpoint", required=True)

@@ -30,6 +30,7 @@ from pydantic import Field, field_validator, model_validator
 from medhybrid.config import DatasetRef, DatasetSpec, Preprocess, StrictModel, dump_config, save_config
 from medhybrid.networks import HybridUNet, ModelConfig, build_network
 from medhybrid.tracking import MLflowConfig
+from medhybrid.training import EXECUTION_ONLY as TRAIN_EXECUTION_ONLY
 from medhybrid.training import TrainConfig, atomic_save
 from medhybrid.unlabelled import EXECUTION_ONLY, MixedDataset, UnlabelledConfig, batch_split, check_sources, unlabelled_dataset
 
@@ -130,7 +131,7 @@ class PretrainConfig(StrictModel):
 
 def config_hash(cfg: StrictModel, exclude: tuple[str, ...] = ("mlflow", "output_dir")) -> str:
     d = {k: v for k, v in dump_config(cfg).items() if k not in exclude}
-    for execution_only in ("progress", "compile"):  # how a run executes, not what it computes
+    for execution_only in TRAIN_EXECUTION_ONLY:  # how a run executes, not what it computes
         d.get("train", {}).pop(execution_only, None)
     for execution_only in EXECUTION_ONLY:  # where unlabelled images are held (memory, disk cache)
         (d.get("unlabelled") or {}).pop(execution_only, None)

@@ -85,7 +85,9 @@ def paired_comparisons(rows: list[dict], scores: dict, reference: str, n_boot: i
     """reference − baseline on the same images and labelled subsets: per budget, pooled over budgets ≤
     :data:`POOLED_MAX_BUDGET`, and pooled over all budgets. Each: seeds, images, mean paired difference, hierarchical
     bootstrap 95 % CI (seeds and images resampled), the paired t-test over labelled subsets (the per-seed mean
-    differences; pooled rows: per (budget, seed)) and its p-value Holm-adjusted over the whole table."""
+    differences; pooled rows: per (budget, seed)) and its p-value Holm-adjusted within its family: the verdict's family
+    is the "≤ 10" rows, one per baseline (the question the report answers), and the per-budget and "all budgets"
+    rows are a second family (the detail)."""
     from medhybrid.stats import holm, paired_bootstrap, paired_differences, pooled_bootstrap
 
     methods = sorted({r["method"] for r in rows} - {reference}, key=[r["method"] for r in rows].index)
@@ -107,8 +109,10 @@ def paired_comparisons(rows: list[dict], scores: dict, reference: str, n_boot: i
             groups = [[per_budget[b][1][per_budget[b][0].index(s)] for s in common] for b in bs]
             units = [float(np.mean(d)) for g in groups for d in g]
             out.append({"baseline": m, "budget": label, **_row(pooled_bootstrap(groups, n_boot), units)})
-    for row, adj in zip(out, holm([r["p_value"] for r in out]), strict=True):
-        row["p_holm"] = adj
+    for primary in (True, False):  # two families: the verdict's pooled "≤ 10" rows, and every other row
+        family = [r for r in out if (r["budget"] == f"≤ {POOLED_MAX_BUDGET}") == primary]
+        for row, adj in zip(family, holm([r["p_value"] for r in family]), strict=True):
+            row["p_holm"] = adj
     return out
 
 
@@ -191,10 +195,12 @@ def write_report(cfg, out_dir: Path, parent_run_id: str | None = None) -> dict[s
                   f"{verdict_row['seeds']} seeds, {verdict_row['images']} paired image scores. A verdict other than a tie "
                   "needs both the interval to exclude 0 and the corrected test to reject."]
     if tests:
+        n_primary = sum(t["budget"] == f"≤ {POOLED_MAX_BUDGET}" for t in tests)
         lines += ["", f"Paired difference `{cfg.reference}` − baseline ({score} on the same images, after fine-tuning on the "
                   "same labelled subsets). 95 % CI: hierarchical bootstrap resampling seeds, then images within each seed "
                   "(2000 replicates). p: paired t-test on the per-subset mean differences (the labelled subset is the unit), "
-                  f"Holm-corrected over the table's {len(tests)} comparisons. '≤ {POOLED_MAX_BUDGET}' and 'all budgets' pool "
+                  f"Holm-corrected within two families: the {n_primary} '≤ {POOLED_MAX_BUDGET}' rows (the verdict's question, one "
+                  f"per baseline) and the other {len(tests) - n_primary} rows. '≤ {POOLED_MAX_BUDGET}' and 'all budgets' pool "
                   "budgets (one seed draw shared by all budgets; each (budget, seed) one unit of the test). With few seeds the "
                   "bootstrap sees few distinct subsets and its interval understates their spread; the test does not.", "",
                   "| baseline | budget | seeds | images | mean diff | 95 % CI | p | p (Holm) |", "|---|---|---|---|---|---|---|---|"]
@@ -281,3 +287,112 @@ def embed_in_readme(report_md: Path, readme: Path, name: str) -> None:
     else:
         text = text.rstrip() + "\n\n" + block + "\n"
     readme.write_text(text)
+
+
+def pretraining_iterations(cfg) -> int:
+    """Pretraining iterations of an ablation config (its shared ``pretrain.train``, TrainConfig's defaults elsewhere)."""
+    from medhybrid.training import TrainConfig
+
+    return TrainConfig(**(cfg.pretrain.get("train") or {})).iterations
+
+
+def write_length_curve(cfgs: list, out_dir: Path, baseline: str = "supervised", methods: list[str] | None = None,
+                       max_budget: int = POOLED_MAX_BUDGET, n_boot: int = 2000) -> dict[str, Path]:
+    """Does the gap grow with pretraining? ``cfgs``: ablations of one domain that differ in pretraining length. Over
+    the (budget ≤ ``max_budget``, seed) subsets that every ablation ran for every method, each method's mean score and
+    each method − ``baseline`` paired difference (pooled over those budgets, CI and t-test as in
+    :func:`paired_comparisons`, Holm over the curve's points), per pretraining length. Writes ``curve.csv``,
+    ``curve.md`` and ``curve.png``."""
+    import csv
+
+    from medhybrid import tracking
+    from medhybrid.stats import holm
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    loaded = []
+    for cfg in sorted(cfgs, key=pretraining_iterations):
+        parent = tracking.read_state(cfg.folder).get("mlflow_run_id") if cfg.mlflow.enabled else None
+        rows = collect_results(cfg, parent)
+        loaded.append((cfg, pretraining_iterations(cfg), rows, per_image_scores(cfg, rows)))
+    names = methods or [m for m in loaded[0][0].methods if all(m in c.methods for c, *_ in loaded)]
+    if baseline not in names:
+        raise ValueError(f"baseline {baseline!r} is not among the methods every ablation ran: {names}")
+    units = set.intersection(*({(b, s) for (m, b, s) in sc if b <= max_budget} for *_, sc in loaded))
+    units = {u for u in units if all((m, *u) in sc for *_, sc in loaded for m in names)}
+    if not units:
+        raise ValueError(f"the ablations share no (budget ≤ {max_budget}, seed) subset run by every method {names}")
+    budgets, seeds = sorted({b for b, _ in units}), sorted({s for _, s in units})
+    points = []
+    for cfg, iters, rows, scores in loaded:
+        kept = [r for r in rows if (r["budget"], r["seed"]) in units and r["method"] in names]
+        sub = {k: v for k, v in scores.items() if (k[1], k[2]) in units and k[0] in names}
+        for m in names:
+            mean = float(np.mean([r["test_dice"] for r in kept if r["method"] == m]))
+            point = {"ablation": cfg.name, "iterations": iters, "method": m, "mean_dice": mean}
+            if m != baseline:
+                t = next(t for t in paired_comparisons([r for r in kept if r["method"] in (m, baseline)], sub, m, n_boot)
+                         if t["budget"] == f"≤ {max_budget}" or (len(budgets) == 1 and t["budget"] == budgets[0]))
+                point.update({k: t[k] for k in ("mean_diff", "ci_low", "ci_high", "p_value", "seeds", "images")})
+            points.append(point)
+    diffs = [p for p in points if "mean_diff" in p]
+    for p, adj in zip(diffs, holm([p["p_value"] for p in diffs]), strict=True):
+        p["p_holm"] = adj
+    fields = ["ablation", "iterations", "method", "mean_dice", "mean_diff", "ci_low", "ci_high", "p_value", "p_holm",
+              "seeds", "images"]
+    with open(out_dir / "curve.csv", "w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=fields)
+        w.writeheader()
+        w.writerows(points)
+    target = loaded[0][0].target.name
+    lengths = [it for _, it, *_ in loaded]
+    lines = [f"# Pretraining length: {loaded[0][0].source.name} → {target}", "",
+             f"Mean test Dice on `{target}` over budgets {budgets} × seeds {seeds} (the subsets every ablation ran for "
+             f"every method), and each method − `{baseline}` on the same images and labelled subsets: 95 % CI by "
+             "hierarchical bootstrap (seeds, then images), p by paired t-test over the (budget, seed) subsets, "
+             f"Holm-corrected over the curve's {len(diffs)} differences. Ablations: "
+             + ", ".join(f"`{c.name}` ({it} iterations)" for c, it, *_ in loaded) + ".", "",
+             "| method | " + " | ".join(f"{it} it." for it in lengths) + " |", "|---|" + "---|" * len(lengths)]
+    for m in names:
+        cells = []
+        for it in lengths:
+            p = next(p for p in points if p["iterations"] == it and p["method"] == m)
+            cells.append(f"{p['mean_dice']:.3f}" + (f" ({p['mean_diff']:+.3f} [{p['ci_low']:+.3f}, {p['ci_high']:+.3f}], "
+                                                     f"p = {_p(p['p_holm'])})" if "mean_diff" in p else ""))
+        lines.append(f"| {m} | " + " | ".join(cells) + " |")
+    lines += ["", "![Dice against pretraining length](curve.png)", ""]
+    (out_dir / "curve.md").write_text("\n".join(lines))
+    _plot_curve(out_dir / "curve.png", points, names, baseline, target)
+    return {"markdown": out_dir / "curve.md", "csv": out_dir / "curve.csv", "plot": out_dir / "curve.png"}
+
+
+def _plot_curve(path: Path, points: list[dict], names: list[str], baseline: str, target: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import FixedLocator, NullLocator
+
+    lengths = sorted({p["iterations"] for p in points})
+    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(11, 4.2))
+    for m in names:
+        ps = sorted((p for p in points if p["method"] == m), key=lambda p: p["iterations"])
+        ax.plot([p["iterations"] for p in ps], [p["mean_dice"] for p in ps], marker="o", label=m)
+        if m != baseline:
+            mu = np.array([p["mean_diff"] for p in ps])
+            err = np.array([[p["mean_diff"] - p["ci_low"] for p in ps], [p["ci_high"] - p["mean_diff"] for p in ps]])
+            ax2.errorbar([p["iterations"] for p in ps], mu, yerr=err, marker="o", capsize=4, label=f"{m} − {baseline}")
+    for a in (ax, ax2):
+        a.set_xscale("log")
+        a.xaxis.set_major_locator(FixedLocator(lengths))
+        a.xaxis.set_minor_locator(NullLocator())
+        a.set_xticklabels([str(v) for v in lengths])
+        a.set_xlabel("pretraining iterations")
+        a.grid(alpha=0.3)
+        a.legend(fontsize=8)
+    ax.set_ylabel(f"mean test Dice ({target})")
+    ax2.axhline(0, color="grey", lw=1)
+    ax2.set_ylabel("test Dice difference (95 % CI)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

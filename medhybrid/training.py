@@ -14,7 +14,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 import torch
 from ignite.engine import Events
@@ -47,6 +47,10 @@ class TrainConfig(StrictModel):
                           "a one-off compile (~83 s for the default U-Net on a 2-core CPU, where the compiled steps are "
                           "4-8 % slower: benchmarks/README.md) for fused kernels on CUDA; an execution setting, not part "
                           "of a run's config hash")
+    threads: Literal["auto"] | Annotated[int, Field(ge=1)] = Field("auto", description="CPU threads of PyTorch's kernels: auto = the cores other "
+                                          "processes leave free, rechecked every few seconds (medhybrid.threads: a "
+                                          "shared machine slows a run about 2x, not 4x); N = fixed; an execution "
+                                          "setting, not part of a run's config hash")
     num_workers: int = 0
     nproc: int = Field(1, ge=1, description="data-parallel processes (ignite.distributed)")
     backend: Literal["gloo", "nccl"] | None = Field(None, description="None: nccl on CUDA, gloo on CPU")
@@ -56,6 +60,10 @@ class TrainConfig(StrictModel):
     @property
     def iterations(self) -> int:
         return self.epochs * self.epoch_length
+
+
+EXECUTION_ONLY = ("progress", "compile", "threads")
+"""Fields of :class:`TrainConfig` that decide how a run executes, not what it computes (left out of config hashes)."""
 
 
 def resolve_device(name: str) -> torch.device:
@@ -124,6 +132,7 @@ def fit(
     from monai.optimizers import WarmupCosineSchedule
 
     from medhybrid.engines import EpochSeededSampler, GradientClipping
+    from medhybrid.threads import ThreadPolicy
 
     rank, world = idist.get_rank(), idist.get_world_size()
     device = resolve_device(cfg.device)
@@ -163,6 +172,11 @@ def fit(
         prepare_batch.attach(trainer)
     if cfg.grad_clip:
         GradientClipping(cfg.grad_clip).attach(trainer)
+    if device.type == "cpu":
+        if cfg.threads == "auto":
+            ThreadPolicy().attach(trainer)
+        else:
+            torch.set_num_threads(cfg.threads)
     if ema:
         ema.attach(trainer, name="ema_momentum", event=Events.ITERATION_COMPLETED)
 

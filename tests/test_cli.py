@@ -65,3 +65,44 @@ def test_data_check_usage_errors(capsys):
         main(["data", "check"])
     assert info.value.code == 2
     assert "dataset" in capsys.readouterr().err
+
+
+def test_shipped_ablation_profiles():
+    """quick: the decision-relevant methods, >= 3 seeds, budgets 1-20; standard: 5x its pretraining, 5 seeds and the
+    whole pool; compare: every method; pretrain-500 sits between quick and standard on the length curve."""
+    from medhybrid.cli import load_ablation
+    from medhybrid.report import pretraining_iterations
+
+    for config in ("dermoscopy", "chest_xray"):
+        quick, standard = load_ablation(config, "quick", []), load_ablation(config, "standard", [])
+        compare, mid = load_ablation(config, "compare", []), load_ablation(config, "pretrain-500", [])
+        assert len(quick.seeds) >= 3 and quick.budgets == [1, 2, 5, 10, 20]
+        assert {"scratch", "supervised", "hybrid", "hybrid-target"} <= set(quick.methods) and quick.reference in quick.methods
+        assert standard.seeds == [0, 1, 2, 3, 4] and standard.budgets == [1, 2, 5, 10, 20, None]
+        assert pretraining_iterations(standard) >= 5 * pretraining_iterations(quick)
+        assert pretraining_iterations(quick) < pretraining_iterations(mid) < pretraining_iterations(standard)
+        assert set(standard.methods) == set(quick.methods) and set(quick.methods) < set(compare.methods)
+        assert standard.finetune == quick.finetune  # only the pretraining length differs
+        assert compare.methods["hybrid-target"] == quick.methods["hybrid-target"]
+
+
+def test_profiles_extend_and_select_methods(tmp_path):
+    from medhybrid.cli import load_ablation
+    from medhybrid.config import ConfigError
+
+    path = tmp_path / "abl.yaml"
+    path.write_text("source: isic2018\ntarget: ph2\nmethods:\n  a: {pretrain: none}\n  b: {pretrain: supervised}\n"
+                    "  c: {pretrain: hybrid}\nreference: c\nprofiles:\n"
+                    "  base: {seeds: [0, 1, 2], budgets: [1, 2], pretrain: {train: {epochs: 2, lr: 0.1}}}\n"
+                    "  small: {extends: base, methods: [a, c], pretrain: {train: {epochs: 7}}}\n"
+                    "  typo: {extends: base, methods: [a, d]}\n  loop1: {extends: loop2}\n  loop2: {extends: loop1}\n")
+    cfg = load_ablation(str(path), "small", [])
+    assert list(cfg.methods) == ["a", "c"] and cfg.seeds == [0, 1, 2] and cfg.pretrain["train"] == {"epochs": 7, "lr": 0.1}
+    assert list(load_ablation(str(path), "small", ["methods=[b]", "reference=b"]).methods) == ["b"]
+    assert list(load_ablation(str(path), "base", []).methods) == ["a", "b", "c"]
+    with pytest.raises(ConfigError, match=r"methods \['d'\] are not defined"):
+        load_ablation(str(path), "typo", [])
+    with pytest.raises(ConfigError, match="loop"):
+        load_ablation(str(path), "loop1", [])
+    with pytest.raises(ConfigError, match="no profile 'nope'"):
+        load_ablation(str(path), "nope", [])
