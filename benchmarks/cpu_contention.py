@@ -27,25 +27,14 @@ REPO = Path(__file__).resolve().parent.parent
 
 def child(args) -> None:
     """One fine-tune in this process; prints its training seconds as JSON."""
-    import logging
+    from finetune_cost import captured_log, quick_finetune_config
 
-    from medhybrid.config import load_dataset_spec
-    from medhybrid.finetune import FinetuneConfig, run_finetuning
+    from medhybrid.finetune import run_finetuning
     from medhybrid.threads import cores_available
 
-    records: list[str] = []
-    handler = logging.Handler()
-    handler.emit = lambda r: records.append(r.getMessage())
-    logging.getLogger("medhybrid").addHandler(handler)
-    logging.getLogger("medhybrid").setLevel(logging.INFO)
-    spec = load_dataset_spec("ph2")
-    cfg = FinetuneConfig(
-        dataset=spec.model_dump(), method="scratch", budget=args.budget, seed=0, output_dir=args.out,
-        mlflow={"enabled": False}, preprocess={"resolution": 64},
-        model={"channels": [32, 64, 64], "attention_levels": [False, False, False], "num_res_blocks": 1},
-        schedule={"per_label": 1000, "min_iterations": args.iters, "max_iterations": args.iters, "epochs": 2},
-        train={"batch_size": 8, "lr": 2e-4, "warmup_iterations": 10, "check_data": False, "progress": False,
-               "device": "cpu", "threads": args.threads if args.threads == "auto" else int(args.threads)})
+    records = captured_log()
+    cfg = quick_finetune_config(args.budget, args.out, args.iters,
+                                threads=args.threads if args.threads == "auto" else int(args.threads))
     t = time.perf_counter()
     run_finetuning(cfg)
     seconds = time.perf_counter() - t

@@ -47,10 +47,10 @@ class TrainConfig(StrictModel):
                           "a one-off compile (~83 s for the default U-Net on a 2-core CPU, where the compiled steps are "
                           "4-8 % slower: benchmarks/README.md) for fused kernels on CUDA; an execution setting, not part "
                           "of a run's config hash")
-    threads: Literal["auto"] | Annotated[int, Field(ge=1)] = Field("auto", description="CPU threads of PyTorch's kernels: auto = the cores other "
-                                          "processes leave free, rechecked every few seconds (medhybrid.threads: a "
-                                          "shared machine slows a run about 2x, not 4x); N = fixed; an execution "
-                                          "setting, not part of a run's config hash")
+    threads: Literal["auto"] | Annotated[int, Field(ge=1)] = Field(
+        "auto", description="CPU threads of PyTorch's kernels: auto = the cores other processes leave free, rechecked "
+        "every few seconds (medhybrid.threads: a shared machine slows a run about 2x, not 4x); N = fixed; an execution "
+        "setting, not part of a run's config hash")
     num_workers: int = 0
     nproc: int = Field(1, ge=1, description="data-parallel processes (ignite.distributed)")
     backend: Literal["gloo", "nccl"] | None = Field(None, description="None: nccl on CUDA, gloo on CPU")

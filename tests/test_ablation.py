@@ -104,6 +104,15 @@ def test_ablation_runs_records_reports_and_resumes(workdir, mlflow_uri, isic_tin
     assert "| baseline | budget | seeds | images | mean diff | 95 % CI | p | p (Holm) |" in md
     assert "| scratch | 2 | 2 | 8 |" in md and "| ddpm-features | 2 | 2 | 8 |" in md  # 2 seeds x 4 paired test images
     assert "**Verdict at ≤ 10 labels: `diffusion` " in md
+    # ... and the paired difference is the one the runs' own per-image artifacts give
+    def per_image(method, seed):
+        run = next(r for r in runs if r.data.tags["method"] == method and r.data.tags["seed"] == seed)
+        path = client.download_artifacts(run.info.run_id, "eval/per_image.csv", str(workdir / "dl" / run.info.run_id))
+        return {r["id"]: float(r["dice"]) for r in csv.DictReader(open(path))}
+
+    diff = np.mean([np.mean([per_image("diffusion", s)[i] - per_image("scratch", s)[i] for i in per_image("scratch", s)])
+                    for s in ("0", "1")])
+    assert f"| scratch | 2 | 2 | 8 | {diff:+.3f} |" in md
     arts = {a.path for a in client.list_artifacts(parent, "report")}
     assert {"report/report.md", "report/dice_vs_labels.png", "report/summary.csv", "report/results.csv"} <= arts
 

@@ -13,8 +13,11 @@ from conftest import REPO_ROOT
 BENCH = REPO_ROOT / "benchmarks"
 
 
-def _run(script: str, *args: str) -> str:
-    out = subprocess.run([sys.executable, str(BENCH / script), *args], capture_output=True, text=True, timeout=600, cwd=REPO_ROOT)
+def _run(script: str, *args: str, env: dict | None = None) -> str:
+    import os
+
+    out = subprocess.run([sys.executable, str(BENCH / script), *args], capture_output=True, text=True, timeout=600, cwd=REPO_ROOT,
+                         env={**os.environ, **(env or {})})
     assert out.returncode == 0, out.stderr[-3000:]
     return out.stdout
 
@@ -83,3 +86,27 @@ def test_unlabelled_scale_memory_against_disk_cache(data):
     assert float(re.search(r"disk cache: ([0-9.]+) MB", out).group(1)) > 0
     for name in ("throughput disk-warm/memory", "peak memory disk-3x/memory-3x", "setup disk/memory at 3x"):
         assert _ratio(out, name) > 0
+
+
+def test_cpu_contention_alone_and_beside_a_busy_process(data):
+    """Both thread settings run alone and beside a busy process; on two cores the policy gives one up to it."""
+    out = _run("cpu_contention.py", "--budget", "2", "--iters", "6", env={"OMP_NUM_THREADS": "2"})
+    rows = {line.split()[0]: [float(v) for v in line.split()[-3:]] for line in out.splitlines()
+            if line.startswith(("fixed ", "auto "))}
+    assert set(rows) == {"fixed", "auto"}, out
+    for alone, beside, ratio in rows.values():
+        assert alone > 0 and beside > 0 and ratio == pytest.approx(beside / alone, rel=0.06)  # seconds printed to 0.1
+    assert _ratio(out, "speedup beside, auto over fixed") == pytest.approx(rows["fixed"][1] / rows["auto"][1], rel=0.06)
+    cores = int(re.search(r"(\d+) cores", out).group(1))
+    if cores == 2:
+        assert "policy: other processes use" in out and "1 CPU thread(s)" in out, out
+
+
+def test_finetune_cost_splits_data_and_step_per_budget(data):
+    out = _run("finetune_cost.py", "--budgets", "1", "4", "--iterations", "4", "--batches", "3", "--batch-size", "4")
+    rows = {int(line.split()[0]): line.split()[1:] for line in out.splitlines() if line.split()[:1] in (["1"], ["4"])}
+    assert set(rows) == {1, 4}, out
+    assert [int(rows[b][0]) for b in (1, 4)] == [2, 4]  # the batch: min(batch_size, max(2, budget))
+    assert all(int(v[1]) == 4 and float(v[2]) > float(v[3]) > 0 for v in rows.values())  # a step costs more than its data
+    per_image = [float(rows[b][2]) / int(rows[b][0]) for b in (1, 4)]
+    assert _ratio(out, "per-image ratio") == pytest.approx(per_image[1] / per_image[0], rel=0.05)

@@ -48,3 +48,57 @@ def test_comparisons_pair_only_what_both_ran():
     out = {(t["baseline"], t["budget"]): t for t in paired_comparisons(rows, scores, "ref", n_boot=200)}
     assert out[("other", 5)]["seeds"] == 1 and out[("other", 2)]["seeds"] == 2
     assert out[("other", "≤ 10")]["seeds"] == 1  # pooled over the seeds every pooled budget has
+
+
+def _fake_ablation(folder, name: str, iterations: int, gains: dict[str, float], seeds=(0, 1, 2), budgets=(2, 5, 20)):
+    """An ablation folder as the runner leaves it with MLflow off: each fine-tune's state.json and per-image CSV."""
+    import csv
+    import json
+
+    from medhybrid.ablation import AblationConfig
+
+    rng = np.random.default_rng(iterations)
+    for b in budgets:
+        for s in seeds:
+            base = np.clip(rng.normal(0.75, 0.05, 20), 0, 1)
+            for m, gain in gains.items():
+                run = folder / name / "finetune" / m / f"b{b}-s{s}"
+                (run / "eval").mkdir(parents=True)
+                dice = np.clip(base + gain + rng.normal(0, 0.002, 20), 0, 1)
+                with open(run / "eval" / "per_image.csv", "w", newline="") as fh:
+                    w = csv.writer(fh)
+                    w.writerow(["id", "dice", "iou", "hd95"])
+                    w.writerows([f"img{i}", d, d, 1.0] for i, d in enumerate(dice))
+                (run / "state.json").write_text(json.dumps({"evaluated": True, "ids": [f"p{i}" for i in range(b)],
+                                                            "test": {"test_dice": float(dice.mean())}}))
+    return AblationConfig(name=name, source="isic2018", target="ph2", output_dir=folder / name, mlflow={"enabled": False},
+                          methods={m: {"pretrain": "hybrid" if m != "supervised" else "supervised"} for m in gains},
+                          pretrain={"train": {"epochs": iterations // 10, "epoch_length": 10}})
+
+
+def test_length_curve_pairs_the_shared_subsets_across_lengths(tmp_path):
+    """The gap that grows with pretraining is found, on the subsets every length ran, with the recorded scores."""
+    import csv
+
+    from medhybrid.report import write_length_curve
+
+    cfgs = [_fake_ablation(tmp_path, "long", 1000, {"supervised": 0.0, "hybrid": 0.06}),
+            _fake_ablation(tmp_path, "short", 200, {"supervised": 0.0, "hybrid": 0.0}, seeds=(0, 1, 2, 3)),
+            _fake_ablation(tmp_path, "mid", 500, {"supervised": 0.0, "hybrid": 0.03}, budgets=(2, 5))]
+    paths = write_length_curve(cfgs, tmp_path / "curve", n_boot=300)
+    rows = list(csv.DictReader(open(paths["csv"])))
+    assert [(int(r["iterations"]), r["method"]) for r in rows] == [(it, m) for it in (200, 500, 1000)
+                                                                   for m in ("supervised", "hybrid")]
+    hybrid = {int(r["iterations"]): r for r in rows if r["method"] == "hybrid"}
+    for it, gain in ((200, 0.0), (500, 0.03), (1000, 0.06)):
+        assert float(hybrid[it]["mean_diff"]) == pytest.approx(gain, abs=0.003)
+        assert int(hybrid[it]["seeds"]) == 3 and int(hybrid[it]["images"]) == 2 * 3 * 20  # budgets 2, 5 x seeds 0-2
+    assert float(hybrid[1000]["ci_low"]) > 0 and float(hybrid[1000]["p_holm"]) < 0.05
+    assert float(hybrid[200]["ci_low"]) < 0 < float(hybrid[200]["ci_high"])
+    sup = {int(r["iterations"]): float(r["mean_dice"]) for r in rows if r["method"] == "supervised"}
+    long_runs = [r for r in csv.DictReader(open(tmp_path / "long" / "finetune" / "supervised" / "b2-s0" / "eval" / "per_image.csv"))]
+    assert 0.6 < sup[1000] < 0.9 and len(long_runs) == 20
+    md = paths["markdown"].read_text()
+    assert "200 it." in md and "1000 it." in md and "budgets [2, 5] × seeds [0, 1, 2]" in md and paths["plot"].stat().st_size > 0
+    with pytest.raises(ValueError, match="baseline 'mdm'"):
+        write_length_curve(cfgs, tmp_path / "c2", baseline="mdm")
