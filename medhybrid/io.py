@@ -96,18 +96,12 @@ def read_dicom(path: Path, role: str = "image") -> tuple[np.ndarray, dict]:
     Compressed transfer syntaxes (JPEG, JPEG 2000, RLE) decode through pydicom's pixel handlers
     (pylibjpeg plugins).
     """
-    import pydicom
-    from pydicom.errors import InvalidDicomError
-
     try:
-        from pydicom.pixels import apply_modality_lut
+        from pydicom.pixels import apply_color_lut, apply_modality_lut
     except ImportError:  # pydicom 2 (the MONAI Label environment, which needs pydicom<3)
-        from pydicom.pixel_data_handlers.util import apply_modality_lut
+        from pydicom.pixel_data_handlers.util import apply_color_lut, apply_modality_lut
 
-    try:
-        ds = pydicom.dcmread(path)
-    except (InvalidDicomError, OSError, EOFError, ValueError) as e:
-        raise DataError(path, f"not a readable DICOM file ({type(e).__name__}: {e})") from e
+    ds = open_dicom(path)
     if "PixelData" not in ds and "FloatPixelData" not in ds and "DoubleFloatPixelData" not in ds:
         raise DataError(path, "DICOM file has no pixel data (no PixelData element)")
     try:
@@ -121,7 +115,13 @@ def read_dicom(path: Path, role: str = "image") -> tuple[np.ndarray, dict]:
     photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).upper()
     samples = int(ds.get("SamplesPerPixel", 1))
     meta: dict[str, Any] = {"format": "dicom", "photometric": photometric}
-    if samples == 1:
+    if photometric == "PALETTE COLOR":  # indices into the Red/Green/Blue Palette Color LUTs: look them up
+        try:
+            arr = np.asarray(apply_color_lut(arr, ds))
+        except Exception as e:
+            raise DataError(path, f"PALETTE COLOR image whose palette cannot be applied ({type(e).__name__}: {e})") from e
+        meta["value_range"] = _value_range(arr)
+    elif samples == 1:
         bits = int(ds.get("BitsStored", ds.get("BitsAllocated", 16)))
         signed = int(ds.get("PixelRepresentation", 0)) == 1
         lo_raw, hi_raw = (-(2 ** (bits - 1)), 2 ** (bits - 1) - 1) if signed else (0, 2**bits - 1)
@@ -147,6 +147,67 @@ def read_dicom(path: Path, role: str = "image") -> tuple[np.ndarray, dict]:
         arr = np.asarray(arr)
         meta["value_range"] = _value_range(arr)
     return np.ascontiguousarray(arr), meta
+
+
+# the JPEG family's start-of-frame markers -> the transfer syntax of an encapsulated stream that carries one
+_JPEG_SYNTAX = {0xC0: "1.2.840.10008.1.2.4.50", 0xC1: "1.2.840.10008.1.2.4.51", 0xC3: "1.2.840.10008.1.2.4.70",
+                0xF7: "1.2.840.10008.1.2.4.80"}
+
+
+def encapsulated_syntax(pixel_data: bytes) -> str | None:
+    """The transfer syntax of encapsulated pixel data, read from its first fragment's codestream: JPEG baseline,
+    extended, lossless (SOF0, SOF1, SOF3), JPEG-LS (SOF55; near-lossless when the scan's NEAR > 0), JPEG 2000
+    (SOC + SIZ); None when the data is not encapsulated or the stream is none of these."""
+    if pixel_data[:4] != b"\xfe\xff\x00\xe0":  # the Basic Offset Table item opens every encapsulated pixel data
+        return None
+    bot_len = int.from_bytes(pixel_data[4:8], "little")
+    frag = pixel_data[8 + bot_len + 8 : 8 + bot_len + 8 + 65536]
+    if frag[:4] == b"\xff\x4f\xff\x51":
+        return "1.2.840.10008.1.2.4.90"
+    syntax, i = None, 2 if frag[:2] == b"\xff\xd8" else None
+    while i is not None and i + 4 <= len(frag) and frag[i] == 0xFF:
+        marker, length = frag[i + 1], int.from_bytes(frag[i + 2 : i + 4], "big")
+        if marker in _JPEG_SYNTAX and syntax is None:
+            syntax = _JPEG_SYNTAX[marker]
+        if marker == 0xDA:  # start of scan: JPEG-LS keeps NEAR after the component selectors
+            ns = frag[i + 4] if i + 4 < len(frag) else 0
+            near = frag[i + 5 + 2 * ns] if i + 5 + 2 * ns < len(frag) else 0
+            if syntax == "1.2.840.10008.1.2.4.80" and near > 0:
+                syntax = "1.2.840.10008.1.2.4.81"
+            break
+        i += 2 + length
+    return syntax
+
+
+def open_dicom(path: Path, stop_before_pixels: bool = False):
+    """Read a DICOM dataset. A file without the Part 10 preamble or file meta header (older modalities, some PACS
+    exports) is read as a bare dataset; its transfer syntax is then taken from how the elements are encoded, or from
+    the codestream of encapsulated (compressed) pixel data."""
+    import pydicom
+    from pydicom.errors import InvalidDicomError
+    from pydicom.uid import UID
+
+    try:
+        ds = pydicom.dcmread(path, stop_before_pixels=stop_before_pixels)
+    except InvalidDicomError as first:
+        try:
+            ds = pydicom.dcmread(path, force=True, stop_before_pixels=stop_before_pixels)
+        except Exception as e:
+            raise DataError(path, f"not a readable DICOM file ({type(first).__name__}: {first})") from e
+        if len(ds) == 0 or ("SOPClassUID" not in ds and "PixelData" not in ds and "Rows" not in ds):
+            raise DataError(path, f"not a readable DICOM file ({type(first).__name__}: {first})") from first
+    except (OSError, EOFError, ValueError) as e:
+        raise DataError(path, f"not a readable DICOM file ({type(e).__name__}: {e})") from e
+    meta = ds.file_meta if hasattr(ds, "file_meta") else pydicom.dataset.FileMetaDataset()
+    if "TransferSyntaxUID" not in meta:
+        implicit, little = getattr(ds, "original_encoding", (None, None))
+        if implicit is None:  # pydicom 2
+            implicit, little = ds.is_implicit_VR, ds.is_little_endian
+        syntax = encapsulated_syntax(bytes(ds.PixelData)) if "PixelData" in ds else None
+        syntax = syntax or ("1.2.840.10008.1.2" if implicit else "1.2.840.10008.1.2.1" if little else "1.2.840.10008.1.2.2")
+        meta.TransferSyntaxUID = UID(syntax)
+        ds.file_meta = meta
+    return ds
 
 
 def read_nifti(path: Path, role: str = "image") -> tuple[np.ndarray, dict]:
@@ -198,14 +259,24 @@ _READERS = {
 
 
 def is_dicom_file(path: str | os.PathLike) -> bool:
-    """Whether ``path`` starts like a DICOM Part 10 file (a 128-byte preamble, then ``DICM``), whatever its name:
-    PACS exports often store DICOM files without a suffix."""
+    """Whether ``path`` is a DICOM file, whatever its name (PACS exports often store DICOM files without a suffix): a
+    Part 10 file (a 128-byte preamble, then ``DICM``), or a bare dataset without preamble and file meta header that
+    opens with a group 0008 element (little endian, explicit or implicit VR) and parses as an image's dataset."""
     try:
         with open(path, "rb") as fh:
             head = fh.read(132)
     except OSError:
         return False
-    return len(head) == 132 and head[128:] == b"DICM"
+    if len(head) == 132 and head[128:] == b"DICM":
+        return True
+    explicit = head[4:6].isalpha() and head[4:6].isupper()
+    if len(head) < 8 or head[:2] != b"\x08\x00" or not (explicit or int.from_bytes(head[4:8], "little") < 4096):
+        return False
+    try:
+        ds = open_dicom(Path(path), stop_before_pixels=True)
+    except DataError:
+        return False
+    return "SOPClassUID" in ds or "Rows" in ds
 
 
 def reader_for(path: str | os.PathLike):
@@ -252,9 +323,7 @@ def file_channels(path: str | os.PathLike) -> int | None:
             with Image.open(path) as im:
                 return 1 if im.mode in ("1", "L", "LA", "I", "F") or im.mode.startswith("I;") else 3
         if reader is read_dicom:
-            import pydicom
-
-            ds = pydicom.dcmread(path, stop_before_pixels=True)
+            ds = open_dicom(Path(path), stop_before_pixels=True)
             photometric = str(ds.get("PhotometricInterpretation", "")).upper()
             return 3 if int(ds.get("SamplesPerPixel", 1)) > 1 or photometric == "PALETTE COLOR" else 1
         if reader is not None:

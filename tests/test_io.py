@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 from PIL import Image
@@ -365,3 +367,109 @@ def test_data_error_message():
     assert str(e) == "/x/y.png: broken" and e.path == "/x/y.png" and e.problem == "broken"
     assert str(DataError(None, "no file")) == "no file"
     assert isinstance(e, ValueError)
+
+
+# ------------------------------------------------------------------- DICOM transfer syntaxes, bare datasets, palettes
+# Real DICOM files of many kinds, shipped inside pydicom's wheel (read in place; nothing is downloaded).
+def _pydicom_file(name: str) -> Path:
+    import pydicom
+
+    path = Path(pydicom.__file__).parent / "data" / "test_files" / name
+    if not path.is_file():
+        pytest.skip(f"{name} is not shipped with this pydicom")
+    return path
+
+
+@pytest.mark.parametrize("compressed,reference,syntax", [
+    ("MR_small_jpeg_ls_lossless.dcm", "MR_small.dcm", "1.2.840.10008.1.2.4.80"),  # JPEG-LS lossless
+    ("SC_rgb_jpeg_gdcm.dcm", "SC_rgb_rle.dcm", "1.2.840.10008.1.2.4.70"),  # JPEG Lossless, first-order prediction
+])
+def test_lossless_jpeg_family_decodes_like_the_uncompressed_image(compressed, reference, syntax):
+    import pydicom
+
+    assert pydicom.dcmread(_pydicom_file(compressed), stop_before_pixels=True).file_meta.TransferSyntaxUID == syntax
+    arr, meta = read_image(_pydicom_file(compressed))
+    np.testing.assert_array_equal(arr, read_image(_pydicom_file(reference))[0])
+    assert meta["format"] == "dicom"
+
+
+@pytest.mark.parametrize("name,syntax,shape", [
+    ("JPGExtended.dcm", "1.2.840.10008.1.2.4.51", (1024, 256)),  # JPEG Extended, 12-bit (Pillow cannot)
+    ("JPEGLSNearLossless_16.dcm", "1.2.840.10008.1.2.4.81", (50, 10)),  # JPEG-LS near-lossless, 16-bit
+    ("SC_rgb_jls_lossy_line.dcm", "1.2.840.10008.1.2.4.81", (100, 100, 3)),
+])
+def test_lossy_jpeg_family_decodes(name, syntax, shape):
+    import pydicom
+
+    assert pydicom.dcmread(_pydicom_file(name), stop_before_pixels=True).file_meta.TransferSyntaxUID == syntax
+    arr, meta = read_image(_pydicom_file(name))
+    assert arr.shape == shape and np.ptp(arr) > 0
+    lo, hi = meta["value_range"]
+    assert lo <= arr.min() and arr.max() <= hi
+
+
+@pytest.mark.parametrize("name", ["MR_small_jpeg_ls_lossless.dcm", "SC_rgb_jpeg_gdcm.dcm", "JPGExtended.dcm", "MR_small.dcm"])
+def test_dicom_without_preamble_or_file_meta_reads_like_the_file(name, tmp_path):
+    """A bare dataset (no preamble, no file meta, so no transfer syntax): the syntax is read from the element encoding
+    or the compressed codestream, the pixels are those of the Part 10 file, and the file is found without a suffix."""
+    import pydicom
+    from pydicom.dataset import FileMetaDataset
+
+    from medhybrid.config import load_dataset_spec
+    from medhybrid.datasets import load_pairs
+    from medhybrid.io import file_channels, is_dicom_file
+
+    ds = pydicom.dcmread(_pydicom_file(name))
+    ds.file_meta, ds.preamble = FileMetaDataset(), None
+    bare = tmp_path / "export" / "IM0001"
+    bare.parent.mkdir()
+    pydicom.dcmwrite(bare, ds, enforce_file_format=False, implicit_vr=False, little_endian=True)
+    assert bare.read_bytes()[:2] == b"\x08\x00"  # starts with the dataset itself
+    with pytest.raises(pydicom.errors.InvalidDicomError):
+        pydicom.dcmread(bare)
+    np.testing.assert_array_equal(read_image(bare)[0], read_image(_pydicom_file(name))[0])
+    assert is_dicom_file(bare) and file_channels(bare) == read_image(bare)[0].ndim * 2 - 3
+    assert [p["id"] for p in load_pairs(load_dataset_spec(str(bare.parent)))] == ["IM0001"]
+
+
+def test_encapsulated_syntax_from_the_codestream():
+    from pydicom.encaps import encapsulate
+
+    from medhybrid.io import encapsulated_syntax
+
+    def stream(sof: int, near: int = 0) -> bytes:
+        sos = bytes([0xFF, 0xDA, 0, 8, 1, 1, 0, near, 0, 0])
+        return bytes([0xFF, 0xD8, 0xFF, sof, 0, 2]) + sos + b"\x00" * 10 + bytes([0xFF, 0xD9])
+
+    assert encapsulated_syntax(encapsulate([stream(0xC3)])) == "1.2.840.10008.1.2.4.70"
+    assert encapsulated_syntax(encapsulate([stream(0xC1)])) == "1.2.840.10008.1.2.4.51"
+    assert encapsulated_syntax(encapsulate([stream(0xF7)])) == "1.2.840.10008.1.2.4.80"
+    assert encapsulated_syntax(encapsulate([stream(0xF7, near=2)])) == "1.2.840.10008.1.2.4.81"
+    assert encapsulated_syntax(encapsulate([b"\xff\x4f\xff\x51" + b"\x00" * 8])) == "1.2.840.10008.1.2.4.90"
+    assert encapsulated_syntax(b"\x00" * 64) is None  # native pixel data
+
+
+def test_palette_color_dicom_becomes_rgb():
+    import pydicom
+    from pydicom.pixels import apply_color_lut
+
+    from medhybrid.io import file_channels
+
+    path = _pydicom_file("examples_palette.dcm")
+    ds = pydicom.dcmread(path)
+    arr, meta = read_image(path)
+    assert ds.PhotometricInterpretation == "PALETTE COLOR" and file_channels(path) == 3
+    assert arr.shape == (*ds.pixel_array.shape, 3)
+    np.testing.assert_array_equal(arr, apply_color_lut(ds.pixel_array, ds))
+    assert len(np.unique(arr.reshape(-1, 3), axis=0)) > len(np.unique(ds.pixel_array)) / 2  # colours, not indices
+
+
+@pytest.mark.parametrize("name,problem", [
+    ("no_meta.dcm", "not a readable DICOM file"),  # no preamble, no meta, and no image dataset either
+    ("rtstruct.dcm", "no pixel data"),
+    ("MR_truncated.dcm", "cannot decode DICOM pixel data"),
+])
+def test_broken_real_dicom_files_name_the_file(name, problem):
+    with pytest.raises(DataError) as info:
+        read_image(_pydicom_file(name))
+    assert problem in str(info.value) and name in str(info.value)
