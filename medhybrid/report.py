@@ -143,7 +143,7 @@ def write_report(cfg, out_dir: Path, parent_run_id: str | None = None) -> dict[s
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    rows = collect_results(cfg, parent_run_id)
+    rows = [r for r in collect_results(cfg, parent_run_id) if r["method"] in cfg.methods]  # a profile's selection
     table = summary_table(rows)
     methods = [m for m in cfg.methods if any(k[0] == m for k in table)]
     budgets = sorted({k[1] for k in table})

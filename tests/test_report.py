@@ -102,3 +102,17 @@ def test_length_curve_pairs_the_shared_subsets_across_lengths(tmp_path):
     assert "200 it." in md and "1000 it." in md and "budgets [2, 5] × seeds [0, 1, 2]" in md and paths["plot"].stat().st_size > 0
     with pytest.raises(ValueError, match="baseline 'mdm'"):
         write_length_curve(cfgs, tmp_path / "c2", baseline="mdm")
+
+
+def test_a_profile_reports_only_its_methods(tmp_path):
+    """Runs of other methods in the same folder (an earlier profile's) stay out of a profile's report."""
+    import csv
+
+    from medhybrid.report import write_report
+
+    cfg = _fake_ablation(tmp_path, "abl", 200, {"supervised": 0.0, "hybrid": 0.02, "mdm": -0.1})
+    narrow = cfg.model_copy(update={"methods": {m: cfg.methods[m] for m in ("supervised", "hybrid")}, "reference": "hybrid"})
+    paths = write_report(narrow, tmp_path / "report")
+    assert {r["method"] for r in csv.DictReader(open(paths["results"]))} == {"supervised", "hybrid"}
+    md = paths["markdown"].read_text()
+    assert "| mdm |" not in md and "**Verdict at ≤ 10 labels: `hybrid` " in md and "best other method, `supervised`" in md
