@@ -211,9 +211,10 @@ def build_parser() -> argparse.ArgumentParser:
     cv = sub.add_parser("curve", help="does the gap grow with pretraining? ablation profiles of one domain that differ in "
                         "pretraining length, compared on the labelled subsets they share")
     cv.add_argument("--config", required=True)
-    cv.add_argument("--profiles", nargs="+", required=True, help="e.g. quick length-500 standard")
+    cv.add_argument("--profiles", nargs="+", required=True, help="e.g. quick pretrain-500 standard")
     cv.add_argument("--baseline", default="supervised")
-    cv.add_argument("--methods", nargs="+", help="default: the methods every profile ran")
+    cv.add_argument("--methods", nargs="+", help="default: the methods every profile ran (give KEY=VALUE overrides "
+                    "before this option)")
     cv.add_argument("--out", required=True)
     cv.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
     cv.set_defaults(func=_curve)
