@@ -11,3 +11,18 @@ import monai.data  # noqa: E402,F401  (the plugin's logger is configured on impo
 
 logging.getLogger("monai.data.nvimgcodec_pydicom_plugin").setLevel(logging.ERROR)
 warnings.filterwarnings("ignore", message=".*nvImageCodec.*")
+
+
+def __getattr__(name: str):
+    """``medhybrid.<module>`` imports the module on first use (bundle configs write ``$medhybrid.bundle.f(...)``
+    after ``$import medhybrid``)."""
+    import importlib
+
+    if name.startswith("_"):
+        raise AttributeError(name)
+    try:
+        return importlib.import_module(f"{__name__}.{name}")
+    except ModuleNotFoundError as e:
+        if e.name == f"{__name__}.{name}":
+            raise AttributeError(f"module {__name__!r} has no attribute {name!r}") from None
+        raise

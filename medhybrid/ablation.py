@@ -43,6 +43,28 @@ class MethodSpec(StrictModel):
                                                        "few labels; ddpm-features: frozen decoder features + MLP ensemble")
 
 
+class TaskResources(StrictModel):
+    """What one Ray task declares (Ray schedules as many at once as the cluster's resources allow)."""
+
+    num_cpus: float = Field(1.0, gt=0)
+    num_gpus: float = Field(0.0, ge=0, description="a fraction shares one GPU: 0.25 runs four fine-tunes on it at once")
+
+
+class RayConfig(StrictModel):
+    """``executor: ray``: pretrainings and fine-tunes as Ray tasks. Workers must reach ``mlflow.tracking_uri``: on a
+    cluster that is a tracking server (``http://host:5000``), and the run folder (``output_dir``) and the data a
+    shared filesystem; on one machine the local SQLite store serves."""
+
+    address: str | None = Field(None, description="None: start a local Ray instance; 'auto' or 'ray://head:10001': "
+                                "join a running cluster")
+    num_cpus: int | None = Field(None, ge=1, description="CPUs of a local instance (None: all)")
+    num_gpus: int | None = Field(None, ge=0, description="GPUs of a local instance (None: all)")
+    object_store_mb: int | None = Field(None, ge=64, description="object store of a local instance (None: Ray's "
+                                        "default, 30 % of memory); tasks pass configs and results only, not tensors")
+    pretrain: TaskResources = Field(default_factory=TaskResources)
+    finetune: TaskResources = Field(default_factory=TaskResources)
+
+
 class AblationConfig(StrictModel):
     name: str
     source: DatasetRef
@@ -58,6 +80,9 @@ class AblationConfig(StrictModel):
                                            "(features, ensemble) of ddpm-features methods")
     mlflow: MLflowConfig = Field(default_factory=MLflowConfig)
     reference: str = Field("hybrid", description="method compared against each baseline in the report")
+    executor: Literal["sequential", "ray"] = Field("sequential", description="sequential: every run in this process, "
+                                                   "one after another; ray: Ray tasks (see ray)")
+    ray: RayConfig = Field(default_factory=RayConfig)
     evaluate_on: Literal["test", "pool-holdout"] = Field(
         "test", description="test: the target's test split (the reported results). pool-holdout: the pool images outside "
         "each seed's largest subset, a development set for choosing settings without ever touching test")
@@ -189,6 +214,10 @@ class _Timings:
             m = self.entry["methods"].setdefault(method, {})
             m[stage] = m.get(stage, 0.0) + time.perf_counter() - t
 
+    def add(self, method: str, stage: str, seconds: float) -> None:
+        m = self.entry["methods"].setdefault(method, {})
+        m[stage] = m.get(stage, 0.0) + seconds
+
     def save(self) -> float:
         import time
 
@@ -200,13 +229,147 @@ class _Timings:
         return self.entry["wall_s"]
 
 
-def run_ablation(cfg: AblationConfig) -> dict:
-    """Run (or resume) the whole ablation and write its report. Returns the report's paths and failures."""
+def pretrain_step(cfg: AblationConfig, method: str):
+    """One method's pretraining (or the finished one): :func:`medhybrid.pretrain.run_pretraining`."""
+    from medhybrid.pretrain import run_pretraining
+
+    return run_pretraining(pretrain_config(cfg, method))
+
+
+def finetune_step(cfg: AblationConfig, method: str, pre, budget: int | None, seed: int, parent: str | None) -> dict:
+    """One fine-tune (or pixel-feature head) from the pretraining ``pre``, evaluated and recorded in its MLflow run;
+    a finished and evaluated run is skipped. Returns ``{"tag", "skipped", "test_dice", "train_s", "eval_s"}``."""
+    import time
+
     from medhybrid import tracking
     from medhybrid.config import Preprocess
     from medhybrid.finetune import run_finetuning
     from medhybrid.pixel_features import load_segmenter, run_pixel_features
-    from medhybrid.pretrain import load_model, run_pretraining
+    from medhybrid.pretrain import load_model
+
+    tag = f"{method} b{'all' if budget is None else budget} s{seed}"
+    features = cfg.methods[method].head == "ddpm-features"
+    make = pixel_features_config if features else finetune_config
+    fcfg = make(cfg, method, pre.checkpoint, budget, seed, parent, pre.run_id)
+    st = tracking.read_state(fcfg.folder)
+    if st.get("status") == "finished" and st.get("evaluated"):
+        log.info("ablation %s: %s already done, skipped", cfg.name, tag)
+        return {"tag": tag, "skipped": True}
+    t0 = time.perf_counter()
+    if features:
+        res = run_pixel_features(fcfg)
+        net, meta = load_segmenter(res.checkpoint)
+        preprocess = Preprocess(**meta["preprocess"])
+    else:
+        res = run_finetuning(fcfg)
+        net, _ = load_model(res.checkpoint)
+        preprocess = fcfg.preprocess
+    t1 = time.perf_counter()
+    summary = evaluate_few_shot_run(cfg.mlflow, fcfg.folder, res.run_id, net, fcfg.dataset, preprocess, cfg.eval_pairs(seed))
+    log.info("ablation %s: %s test dice %.4f", cfg.name, tag, summary["test_dice"])
+    return {"tag": tag, "skipped": False, "test_dice": summary["test_dice"], "train_s": t1 - t0,
+            "eval_s": time.perf_counter() - t1}
+
+
+def _record_failure(cfg: AblationConfig, failures: list[str], tag: str, e: BaseException, trace: str) -> None:
+    log.error("ablation %s: %s failed: %s", cfg.name, tag, e)
+    failures.append(f"{tag}: {type(e).__name__}: {e}")
+    with (cfg.folder / "failures.log").open("a") as fh:
+        fh.write(f"{tag}\n{trace}\n")
+
+
+def _run_sequential(cfg: AblationConfig, parent: str | None, clock: _Timings, failures: list[str]) -> None:
+    for method in cfg.methods:
+        try:
+            with clock(method, "pretrain_s"):
+                pre = pretrain_step(cfg, method)
+        except Exception as e:
+            _record_failure(cfg, failures, f"pretrain {method}", e, traceback.format_exc())
+            continue
+        for budget in cfg.budgets:
+            for seed in cfg.seeds:
+                try:
+                    out = finetune_step(cfg, method, pre, budget, seed, parent)
+                except Exception as e:
+                    _record_failure(cfg, failures, f"{method} b{'all' if budget is None else budget} s{seed}", e,
+                                    traceback.format_exc())
+                    continue
+                clock.add(method, "train_s", out.get("train_s", 0.0))
+                clock.add(method, "eval_s", out.get("eval_s", 0.0))
+
+
+def _timed_pretrain(cfg: AblationConfig, method: str):
+    import time
+
+    t = time.perf_counter()
+    return pretrain_step(cfg, method), time.perf_counter() - t
+
+
+def _finetune_after(cfg: AblationConfig, method: str, timed_pre, budget: int | None, seed: int, parent: str | None) -> dict:
+    return finetune_step(cfg, method, timed_pre[0], budget, seed, parent)
+
+
+def _run_on_ray(cfg: AblationConfig, parent: str | None, clock: _Timings, failures: list[str]) -> None:
+    """Every pretraining and fine-tune as a Ray task with the declared resources; a fine-tune takes its method's
+    pretraining as an argument, so Ray starts it once that pretraining is done. The driver records results and
+    failures as tasks finish; a killed driver loses nothing finished (the runs' folders say so)."""
+    try:
+        import ray
+    except ImportError as e:
+        raise RuntimeError("executor=ray needs Ray: pip install 'medhybrid[ray]'") from e
+    from ray.exceptions import RayError, RayTaskError
+
+    r = cfg.ray
+    started_here = not ray.is_initialized()
+    if started_here:
+        init: dict[str, Any] = {"address": r.address, "include_dashboard": False, "log_to_driver": True}
+        if r.address is None:
+            init.update(num_cpus=r.num_cpus, num_gpus=r.num_gpus,
+                        object_store_memory=r.object_store_mb * 2**20 if r.object_store_mb else None)
+        ray.init(**{k: v for k, v in init.items() if v is not None or k == "address"})
+    try:
+        pre_task = ray.remote(_timed_pretrain).options(num_cpus=r.pretrain.num_cpus, num_gpus=r.pretrain.num_gpus,
+                                                      max_retries=0)
+        ft_task = ray.remote(_finetune_after).options(num_cpus=r.finetune.num_cpus, num_gpus=r.finetune.num_gpus,
+                                                      max_retries=0)
+        pending: dict = {}
+        for method in cfg.methods:
+            pre = pre_task.remote(cfg, method)
+            pending[pre] = ("pretrain", method, f"pretrain {method}")
+            for budget in cfg.budgets:
+                for seed in cfg.seeds:
+                    ref = ft_task.remote(cfg, method, pre, budget, seed, parent)
+                    pending[ref] = ("finetune", method, f"{method} b{'all' if budget is None else budget} s{seed}")
+        failed_pre: set[str] = set()
+        while pending:
+            done, _ = ray.wait(list(pending), num_returns=1)
+            kind, method, tag = pending.pop(done[0])
+            try:
+                out = ray.get(done[0])
+            except RayError as e:
+                cause = e.cause if isinstance(e, RayTaskError) and getattr(e, "cause", None) is not None else e
+                if kind == "finetune" and method in failed_pre:  # not run: its pretraining failed (recorded once)
+                    continue
+                if kind == "pretrain":
+                    failed_pre.add(method)
+                _record_failure(cfg, failures, tag, cause, str(e))
+                continue
+            if kind == "pretrain":
+                clock.add(method, "pretrain_s", out[1])
+            else:
+                clock.add(method, "train_s", out.get("train_s", 0.0))
+                clock.add(method, "eval_s", out.get("eval_s", 0.0))
+    finally:
+        if started_here:
+            ray.shutdown()
+
+
+def run_ablation(cfg: AblationConfig) -> dict:
+    """Run (or resume) the whole ablation and write its report. Returns the report's paths and failures.
+
+    ``cfg.executor`` ``sequential`` runs everything here, one run after another; ``ray`` runs the same steps as Ray
+    tasks (:func:`_run_on_ray`). Both skip finished runs, record failures without stopping, and give the same runs."""
+    from medhybrid import tracking
     from medhybrid.report import write_report
 
     folder = cfg.folder
@@ -220,43 +383,8 @@ def run_ablation(cfg: AblationConfig) -> dict:
                                    tags={"medhybrid.stage": "ablation", "domain": cfg.target.name, "ablation": cfg.name})
     failures: list[str] = []
     clock = _Timings(folder)
-    for method in cfg.methods:
-        try:
-            with clock(method, "pretrain_s"):
-                pre = run_pretraining(pretrain_config(cfg, method))
-        except Exception as e:
-            log.error("ablation %s: pretraining %s failed: %s", cfg.name, method, e)
-            failures.append(f"pretrain {method}: {type(e).__name__}: {e}")
-            (folder / "failures.log").open("a").write(f"pretrain {method}\n{traceback.format_exc()}\n")
-            continue
-        for budget in cfg.budgets:
-            for seed in cfg.seeds:
-                tag = f"{method} b{'all' if budget is None else budget} s{seed}"
-                try:
-                    features = cfg.methods[method].head == "ddpm-features"
-                    make = pixel_features_config if features else finetune_config
-                    fcfg = make(cfg, method, pre.checkpoint, budget, seed, parent, pre.run_id)
-                    st = tracking.read_state(fcfg.folder)
-                    if st.get("status") == "finished" and st.get("evaluated"):
-                        log.info("ablation %s: %s already done, skipped", cfg.name, tag)
-                        continue
-                    with clock(method, "train_s"):
-                        if features:
-                            res = run_pixel_features(fcfg)
-                            net, meta = load_segmenter(res.checkpoint)
-                            preprocess = Preprocess(**meta["preprocess"])
-                        else:
-                            res = run_finetuning(fcfg)
-                            net, _ = load_model(res.checkpoint)
-                            preprocess = fcfg.preprocess
-                    with clock(method, "eval_s"):
-                        summary = evaluate_few_shot_run(cfg.mlflow, fcfg.folder, res.run_id, net, fcfg.dataset, preprocess,
-                                                        cfg.eval_pairs(seed))
-                    log.info("ablation %s: %s test dice %.4f", cfg.name, tag, summary["test_dice"])
-                except Exception as e:
-                    log.error("ablation %s: %s failed: %s", cfg.name, tag, e)
-                    failures.append(f"{tag}: {type(e).__name__}: {e}")
-                    (folder / "failures.log").open("a").write(f"{tag}\n{traceback.format_exc()}\n")
+    clock.entry["executor"] = cfg.executor
+    (_run_on_ray if cfg.executor == "ray" else _run_sequential)(cfg, parent, clock, failures)
     wall = clock.save()
     if parent:
         tracking.log_metrics(cfg.mlflow, parent, {"wall_s": wall}, step=len(clock.history) - 1)

@@ -13,10 +13,9 @@ predicts the mask logits at ``sigma_min`` in batches, maps them back to the inpu
 - ``<stem>_mask.nii.gz`` when ``nifti`` is set: the class indices (0/1 for a binary model) as a 2D
   NIfTI that :func:`medhybrid.io.read_image` reads back to the same array (identity affine).
 
-It also holds what the MONAI bundle (``bundles/medhybrid_2d_segmentation``) wires by ``_target_``:
-:class:`Segmenter` (the network whose ``forward`` returns mask logits only, for
-``verify_net_in_out`` / ``ckpt_export``) and :func:`evaluate_model` (test-split metrics written to a
-folder).
+It also holds :class:`Segmenter` (the network whose ``forward`` returns mask logits only) and
+:func:`evaluate_model` (test-split metrics of a ``model.pt`` written to a folder). The MONAI bundles in ``bundles/``
+declare the same steps as MONAI components instead (:mod:`medhybrid.bundle`).
 """
 
 from __future__ import annotations
@@ -34,7 +33,7 @@ from pydantic import Field
 
 from medhybrid.config import Preprocess, StrictModel
 from medhybrid.evaluate import class_map, restore_logits
-from medhybrid.io import SUPPORTED_SUFFIXES, DataError, file_suffix
+from medhybrid.io import SUPPORTED_SUFFIXES, DataError, file_suffix, image_stem
 from medhybrid.networks import HybridUNet, ModelConfig, build_network
 from medhybrid.tracking import write_json
 
@@ -83,13 +82,6 @@ def load_segmenter(model_path: str | os.PathLike, device: str | torch.device = "
 
 
 # --------------------------------------------------------------------------------------------- inputs
-def image_stem(path: str | os.PathLike) -> str:
-    """File name without its (known, possibly double: ``.nii.gz``) suffix."""
-    name = Path(path).name
-    suffix = file_suffix(name)
-    return name[: -len(suffix)] if suffix and name.lower().endswith(suffix) else Path(name).stem
-
-
 def collect_inputs(inputs: str | os.PathLike | Sequence[str | os.PathLike]) -> list[Path]:
     """Image files from a folder (every file with a supported suffix, sorted, not recursive), a file, or
     a list of both. Files named explicitly are kept whatever their suffix (reading them reports problems)."""

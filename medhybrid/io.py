@@ -45,6 +45,13 @@ def file_suffix(path: str | os.PathLike) -> str:
     return Path(name).suffix
 
 
+def image_stem(path: str | os.PathLike) -> str:
+    """File name without its (known, possibly double: ``.nii.gz``) suffix."""
+    name = Path(path).name
+    suffix = file_suffix(name)
+    return name[: -len(suffix)] if suffix and name.lower().endswith(suffix) else Path(name).stem
+
+
 def _integer_range(dtype: np.dtype) -> tuple[float, float]:
     info = np.iinfo(dtype)
     return float(info.min), float(info.max)

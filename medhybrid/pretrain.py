@@ -20,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -350,9 +351,73 @@ def preview(cfg: PretrainConfig, net: HybridUNet, val_ds, epoch: int, n: int = 6
     return save_png(grid(rows), cfg.folder / "previews" / f"epoch_{epoch:03d}.png", upscale=2)
 
 
-def run_pretraining(cfg: PretrainConfig) -> PretrainResult:
-    """Pretrain (or resume, or return the finished run of) ``cfg``; see the module docstring."""
+def launched_by_torchrun() -> bool:
+    """True in one of several processes started by ``torchrun`` (``torch.distributed.run``), single- or multi-node:
+    its environment names this process's rank among ``WORLD_SIZE`` > 1 and the rendezvous."""
+    env = os.environ
+    return int(env.get("WORLD_SIZE", "1")) > 1 and all(k in env for k in ("RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"))
+
+
+def _torchrun_worker(local_rank: int, cfg: PretrainConfig, out: list) -> None:
+    """One torchrun process: rank 0 claims the run folder and opens (or reopens) the MLflow run, tells every rank
+    whether there is anything left to do, and alone writes checkpoints, ``model.pt`` and MLflow."""
+    import ignite.distributed as idist
+
     from medhybrid import tracking
+
+    folder, model_path, rank = cfg.folder, cfg.folder / "model.pt", idist.get_rank()
+    decision = None
+    if rank == 0:
+        h = config_hash(cfg)
+        state = tracking.claim_folder(folder, h)
+        if state.get("status") == "finished" and model_path.is_file():
+            decision = {"done": True, "run_id": state.get("mlflow_run_id"), "metrics": state.get("metrics", {})}
+        else:
+            save_config(cfg, folder / "config.yaml")
+            tracking.write_state(folder, config_hash=h, status="running", mode=cfg.mode, dataset=cfg.data_name)
+            decision = {"done": False, "run_id": _open_pretrain_run(cfg) if cfg.mlflow.enabled else None}
+        decision = json.dumps(decision)
+    decision = json.loads(idist.broadcast(decision, src=0, safe_mode=True))
+    run_id = decision["run_id"]
+    if decision["done"]:
+        log.info("%s: already finished, nothing to do", folder)
+        out.append(PretrainResult(folder, model_path, run_id, decision["metrics"]))
+        return
+    if rank != 0:
+        _worker(local_rank, cfg, None)
+        idist.barrier()
+        return
+    with tracking.failing_marks(cfg.mlflow, folder, run_id):
+        metrics = _worker(local_rank, cfg, run_id)
+    tracking.close_run(cfg.mlflow, folder, run_id, [folder / "config.yaml", model_path], metrics=metrics)
+    idist.barrier()
+    out.append(PretrainResult(folder, model_path, run_id, metrics))
+
+
+def _open_pretrain_run(cfg: PretrainConfig) -> str:
+    from medhybrid import tracking
+
+    tags = {"medhybrid.stage": "pretrain", "medhybrid.mode": cfg.mode, "medhybrid.dataset": cfg.data_name}
+    if cfg.unlabelled is not None:
+        tags["medhybrid.unlabelled"] = ",".join(s.name for s in cfg.unlabelled.sources)
+    return tracking.open_run(cfg.mlflow, cfg.folder, cfg.run_name, params=dump_config(cfg), tags=tags)
+
+
+def run_pretraining(cfg: PretrainConfig) -> PretrainResult:
+    """Pretrain (or resume, or return the finished run of) ``cfg``; see the module docstring.
+
+    Started by ``torchrun`` (:func:`launched_by_torchrun`), each process trains its shard and this returns on every
+    rank once rank 0 has written the run (``train.nproc`` is then ignored: torchrun decides the processes)."""
+    from medhybrid import tracking
+
+    if launched_by_torchrun() and cfg.mode != "none":
+        import ignite.distributed as idist
+
+        out: list = []
+        backend = cfg.train.backend or ("nccl" if torch.cuda.is_available() else "gloo")
+        with idist.Parallel(backend=backend) as parallel:  # the rendezvous torchrun's environment describes
+            parallel.run(_torchrun_worker, cfg, out)
+        return out[0] if out else PretrainResult(cfg.folder, cfg.folder / "model.pt", None, {})
 
     folder = cfg.folder
     h = config_hash(cfg)
@@ -363,12 +428,7 @@ def run_pretraining(cfg: PretrainConfig) -> PretrainResult:
         return PretrainResult(folder, model_path, state.get("mlflow_run_id"), state.get("metrics", {}))
     save_config(cfg, folder / "config.yaml")
     tracking.write_state(folder, config_hash=h, status="running", mode=cfg.mode, dataset=cfg.data_name)
-    run_id = None
-    if cfg.mlflow.enabled:
-        tags = {"medhybrid.stage": "pretrain", "medhybrid.mode": cfg.mode, "medhybrid.dataset": cfg.data_name}
-        if cfg.unlabelled is not None:
-            tags["medhybrid.unlabelled"] = ",".join(s.name for s in cfg.unlabelled.sources)
-        run_id = tracking.open_run(cfg.mlflow, folder, cfg.run_name, params=dump_config(cfg), tags=tags)
+    run_id = _open_pretrain_run(cfg) if cfg.mlflow.enabled else None
     with tracking.failing_marks(cfg.mlflow, folder, run_id):
         if cfg.mode == "none":
             torch.manual_seed(cfg.train.seed)

@@ -10,7 +10,10 @@ Conventions after :func:`preprocessing`:
 
 from __future__ import annotations
 
+import logging
+import os
 from collections.abc import Hashable, Mapping, Sequence
+from pathlib import Path
 from typing import Literal
 
 import numpy as np
@@ -26,8 +29,11 @@ from monai.transforms import (
     SpatialPad,
     Transform,
 )
+from PIL import Image
 
-from medhybrid.io import DataError, Image2DReader
+from medhybrid.io import DataError, Image2DReader, image_stem, is_dicom_file
+
+log = logging.getLogger("medhybrid")
 
 IGNORE_INDEX = -1.0
 """Label value of pixels excluded from losses and metrics."""
@@ -110,7 +116,8 @@ class MaskToLabel(Transform):
             unless ``threshold`` is set.
         ignore: raw values that mark regions to exclude (V7's 127).
         threshold: for anti-aliased binary masks: raw value >= threshold is class 1, else 0
-            (after ``ignore`` values are taken out).
+            (after ``ignore`` values are taken out). A mask holding only 0 and 1 is a class-index label map (as
+            annotation tools save them) and is taken as it is.
     """
 
     def __init__(self, values: Mapping[int, int] | None = None, ignore: Sequence[int] = (), threshold: float | None = None):
@@ -132,7 +139,8 @@ class MaskToLabel(Transform):
         for v in self.ignore:
             ignored |= raw == v
         if self.threshold is not None:
-            fg = (raw >= self.threshold) & ~ignored
+            label_map = bool(((raw[~ignored] == 0) | (raw[~ignored] == 1)).all())
+            fg = (raw >= (1 if label_map else self.threshold)) & ~ignored
             out[~ignored] = 0.0
             out[fg] = 1.0
         else:
@@ -266,6 +274,70 @@ class ResizeAspectd(MapTransform):
         d = dict(data)
         for key in self.key_iterator(d):
             d[key] = self.resizers[key](d[key])
+        return d
+
+
+# --------------------------------------------------------------------------------------------- writing
+class SaveMask2D(Transform):
+    """Write a predicted (1, H, W) or (H, W) class-index mask of one 2D image into ``output_dir`` as
+    ``<stem><postfix>.png`` (uint8; a binary mask as 0 / 255 with ``binary_png``, else the class indices), and, with
+    ``dicom_seg``, for a DICOM source also ``<stem><seg_postfix>.dcm``: a DICOM SEG referencing the source
+    (:func:`medhybrid.dicom_seg.write_dicom_seg`, segments named by ``labels``). Files are replaced atomically.
+
+    ``source`` (the image file the mask was predicted on) names the outputs; by default the mask's own
+    ``filename_or_obj``. Returns the mask unchanged; the paths written are in :attr:`written` and, for a
+    MetaTensor, in its ``meta["saved_to"]``.
+    """
+
+    def __init__(self, output_dir: str, postfix: str = "_mask", binary_png: bool = True, dicom_seg: bool = False,
+                 labels: Mapping[str, int] | None = None, seg_postfix: str = "_seg"):
+        self.output_dir, self.postfix, self.binary_png = output_dir, postfix, binary_png
+        self.dicom_seg, self.labels, self.seg_postfix = dicom_seg, dict(labels or {"foreground": 1}), seg_postfix
+        self.written: list[str] = []
+
+    def __call__(self, mask: torch.Tensor, source: str | None = None) -> torch.Tensor:
+        source = source or _filename(mask)
+        if not source:
+            raise ValueError("SaveMask2D needs the source image's file name (meta 'filename_or_obj' or `source`)")
+        arr = torch.as_tensor(mask).detach().cpu().numpy()
+        arr = arr[0] if arr.ndim == 3 else arr
+        arr = np.rint(arr).astype(np.uint8)
+        out_dir = Path(self.output_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        stem = image_stem(source)
+        png = out_dir / f"{stem}{self.postfix}.png"
+        tmp = png.with_name(f".{png.name}.{os.getpid()}.tmp")
+        Image.fromarray(arr * 255 if self.binary_png and arr.max(initial=0) <= 1 else arr, mode="L").save(tmp, format="PNG")
+        os.replace(tmp, png)
+        written = [str(png)]
+        if self.dicom_seg and is_dicom_file(source):
+            from medhybrid.dicom_seg import write_dicom_seg
+
+            try:
+                written.append(str(write_dicom_seg(arr, source, out_dir / f"{stem}{self.seg_postfix}.dcm", self.labels)))
+            except DataError as e:  # e.g. a DICOM without the UIDs a SEG must reference: the PNG mask stands
+                log.warning("no DICOM SEG for %s", e)
+        self.written += written
+        if isinstance(mask, MetaTensor):
+            mask.meta["saved_to"] = written
+        return mask
+
+
+class SaveMask2Dd(MapTransform):
+    """Dictionary form of :class:`SaveMask2D`: the source file is ``source_key``'s ``filename_or_obj`` (the image)."""
+
+    def __init__(self, keys: KeysCollection, output_dir: str, source_key: str = "image", postfix: str = "_mask",
+                 binary_png: bool = True, dicom_seg: bool = False, labels: Mapping[str, int] | None = None,
+                 seg_postfix: str = "_seg", allow_missing_keys: bool = False):
+        super().__init__(keys, allow_missing_keys)
+        self.source_key = source_key
+        self.saver = SaveMask2D(output_dir, postfix, binary_png, dicom_seg, labels, seg_postfix)
+
+    def __call__(self, data):
+        d = dict(data)
+        for key in self.key_iterator(d):
+            src = d.get(self.source_key)
+            self.saver(d[key], _filename(src) if src is not None else None)
         return d
 
 

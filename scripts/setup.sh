@@ -14,6 +14,6 @@ fi
 .venv/bin/python -m pip install --quiet --upgrade pip
 # torch first, exactly pinned: pip takes the CPU build from this machine's local wheel store
 .venv/bin/python -m pip install --quiet "torch==2.13.0"
-.venv/bin/python -m pip install --quiet -e ".[dev]"
+.venv/bin/python -m pip install --quiet -e ".[dev,ray]"
 echo "$want" > "$stamp"
 echo "medhybrid installed in .venv"

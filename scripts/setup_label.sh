@@ -25,7 +25,7 @@ $venv/bin/python -m pip install --quiet "torch==2.14.1" "torchvision==0.29.1" "s
 reqs=$(mktemp)
 trap 'rm -f "$reqs"' EXIT
 $venv/bin/python docker/pyproject_deps.py pyproject.toml \
-  --exclude torch pydicom numpy jsonschema pandas pylibjpeg pylibjpeg-openjpeg pylibjpeg-libjpeg > "$reqs"
+  --exclude torch pydicom numpy jsonschema pandas pylibjpeg pylibjpeg-openjpeg pylibjpeg-libjpeg highdicom > "$reqs"
 SAM2_BUILD_CUDA=0 $venv/bin/python -m pip install --quiet --no-build-isolation \
   -r docker/requirements-label.txt "pytest==9.2.0" -r "$reqs"
 $venv/bin/python -m pip install --quiet --no-deps --no-build-isolation -e .

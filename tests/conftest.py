@@ -112,6 +112,8 @@ def _write_dicom(path: Path, arr: np.ndarray, photometric: str | None = None, bi
     ds.file_meta = meta
     ds.SOPClassUID = SecondaryCaptureImageStorage
     ds.SOPInstanceUID = uid
+    ds.StudyInstanceUID = generate_uid(entropy_srcs=[str(path), "study"])
+    ds.SeriesInstanceUID = generate_uid(entropy_srcs=[str(path), "series"])
     ds.Modality = "OT"
     ds.Rows, ds.Columns = arr.shape[:2]
     ds.SamplesPerPixel = 3 if rgb else 1
@@ -406,3 +408,46 @@ def artifact_paths(client, run_id: str, path: str | None = None) -> list[str]:
     for a in client.list_artifacts(run_id, path):
         out += artifact_paths(client, run_id, a.path) if a.is_dir else [a.path]
     return sorted(out)
+
+
+@pytest.fixture
+def mlflow_server(mlflow_template, tmp_path):
+    """A real ``mlflow server`` on 127.0.0.1 (SQLite backend, artifacts proxied into ``tmp_path/server/artifacts``),
+    as processes on other machines reach MLflow: its ``http://`` URI. Stopped after the test."""
+    import signal
+    import socket
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    folder = tmp_path / "server"
+    store = mlflow_store(mlflow_template, folder)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    log = open(folder / "server.log", "w")
+    proc = subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
+                             "--backend-store-uri", store, "--artifacts-destination", str(folder / "artifacts"),
+                             "--workers", "1"], cwd=folder, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    uri = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 120
+        while True:
+            try:
+                urllib.request.urlopen(f"{uri}/health", timeout=2)
+                break
+            except OSError:
+                if proc.poll() is not None or time.time() > deadline:
+                    pytest.fail(f"mlflow server did not start:\n{(folder / 'server.log').read_text()[-3000:]}", pytrace=False)
+                time.sleep(0.5)
+        yield uri
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        log.close()

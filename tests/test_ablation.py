@@ -186,3 +186,42 @@ def test_target_image_methods_pretrain_on_the_pool_never_the_test_split(workdir,
         f.unlink()
     again = write_report(cfg, workdir / "r3", parent_run_id=out["parent_run_id"])["markdown"].read_text()
     assert again == (workdir / "abl" / "report" / "report.md").read_text()
+
+
+# --------------------------------------------------------------------------------------------- on Ray
+def _dice_by_run(uri: str, parent: str) -> dict[tuple, float]:
+    return {(r.data.tags["method"], r.data.tags["budget"], r.data.tags["seed"]): r.data.metrics["test_dice"]
+            for r in _children(uri, parent)}
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_ray_executor_gives_the_sequential_runs(workdir, mlflow_uri, mlflow_server, isic_tiny, caplog):
+    """A tiny real ablation on a local Ray instance with 2 workers, tracked on an MLflow server: the same per-run Dice
+    as the sequential runner, one parent with every fine-tune as a child, a failed method recorded without stopping
+    the others, and a re-invocation that skips every finished run."""
+    from medhybrid.ablation import RayConfig
+    from medhybrid.tracking import MLflowConfig
+
+    methods = {"scratch": {"pretrain": "none"}, "supervised": {"pretrain": "supervised"},
+               "broken": {"pretrain": "supervised", "head": "ddpm-features"}}
+    seq_cfg = _config(workdir, mlflow_uri, isic_tiny, methods)
+    seq = run_ablation(seq_cfg)
+    ray_cfg = seq_cfg.model_copy(update={"output_dir": workdir / "abl-ray", "executor": "ray",
+                                         "ray": RayConfig(num_cpus=2, object_store_mb=256),
+                                         "mlflow": MLflowConfig(tracking_uri=mlflow_server)})
+    out = run_ablation(ray_cfg)
+    assert sorted(out["failures"]) == sorted(seq["failures"]) and len(out["failures"]) == 2
+    dice_seq, dice_ray = _dice_by_run(mlflow_uri, seq["parent_run_id"]), _dice_by_run(mlflow_server, out["parent_run_id"])
+    assert sorted(dice_ray) == sorted(dice_seq) == sorted((m, "2", s) for m in ("scratch", "supervised") for s in ("0", "1"))
+    for k, v in dice_seq.items():
+        assert dice_ray[k] == pytest.approx(v, abs=1e-6), k
+    timings = json.loads((workdir / "abl-ray" / "timings.json").read_text())["invocations"]
+    assert timings[-1]["executor"] == "ray" and timings[-1]["methods"]["supervised"]["pretrain_s"] > 0
+
+    caplog.set_level(logging.INFO, logger="medhybrid")
+    again = run_ablation(ray_cfg.model_copy(update={"methods": {k: v for k, v in ray_cfg.methods.items() if k != "broken"}}))
+    assert again["failures"] == [] and again["parent_run_id"] == out["parent_run_id"]
+    assert _dice_by_run(mlflow_server, out["parent_run_id"]) == dice_ray  # nothing re-run, no new child
+    client = mlflow_client(mlflow_server)
+    assert client.get_run(out["parent_run_id"]).info.status == "FINISHED"

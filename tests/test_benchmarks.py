@@ -3,6 +3,7 @@ PyTorch loop's, with their ratio (the figures themselves are recorded in benchma
 
 from __future__ import annotations
 
+import json
 import re
 import subprocess
 import sys
@@ -110,3 +111,16 @@ def test_finetune_cost_splits_data_and_step_per_budget(data):
     assert all(int(v[1]) == 4 and float(v[2]) > float(v[3]) > 0 for v in rows.values())  # a step costs more than its data
     per_image = [float(rows[b][2]) / int(rows[b][0]) for b in (1, 4)]
     assert _ratio(out, "per-image ratio") == pytest.approx(per_image[1] / per_image[0], rel=0.05)
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_ray_ablation_benchmark_compares_the_same_runs(data):
+    tiny = ["methods=[scratch,supervised]", "budgets=[2]", "seeds=[0]", "pretrain.train.epochs=1", "pretrain.train.epoch_length=2",
+            "pretrain.train.batch_size=4", "pretrain.model.channels=[16,32,32]", "finetune.schedule.min_iterations=2",
+            "finetune.schedule.max_iterations=2", "finetune.schedule.epochs=1"]
+    out = _run("ray_ablation.py", "--set", *tiny)
+    figures = json.loads(out.strip().splitlines()[-1])
+    assert figures["runs"] == 2 and figures["same_results"] is True  # Ray ran the sequential runner's runs, same Dice
+    assert figures["sequential_s"] > 0 and figures["ray_s"] > 0
+    assert 0 < figures["task_round_trip_ms"] < 5000 and figures["ray_init_s"] > 0

@@ -1,6 +1,6 @@
-"""The MONAI bundle ``bundles/medhybrid_2d_segmentation``: every workflow run through ``monai.bundle`` on real images
-(tiny network, a few iterations), MLflow tracking through the override, and MONAI's bundle checks (metadata schema,
-network input/output, TorchScript export)."""
+"""The MONAI bundles in ``bundles/`` (dermoscopy RGB, chest X-ray grey/DICOM) and :mod:`medhybrid.bundle`: every
+workflow run through ``monai.bundle`` on real images, from a copy of the bundle folder with only the installed
+package around it."""
 
 from __future__ import annotations
 
@@ -8,49 +8,36 @@ import csv
 import json
 import logging
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
+import pydicom
 import pytest
 import torch
 import yaml
-from conftest import PH2, REPO_ROOT, isic_yaml, mlflow_client, ph2_yaml, real_split
-from monai.bundle import ConfigParser, ckpt_export, run, verify_metadata, verify_net_in_out
+from conftest import DICOM, OPENIST, PH2, REPO_ROOT, isic_yaml, real_split
+from monai.bundle import ConfigParser, verify_metadata
 from PIL import Image
 
-from medhybrid.inference import load_segmenter
-from medhybrid.io import read_image
-from medhybrid.pretrain import load_model
+from medhybrid.bundle import image_datalist, labelled_datalist, publish_weights, save_weights, sha256
+from medhybrid.io import DataError, read_image
+from medhybrid.networks import ModelConfig, build_network
+from medhybrid.pretrain import save_model
 
 pytestmark = [
     pytest.mark.filterwarnings("ignore:parsing config_file:UserWarning"),  # MONAI's notice that configs run code
-    pytest.mark.filterwarnings("ignore:Detected deprecated name 'optional_packages_version':UserWarning"),
     pytest.mark.filterwarnings("ignore:No hash value provided:UserWarning"),
-    pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning"),
 ]
 
-BUNDLE = REPO_ROOT / "bundles" / "medhybrid_2d_segmentation"
-CONFIGS = BUNDLE / "configs"
-META = CONFIGS / "metadata.json"
-SCHEMA = CONFIGS / "schema" / "meta_schema.json"
-LOGGING = CONFIGS / "logging.conf"
-WORKFLOWS = ("pretrain", "finetune", "evaluate", "inference")
-
-TINY_NET = {"preprocess#resolution": 32, "model#channels": [16, 32, 32], "model#attention_levels": [False, False, False]}
-"""Overrides (bundle ids) for the tiny U-Net at 32 px that every training test uses."""
-TINY = {**TINY_NET, "device": "cpu"}
-
-PRETRAIN_TINY = {f"pretrain_train#{k}": v for k, v in {"epochs": 2, "epoch_length": 2, "batch_size": 4, "lr": 1e-3, "warmup_iterations": 0,
-                                                       "val_max_images": 2, "check_data": False, "progress": False}.items()}
-FINETUNE_TINY = {"finetune_schedule#min_iterations": 4, "finetune_schedule#max_iterations": 4, "finetune_schedule#epochs": 2,
-                 **{f"finetune_train#{k}": v for k, v in {"batch_size": 2, "lr": 1e-3, "warmup_iterations": 0, "check_data": False,
-                                                          "progress": False}.items()}}
-
-
-def configs(*names: str) -> list[str]:
-    return [str(CONFIGS / f"{n}.yaml") for n in ("common", *names)]
+BUNDLES = REPO_ROOT / "bundles"
+DERM = BUNDLES / "dermoscopy_lesion_segmentation"
+CHEST = BUNDLES / "chest_xray_lung_segmentation"
+WORKFLOWS = ("inference", "train", "evaluate", "multi_gpu_train", "pretrain")
+DOMAIN_IDS = {"image_channels", "labels", "dataset_dir", "label_values", "label_threshold", "source_dataset"}
+"""The only top-level ids in which the two bundles' configs may differ."""
 
 
 def _files(folder: Path) -> dict[str, float]:
@@ -58,163 +45,239 @@ def _files(folder: Path) -> dict[str, float]:
 
 
 @pytest.fixture(autouse=True)
-def _bundle_folder_untouched():
-    """Tests write under tmp_path only: nothing in the bundle folder is created or changed. (Also puts back the root
-    logger, which a bundle run configures from configs/logging.conf.)"""
-    before = _files(BUNDLE)
+def _bundle_folders_untouched():
+    """Tests write under tmp_path only: nothing in a shipped bundle is created or changed. (Also puts back the root
+    logger, which a bundle run configures.)"""
+    before = {b: _files(b) for b in (DERM, CHEST)}
     root = logging.getLogger()
     handlers, level = root.handlers[:], root.level
     yield
     root.handlers[:] = handlers
     root.setLevel(level)
-    assert _files(BUNDLE) == before
+    assert {b: _files(b) for b in (DERM, CHEST)} == before
 
 
-@pytest.fixture
-def parse(data):
-    """``parse(*workflows, **overrides)``: the bundle's merged config, as ``monai.bundle run`` builds it."""
+def copy_bundle(src: Path, tmp_path: Path) -> Path:
+    dst = tmp_path / src.name
+    shutil.copytree(src, dst, ignore=shutil.ignore_patterns("eval", "runs"))
+    return dst
 
-    def make(*names: str, **overrides) -> ConfigParser:
-        parser = ConfigParser()
-        parser.read_config(configs(*names))
-        parser.read_meta(str(META))
-        parser.update(overrides)
-        return parser
 
-    return make
+def run_bundle(bundle: Path, configs: list[str], *args: str, torchrun: int = 0) -> subprocess.CompletedProcess:
+    """``python -m monai.bundle run`` (under ``torchrun`` with ``torchrun`` processes) in the bundle folder, as a user
+    runs it: the bundle folder is the working directory and nothing of the repository is on the path."""
+    files = "[" + ",".join(f"'configs/{c}.json'" for c in configs) + "]"
+    launcher = [sys.executable]
+    if torchrun:
+        launcher += ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={torchrun}"]
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH",)}
+    env.update(OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
+    cmd = [*launcher, "-m", "monai.bundle", "run", "--config_file", files, "--meta_file", "configs/metadata.json",
+           "--logging_file", "configs/logging.conf", *args]
+    res = subprocess.run(cmd, cwd=bundle, env=env, capture_output=True, text=True, timeout=900)
+    assert res.returncode == 0, f"{' '.join(cmd)}\n{res.stdout[-3000:]}\n{res.stderr[-5000:]}"
+    return res
+
+
+def dice(a: np.ndarray, b: np.ndarray) -> float:
+    a, b = a > 0, b > 0
+    return float(2 * (a & b).sum() / max(1, a.sum() + b.sum()))
+
+
+def decathlon(tmp_path: Path, ids: list[str]) -> Path:
+    """A MONAI (decathlon-style) datalist of PH2 pairs, ``training`` (medhybrid's split ``train``) = the given ids."""
+    path = tmp_path / "datalist.json"
+    path.write_text(json.dumps({"training": [{"image": str(PH2 / "images" / f"{i}.png"),
+                                              "label": str(PH2 / "masks" / f"{i}_lesion.png")} for i in ids]}))
+    return path
 
 
 # --------------------------------------------------------------------------------------------- layout and configs
-def test_layout_and_configs():
-    for rel in ("configs/metadata.json", "configs/logging.conf", "docs/README.md", "LICENSE", "configs/schema/meta_schema.json",
-                *(f"configs/{n}.yaml" for n in ("common", *WORKFLOWS, "multi_gpu", "mlflow"))):
-        assert (BUNDLE / rel).is_file(), rel
-    for name in WORKFLOWS:
-        cfg = yaml.safe_load((CONFIGS / f"{name}.yaml").read_text())
-        assert "run" in cfg, name
-        targets = [v["_target_"] for v in cfg.values() if isinstance(v, dict) and "_target_" in v]
-        assert targets and all(t.startswith("medhybrid.") for t in targets), (name, targets)  # wired, not copied
-    readme = (BUNDLE / "docs" / "README.md").read_text()
-    for name in WORKFLOWS:
-        assert f"'configs/common.yaml','configs/{name}.yaml'" in readme, name
+@pytest.mark.parametrize("bundle", [DERM, CHEST], ids=lambda b: b.name)
+def test_model_zoo_layout_and_weights_match_their_checksums(bundle):
+    for f in [*(f"configs/{w}.json" for w in WORKFLOWS), "configs/metadata.json", "configs/logging.conf", "large_files.yml",
+              "docs/README.md", "LICENSE", "models/model.pt", "models/pretrained.pt"]:
+        assert (bundle / f).is_file(), f
+    listed = yaml.safe_load((bundle / "large_files.yml").read_text())["large_files"]
+    assert {e["path"] for e in listed} == {"models/model.pt", "models/pretrained.pt"}
+    for e in listed:
+        assert e["hash_type"] == "sha256" and sha256(bundle / e["path"]) == e["hash_val"], e["path"]
+    parser = ConfigParser()
+    parser.read_config(str(bundle / "configs" / "inference.json"))
+    net = parser.get_parsed_content("network_def")
+    for e in listed:  # plain state dicts of network_def, loadable without pickled code
+        net.load_state_dict(torch.load(bundle / e["path"], map_location="cpu", weights_only=True), strict=True)
+    assert type(net).__name__ == "HybridUNet" and type(net.backbone).__name__ == "DiffusionModelUNet"
 
 
-def test_verify_metadata_passes_offline_and_catches_errors(tmp_path):
-    verify_metadata(meta_file=str(META), filepath=str(SCHEMA))  # the schema file exists: nothing is downloaded
-    meta = json.loads(META.read_text())
-    assert meta["schema"] == "configs/schema/meta_schema.json"
-    assert "2408.03433" in " ".join(meta["references"])
-    fmt = meta["network_data_format"]
-    assert fmt["inputs"]["image"]["num_channels"] == 3 and fmt["inputs"]["image"]["value_range"] == [-1, 1]
-    for broken in ({"network_data_format": {"inputs": fmt["inputs"]}},                      # no outputs
-                   {"network_data_format": {**fmt, "inputs": {"image": {**fmt["inputs"]["image"], "num_channels": "3"}}}},
-                   {"version": None}):
-        bad = tmp_path / "metadata.json"
-        bad.write_text(json.dumps({k: v for k, v in {**meta, **broken}.items() if v is not None}))
-        with pytest.raises(ValueError, match="Failed validating"):
-            verify_metadata(meta_file=str(bad), filepath=str(SCHEMA))
+@pytest.mark.parametrize("bundle", [DERM, CHEST], ids=lambda b: b.name)
+def test_verify_metadata_offline(bundle):
+    verify_metadata(meta_file=str(bundle / "configs" / "metadata.json"), filepath=str(bundle / "configs" / "schema" / "meta_schema.json"))
+    meta = json.loads((bundle / "configs" / "metadata.json").read_text())
+    assert meta["required_packages_version"]["medhybrid"] and "mean_dice" in meta["eval_metrics"]
+    assert len(meta["network_data_format"]["inputs"]["image"]["spatial_shape"]) == 2  # MONAI Label reads 2D from it
 
 
-def test_verify_net_in_out():
-    # `device` here is verify_net_in_out's own argument (where to run the check), not the bundle's `device` id
-    verify_net_in_out(net_id="network_def", meta_file=str(META), config_file=configs(), device="cpu", **TINY_NET)
-    with pytest.raises(ValueError, match="output channel number"):
-        verify_net_in_out(net_id="network_def", meta_file=str(META), config_file=configs(), device="cpu",
-                          **{**TINY_NET, "_meta_#network_data_format#outputs#pred#num_channels": 2})
+def test_the_bundles_share_their_configs_but_for_the_domain():
+    for w in WORKFLOWS:
+        d, c = (json.loads((b / "configs" / f"{w}.json").read_text()) for b in (DERM, CHEST))
+        assert set(d) == set(c), w
+        differ = {k for k in d if d[k] != c[k]}
+        assert differ <= DOMAIN_IDS, (w, differ - DOMAIN_IDS)
+    for b in (DERM, CHEST):  # the standalone inference config declares the same network as training
+        inf, train = (json.loads((b / "configs" / f"{w}.json").read_text()) for w in ("inference", "train"))
+        assert inf["network_def"] == train["network_def"]
+        shared = ("image_channels", "resolution", "intensity")
+        assert {k: inf[k] for k in shared} == {k: train[k] for k in shared}
+    assert json.loads((CHEST / "configs" / "inference.json").read_text())["image_channels"] == 1
 
 
-def test_multi_gpu_override(parse, monkeypatch):
-    """multi_gpu.yaml: one pretraining process per GPU, NCCL (resolved here with 2 GPUs pretended, not run)."""
-    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
-    cfg = parse("pretrain", "multi_gpu").get_parsed_content("pretrain_config")
-    assert (cfg.train.nproc, cfg.train.backend, cfg.train.device) == (2, "nccl", "auto")
-    single = parse("pretrain").get_parsed_content("pretrain_config")
-    assert (single.train.nproc, single.train.backend) == (1, None)
-
-
-def test_mlflow_override(parse, tmp_path):
-    off = parse("finetune", bundle_root=str(tmp_path)).get_parsed_content("mlflow")
-    assert off["enabled"] is False
-    p = parse("pretrain", "mlflow", bundle_root=str(tmp_path))
-    cfg = p.get_parsed_content("pretrain_config")
-    assert cfg.mlflow.enabled and cfg.mlflow.tracking_uri == f"sqlite:///{os.path.abspath(tmp_path / 'mlflow.db')}"
-    assert cfg.mode == "hybrid" and cfg.dataset.name == "isic2018" and cfg.folder == tmp_path / "runs" / "pretrain-hybrid"
-    cfg = parse("pretrain", "mlflow", bundle_root=str(tmp_path), mlflow_tracking_uri="http://127.0.0.1:5000").get_parsed_content("pretrain_config")
-    assert cfg.mlflow.tracking_uri == "http://127.0.0.1:5000"
-
-
-# --------------------------------------------------------------------------------------------- the workflows
-def test_workflows_end_to_end(workdir, mlflow_uri, write_dicom):
-    """pretrain (hybrid) -> finetune (budget 2, from that checkpoint) -> evaluate -> inference -> TorchScript export, each
-    through monai.bundle with the bundle's configs on real ISIC / PH2 images, tracked in MLflow by the override."""
-    root = workdir / "bundle"
-    source = isic_yaml(workdir / "datasets", n_train=8, n_val=2)
-    target = ph2_yaml(workdir / "datasets", n_pool=4, n_test=3)
-    base = {"bundle_root": str(root), "source_dataset": str(source), "target_dataset": str(target), "mlflow_tracking_uri": mlflow_uri,
-            **TINY}
-    files = {"meta_file": str(META), "logging_file": str(LOGGING)}
-
-    run(config_file=configs("pretrain", "mlflow"), **files, **base, **PRETRAIN_TINY)
-    pretrained = root / "runs" / "pretrain-hybrid" / "model.pt"
-    assert load_model(pretrained)[1]["mode"] == "hybrid"
-
-    run(config_file=configs("finetune", "mlflow"), **files, **base, **FINETUNE_TINY, budget=2)
-    model_pt = root / "models" / "model.pt"
-    net, meta = load_model(model_pt)
-    assert (meta["mode"], meta["method"], meta["budget"], meta["dataset"]) == ("finetune", "hybrid", 2, "ph2_tiny")
-    assert meta["preprocess"]["resolution"] == 32 and net.image_channels == 3 and net.mask_channels == 1
-    ids = json.loads((root / "runs" / "finetune-hybrid-b2-s0" / "subset.json").read_text())["ids"]
-    assert len(ids) == 2 and set(ids) <= set(real_split(PH2)["pool"][:4])  # the label budget, from the target's pool
-
-    run(config_file=configs("evaluate"), **files, **base)
-    metrics = json.loads((root / "eval" / "metrics.json").read_text())
-    assert metrics["test_images"] == 3 and metrics["dataset"] == "ph2_tiny" and metrics["split"] == "test"
-    assert 0 <= metrics["test_dice"] <= 1 and 0 <= metrics["test_iou"] <= metrics["test_dice"]
-    with open(root / "eval" / "per_image.csv") as fh:
-        rows = list(csv.DictReader(fh))
-    assert [r["id"] for r in rows] == real_split(PH2)["test"][:3]
-    assert all(0 <= float(r["dice"]) <= 1 for r in rows)
-
-    # MLflow: one run per training stage, finished, in the tracking store the override pointed at
-    client = mlflow_client(mlflow_uri)
-    exp = client.get_experiment_by_name("medhybrid-bundle")
-    runs = {r.data.tags["medhybrid.stage"]: r for r in client.search_runs([exp.experiment_id])}
-    assert set(runs) == {"pretrain", "finetune"}
-    assert all(r.info.status == "FINISHED" for r in runs.values())
-    assert runs["pretrain"].data.tags["medhybrid.mode"] == "hybrid" and runs["finetune"].data.tags["budget"] == "2"
-    assert runs["finetune"].data.params["init"] == str(pretrained)
-
-    # inference, as a user runs it: python -m monai.bundle run ... in a subprocess, on a PH2 PNG and a DICOM of real pixels
-    inputs = workdir / "input"
+# --------------------------------------------------------------------------------------------- inference
+def test_dermoscopy_inference_runs_alone_on_png_and_dicom(tmp_path, write_dicom):
+    bundle = copy_bundle(DERM, tmp_path)
+    inputs = tmp_path / "in"
     inputs.mkdir()
-    png = inputs / "IMD006.png"
-    png.write_bytes((PH2 / "images" / "IMD006.png").read_bytes())
-    grey = np.asarray(Image.open(PH2 / "images" / "IMD009.png").convert("L"))
-    dcm = write_dicom(inputs / "IMD009_grey.dcm", grey)
-    out = workdir / "masks"
-    cmd = [sys.executable, "-m", "monai.bundle", "run", "--config_file", str(configs("inference")), "--meta_file", str(META),
-           "--logging_file", str(LOGGING), "--bundle_root", str(root), "--input_dir", str(inputs), "--output_dir", str(out),
-           "--nifti", "True", "--device", "cpu"]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert "masks written: 2" in proc.stdout
-    for src in (png, dcm):
-        stem = src.name.rsplit(".", 1)[0]
-        mask = np.asarray(Image.open(out / f"{stem}_mask.png"))
-        assert mask.shape == read_image(src)[0].shape[:2] and set(np.unique(mask)) <= {0, 255}
-        assert (out / f"{stem}_mask.nii.gz").is_file()
+    ids = real_split(PH2)["test"][:3]
+    shutil.copy(PH2 / "images" / f"{ids[0]}.png", inputs)
+    shutil.copy(PH2 / "images" / f"{ids[1]}.png", inputs)
+    write_dicom(inputs / f"{ids[2]}.dcm", np.asarray(Image.open(PH2 / "images" / f"{ids[2]}.png")))  # RGB DICOM
+    out = tmp_path / "masks"
+    run_bundle(bundle, ["inference"], "--input_dir", str(inputs), "--output_dir", str(out))
+    assert sorted(p.name for p in out.iterdir()) == sorted([f"{i}_mask.png" for i in ids] + [f"{ids[2]}_seg.dcm"])
+    for i in ids:
+        mask = np.asarray(Image.open(out / f"{i}_mask.png"))
+        truth = np.asarray(Image.open(PH2 / "masks" / f"{i}_lesion.png"))
+        assert mask.shape == truth.shape and set(np.unique(mask)) <= {0, 255}
+        assert dice(mask, truth) > 0.8, i
+    seg = pydicom.dcmread(out / f"{ids[2]}_seg.dcm")
+    src = pydicom.dcmread(inputs / f"{ids[2]}.dcm")
+    assert seg.Modality == "SEG" and seg.StudyInstanceUID == src.StudyInstanceUID
+    assert seg.ReferencedSeriesSequence[0].ReferencedInstanceSequence[0].ReferencedSOPInstanceUID == src.SOPInstanceUID
+    assert seg.SegmentSequence[0].SegmentLabel == "lesion"
+    assert np.array_equal(seg.pixel_array > 0, np.asarray(Image.open(out / f"{ids[2]}_mask.png")) > 0)
 
-    # TorchScript export of the bundle's network with the fine-tuned weights; same output as the eager network
-    ts_path = workdir / "model.ts"
-    ckpt_export(net_id="network_def", filepath=str(ts_path), ckpt_file=str(model_pt), meta_file=str(META), config_file=configs("inference"),
-                key_in_ckpt="state_dict", use_trace=True, **TINY_NET)
-    from monai.data import load_net_with_metadata
 
-    ts, ts_meta, extra = load_net_with_metadata(str(ts_path), more_extra_files=["common.json", "inference.json"])
-    assert ts_meta["version"] == json.loads(META.read_text())["version"] and set(extra) == {"common.json", "inference.json"}
-    eager, _ = load_segmenter(model_pt, "cpu")
-    g = torch.Generator().manual_seed(0)
-    for shape in ((1, 3, 64, 64), (2, 3, 32, 32)):
-        x = torch.rand(shape, generator=g) * 2 - 1
-        with torch.no_grad():
-            torch.testing.assert_close(ts(x), eager(x), atol=1e-5, rtol=1e-4)
+def test_chest_inference_on_real_pacs_dicom_and_jpeg(tmp_path):
+    """CR MONOCHROME1 15-bit (uncompressed and JPEG 2000), DX 8-bit, and an OpenIST JPEG: masks at each input's size,
+    a DICOM SEG per DICOM, the same lungs from both encodings of one image."""
+    bundle = copy_bundle(CHEST, tmp_path)
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    for f in DICOM.glob("*.dcm"):
+        shutil.copy(f, inputs)
+    sid = real_split(OPENIST)["test"][0]
+    img = next((OPENIST / "images").glob(f"{sid}.*"))
+    shutil.copy(img, inputs)
+    out = tmp_path / "masks"
+    run_bundle(bundle, ["inference"], "--input_dir", str(inputs), "--output_dir", str(out))
+    for f in DICOM.glob("*.dcm"):
+        mask = np.asarray(Image.open(out / f"{f.stem}_mask.png")) > 0
+        assert mask.shape == read_image(f)[0].shape[:2]
+        assert 0.1 < mask.mean() < 0.6, (f.name, mask.mean())  # two lungs, not nothing and not everything
+        seg = pydicom.dcmread(out / f"{f.stem}_seg.dcm")
+        src = pydicom.dcmread(f, stop_before_pixels=True)
+        assert (seg.Rows, seg.Columns) == (src.Rows, src.Columns)
+        assert seg.ReferencedSeriesSequence[0].ReferencedInstanceSequence[0].ReferencedSOPInstanceUID == src.SOPInstanceUID
+        assert seg.SegmentSequence[0].SegmentedPropertyTypeCodeSequence[0].CodeMeaning == "Lung"
+    assert dice(np.asarray(Image.open(out / "RG1_UNCI_mask.png")), np.asarray(Image.open(out / "RG1_J2KI_mask.png"))) > 0.95
+    truth = np.asarray(Image.open(OPENIST / "masks" / f"{sid}_mask.png")) >= 128
+    assert dice(np.asarray(Image.open(out / f"{sid}_mask.png")), truth) > 0.9
+
+
+# --------------------------------------------------------------------------------------------- evaluation
+@pytest.mark.parametrize("bundle", [DERM, CHEST], ids=lambda b: b.name)
+def test_evaluate_reproduces_the_model_card(bundle, tmp_path):
+    """The shipped weights on the target's test split at native resolution: the metrics in metadata.json and the
+    model card, per image in the MetricsSaver's CSV."""
+    work = copy_bundle(bundle, tmp_path)
+    run_bundle(work, ["train", "evaluate"], "--output_dir", str(tmp_path / "eval"))
+    metrics = {r[0]: float(r[1]) for r in csv.reader(open(tmp_path / "eval" / "metrics.csv"))}
+    meta = json.loads((bundle / "configs" / "metadata.json").read_text())
+    assert metrics["val_mean_dice"] == pytest.approx(meta["eval_metrics"]["mean_dice"], abs=5e-5)
+    assert f"{meta['eval_metrics']['mean_dice']:.4f}" in (bundle / "docs" / "README.md").read_text()
+    rows = list(csv.DictReader(open(tmp_path / "eval" / "val_mean_dice_raw.csv")))
+    split = real_split(PH2 if bundle == DERM else OPENIST)
+    assert len(rows) == len(split["test"]) and {Path(r["filename"]).stem for r in rows} == set(split["test"])
+
+
+# --------------------------------------------------------------------------------------------- training
+def test_train_fine_tunes_the_pretraining_and_publishes_the_weights(tmp_path):
+    bundle = copy_bundle(DERM, tmp_path)
+    pool = real_split(PH2)["pool"][:6]
+    before = sha256(bundle / "models" / "model.pt")
+    res = run_bundle(bundle, ["train"], "--dataset_dir", str(decathlon(tmp_path, pool)), "--train_split", "train",
+                     "--val_fraction", "0.34", "--min_iterations", "6", "--max_iterations", "6")
+    assert "val_mean_dice" in res.stdout + res.stderr
+    assert sha256(bundle / "models" / "model.pt") != before
+    assert sha256(bundle / "models" / "pretrained.pt") == sha256(DERM / "models" / "pretrained.pt")
+    out = tmp_path / "masks"
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    test_id = real_split(PH2)["test"][0]
+    shutil.copy(PH2 / "images" / f"{test_id}.png", inputs)
+    run_bundle(bundle, ["inference"], "--input_dir", str(inputs), "--output_dir", str(out))
+    assert dice(np.asarray(Image.open(out / f"{test_id}_mask.png")), np.asarray(Image.open(PH2 / "masks" / f"{test_id}_lesion.png"))) > 0.7
+
+
+def test_multi_gpu_train_under_torchrun_with_gloo(tmp_path):
+    """configs/multi_gpu_train.json layered over train.json, 2 processes on the CPU: one weights file, from rank 0."""
+    bundle = copy_bundle(DERM, tmp_path)
+    res = run_bundle(bundle, ["train", "multi_gpu_train"], "--dataset_dir", str(decathlon(tmp_path, real_split(PH2)["pool"][:4])),
+                     "--train_split", "train", "--min_iterations", "4", "--max_iterations", "4", torchrun=2)
+    assert "bundle weights written" in res.stdout + res.stderr
+    state = torch.load(bundle / "models" / "model.pt", map_location="cpu", weights_only=True)
+    assert not any(k.startswith("module.") for k in state)  # unwrapped from DistributedDataParallel
+    assert sha256(bundle / "models" / "model.pt") != sha256(DERM / "models" / "model.pt")
+    assert not list(bundle.glob("models/.*.tmp"))
+
+
+def test_pretrain_workflow_publishes_pretrained_weights(tmp_path):
+    bundle = copy_bundle(DERM, tmp_path)
+    source = isic_yaml(tmp_path / "data", n_train=8, n_val=2)
+    run_bundle(bundle, ["train", "pretrain"], "--source_dataset", str(source), "--pretrain_config#train#epochs", "1",
+               "--pretrain_config#train#epoch_length", "2", "--pretrain_config#train#batch_size", "4",
+               "--pretrain_config#train#val_max_images", "2", "--pretrain_config#train#check_data", "false")
+    assert (bundle / "runs" / "pretrain-hybrid" / "model.pt").is_file()
+    assert sha256(bundle / "models" / "pretrained.pt") != sha256(DERM / "models" / "pretrained.pt")
+    parser = ConfigParser()
+    parser.read_config(str(bundle / "configs" / "inference.json"))
+    parser.get_parsed_content("network_def").load_state_dict(
+        torch.load(bundle / "models" / "pretrained.pt", map_location="cpu", weights_only=True), strict=True)
+
+
+# --------------------------------------------------------------------------------------------- medhybrid.bundle
+def test_datalists_name_the_problem(tmp_path):
+    pool = real_split(PH2)["pool"][:3]
+    got = labelled_datalist(decathlon(tmp_path, pool), "train")
+    assert [Path(d["image"]).stem for d in got] == pool and all(Path(d["label"]).is_file() for d in got)
+    assert len(labelled_datalist("ph2", "test")) == len(real_split(PH2)["test"])
+    with pytest.raises(DataError, match="no labelled images in split 'test'"):
+        labelled_datalist(decathlon(tmp_path, pool), "test")
+    folder = tmp_path / "labelled"  # images/ + masks/ without split.json: every pair, whatever split is asked
+    (folder / "images").mkdir(parents=True)
+    (folder / "masks").mkdir()
+    for i in pool[:2]:
+        shutil.copy(PH2 / "images" / f"{i}.png", folder / "images")
+        shutil.copy(PH2 / "masks" / f"{i}_lesion.png", folder / "masks" / f"{i}_mask.png")
+    assert [Path(d["label"]).name for d in labelled_datalist(folder, "pool", 3)] == [f"{i}_mask.png" for i in pool[:2]]
+    (tmp_path / "imgs").mkdir()
+    shutil.copy(PH2 / "images" / f"{pool[0]}.png", tmp_path / "imgs")
+    assert image_datalist(tmp_path / "imgs") == [{"image": str(tmp_path / "imgs" / f"{pool[0]}.png")}]
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataError, match="no image files"):
+        image_datalist(tmp_path / "empty")
+
+
+def test_save_and_publish_weights_are_atomic_and_checked(tmp_path):
+    parser = ConfigParser()
+    parser.read_config(str(DERM / "configs" / "inference.json"))
+    net = parser.get_parsed_content("network_def")
+    out = save_weights(net, tmp_path / "w" / "model.pt")
+    assert out.is_file() and not list(out.parent.glob(".*.tmp"))
+    assert set(torch.load(out, weights_only=True)) == set(net.state_dict())
+    cfg = ModelConfig(channels=(16, 32, 32), attention_levels=(False, False, False))
+    small = build_network(cfg, 3)
+    save_model(small, {"model": cfg.model_dump(), "image_channels": 3, "num_classes": 2}, tmp_path / "run.pt")
+    with pytest.raises(DataError, match="does not fit the bundle's network_def"):
+        publish_weights(tmp_path / "run.pt", tmp_path / "w" / "pretrained.pt", net)
+    assert not (tmp_path / "w" / "pretrained.pt").exists()

@@ -127,7 +127,7 @@ def test_dockerfiles_present():
 @pytest.mark.parametrize("path", DOCKERFILES, ids=lambda p: p.name)
 def test_copy_sources_exist(path):
     """Every COPY from the build context (the repository root) names something that exists; a wildcard may
-    match nothing (bundles/ can be empty, and git keeps no empty folder)."""
+    match nothing."""
     for word, args in instructions(path):
         if word != "COPY":
             continue

@@ -331,3 +331,82 @@ def test_distributed_two_processes(isic_tiny, pretrain_cfg, mlflow_uri):
     assert run.info.status == "FINISHED"
     assert [s for s, _ in _history(c, res.run_id, "train_loss")] == [1, 2]  # logged once per epoch, not per rank
     assert artifact_paths(c, res.run_id) == ["config.yaml", "model.pt", "previews/epoch_001.png", "previews/epoch_002.png"]
+
+
+# --------------------------------------------------------------------------------------------- torchrun
+def _torchrun(config: Path, out: Path, mlflow_uri: str, n: int = 2) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}",
+            *_cli(config, out, mlflow_uri)[1:], "train.backend=gloo"]
+
+
+def test_the_ranks_shards_are_the_single_process_draw():
+    """Every rank draws the same seeded order and takes every world_size-th index: together the ranks see exactly
+    the images one process with the global batch sees, none repeated or dropped."""
+    from medhybrid.engines import EpochSeededSampler
+
+    one = EpochSeededSampler(10, 12, seed=3)
+    ranks = [EpochSeededSampler(10, 6, seed=3, rank=r, world_size=2) for r in range(2)]
+    for epoch in (0, 1, 5):
+        for s in (one, *ranks):
+            s.set_epoch(epoch)
+        order = list(one)
+        assert list(ranks[0]) == order[0::2] and list(ranks[1]) == order[1::2]
+        assert sorted(list(ranks[0]) + list(ranks[1])) == sorted(order)
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_torchrun_pretraining_writes_one_run_and_resumes_after_kill(isic_tiny, workdir, mlflow_uri):
+    """``torchrun --nproc_per_node 2 -m medhybrid.cli pretrain`` (gloo): rank 0 alone writes the checkpoints, model.pt
+    and one MLflow run; killed after its first checkpoint and launched again, it resumes and ends with the weights of
+    an uninterrupted torchrun run, in the same MLflow run; launched once more, it finds the run finished."""
+    conf = workdir / "pretrain.yaml"
+    data = apply_overrides({"dataset": str(isic_tiny), "mode": "hybrid"},
+                           [*TINY_NET, *TINY_TRAIN, "train.epochs=6", "train.epoch_length=2", "train.batch_size=2"])
+    conf.write_text(yaml.safe_dump(data))
+
+    straight = workdir / "straight"
+    full = subprocess.run(_torchrun(conf, straight, mlflow_uri), cwd=workdir, env=_cli_env(), capture_output=True, text=True,
+                          timeout=600)
+    assert full.returncode == 0, full.stderr[-4000:]
+    state = json.loads((straight / "state.json").read_text())
+    assert state["status"] == "finished" and state["world_size"] == 2
+    assert sorted(p.name for p in (straight / "checkpoints").iterdir()) == ["pretrain_checkpoint_10.pt", "pretrain_checkpoint_12.pt"]
+    c = mlflow_client(mlflow_uri)
+    (run,) = _runs(c)
+    assert run.info.status == "FINISHED" and [s for s, _ in _history(c, run.info.run_id, "train_loss")] == [1, 2, 3, 4, 5, 6]
+    assert full.stdout.count("pretraining done") == 2  # every rank returns the result
+
+    killed = workdir / "killed"
+    proc = subprocess.Popen(_torchrun(conf, killed, mlflow_uri), cwd=workdir, env=_cli_env(), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE)
+    try:
+        deadline = time.time() + 300
+        while not list((killed / "checkpoints").glob("*.pt")):
+            assert proc.poll() is None, f"pretraining ended before its first checkpoint:\n{proc.stderr.read().decode()[-3000:]}"
+            assert time.time() < deadline, "no checkpoint within 300 s"
+            time.sleep(0.05)
+        # the launcher and both ranks (torchrun starts each rank in a session of its own)
+        subprocess.run(["pkill", "-KILL", "-f", f"output_dir={killed}"], check=False)
+        proc.wait(30)
+    finally:
+        if proc.poll() is None:
+            subprocess.run(["pkill", "-KILL", "-f", f"output_dir={killed}"], check=False)
+            proc.wait()
+    proc.stderr.close()
+    time.sleep(1)
+    run_id = json.loads((killed / "state.json").read_text())["mlflow_run_id"]
+    assert not (killed / "model.pt").exists() and json.loads((killed / "state.json").read_text())["status"] == "running"
+    resumed = subprocess.run(_torchrun(conf, killed, mlflow_uri), cwd=workdir, env=_cli_env(), capture_output=True, text=True,
+                             timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-4000:]
+    assert f"resuming from {killed / 'checkpoints'}" in resumed.stderr and f"mlflow run {run_id}" in resumed.stdout, resumed.stderr[-3000:]
+    a = torch.load(killed / "model.pt", weights_only=True)["state_dict"]
+    b = torch.load(straight / "model.pt", weights_only=True)["state_dict"]
+    assert _same_weights(a, b)
+    runs = [r for r in _runs(c) if r.data.tags.get("medhybrid.folder") == str(killed.resolve())]
+    assert [r.info.run_id for r in runs] == [run_id] and c.get_run(run_id).info.status == "FINISHED"
+
+    again = subprocess.run(_torchrun(conf, killed, mlflow_uri), cwd=workdir, env=_cli_env(), capture_output=True, text=True,
+                           timeout=600)
+    assert again.returncode == 0 and "already finished" in again.stderr and len(_runs(c)) == 2

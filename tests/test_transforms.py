@@ -93,6 +93,9 @@ def test_openist_antialiased_mask_thresholded_at_128(openist_pair):
     # the boundary itself
     edge = MaskToLabel(threshold=128)(torch.tensor([[[0.0, 1, 127, 128, 200, 255]]]))
     assert edge.flatten().tolist() == [0, 0, 0, 1, 1, 1]
+    # a 0/1 label map (as annotation tools save labels) is taken as class indices, not thresholded away
+    assert MaskToLabel(threshold=128)(torch.tensor([[[0.0, 1, 1, 0]]])).flatten().tolist() == [0, 1, 1, 0]
+    assert MaskToLabel(threshold=128, ignore=[127])(torch.tensor([[[0.0, 1, 127]]])).flatten().tolist() == [0, 1, IGNORE_INDEX]
 
 
 def test_v7_ignore_value_preserved_at_native_resolution(v7_ignore_pair):

@@ -1,53 +1,67 @@
-"""The medhybrid MONAI Label app.
+"""The medhybrid MONAI Label app: serves medhybrid's MONAI bundles through MONAI Label's own bundle tasks.
 
     .venv-label/bin/monailabel start_server --app medhybrid/label --studies /path/to/studies \\
-        --host 127.0.0.1 --port 8000 [--conf bundle /path/to/bundle] [--conf workdir /path] [--conf device cpu]
+        --host 127.0.0.1 --port 8000 [--conf bundles /path/to/bundle,/path/to/other] [--conf workdir /path]
 
 ``--conf`` keys (all optional):
 
-- ``bundle``: the medhybrid bundle to serve (default: the repository's ``bundles/medhybrid_2d_segmentation``);
-  read from the local path only, nothing is downloaded.
-- ``pretrained``: the checkpoint training starts from (default: the bundle's ``models/pretrained.pt``, else
-  ``runs/pretrain-hybrid/model.pt``).
-- ``workdir``: where trained weights, training runs and their MLflow store go (default: ``<studies>/.medhybrid``).
-- ``device``: ``auto`` (CUDA when present), ``cpu``, ``cuda`` ...
+- ``bundles``: comma-separated bundle folders (default: every bundle in the repository's ``bundles/``, i.e.
+  ``dermoscopy_lesion_segmentation`` and ``chest_xray_lung_segmentation``); read from local paths only.
+- ``workdir``: where the served copies of the bundles (and so their retrained weights) and the study leases live
+  (default: ``<studies>/.medhybrid``).
+- ``lease_minutes``: how long a study handed to one annotator is withheld from the others (default 30).
 
-Models: infer and train task ``medhybrid``; next-sample strategies ``random`` (listed first), ``uncertainty``, ``first``.
-Studies: 2D PNG, JPEG, BMP, TIFF, DICOM (single frame), NIfTI and NRRD files in the studies folder.
+Models: one infer task and one train task per bundle, named after the bundle folder. Next-sample strategies:
+``random`` (listed first), ``first`` and ``uncertainty``; none gives a study another annotator holds.
+Studies: 2D PNG, JPEG, BMP, TIFF, DICOM (single frame), NIfTI and NRRD files in the studies folder. A DICOM study's
+result is a DICOM SEG referencing it, any other study's a PNG of class indices.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+from pathlib import Path
 
 from monailabel.config import settings
 from monailabel.datastore.local import LocalDatastore
 from monailabel.interfaces.app import MONAILabelApp
-from monailabel.tasks.activelearning.first import First
-from monailabel.tasks.activelearning.random import Random
 
-from medhybrid.label.tasks import MedhybridInfer, MedhybridTrain, UncertaintyStrategy
-from medhybrid.label.workspace import LabelWorkspace
+from medhybrid.config import ConfigError
+from medhybrid.label.tasks import LeasedFirst, LeasedRandom, LeasedUncertainty, MedhybridInfer, MedhybridTrain
+from medhybrid.label.workspace import BundleNetwork, StudyLeases, served_bundle
 
 log = logging.getLogger("medhybrid")
 
 STUDY_PATTERNS = ["*.png", "*.jpg", "*.jpeg", "*.bmp", "*.tif", "*.tiff", "*.dcm", "*.dicom", "*.nii.gz", "*.nii", "*.nrrd"]
 """Study files the datastore lists (MONAI Label's defaults lack DICOM files)."""
 
-MODEL = "medhybrid"
+
+def default_bundles(app_dir: str) -> list[Path]:
+    """The bundles shipped beside the app (``<repository>/bundles/*`` with an inference config)."""
+    root = Path(app_dir).resolve().parents[1] / "bundles"
+    found = sorted(p for p in root.glob("*") if (p / "configs" / "inference.json").is_file())
+    if not found:
+        raise ConfigError(f"no bundles found in {root}: pass --conf bundles /path/to/bundle[,/path/to/other]")
+    return found
 
 
 class MedhybridApp(MONAILabelApp):
     def __init__(self, app_dir: str, studies: str, conf: dict[str, str]):
         conf = conf or {}
         remote = studies.startswith(("http://", "https://"))
-        workdir = conf.get("workdir") or (os.path.join(app_dir, "model", "medhybrid") if remote else os.path.join(studies, ".medhybrid"))
-        self.workspace = LabelWorkspace(conf.get("bundle"), workdir, conf.get("pretrained"), conf.get("device", "auto"))
-        meta = self.workspace.metadata
+        default_workdir = os.path.join(app_dir, "model", "medhybrid") if remote else os.path.join(studies, ".medhybrid")
+        workdir = Path(conf.get("workdir") or default_workdir)
+        sources = [Path(p) for p in conf["bundles"].split(",") if p.strip()] if conf.get("bundles") else default_bundles(app_dir)
+        self.bundles = {p.resolve().name: served_bundle(p, workdir) for p in sources}
+        self.leases = StudyLeases(workdir / "leases.json", ttl=60 * float(conf.get("lease_minutes", 30)))
+        labels: dict[str, int] = {}
+        infers = {name: MedhybridInfer(str(path), conf) for name, path in self.bundles.items()}
+        for t in infers.values():
+            labels.update(t.labels)
+        self._infers_made = infers
         super().__init__(app_dir=app_dir, studies=studies, conf=conf, name="medhybrid",
-                         description=meta.get("description", "medhybrid 2D segmentation"), version=meta.get("version", "0"),
-                         labels=self.workspace.labels())
+                         description="medhybrid 2D segmentation: " + ", ".join(self.bundles), version="1", labels=labels)
 
     def init_datastore(self):
         if self.studies.startswith(("http://", "https://")):
@@ -57,12 +71,12 @@ class MedhybridApp(MONAILabelApp):
                               read_only=settings.MONAI_LABEL_DATASTORE_READ_ONLY)
 
     def init_infers(self):
-        return {MODEL: MedhybridInfer(self.workspace)}
+        return dict(self._infers_made)
 
     def init_trainers(self):
-        return {MODEL: MedhybridTrain(self.workspace)}
+        return {name: MedhybridTrain(str(path), self.conf) for name, path in self.bundles.items()}
 
     def init_strategies(self):
-        # random first (what the UIs preselect): on the shipped target domains it trained better models than labelling
-        # the most uncertain studies first; uncertainty finds the studies the model is most likely wrong on
-        return {"random": Random(), "uncertainty": UncertaintyStrategy(self.workspace), "first": First()}
+        networks = {name: BundleNetwork(path, "cpu") for name, path in self.bundles.items()}
+        return {"random": LeasedRandom(self.leases), "first": LeasedFirst(self.leases),
+                "uncertainty": LeasedUncertainty(self.leases, networks)}

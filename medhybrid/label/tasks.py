@@ -1,10 +1,17 @@
-"""MONAI Label's infer task, train task and next-sample strategy for the medhybrid app, over
-:class:`medhybrid.label.workspace.LabelWorkspace` (which does the work and is tested without MONAI Label).
+"""MONAI Label's own bundle tasks for medhybrid bundles, with the few overrides they need, and next-sample strategies
+that never give one study to two annotators at once.
 
-Stock ``BundleInferTask`` runs the bundle's MONAI transforms and writes with ITK: for a 2D PNG it returns a float
-image ITK cannot write as PNG, or a mask at the network's 64 px instead of the study's size. Here a study is read
-by medhybrid's own readers (PNG, JPEG, BMP, DICOM incl. MONOCHROME1, NIfTI, NRRD), segmented with the model's
-training preprocessing, and the logits are mapped back to the study's pixel grid before thresholding.
+- :class:`MedhybridInfer` is MONAI Label's ``BundleInferTask``: the bundle's ``preprocessing``, ``inferer`` and
+  ``postprocessing`` run as declared (its ``postprocessing`` already maps the mask back to the study's pixel grid).
+  Overridden: the label names (a one-channel sigmoid output is label 1, where MONAI Label would read channel 0 as
+  the label value) and :meth:`MedhybridInfer.writer`, because MONAI Label's writer goes through ITK, which writes
+  a 2D PNG mask transposed relative to medhybrid's readers and a DICOM study as NIfTI: a DICOM study gets a DICOM
+  SEG referencing its UIDs, any other study a PNG of class indices.
+- :class:`MedhybridTrain` is MONAI Label's ``BundleTrainTask`` running the bundle's ``train.json``. Overridden: the
+  weights offered to start from list ``pretrained.pt`` (the hybrid pretraining) first, and the start is set on the
+  bundle's own ``CheckpointLoader`` instead of adding a second one that it would override.
+- :class:`LeasedRandom`, :class:`LeasedFirst` and :class:`LeasedUncertainty` rank the unlabelled studies and hand
+  out the first one not leased to another annotator (:class:`medhybrid.label.workspace.StudyLeases`).
 """
 
 from __future__ import annotations
@@ -12,139 +19,146 @@ from __future__ import annotations
 import logging
 import math
 import os
+import random
 import tempfile
 import threading
-import time
 from typing import Any
 
+from monai.transforms import SaveImaged
 from monailabel.interfaces.datastore import Datastore, DefaultLabelTag
-from monailabel.interfaces.exception import MONAILabelError, MONAILabelException
-from monailabel.interfaces.tasks.infer_v2 import InferTask, InferType
 from monailabel.interfaces.tasks.strategy import Strategy
-from monailabel.interfaces.tasks.train import TrainTask
+from monailabel.tasks.infer.bundle import BundleInferTask
+from monailabel.tasks.train.bundle import BundleTrainTask
 
-from medhybrid.active import UncertaintyConfig, most_uncertain
-from medhybrid.config import ConfigError
-from medhybrid.io import DICOM_SUFFIXES, NIFTI_SUFFIXES, SITK_SUFFIXES, DataError, file_suffix
-from medhybrid.label.workspace import LabelWorkspace, TrainParams
+from medhybrid.active import UncertaintyConfig, score_files
+from medhybrid.dicom_seg import write_dicom_seg
+from medhybrid.io import DataError, is_dicom_file
+from medhybrid.label.workspace import BundleNetwork, StudyLeases
+from medhybrid.transforms import SaveMask2D, SaveMask2Dd
 
 log = logging.getLogger("medhybrid")
 
-_GEOMETRY_SUFFIXES = (*DICOM_SUFFIXES, *NIFTI_SUFFIXES, *SITK_SUFFIXES)
+
+class MedhybridInfer(BundleInferTask):
+    """MONAI Label's bundle infer task; results are a DICOM SEG for DICOM studies and a PNG otherwise."""
+
+    def __init__(self, path: str, conf: dict[str, str], **kwargs):
+        # the bundle's own mask writer is for `monai.bundle run`: the server writes through writer() below
+        super().__init__(path, conf, post_filter=[SaveImaged, SaveMask2Dd], **kwargs)
+        if self.valid:
+            self.labels = {str(k): int(v) for k, v in self.bundle_config.get("labels", {"foreground": 1}).items()}
+            self.version = self.version or "0"
+
+    def writer(self, data: dict[str, Any], extension=None, dtype=None) -> tuple[Any, Any]:
+        mask = data[self.output_label_key]
+        source = data.get("image_path") or ""
+        arr = mask.detach().cpu().numpy() if hasattr(mask, "detach") else mask
+        arr = (arr[0] if arr.ndim == 3 else arr).round().astype("uint8")
+        labels = dict(self.labels)
+        summary = {"label_names": labels, "shape": [int(s) for s in arr.shape],
+                   "pixels": {n: int((arr == v).sum()) for n, v in labels.items()}}
+        if isinstance(source, str) and os.path.isfile(source) and is_dicom_file(source) and extension in (None, "", ".dcm"):
+            fd, out = tempfile.mkstemp(suffix=".dcm", prefix="medhybrid-seg-")
+            os.close(fd)
+            try:
+                write_dicom_seg(arr, source, out, labels, algorithm=os.path.basename(self.bundle_path), version=str(self.version))
+                return out, {**summary, "format": "DICOM SEG"}
+            except DataError as e:  # a DICOM without the UIDs a SEG must reference: a PNG result instead
+                os.remove(out)
+                log.warning("no DICOM SEG for %s", e)
+        folder = tempfile.mkdtemp(prefix="medhybrid-")
+        saver = SaveMask2D(folder, postfix="", binary_png=False)
+        saver(arr, source or "result.png")
+        return saver.written[0], {**summary, "format": "PNG"}
 
 
-def result_extension(image: str, requested: str | None = None) -> str:
-    """The mask format for a study: what the request asks for, else PNG for raster studies and NIfTI (carrying
-    the study's origin, spacing and direction) for DICOM, NIfTI and NRRD studies, so a viewer overlays it."""
-    if requested:
-        return requested if requested.startswith(".") else f".{requested}"
-    return ".nii.gz" if file_suffix(image) in _GEOMETRY_SUFFIXES else ".png"
-
-
-def _invalid(e: Exception) -> MONAILabelException:
-    return MONAILabelException(MONAILabelError.INVALID_INPUT, str(e))
-
-
-class MedhybridInfer(InferTask):
-    """Segmentation of one 2D study; returns a mask file of the study's size and orientation (class indices)."""
-
-    def __init__(self, workspace: LabelWorkspace):
-        self.workspace = workspace
-        super().__init__(type=InferType.SEGMENTATION, labels=workspace.labels(), dimension=2,
-                         description=f"medhybrid 2D segmentation ({workspace.bundle.name})",
-                         config={"result_extension": "", "device": workspace.device})
-
-    def is_valid(self) -> bool:
-        return self.workspace.model_path.is_file()
-
-    def __call__(self, request: dict[str, Any]) -> tuple[str, dict]:
-        image = request.get("image")
-        if not isinstance(image, str) or not image:
-            raise _invalid(ValueError(f"infer needs an image path or datastore id, got {image!r}"))
-        if os.path.isdir(image):
-            raise _invalid(DataError(image, "a folder (DICOM series) is not a 2D study: give one DICOM file"))
-        t0 = time.perf_counter()
-        fd, out = tempfile.mkstemp(suffix=result_extension(image, request.get("result_extension")), prefix="medhybrid-")
-        os.close(fd)
-        try:
-            path, summary = self.workspace.segment(image, out)
-        except (DataError, ConfigError, ValueError) as e:
-            os.remove(out)
-            raise _invalid(e) from e
-        summary["latencies"] = {"total": round(time.perf_counter() - t0, 3)}
-        return str(path), summary
-
-
-class MedhybridTrain(TrainTask):
-    """Few-shot fine-tuning of the bundle's pretrained hybrid network on every saved (``final``) label; the next
-    inference serves the new weights."""
-
-    def __init__(self, workspace: LabelWorkspace):
-        self.workspace = workspace
-        super().__init__("medhybrid few-shot fine-tuning from the pretrained hybrid checkpoint on the saved labels")
+class MedhybridTrain(BundleTrainTask):
+    """MONAI Label's bundle train task; by default training starts again from the hybrid pretraining."""
 
     def config(self) -> dict[str, Any]:
-        return {**TrainParams().model_dump(), "device": self.workspace.device}
+        c = super().config()
+        models = list(c.get("model_filename") or [])
+        if "pretrained.pt" in models:  # the first one is the default: fine-tune the pretraining on every saved label
+            models.remove("pretrained.pt")
+            models.insert(0, "pretrained.pt")
+        c.update(model_filename=models, max_epochs=4, val_split=0.2)
+        return c
 
-    def stats(self) -> dict[str, Any]:
-        history = self.workspace.history()
-        return {"trainings": len(history), **(history[-1] if history else {})}
-
-    def __call__(self, request: dict[str, Any], datastore: Datastore) -> dict[str, Any]:
-        tag = DefaultLabelTag.FINAL.value
-        ids = sorted(datastore.get_labeled_images(label_tag=tag))
-        pairs = [{"id": i, "image": datastore.get_image_uri(i), "label": datastore.get_label_uri(i, tag)} for i in ids]
-        try:
-            return self.workspace.train(pairs, TrainParams(**request))
-        except (DataError, ConfigError, ValueError) as e:
-            raise _invalid(e) from e
+    def _load_checkpoint(self, model_pytorch, pretrained, train_handlers):
+        loaders = [h for h in train_handlers if isinstance(h, dict) and h.get("_target_") == "CheckpointLoader"]
+        if not loaders:
+            return super()._load_checkpoint(model_pytorch, pretrained, train_handlers)
+        if pretrained and os.path.exists(model_pytorch):
+            loaders[0]["load_path"] = model_pytorch
+            loaders[0]["strict"] = True
+        else:  # from scratch, or the chosen file is missing: the bundle's own starting point is kept
+            log.info("training starts from %s", loaders[0].get("load_path"))
 
 
-class UncertaintyStrategy(Strategy):
-    """Next study = the unlabelled one whose mask changes most when the image is noised (:mod:`medhybrid.active`):
-    the study the current model is most likely wrong on. Measured on the shipped target domains, labelling in this
-    order trained *worse* models than random order (README, "MONAI Label"): use it to review the model's weakest
-    predictions, and ``random`` to choose training images. Scores are cached per served model and image file, so only
-    new studies are scored after the first call."""
+# --------------------------------------------------------------------------------------------- strategies
+class _Leased(Strategy):
+    """Rank the unlabelled studies (:meth:`rank`) and hand out the first one no other annotator holds."""
 
-    def __init__(self, workspace: LabelWorkspace, cfg: UncertaintyConfig | None = None):
-        super().__init__("Most uncertain study first: disagreement of the hybrid network's masks across noise levels")
-        self.workspace = workspace
-        self.cfg = cfg or UncertaintyConfig()
+    def __init__(self, description: str, leases: StudyLeases):
+        super().__init__(description)
+        self.leases = leases
+
+    def rank(self, ids: list[str], request: dict, datastore: Datastore) -> list[str]:
+        raise NotImplementedError
+
+    def __call__(self, request: dict[str, Any], datastore: Datastore) -> dict[str, Any] | None:
+        ids = sorted(datastore.get_unlabeled_images(request.get("label_tag") or DefaultLabelTag.FINAL.value))
+        if not ids:
+            return None
+        client = request.get("client_id") or request.get("user")
+        choice = self.leases.assign(self.rank(ids, request, datastore), client, unlabelled=ids)
+        if choice is None:
+            log.info("next sample: all %d unlabelled studies are with other annotators", len(ids))
+            return None
+        return {"id": choice, "client_id": client or "anonymous", "unlabeled": len(ids)}
+
+
+class LeasedRandom(_Leased):
+    def __init__(self, leases: StudyLeases):
+        super().__init__("Random study, never one another annotator holds", leases)
+
+    def rank(self, ids, request, datastore):
+        return random.sample(ids, len(ids))
+
+
+class LeasedFirst(_Leased):
+    def __init__(self, leases: StudyLeases):
+        super().__init__("First study in name order, never one another annotator holds", leases)
+
+    def rank(self, ids, request, datastore):
+        return ids
+
+
+class LeasedUncertainty(_Leased):
+    """Most uncertain study first: disagreement of the network's masks across noise levels (:mod:`medhybrid.active`),
+    under the served weights of the bundle named by the request's ``model`` (default: the first served). On the
+    shipped target domains labelling in this order trained *worse* models than random order: use it to review the
+    model's weakest predictions, ``random`` to choose training images. Scores are cached per weights and study."""
+
+    def __init__(self, leases: StudyLeases, networks: dict[str, BundleNetwork], cfg: UncertaintyConfig | None = None):
+        super().__init__("Most uncertain study first (masks across noise levels), never one another annotator holds", leases)
+        self.networks, self.cfg = networks, cfg or UncertaintyConfig()
         self._scores: dict[tuple, float] = {}
         self._lock = threading.Lock()
 
-    def scores(self, datastore: Datastore, ids: list[str]) -> dict[str, float]:
-        model = self.workspace.model_path
-        model_key = (str(model), model.stat().st_mtime_ns)
-        keyed = {}
-        for i in ids:
-            uri = datastore.get_image_uri(i)
-            keyed[i] = (model_key, uri, os.stat(uri).st_mtime_ns)
+    def rank(self, ids, request, datastore):
+        name = request.get("model") if request.get("model") in self.networks else next(iter(self.networks))
+        bn = self.networks[name]
+        net = bn.get()
+        st = bn.model_path.stat()
+        keys = {i: (name, st.st_mtime_ns, datastore.get_image_uri(i)) for i in ids}
         with self._lock:
-            todo = [i for i in ids if keyed[i] not in self._scores]
-            if todo:
-                uris = [keyed[i][1] for i in todo]
-                try:
-                    values = self.workspace.uncertainty(uris, self.cfg)
-                except DataError:
-                    values = []
-                    for u in uris:  # one unreadable study must not block the others: score them one by one
-                        try:
-                            values.append(self.workspace.uncertainty([u], self.cfg)[0])
-                        except DataError as e:
-                            log.warning("uncertainty strategy: skipped %s", e)
-                            values.append(float("nan"))
-                self._scores.update({keyed[i]: v for i, v in zip(todo, values, strict=True)})
-            return {i: self._scores[keyed[i]] for i in ids if not math.isnan(self._scores[keyed[i]])}
-
-    def __call__(self, request: dict[str, Any], datastore: Datastore) -> dict[str, Any] | None:
-        ids = sorted(datastore.get_unlabeled_images(label_tag=DefaultLabelTag.FINAL.value))
-        if not ids:
-            return None
-        scores = self.scores(datastore, ids)
-        if not scores:
-            return None
-        best = most_uncertain(scores, 1)[0]
-        return {"id": best, "score": scores[best], "ranked_by": "u", "model": str(self.workspace.model_path),
-                "unlabeled": len(ids)}
+            for i in ids:
+                if keys[i] not in self._scores:
+                    try:
+                        self._scores[keys[i]] = score_files(net, bn.meta, [keys[i][2]], self.cfg)[0]
+                    except DataError as e:  # one unreadable study must not block the others
+                        log.warning("uncertainty strategy: skipped %s", e)
+                        self._scores[keys[i]] = float("nan")
+            scores = {i: self._scores[keys[i]] for i in ids}
+        return sorted((i for i in ids if not math.isnan(scores[i])), key=lambda i: -scores[i])

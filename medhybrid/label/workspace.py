@@ -1,17 +1,13 @@
-"""What the MONAI Label app does, without MONAI Label: serve a bundle's model, segment a study into a mask file
-of the study's size and orientation, fine-tune from the clinician's saved labels, rank unlabelled studies.
+"""What the MONAI Label app needs beside MONAI Label's own bundle tasks, testable without MONAI Label:
 
-A :class:`LabelWorkspace` joins a medhybrid bundle (read-only: ``configs/metadata.json``, ``models/model.pt``,
-``models/pretrained.pt`` or ``runs/pretrain-hybrid/model.pt``) and a writable folder (by default ``<studies>/.medhybrid``) holding what the
-app learns from those studies::
-
-    model.pt            the served weights once a training has finished (else the bundle's models/model.pt)
-    runs/train-*/       one folder per training: datalist.csv, the few-shot fine-tuning run, validation
-    mlflow.db           one MLflow run per training (experiment ``medhybrid-label``)
-    history.json        what each training used and measured
-
-The served model is reloaded whenever ``model.pt`` changes on disk, so a training finished in another process
-(MONAI Label trains in a subprocess) is used by the next inference.
+- :func:`served_bundle`: the copy of a bundle that the server serves and retrains. MONAI Label's bundle train task
+  writes the trained weights into the bundle it serves (``models/model.pt``), so the app serves a copy in its
+  working folder (by default ``<studies>/.medhybrid/bundles/<name>``) and the shipped bundle stays as it is.
+- :class:`BundleNetwork`: a bundle's ``network_def`` with its current ``models/model.pt``, reloaded when the file
+  changes (a training finishes in another process), for the uncertainty strategy.
+- :class:`StudyLeases`: which annotator was handed which study, so that two annotators are never given the same
+  study at once. Leases expire (default 30 min), are released when the study gets a label or the annotator asks
+  for the next one, and persist in the working folder across server restarts.
 """
 
 from __future__ import annotations
@@ -19,255 +15,153 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable
 from pathlib import Path
 
-import numpy as np
 import torch
-from pydantic import BaseModel, ConfigDict, Field
 
-from medhybrid.config import REPO_ROOT, ConfigError
-from medhybrid.io import DataError, file_suffix
+from medhybrid.config import ConfigError
 from medhybrid.tracking import write_json
 
 log = logging.getLogger("medhybrid")
 
-DEFAULT_BUNDLE = REPO_ROOT / "bundles" / "medhybrid_2d_segmentation"
-"""The bundle served when the app is given none: the repository's own (weights from scripts/build_bundle_weights.sh)."""
-
-PIL_MASK_SUFFIXES = (".png", ".bmp", ".tif", ".tiff")
-
-
-class TrainParams(BaseModel):
-    """What a ``/train`` request may set (MONAI Label's UI sends the train task's config back, with keys of its own
-    such as ``model``, ``name`` or ``gpus``: those are ignored)."""
-
-    model_config = ConfigDict(extra="ignore")
-
-    max_iterations: int = Field(0, ge=0, description="0: medhybrid's few-shot schedule for the number of labels "
-                                "(20 per label, 100..400)")
-    val_split: float = Field(0.2, ge=0.0, lt=1.0, description="fraction of the labelled studies held out to validate "
-                             "(floor; none while it rounds to 0)")
-    seed: int = 0
-    batch_size: int = Field(8, ge=1)
-    lr: float = Field(1e-4, gt=0)
-    device: str = Field("auto", description="auto, cpu, cuda ...; cuda falls back to the CPU when there is no GPU")
+BUNDLE_FILES = ("configs", "models", "docs", "LICENSE")
+"""What :func:`served_bundle` copies (not a bundle's run folders or evaluation outputs)."""
 
 
 def pick_device(name: str | None) -> str:
     """``name`` (``auto``, ``cpu``, ``cuda``, ``cuda:1``), or the CPU with a warning when it asks for CUDA and there
     is none: MONAI Label's UIs send ``cuda`` by default."""
     name = (name or "auto").strip() or "auto"
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
     if name.startswith("cuda") and not torch.cuda.is_available():
         log.warning("device %r asked for, but CUDA is not available: using the CPU", name)
         return "cpu"
     return name
 
 
-def write_label(mask: np.ndarray, reference: str | os.PathLike, path: str | os.PathLike) -> Path:
-    """Write the (H, W) class-index ``mask`` of the image ``reference`` to ``path``: PNG (or BMP/TIFF) as 8-bit grey
-    holding the class indices; any other format SimpleITK writes (``.nii.gz``, ``.nrrd``, ``.mha``) with the
-    reference's origin, spacing and direction when SimpleITK can read the reference (DICOM, NIfTI, NRRD)."""
-    path = Path(path)
-    mask = np.ascontiguousarray(mask.astype(np.uint8))
-    if file_suffix(path) in PIL_MASK_SUFFIXES:
-        from PIL import Image
-
-        Image.fromarray(mask, mode="L").save(path)
-        return path
-    import SimpleITK as sitk
-
-    img = sitk.GetImageFromArray(mask)
-    try:
-        ref = sitk.ReadImage(str(reference))
-    except RuntimeError:
-        ref = None
-    if ref is not None and tuple(ref.GetSize()[:2]) == (mask.shape[1], mask.shape[0]):
-        if ref.GetDimension() == 3 and ref.GetSize()[2] == 1:
-            img = sitk.GetImageFromArray(mask[None])
-        if ref.GetDimension() == img.GetDimension():
-            img.CopyInformation(ref)
-    sitk.WriteImage(img, str(path), useCompression=True)
-    return path
+def check_bundle(path: str | os.PathLike) -> Path:
+    """``path`` if it is a servable bundle (``configs/inference.json``, ``configs/metadata.json``, ``models/model.pt``),
+    else :class:`ConfigError` saying what is missing."""
+    p = Path(path).resolve()
+    missing = [f for f in ("configs/inference.json", "configs/metadata.json", "models/model.pt") if not (p / f).is_file()]
+    if missing:
+        raise ConfigError(f"{p}: not a servable bundle, missing {', '.join(missing)}")
+    return p
 
 
-class LabelWorkspace:
-    """A bundle served for one studies folder, and what was learnt there (see the module docstring)."""
+def served_bundle(source: str | os.PathLike, workdir: str | os.PathLike) -> Path:
+    """The copy of the bundle ``source`` that the server serves: ``<workdir>/bundles/<name>``, made on first use.
+    An existing copy keeps its trained ``models/model.pt``; its configs and other models are refreshed from
+    ``source`` when those change, so a bundle update reaches the server without losing what it learnt."""
+    src = check_bundle(source)
+    dst = Path(workdir).resolve() / "bundles" / src.name
+    if not dst.exists():
+        tmp = dst.with_name(f".{dst.name}.{os.getpid()}.tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        for name in BUNDLE_FILES:
+            s = src / name
+            if s.is_dir():
+                shutil.copytree(s, tmp / name)
+            elif s.is_file():
+                shutil.copy2(s, tmp / name)
+        os.replace(tmp, dst)
+        log.info("medhybrid label: serving a copy of %s in %s", src, dst)
+        return dst
+    for s in sorted((src / "configs").rglob("*")):
+        d = dst / "configs" / s.relative_to(src / "configs")
+        if s.is_file() and (not d.is_file() or d.read_bytes() != s.read_bytes()):
+            d.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(s, d)
+    for s in (src / "models").glob("*"):
+        d = dst / "models" / s.name
+        if s.is_file() and s.name != "model.pt" and not d.is_file():
+            shutil.copy2(s, d)
+    return dst
 
-    def __init__(self, bundle: str | os.PathLike | None, workdir: str | os.PathLike, pretrained: str | os.PathLike | None = None,
-                 device: str = "auto"):
-        self.bundle = Path(bundle or DEFAULT_BUNDLE).resolve()
-        self.metadata_file = self.bundle / "configs" / "metadata.json"
-        if not self.metadata_file.is_file():
-            raise ConfigError(f"{self.bundle}: not a medhybrid bundle (no configs/metadata.json)")
-        self.bundle_model = self.bundle / "models" / "model.pt"
-        if not self.bundle_model.is_file():
-            raise ConfigError(f"{self.bundle_model} not found: the bundle has no weights; build them with "
-                              "scripts/build_bundle_weights.sh (or copy a fine-tuned model.pt there)")
-        self.pretrained = Path(pretrained).resolve() if pretrained else self._bundle_pretrained()
-        self.workdir = Path(workdir).resolve()
-        self.workdir.mkdir(parents=True, exist_ok=True)
-        self.device = pick_device(device)
-        self.metadata = json.loads(self.metadata_file.read_text())
+
+class BundleNetwork:
+    """A bundle's ``network_def`` loaded with its ``models/model.pt``; :meth:`get` reloads when the file changes.
+
+    :attr:`meta` describes the preprocessing in medhybrid's terms (:class:`medhybrid.config.Preprocess`), read from
+    the bundle's ``image_channels``, ``resolution`` and ``intensity`` ids."""
+
+    def __init__(self, bundle: str | os.PathLike, device: str = "cpu"):
+        from monai.bundle import ConfigParser
+
+        self.bundle = check_bundle(bundle)
+        self.parser = ConfigParser()
+        self.parser.read_config(str(self.bundle / "configs" / "inference.json"))
+        self.parser["bundle_root"] = str(self.bundle)
+        self.device = torch.device(pick_device(device))
+        self.meta = {"image_channels": int(self.parser["image_channels"]),
+                     "preprocess": {"resolution": int(self.parser["resolution"]), "aspect": "pad",
+                                    "intensity": str(self.parser["intensity"])}}
         self._lock = threading.Lock()
-        self._cache: tuple[tuple, torch.nn.Module, dict] | None = None
-
-    def _bundle_pretrained(self) -> Path:
-        """The bundle's hybrid pretraining: ``models/pretrained.pt`` (published by scripts/build_bundle_weights.sh),
-        else the pretraining run itself (``runs/pretrain-hybrid/model.pt``)."""
-        published = self.bundle / "models" / "pretrained.pt"
-        return published if published.is_file() else self.bundle / "runs" / "pretrain-hybrid" / "model.pt"
-
-    # ----------------------------------------------------------------------------------------- the served model
-    @property
-    def trained_model(self) -> Path:
-        return self.workdir / "model.pt"
+        self._cache: tuple[tuple, torch.nn.Module] | None = None
 
     @property
     def model_path(self) -> Path:
-        """The weights served now: the last training's, else the bundle's."""
-        return self.trained_model if self.trained_model.is_file() else self.bundle_model
+        return self.bundle / "models" / "model.pt"
 
-    def load(self):
-        """``(Segmenter, meta)`` of :attr:`model_path`, reloaded when that file changes."""
-        from medhybrid.inference import load_segmenter
-
-        path = self.model_path
-        st = path.stat()
-        key = (str(path), st.st_mtime_ns, st.st_size)
+    def get(self) -> torch.nn.Module:
+        st = self.model_path.stat()
+        key = (st.st_mtime_ns, st.st_size)
         with self._lock:
             if self._cache is None or self._cache[0] != key:
-                net, meta = load_segmenter(path, self.device)
-                self._cache = (key, net, meta)
-                log.info("medhybrid label: serving %s (%s, %s)", path, meta.get("mode"), meta.get("dataset"))
-            return self._cache[1], self._cache[2]
+                net = self.parser.get_parsed_content("network_def", instantiate=True, lazy=False)
+                net.load_state_dict(torch.load(self.model_path, map_location="cpu", weights_only=True), strict=True)
+                self._cache = (key, net.to(self.device).eval())
+            return self._cache[1]
 
-    def labels(self) -> dict[str, int]:
-        """Label name -> class index, from the bundle's metadata (``network_data_format.outputs.pred.channel_def``):
-        one sigmoid channel is one foreground class, named by the first word of its description."""
-        pred = self.metadata.get("network_data_format", {}).get("outputs", {}).get("pred", {})
-        defs = pred.get("channel_def", {}) or {}
-        if int(pred.get("num_channels", 1)) == 1:
-            return {(str(defs.get("0", "foreground")).split() or ["foreground"])[0]: 1}
-        return {str(v).split()[0]: int(k) for k, v in defs.items() if int(k) > 0}
 
-    # ----------------------------------------------------------------------------------------- inference
-    @torch.no_grad()
-    def segment(self, image: str | os.PathLike, out: str | os.PathLike) -> tuple[Path, dict]:
-        """Segment one study into ``out`` (class indices, the study's size and orientation; the format from the
-        suffix, see :func:`write_label`). Returns the file and a summary."""
-        from medhybrid.inference import _Prepare, segment_files
+class StudyLeases:
+    """Studies handed out to annotators (``client_id``), one study per annotator at a time, in ``path`` (JSON).
 
-        net, meta = self.load()
-        mask = segment_files(net, _Prepare(meta), [Path(image)])[0]
-        path = write_label(mask, image, out)
-        counts = {name: int((mask == k).sum()) for name, k in self.labels().items()}
-        return path, {"model": str(self.model_path), "shape": [int(s) for s in mask.shape], "pixels": counts,
-                      "label_names": self.labels()}
+    :meth:`assign` picks the first study of a ranked list that no other annotator holds, leases it to the caller
+    (releasing the caller's previous lease) and returns it; under one lock, so concurrent requests never get the
+    same study. A lease lasts ``ttl`` seconds."""
 
-    # ----------------------------------------------------------------------------------------- ranking
-    def uncertainty(self, images: Sequence[str | os.PathLike], cfg=None) -> list[float]:
-        """:func:`medhybrid.active.mask_disagreement` of each study under the served model."""
-        from medhybrid.active import score_files
-
-        net, meta = self.load()
-        return score_files(net, meta, images, cfg)
-
-    # ----------------------------------------------------------------------------------------- training
-    def history(self) -> list[dict]:
-        f = self.workdir / "history.json"
-        return json.loads(f.read_text()) if f.is_file() else []
-
-    def train(self, pairs: Sequence[dict], params: TrainParams | dict | None = None) -> dict:
-        """Fine-tune the pretrained hybrid checkpoint on ``pairs`` (``{"id", "image", "label"}``: the saved labels)
-        with medhybrid's few-shot fine-tuning, validate on the held-out part, publish the weights (atomically) as
-        the served model, and return what was done and measured."""
-        from medhybrid.config import load_dataset_spec
-        from medhybrid.datasets import few_shot_ids
-        from medhybrid.evaluate import evaluate
-        from medhybrid.finetune import FinetuneConfig, FinetuneSchedule, run_finetuning
-        from medhybrid.inference import publish_model
-        from medhybrid.pretrain import load_model
-        from medhybrid.tracking import MLflowConfig
-        from medhybrid.training import TrainConfig
-
-        p = params if isinstance(params, TrainParams) else TrainParams(**(params or {}))
-        pairs = list(pairs)
-        if not pairs:
-            raise ValueError("no saved labels to train on: save at least one label (tag 'final') first")
-        if not self.pretrained.is_file():
-            raise ConfigError(f"pretrained checkpoint {self.pretrained} not found: training starts from the bundle's "
-                              "pretrained hybrid network (models/pretrained.pt, from scripts/build_bundle_weights.sh)")
-        meta = load_model(self.pretrained)[1]
-        ids = [str(q["id"]) for q in pairs]
-        if len(set(ids)) != len(ids):
-            raise ValueError(f"duplicate study ids in the labelled studies: {sorted({i for i in ids if ids.count(i) > 1})}")
-        n_val = int(len(pairs) * p.val_split)
-        val = set(few_shot_ids(ids, n_val, p.seed)) if n_val else set()
-        folder = self._new_run_folder(len(pairs))
-        with open(folder / "datalist.csv", "w") as fh:
-            fh.write("id,image,mask,split\n")
-            for q in pairs:
-                for v in (q["id"], q["image"], q["label"]):
-                    if "," in str(v) or "\n" in str(v):
-                        raise DataError(v, "a comma or newline in a study id or path cannot go into the training datalist")
-                fh.write(f"{q['id']},{Path(q['image']).resolve()},{Path(q['label']).resolve()},{'test' if q['id'] in val else 'pool'}\n")
-        classes = int(meta.get("num_classes", 2))
-        values = {0: 0, 1: 1, 255: 1} if classes == 2 else {k: k for k in range(classes)}
-        spec = load_dataset_spec({"name": "monailabel", "role": "target", "root": str(folder), "datalist": "datalist.csv",
-                                  "split": None, "channels": int(meta["image_channels"]), "mask": {"values": values},
-                                  "required_splits": ["pool", "test"] if n_val else ["pool"]})
-        from medhybrid.check import require_valid
-
-        require_valid(spec)  # every image and label opens, sizes match, mask values known: before any training
-        schedule = FinetuneSchedule()
-        if p.max_iterations:
-            schedule = FinetuneSchedule(min_iterations=p.max_iterations, max_iterations=p.max_iterations,
-                                        epochs=min(schedule.epochs, p.max_iterations))
-        cfg = FinetuneConfig(
-            dataset=spec, init=self.pretrained, method="monailabel", budget=None, seed=p.seed, output_dir=folder / "finetune",
-            preprocess=meta["preprocess"], model=meta["model"], schedule=schedule,
-            train=TrainConfig(batch_size=p.batch_size, lr=p.lr, warmup_iterations=20, val_max_images=None, grad_clip=1.0,
-                              device=pick_device(p.device), check_data=False, progress=False),
-            mlflow=MLflowConfig(tracking_uri=f"sqlite:///{self.workdir / 'mlflow.db'}", experiment="medhybrid-label",
-                                run_name=folder.name),
-            tags={"studies_workdir": str(self.workdir), "labelled": str(len(pairs)), "validation": str(n_val)})
-        t0 = time.perf_counter()
-        res = run_finetuning(cfg)
-        stats: dict = {"run": str(folder), "labelled": len(pairs), "train_images": len(pairs) - n_val, "val_images": n_val,
-                       "iterations": schedule.iterations(len(pairs) - n_val), "pretrained": str(self.pretrained),
-                       "mlflow_run_id": res.run_id, "train_s": round(time.perf_counter() - t0, 1)}
-        if n_val:
-            from medhybrid.config import Preprocess
-
-            new = evaluate(load_model(res.checkpoint)[0], spec, cfg.preprocess, "test", out_dir=folder / "validation")
-            before_net, before_meta = self.load()  # the model served until now, with its own preprocessing
-            before = evaluate(before_net, spec, Preprocess(**before_meta["preprocess"]), "test")
-            stats.update(val_dice=new.summary["test_dice"], val_dice_before=before.summary["test_dice"])
-            if res.run_id:
-                from medhybrid import tracking
-
-                tracking.log_metrics(cfg.mlflow, res.run_id, {"val_dice": stats["val_dice"],
-                                                              "val_dice_before": stats["val_dice_before"]}, step=0)
-        publish_model(res.checkpoint, self.trained_model)
-        stats["model"] = str(self.trained_model)
-        write_json(folder / "stats.json", stats, indent=1)
-        write_json(self.workdir / "history.json", [*self.history(), {**stats, "finished": time.strftime("%Y-%m-%dT%H:%M:%S")}],
-                   indent=1)
-        log.info("medhybrid label: trained on %d labelled studies (%d held out), published %s", len(pairs), n_val, self.trained_model)
-        return stats
-
-    def _new_run_folder(self, n: int) -> Path:
-        runs = self.workdir / "runs"
-        runs.mkdir(parents=True, exist_ok=True)
-        stamp = time.strftime("%Y%m%d-%H%M%S")
-        for k in range(1000):
-            folder = runs / (f"train-{stamp}-{n}labels" + ("" if k == 0 else f"-{k}"))
+    def __init__(self, path: str | os.PathLike, ttl: float = 1800.0):
+        self.path, self.ttl = Path(path), float(ttl)
+        self._lock = threading.Lock()
+        self._leases: dict[str, dict] = {}
+        if self.path.is_file():
             try:
-                folder.mkdir()
-                return folder
-            except FileExistsError:
-                continue
-        raise RuntimeError(f"cannot create a new run folder in {runs}")
+                self._leases = {str(k): dict(v) for k, v in json.loads(self.path.read_text()).items()}
+            except (ValueError, AttributeError) as e:
+                log.warning("%s: unreadable study leases, starting afresh (%s)", self.path, e)
+
+    def _prune(self, now: float, unlabelled: set[str] | None) -> None:
+        self._leases = {s: v for s, v in self._leases.items()
+                        if now - float(v.get("ts", 0)) < self.ttl and (unlabelled is None or s in unlabelled)}
+
+    def held(self, now: float | None = None) -> dict[str, str]:
+        """Study -> annotator, for the leases still running."""
+        with self._lock:
+            self._prune(time.time() if now is None else now, None)
+            return {s: v["client_id"] for s, v in self._leases.items()}
+
+    def assign(self, ranked: Iterable[str], client_id: str | None, unlabelled: Iterable[str] | None = None,
+               now: float | None = None) -> str | None:
+        """The first of ``ranked`` not leased to another annotator, now leased to ``client_id`` (``None`` is one
+        anonymous annotator); None when every study is taken. ``unlabelled`` (the studies still without a label)
+        releases the leases of the others."""
+        client = str(client_id or "anonymous")
+        now = time.time() if now is None else now
+        open_ = None if unlabelled is None else set(unlabelled)
+        with self._lock:
+            self._prune(now, open_)
+            taken = {s for s, v in self._leases.items() if v["client_id"] != client}
+            choice = next((s for s in ranked if s not in taken and (open_ is None or s in open_)), None)
+            if choice is None:
+                return None
+            self._leases = {s: v for s, v in self._leases.items() if v["client_id"] != client}
+            self._leases[choice] = {"client_id": client, "ts": now}
+            write_json(self.path, self._leases, indent=1)
+            return choice
