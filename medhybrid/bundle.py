@@ -34,7 +34,7 @@ def image_datalist(inputs: str | os.PathLike | Sequence[str | os.PathLike]) -> l
 
 def labelled_datalist(source: str | os.PathLike, split: str | Sequence[str] | None = None, channels: int | None = None) -> list[dict]:
     """``[{"image", "label"}, ...]`` of ``split`` from a labelled dataset: a folder with ``images/`` and ``masks/``
-    (masks named ``<image stem><suffix>``, splits from its ``split.json``), a decathlon-style JSON datalist (its
+    (each mask named as its image, splits from an optional ``split.json``), a decathlon-style JSON datalist (its
     ``training`` section is the split ``train``, ``validation`` is ``val``, ``test`` is ``test``), a CSV datalist,
     a medhybrid dataset YAML or a shipped dataset name (``ph2``: splits ``pool`` and ``test``).
 
@@ -54,6 +54,10 @@ def labelled_datalist(source: str | os.PathLike, split: str | Sequence[str] | No
         pairs = [q for q in pairs if q.get("split") in wanted]
     if not pairs:
         raise DataError(source, f"has no labelled images in split {split!r}" if split else "has no labelled images")
+    missing = [q["label"] for q in pairs if not Path(q["label"]).is_file()]
+    if missing:
+        shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+        raise DataError(source, f"{len(missing)} mask(s) not found: {shown}")
     return [{"image": q["image"], "label": q["label"]} for q in pairs]
 
 

@@ -258,8 +258,11 @@ def test_datalists_name_the_problem(tmp_path):
     (folder / "masks").mkdir()
     for i in pool[:2]:
         shutil.copy(PH2 / "images" / f"{i}.png", folder / "images")
-        shutil.copy(PH2 / "masks" / f"{i}_lesion.png", folder / "masks" / f"{i}_mask.png")
-    assert [Path(d["label"]).name for d in labelled_datalist(folder, "pool", 3)] == [f"{i}_mask.png" for i in pool[:2]]
+        shutil.copy(PH2 / "masks" / f"{i}_lesion.png", folder / "masks" / f"{i}.png")
+    assert [Path(d["label"]).name for d in labelled_datalist(folder, "pool", 3)] == [f"{i}.png" for i in pool[:2]]
+    (folder / "masks" / f"{pool[1]}.png").unlink()
+    with pytest.raises(DataError, match=rf"1 mask\(s\) not found: .*{pool[1]}\.png"):
+        labelled_datalist(folder, None, 3)
     (tmp_path / "imgs").mkdir()
     shutil.copy(PH2 / "images" / f"{pool[0]}.png", tmp_path / "imgs")
     assert image_datalist(tmp_path / "imgs") == [{"image": str(tmp_path / "imgs" / f"{pool[0]}.png")}]
