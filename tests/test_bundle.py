@@ -19,12 +19,12 @@ import pytest
 import torch
 import yaml
 from conftest import DICOM, OPENIST, PH2, REPO_ROOT, isic_yaml, real_split
-from monai.bundle import ConfigParser, verify_metadata
+from monai.bundle import ConfigParser, ckpt_export, verify_metadata, verify_net_in_out
 from PIL import Image
 
 from medhybrid.bundle import image_datalist, labelled_datalist, publish_weights, save_weights, sha256
 from medhybrid.io import DataError, read_image
-from medhybrid.networks import ModelConfig, build_network
+from medhybrid.networks import HybridUNet, ModelConfig, build_network
 from medhybrid.pretrain import save_model
 
 pytestmark = [
@@ -107,7 +107,29 @@ def test_model_zoo_layout_and_weights_match_their_checksums(bundle):
     net = parser.get_parsed_content("network_def")
     for e in listed:  # plain state dicts of network_def, loadable without pickled code
         net.load_state_dict(torch.load(bundle / e["path"], map_location="cpu", weights_only=True), strict=True)
-    assert type(net).__name__ == "HybridUNet" and type(net.backbone).__name__ == "DiffusionModelUNet"
+    assert isinstance(net, HybridUNet) and type(net.backbone).__name__ == "DiffusionModelUNet"  # the preconditioning wrapper
+
+
+@pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning")
+@pytest.mark.parametrize("bundle", [DERM, CHEST], ids=lambda b: b.name)
+def test_verify_net_in_out_and_ckpt_export(bundle, tmp_path):
+    """MONAI's own checks: the network maps metadata's input to its output shape, and exports to TorchScript with
+    the bundle's weights (the exported model gives the network's logits)."""
+    cfg, meta = str(bundle / "configs" / "inference.json"), str(bundle / "configs" / "metadata.json")
+    verify_net_in_out(net_id="network_def", meta_file=meta, config_file=cfg, device="cpu", n=1, any=1)
+    channels = json.loads(Path(meta).read_text())["network_data_format"]["inputs"]["image"]["num_channels"]
+    ts = tmp_path / "model.ts"
+    ckpt_export(net_id="network_def", filepath=str(ts), ckpt_file=str(bundle / "models" / "model.pt"), meta_file=meta,
+                config_file=cfg, use_trace=True, input_shape=[1, channels, 64, 64])
+    parser = ConfigParser()
+    parser.read_config(cfg)
+    net = parser.get_parsed_content("network_def")
+    net.load_state_dict(torch.load(bundle / "models" / "model.pt", weights_only=True))
+    x = torch.rand(2, channels, 64, 64) * 2 - 1
+    with torch.no_grad():
+        want = net.eval()(x)
+        got = torch.jit.load(str(ts))(x)
+    assert want.shape == (2, 1, 64, 64) and torch.allclose(got, want, atol=1e-4)
 
 
 @pytest.mark.parametrize("bundle", [DERM, CHEST], ids=lambda b: b.name)
