@@ -7,8 +7,9 @@ Both runs are the same real ablation (``medhybrid ablate --config C --profile P`
 each in a fresh folder and its own subprocess, from nothing: pretrainings, fine-tunes, evaluation and the report.
 The Ray run starts a local instance with ``--workers`` CPUs (one task per CPU; with ``--gpu-fraction`` each
 fine-tune also takes that share of a GPU). Printed: wall seconds of each, their ratio, whether every run's test Dice
-is the same, and Ray's overhead: starting the local instance, and the round trip of an empty task carrying an
-ablation config (submit, schedule, run, return), median of 50.
+is the same (to 1e-3: a Ray task runs one thread per CPU it declares, the sequential runner a team of all cores, and
+a different thread count changes floating-point sums), and Ray's overhead: starting the local instance, and the
+round trip of an empty task carrying an ablation config (submit, schedule, run, return), median of 50.
 """
 
 from __future__ import annotations
@@ -123,14 +124,15 @@ def main(argv: list[str] | None = None) -> int:
             seq = ablate(args.config, args.profile, args.sets, folder, "sequential", args.workers, args.gpu_fraction, uri)
             ray_s = ablate(args.config, args.profile, args.sets, folder, "ray", args.workers, args.gpu_fraction, uri)
         a, b = results(folder / "sequential"), results(folder / "ray")
-        same = sorted(a) == sorted(b) and all(abs(a[k] - b[k]) <= 1e-6 for k in a)
+        diff = max((abs(a[k] - b[k]) for k in a if k in b), default=0.0)
+        same = sorted(a) == sorted(b) and diff <= 1e-3
     figures = {"config": args.config, "profile": args.profile, "sets": args.sets, "workers": args.workers,
                "cores": os.cpu_count(), "sequential_s": round(seq, 1), "ray_s": round(ray_s, 1),
                "ray_vs_sequential": round(ray_s / seq, 3), "ray_init_s": round(over["ray_init_s"], 2),
-               "task_round_trip_ms": round(over["task_round_trip_ms"], 2), "runs": len(a), "same_results": same}
+               "task_round_trip_ms": round(over["task_round_trip_ms"], 2), "runs": len(a), "max_dice_diff": diff, "same_results": same}
     print(f"ablation {args.config}/{args.profile} {' '.join(args.sets)}: sequential {seq:.0f} s, Ray with {args.workers} "
           f"workers {ray_s:.0f} s (ratio {ray_s / seq:.2f}); Ray start {over['ray_init_s']:.1f} s, "
-          f"empty task round trip {over['task_round_trip_ms']:.1f} ms; {len(a)} runs, same test Dice: {same}")
+          f"empty task round trip {over['task_round_trip_ms']:.1f} ms; {len(a)} runs, largest test Dice difference {diff:.1e}")
     print(json.dumps(figures))
     if args.json:
         args.json.write_text(json.dumps(figures, indent=1))

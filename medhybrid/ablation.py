@@ -298,27 +298,70 @@ def _run_sequential(cfg: AblationConfig, parent: str | None, clock: _Timings, fa
                 clock.add(method, "eval_s", out.get("eval_s", 0.0))
 
 
-def _timed_pretrain(cfg: AblationConfig, method: str):
+def _in_driver_folder(cwd: str, cfg: AblationConfig) -> None:
+    """Run a task in the driver's working folder, where the ablation's relative paths (the run folder, its
+    checkpoints) point; on a node without that folder, a relative run folder cannot be found: say what to pass."""
+    if os.getcwd() == cwd:
+        return
+    if os.path.isdir(cwd):
+        os.chdir(cwd)
+    elif not cfg.folder.is_absolute():
+        raise RuntimeError(f"this Ray worker has no folder {cwd}, the driver's working folder, where the run folder "
+                           f"{cfg.folder} is: give the ablation an absolute output_dir on a filesystem every node sees")
+
+
+def _timed_pretrain(cwd: str, cfg: AblationConfig, method: str):
     import time
 
+    _in_driver_folder(cwd, cfg)
     t = time.perf_counter()
     return pretrain_step(cfg, method), time.perf_counter() - t
 
 
-def _finetune_after(cfg: AblationConfig, method: str, timed_pre, budget: int | None, seed: int, parent: str | None) -> dict:
+def _finetune_after(cwd: str, cfg: AblationConfig, method: str, timed_pre, budget: int | None, seed: int,
+                    parent: str | None) -> dict:
+    _in_driver_folder(cwd, cfg)
     return finetune_step(cfg, method, timed_pre[0], budget, seed, parent)
 
 
+def _pinned_for_workers(cfg: AblationConfig) -> AblationConfig:
+    """``cfg`` with the MLflow tracking URI made absolute on the driver: by default it follows the working folder,
+    and a worker must write where the driver reads. (Run folders keep their paths, relative ones included, so a
+    run's configuration hashes the same whichever executor made it: tasks run in the driver's working folder.)"""
+    from medhybrid import tracking
+
+    uri = tracking.tracking_uri(cfg.mlflow)
+    if uri.startswith("sqlite:///"):
+        uri = f"sqlite:///{Path(uri[len('sqlite:///'):]).resolve()}"
+        log.warning("ablation %s on Ray tracks into the SQLite file %s: fine for a few workers on one machine; on a "
+                    "cluster, or with many workers, use a tracking server (mlflow.tracking_uri=http://HOST:5000)",
+                    cfg.name, uri[len("sqlite:///"):])
+    return cfg.model_copy(update={"mlflow": cfg.mlflow.model_copy(update={"tracking_uri": uri})})
+
+
+def _check_resources(r: RayConfig, available: dict) -> None:
+    """Refuse task requests the Ray cluster can never meet (Ray would wait for them forever)."""
+    for stage, res in (("pretrain", r.pretrain), ("finetune", r.finetune)):
+        for key, want in (("CPU", res.num_cpus), ("GPU", res.num_gpus)):
+            have = float(available.get(key, 0.0))
+            if want > have:
+                raise ValueError(f"ray.{stage}.num_{key.lower()}s={want:g} but the Ray cluster has {have:g} {key}(s): "
+                                 f"no {stage} task could ever start")
+
+
 def _run_on_ray(cfg: AblationConfig, parent: str | None, clock: _Timings, failures: list[str]) -> None:
-    """Every pretraining and fine-tune as a Ray task with the declared resources; a fine-tune takes its method's
-    pretraining as an argument, so Ray starts it once that pretraining is done. The driver records results and
-    failures as tasks finish; a killed driver loses nothing finished (the runs' folders say so)."""
+    """One Ray task per distinct pretraining (methods that share one, like ``ddpm-features`` and ``diffusion``, share
+    the task) and one per fine-tune, with the declared resources; a fine-tune takes its pretraining's result as an
+    argument, so Ray starts it once that pretraining is done. The driver records results and failures as tasks
+    finish; a killed driver loses nothing finished (the runs' folders say so)."""
     try:
         import ray
     except ImportError as e:
         raise RuntimeError("executor=ray needs Ray: pip install 'medhybrid[ray]'") from e
     from ray.exceptions import RayError, RayTaskError
 
+    cfg = _pinned_for_workers(cfg)
+    cwd = os.getcwd()
     r = cfg.ray
     started_here = not ray.is_initialized()
     if started_here:
@@ -328,37 +371,48 @@ def _run_on_ray(cfg: AblationConfig, parent: str | None, clock: _Timings, failur
                         object_store_memory=r.object_store_mb * 2**20 if r.object_store_mb else None)
         ray.init(**{k: v for k, v in init.items() if v is not None or k == "address"})
     try:
+        _check_resources(r, ray.cluster_resources())
         pre_task = ray.remote(_timed_pretrain).options(num_cpus=r.pretrain.num_cpus, num_gpus=r.pretrain.num_gpus,
                                                       max_retries=0)
         ft_task = ray.remote(_finetune_after).options(num_cpus=r.finetune.num_cpus, num_gpus=r.finetune.num_gpus,
                                                       max_retries=0)
-        pending: dict = {}
+        sharing: dict[str, list[str]] = {}
         for method in cfg.methods:
-            pre = pre_task.remote(cfg, method)
-            pending[pre] = ("pretrain", method, f"pretrain {method}")
-            for budget in cfg.budgets:
-                for seed in cfg.seeds:
-                    ref = ft_task.remote(cfg, method, pre, budget, seed, parent)
-                    pending[ref] = ("finetune", method, f"{method} b{'all' if budget is None else budget} s{seed}")
-        failed_pre: set[str] = set()
+            sharing.setdefault(pretraining_of(cfg, method), []).append(method)
+        pre_refs = {key: pre_task.remote(cwd, cfg, methods[0]) for key, methods in sharing.items()}
+        pending: dict = {ref: ("pretrain", key) for key, ref in pre_refs.items()}
+        for key, methods in sharing.items():
+            for method in methods:
+                for budget in cfg.budgets:
+                    for seed in cfg.seeds:
+                        ref = ft_task.remote(cwd, cfg, method, pre_refs[key], budget, seed, parent)
+                        pending[ref] = ("finetune", key, method, f"{method} b{'all' if budget is None else budget} s{seed}")
+
+        def pretraining_failed(key: str) -> bool:
+            try:
+                ray.get(pre_refs[key])
+                return False
+            except RayError:
+                return True
+
         while pending:
             done, _ = ray.wait(list(pending), num_returns=1)
-            kind, method, tag = pending.pop(done[0])
+            item = pending.pop(done[0])
             try:
                 out = ray.get(done[0])
             except RayError as e:
                 cause = e.cause if isinstance(e, RayTaskError) and getattr(e, "cause", None) is not None else e
-                if kind == "finetune" and method in failed_pre:  # not run: its pretraining failed (recorded once)
-                    continue
-                if kind == "pretrain":
-                    failed_pre.add(method)
-                _record_failure(cfg, failures, tag, cause, str(e))
+                if item[0] == "pretrain":  # recorded once per method that needed it, as the sequential runner does
+                    for method in sharing[item[1]]:
+                        _record_failure(cfg, failures, f"pretrain {method}", cause, str(e))
+                elif not pretraining_failed(item[1]):  # a fine-tune whose pretraining failed never ran
+                    _record_failure(cfg, failures, item[3], cause, str(e))
                 continue
-            if kind == "pretrain":
-                clock.add(method, "pretrain_s", out[1])
+            if item[0] == "pretrain":
+                clock.add(sharing[item[1]][0], "pretrain_s", out[1])
             else:
-                clock.add(method, "train_s", out.get("train_s", 0.0))
-                clock.add(method, "eval_s", out.get("eval_s", 0.0))
+                clock.add(item[2], "train_s", out.get("train_s", 0.0))
+                clock.add(item[2], "eval_s", out.get("eval_s", 0.0))
     finally:
         if started_here:
             ray.shutdown()

@@ -68,7 +68,20 @@ def write_dicom_seg(mask: np.ndarray, source: str | os.PathLike, path: str | os.
     names = sorted(labels, key=labels.get)
     # (frames, H, W, segments) binary, as highdicom takes it; a single-frame source is one frame
     stack = np.stack([(mask == labels[n]) for n in names], axis=-1)[None].astype(np.uint8)
-    seg = hd.seg.Segmentation(
+    try:
+        seg = _segmentation(src, stack, names, algorithm, version)
+    except (AttributeError, ValueError, TypeError, KeyError) as e:  # highdicom's checks of the source image
+        raise DataError(source, f"cannot be the source of a DICOM SEG ({type(e).__name__}: {e})") from e
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
+    seg.save_as(tmp)
+    os.replace(tmp, out)
+    return out
+
+
+def _segmentation(src, stack: np.ndarray, names: list[str], algorithm: str, version: str) -> hd.seg.Segmentation:
+    return hd.seg.Segmentation(
         source_images=[src],
         pixel_array=stack,
         segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
@@ -83,9 +96,3 @@ def write_dicom_seg(mask: np.ndarray, source: str | os.PathLike, path: str | os.
         device_serial_number="0",
         series_description=f"{algorithm} segmentation",
     )
-    out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
-    seg.save_as(tmp)
-    os.replace(tmp, out)
-    return out

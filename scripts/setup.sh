@@ -12,7 +12,7 @@ if [ -x .venv/bin/python ] && [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]
 fi
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
 .venv/bin/python -m pip install --quiet --upgrade pip
-# torch first, exactly pinned: pip takes the CPU build from this machine's local wheel store
+# torch first, exactly pinned: the CPU build
 .venv/bin/python -m pip install --quiet "torch==2.13.0"
 .venv/bin/python -m pip install --quiet -e ".[dev,ray]"
 echo "$want" > "$stamp"

@@ -2,11 +2,11 @@
 # Create .venv-label: the MONAI Label 0.8.5 server with the medhybrid app (medhybrid/label).
 # Idempotent: re-running with unchanged pyproject.toml, docker/requirements-label.txt and this script does nothing.
 #
-# An environment of its own, as in docker/Dockerfile.label: MONAI Label 0.8.5 needs torchvision (PyPI's does not
-# import beside the CPU torch 2.13.0 of .venv, so torch 2.14.1 + torchvision 0.29.1 from this machine's wheel
-# store), pydicom<3, pynetdicom<3 and dicomweb-client<0.60, and its dependencies pydicom-seg and numpymaxflow
-# need numpy<2 and jsonschema<4: docker/requirements-label.txt, shared with the image. medhybrid's other pins are
-# installed as they are, medhybrid itself with --no-deps.
+# An environment of its own, as in docker/Dockerfile.label: MONAI Label 0.8.5 needs torchvision (which does not
+# import beside .venv's CPU torch 2.13.0, so this environment pins torch 2.14.1 + torchvision 0.29.1), pydicom<3,
+# pynetdicom<3 and dicomweb-client<0.60 (so highdicom 0.22 for the DICOM SEG results), and its dependencies
+# pydicom-seg and numpymaxflow need numpy<2 and jsonschema<4: docker/requirements-label.txt, shared with the image.
+# medhybrid's other pins are installed as they are, medhybrid itself with --no-deps.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3.11}

@@ -122,5 +122,6 @@ def test_ray_ablation_benchmark_compares_the_same_runs(data):
     out = _run("ray_ablation.py", "--set", *tiny)
     figures = json.loads(out.strip().splitlines()[-1])
     assert figures["runs"] == 2 and figures["same_results"] is True  # Ray ran the sequential runner's runs, same Dice
+    assert figures["max_dice_diff"] <= 1e-6  # one thread on both sides here (the suite's OMP_NUM_THREADS=1): identical
     assert figures["sequential_s"] > 0 and figures["ray_s"] > 0
     assert 0 < figures["task_round_trip_ms"] < 5000 and figures["ray_init_s"] > 0

@@ -26,12 +26,13 @@ import numpy as np
 import pydicom
 import pytest
 import torch
+import yaml
 from conftest import DICOM, PH2, REPO_ROOT, real_split
 from PIL import Image
 
 from medhybrid.bundle import sha256
 from medhybrid.config import ConfigError
-from medhybrid.label.workspace import BundleNetwork, StudyLeases, check_bundle, pick_device, served_bundle
+from medhybrid.label.workspace import BundleNetwork, StudyLeases, check_bundle, pick_device, served_bundle, train_request
 from medhybrid.pretrain import free_port
 
 LABEL_PYTHON = Path(os.environ.get("MEDHYBRID_LABEL_PYTHON", REPO_ROOT / ".venv-label" / "bin" / "python"))
@@ -121,11 +122,26 @@ def test_leases_under_concurrent_requests(tmp_path):
     assert sorted(got.values()) == sorted(ids)  # 20 annotators, 20 different studies
 
 
+def test_train_requests_are_typed_and_code_is_refused():
+    defaults = {"device": ["cpu"], "pretrained": True, "max_epochs": 4, "val_split": 0.2, "multi_gpu": True, "gpus": "all",
+                "tracking": ["None", "mlflow"], "model_filename": ["pretrained.pt", "model.pt"]}
+    got = train_request({"model": "m"}, defaults)
+    assert got == {"model": "m", "device": "cpu", "model_filename": "pretrained.pt", "gpus": "all", "max_epochs": 4,
+                   "val_split": 0.2, "pretrained": True, "multi_gpu": True, "tracking": "None", "run_id": "run"}
+    gpu = train_request({"device": "NVIDIA H100:1", "max_epochs": "2", "pretrained": "false"}, defaults, {"NVIDIA H100:1": "cuda:1"})
+    assert gpu == {**got, "model": "", "device": "cuda:1", "max_epochs": 2, "pretrained": False}
+    for bad in ({"device": "$__import__('os').system('id')"}, {"max_epochs": "$1"}, {"model_filename": "../x.pt"},
+                {"gpus": "0;rm"}, {"tracking_uri": "$open('x')"}, {"val_split": 2}, {"tracking": "@x"}):
+        with pytest.raises(ValueError):
+            train_request(bad, defaults)
+
+
 # --------------------------------------------------------------------------------------------- the real server
 @pytest.fixture
 def label_server(tmp_path, write_dicom):
     """The real MONAI Label server with the medhybrid app (both shipped bundles) on 127.0.0.1, over a studies folder
-    of 3 PH2 PNGs, the RGB DICOM of another PH2 image and a real CR chest DICOM; stopped after the test."""
+    of 3 PH2 PNGs, the RGB DICOM of another PH2 image and a real DX chest DICOM; the dermoscopy bundle serves its
+    pretraining until the first training. Stopped after the test."""
     if not LABEL_PYTHON.is_file():
         pytest.fail(f"{LABEL_PYTHON} not found: the MONAI Label environment is made by scripts/setup_label.sh", pytrace=False)
     studies = tmp_path / "studies"
@@ -135,6 +151,10 @@ def label_server(tmp_path, write_dicom):
         shutil.copy(PH2 / "images" / f"{sid}.png", studies / f"{sid}.png")
     write_dicom(studies / f"{ids[3]}.dcm", np.asarray(Image.open(PH2 / "images" / f"{ids[3]}.png")))
     shutil.copy(DICOM / "nih_cxr14_dx_1024.dcm", studies / "cxr.dcm")
+    # the dermoscopy model served at first is the ISIC pretraining alone, as before a site's first labels
+    served = studies / ".medhybrid" / "bundles" / DERM.name
+    shutil.copytree(DERM, served, ignore=shutil.ignore_patterns("eval", "runs"))
+    shutil.copy(DERM / "models" / "pretrained.pt", served / "models" / "model.pt")
     port = free_port()
     env = {**os.environ, "MONAI_LABEL_SESSION_PATH": str(tmp_path / "sessions"), "PYTHONUNBUFFERED": "1",
            "MONAI_LABEL_AUTO_UPDATE_SCORING": "false", "CUDA_VISIBLE_DEVICES": ""}
@@ -204,7 +224,7 @@ def test_label_server_serves_both_bundles(label_server, tmp_path):
         mask = np.asarray(Image.open(r["before"][sid]["file"]))
         assert r["before"][sid]["file"].endswith(".png") and mask.shape == _truth(sid).shape and set(np.unique(mask)) <= {0, 1}
         before[sid] = _dice(mask, _truth(sid))
-    assert min(before.values()) > 0.7, before
+    assert min(before.values()) > 0.3, before  # the ISIC pretraining alone, before any PH2 label
     for sid, src, name in [(ids[3], studies / f"{ids[3]}.dcm", "lesion"), ("cxr", studies / "cxr.dcm", "Lung")]:
         seg = hd.seg.segread(r["dicom"][sid]["file"])
         ref = pydicom.dcmread(src, stop_before_pixels=True)
@@ -224,7 +244,9 @@ def test_label_server_serves_both_bundles(label_server, tmp_path):
     assert r["train_request"]["model_filename"][0] == "pretrained.pt"
     assert r["train_status"]["status"] == "DONE", json.dumps(r["train_status"])[-3000:] + log.read_text()[-3000:]
     served = studies / ".medhybrid" / "bundles" / DERM.name / "models" / "model.pt"
-    assert sha256(served) != sha256(DERM / "models" / "model.pt")  # retrained in the served copy; the bundle untouched
+    assert sha256(served) != sha256(DERM / "models" / "pretrained.pt")  # retrained in the served copy
+    shipped = yaml.safe_load((DERM / "large_files.yml").read_text())["large_files"]
+    assert all(sha256(DERM / f["path"]) == f["hash_val"] for f in shipped)  # the shipped bundle is untouched
     after = {sid: _dice(np.asarray(Image.open(r["after"][sid]["file"])), _truth(sid)) for sid in ids[:3]}
     print(f"Dice against the saved labels: before training {before}, after {after}")
     assert np.mean(list(after.values())) > np.mean(list(before.values())), (before, after)

@@ -340,9 +340,9 @@ def _torchrun(config: Path, out: Path, mlflow_uri: str, n: int = 2) -> list[str]
 
 
 def test_the_ranks_shards_are_the_single_process_draw():
-    """Every rank draws the same seeded order and takes every world_size-th index: together the ranks see exactly
-    the images one process with the global batch sees, none repeated or dropped."""
-    from medhybrid.engines import EpochSeededSampler
+    """Every rank draws the same seeded order and takes its share: together the ranks see exactly the images one
+    process with the global batch sees, none repeated or dropped, for labelled and unlabelled sources alike."""
+    from medhybrid.engines import EpochSeededSampler, MixedBatchSampler
 
     one = EpochSeededSampler(10, 12, seed=3)
     ranks = [EpochSeededSampler(10, 6, seed=3, rank=r, world_size=2) for r in range(2)]
@@ -352,6 +352,17 @@ def test_the_ranks_shards_are_the_single_process_draw():
         order = list(one)
         assert list(ranks[0]) == order[0::2] and list(ranks[1]) == order[1::2]
         assert sorted(list(ranks[0]) + list(ranks[1])) == sorted(order)
+    # labelled + unlabelled batches: global batch j goes to rank j % 2, whole, so the shards are the single draw's batches
+    one = MixedBatchSampler(5, 7, (2, 2), num_batches=6, seed=4)
+    ranks = [MixedBatchSampler(5, 7, (2, 2), num_batches=3, seed=4, rank=r, world_size=2) for r in range(2)]
+    for epoch in (0, 3):
+        for s in (one, *ranks):
+            s.set_epoch(epoch)
+        batches = [list(one)[i : i + 4] for i in range(0, 24, 4)]
+        for r in range(2):
+            mine = list(ranks[r])
+            assert [mine[i : i + 4] for i in range(0, 12, 4)] == batches[r::2]
+        assert all(b[0] < 5 and b[1] < 5 and b[2] >= 5 and b[3] >= 5 for b in batches)  # 2 labelled, then 2 unlabelled
 
 
 @pytest.mark.slow

@@ -26,14 +26,16 @@ from typing import Any
 
 from monai.transforms import SaveImaged
 from monailabel.interfaces.datastore import Datastore, DefaultLabelTag
+from monailabel.interfaces.exception import MONAILabelError, MONAILabelException
 from monailabel.interfaces.tasks.strategy import Strategy
 from monailabel.tasks.infer.bundle import BundleInferTask
 from monailabel.tasks.train.bundle import BundleTrainTask
+from monailabel.utils.others.generic import device_map
 
 from medhybrid.active import UncertaintyConfig, score_files
 from medhybrid.dicom_seg import write_dicom_seg
 from medhybrid.io import DataError, is_dicom_file
-from medhybrid.label.workspace import BundleNetwork, StudyLeases
+from medhybrid.label.workspace import BundleNetwork, StudyLeases, train_request
 from medhybrid.transforms import SaveMask2D, SaveMask2Dd
 
 log = logging.getLogger("medhybrid")
@@ -44,7 +46,7 @@ class MedhybridInfer(BundleInferTask):
 
     def __init__(self, path: str, conf: dict[str, str], **kwargs):
         # the bundle's own mask writer is for `monai.bundle run`: the server writes through writer() below
-        super().__init__(path, conf, post_filter=[SaveImaged, SaveMask2Dd], **kwargs)
+        super().__init__(path, conf, post_filter=[SaveImaged, SaveMask2Dd], load_strict=True, **kwargs)
         if self.valid:
             self.labels = {str(k): int(v) for k, v in self.bundle_config.get("labels", {"foreground": 1}).items()}
             self.version = self.version or "0"
@@ -73,7 +75,19 @@ class MedhybridInfer(BundleInferTask):
 
 
 class MedhybridTrain(BundleTrainTask):
-    """MONAI Label's bundle train task; by default training starts again from the hybrid pretraining."""
+    """MONAI Label's bundle train task; by default training starts again from the hybrid pretraining.
+
+    A request's settings become ``monai.bundle`` overrides, where a ``$`` string is Python code: every setting is
+    checked and typed here first (:func:`train_request`), and missing ones take :meth:`config`'s defaults."""
+
+    def __call__(self, request, datastore: Datastore):
+        # a fresh copy of train.json for each training: _load_checkpoint edits its handlers
+        self.bundle_config = self._load_bundle_config(self.bundle_path, self.bundle_config_path)
+        try:
+            clean = train_request(request, self.config(), device_map())
+        except ValueError as e:
+            raise MONAILabelException(MONAILabelError.INVALID_INPUT, str(e)) from e
+        return super().__call__(clean, datastore)
 
     def config(self) -> dict[str, Any]:
         c = super().config()
@@ -88,11 +102,13 @@ class MedhybridTrain(BundleTrainTask):
         loaders = [h for h in train_handlers if isinstance(h, dict) and h.get("_target_") == "CheckpointLoader"]
         if not loaders:
             return super()._load_checkpoint(model_pytorch, pretrained, train_handlers)
-        if pretrained and os.path.exists(model_pytorch):
+        if not pretrained:  # from scratch: the bundle's own loader goes too
+            train_handlers.remove(loaders[0])
+        elif os.path.exists(model_pytorch):
             loaders[0]["load_path"] = model_pytorch
             loaders[0]["strict"] = True
-        else:  # from scratch, or the chosen file is missing: the bundle's own starting point is kept
-            log.info("training starts from %s", loaders[0].get("load_path"))
+        else:  # the chosen file is missing: the bundle's own starting point
+            log.warning("%s not found: training starts from %s", model_pytorch, loaders[0].get("load_path"))
 
 
 # --------------------------------------------------------------------------------------------- strategies

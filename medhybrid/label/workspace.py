@@ -15,11 +15,13 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import shutil
 import threading
 import time
 from collections.abc import Iterable
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -56,8 +58,10 @@ def check_bundle(path: str | os.PathLike) -> Path:
 
 def served_bundle(source: str | os.PathLike, workdir: str | os.PathLike) -> Path:
     """The copy of the bundle ``source`` that the server serves: ``<workdir>/bundles/<name>``, made on first use.
-    An existing copy keeps its trained ``models/model.pt``; its configs and other models are refreshed from
-    ``source`` when those change, so a bundle update reaches the server without losing what it learnt."""
+    An existing copy keeps its trained ``models/model.pt``; its configs and other weights (``pretrained.pt``) are
+    refreshed from ``source`` when those change, so a bundle update reaches the server without losing what it
+    learnt. (If an update changes the network, the served ``model.pt`` no longer loads strictly and the server says
+    so: delete it to serve the bundle's.)"""
     src = check_bundle(source)
     dst = Path(workdir).resolve() / "bundles" / src.name
     if not dst.exists():
@@ -80,7 +84,7 @@ def served_bundle(source: str | os.PathLike, workdir: str | os.PathLike) -> Path
             shutil.copy2(s, d)
     for s in (src / "models").glob("*"):
         d = dst / "models" / s.name
-        if s.is_file() and s.name != "model.pt" and not d.is_file():
+        if s.is_file() and s.name != "model.pt" and (not d.is_file() or d.read_bytes() != s.read_bytes()):
             shutil.copy2(s, d)
     return dst
 
@@ -165,3 +169,52 @@ class StudyLeases:
             self._leases[choice] = {"client_id": client, "ts": now}
             write_json(self.path, self._leases, indent=1)
             return choice
+
+
+_DEVICE = re.compile(r"^(cpu|cuda(:\d+)?)$")
+
+
+def train_request(request: dict[str, Any], defaults: dict[str, Any],
+                  devices: dict[str, str] | None = None) -> dict[str, Any]:
+    """The settings of a MONAI Label ``/train`` request, typed and checked, missing ones from ``defaults`` (the train
+    task's config; a list default is its first item); ``devices`` maps the GPU names the server lists to
+    ``cuda:N``. The settings become ``monai.bundle`` overrides, where a ``$`` string is Python code: anything that
+    is not the plain value it should be is refused with :class:`ValueError`."""
+
+    def pick(key):
+        v = request.get(key, defaults.get(key))
+        return v[0] if isinstance(v, list) and v else v
+
+    def flag(key) -> bool:
+        v = pick(key)
+        return v.strip().lower() in ("1", "true", "yes") if isinstance(v, str) else bool(v)
+
+    models = [m for m in defaults.get("model_filename") or [] if isinstance(m, str)]
+    device = str(pick("device") or "cpu")
+    device = (devices or {}).get(device, device)  # the UI offers GPU names ("NVIDIA H100:1")
+    if not _DEVICE.match(device):
+        raise ValueError(f"device {device!r}: give cpu, cuda, cuda:N or a GPU name the server lists")
+    model_filename = str(pick("model_filename") or (models[0] if models else "model.pt"))
+    if models and model_filename not in models:
+        raise ValueError(f"model_filename {model_filename!r}: one of {models}")
+    gpus = str(pick("gpus") or "all")
+    if gpus != "all" and not re.fullmatch(r"\d+(,\d+)*", gpus):
+        raise ValueError(f"gpus {gpus!r}: 'all' or GPU indices such as 0,1")
+    tracking = str(pick("tracking") or "None")
+    if tracking not in ("None", "none", "mlflow"):
+        raise ValueError(f"tracking {tracking!r}: None or mlflow")
+    out: dict[str, Any] = {
+        "model": str(request.get("model") or ""), "device": device, "model_filename": model_filename, "gpus": gpus,
+        "max_epochs": int(pick("max_epochs")), "val_split": float(pick("val_split")),
+        "pretrained": flag("pretrained"), "multi_gpu": flag("multi_gpu"), "tracking": tracking,
+        "run_id": "run",
+    }
+    if out["max_epochs"] < 1 or not -1.0 <= out["val_split"] < 1.0:
+        raise ValueError(f"max_epochs {out['max_epochs']} must be >= 1 and val_split {out['val_split']} in [-1, 1)")
+    for key in ("tracking_uri", "tracking_experiment_name", "tracking_run_name"):
+        v = request.get(key)
+        if v:
+            if not isinstance(v, str) or v.lstrip()[:1] in ("$", "@", "%"):
+                raise ValueError(f"{key} {v!r}: a plain string")
+            out[key] = v
+    return out
