@@ -194,6 +194,26 @@ def _dice_by_run(uri: str, parent: str) -> dict[tuple, float]:
             for r in _children(uri, parent)}
 
 
+def _run_and_report(cfg, queue) -> None:
+    out = run_ablation(cfg)
+    queue.put({"failures": out["failures"], "parent_run_id": out["parent_run_id"]})
+
+
+def _in_child(cfg) -> dict:
+    """``run_ablation(cfg)`` in a fresh process, as ``medhybrid ablate`` runs it: Ray's driver state (threads, the
+    local instance's processes) ends with that process, not in the test session."""
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("spawn")
+    queue = ctx.Queue()
+    proc = ctx.Process(target=_run_and_report, args=(cfg, queue))
+    proc.start()
+    out = queue.get(timeout=900)
+    proc.join(60)
+    assert proc.exitcode == 0
+    return out
+
+
 @pytest.mark.slow
 @pytest.mark.distributed
 def test_ray_executor_gives_the_sequential_runs(workdir, mlflow_uri, mlflow_server, isic_tiny, caplog):
@@ -210,7 +230,7 @@ def test_ray_executor_gives_the_sequential_runs(workdir, mlflow_uri, mlflow_serv
     ray_cfg = seq_cfg.model_copy(update={"output_dir": workdir / "abl-ray", "executor": "ray",
                                          "ray": RayConfig(num_cpus=2, object_store_mb=256),
                                          "mlflow": MLflowConfig(tracking_uri=mlflow_server)})
-    out = run_ablation(ray_cfg)
+    out = _in_child(ray_cfg)
     assert sorted(out["failures"]) == sorted(seq["failures"]) and len(out["failures"]) == 2
     dice_seq, dice_ray = _dice_by_run(mlflow_uri, seq["parent_run_id"]), _dice_by_run(mlflow_server, out["parent_run_id"])
     assert sorted(dice_ray) == sorted(dice_seq) == sorted((m, "2", s) for m in ("scratch", "supervised") for s in ("0", "1"))
@@ -220,7 +240,7 @@ def test_ray_executor_gives_the_sequential_runs(workdir, mlflow_uri, mlflow_serv
     assert timings[-1]["executor"] == "ray" and timings[-1]["methods"]["supervised"]["pretrain_s"] > 0
 
     caplog.set_level(logging.INFO, logger="medhybrid")
-    again = run_ablation(ray_cfg.model_copy(update={"methods": {k: v for k, v in ray_cfg.methods.items() if k != "broken"}}))
+    again = _in_child(ray_cfg.model_copy(update={"methods": {k: v for k, v in ray_cfg.methods.items() if k != "broken"}}))
     assert again["failures"] == [] and again["parent_run_id"] == out["parent_run_id"]
     assert _dice_by_run(mlflow_server, out["parent_run_id"]) == dice_ray  # nothing re-run, no new child
     client = mlflow_client(mlflow_server)
