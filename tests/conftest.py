@@ -410,38 +410,28 @@ def artifact_paths(client, run_id: str, path: str | None = None) -> list[str]:
     return sorted(out)
 
 
-@pytest.fixture
-def mlflow_server(mlflow_template, tmp_path):
-    """A real ``mlflow server`` on 127.0.0.1 (SQLite backend, artifacts proxied into ``tmp_path/server/artifacts``),
-    as processes on other machines reach MLflow: its ``http://`` URI. Stopped after the test."""
+@contextlib.contextmanager
+def running_server(cmd: list[str], ready_url: str, log_path: Path, what: str, timeout: float = 180, **popen):
+    """Start ``cmd`` (its own process group, output in ``log_path``), wait until ``ready_url`` answers, yield the
+    process; stop the whole group afterwards (SIGTERM, then SIGKILL after 20 s)."""
     import signal
-    import socket
     import subprocess
-    import sys
     import time
     import urllib.request
 
-    folder = tmp_path / "server"
-    store = mlflow_store(mlflow_template, folder)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    log = open(folder / "server.log", "w")
-    proc = subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
-                             "--backend-store-uri", store, "--artifacts-destination", str(folder / "artifacts"),
-                             "--workers", "1"], cwd=folder, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    uri = f"http://127.0.0.1:{port}"
+    log = open(log_path, "w")
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, **popen)
     try:
-        deadline = time.time() + 120
+        deadline = time.time() + timeout
         while True:
             try:
-                urllib.request.urlopen(f"{uri}/health", timeout=2)
+                urllib.request.urlopen(ready_url, timeout=5)
                 break
             except OSError:
                 if proc.poll() is not None or time.time() > deadline:
-                    pytest.fail(f"mlflow server did not start:\n{(folder / 'server.log').read_text()[-3000:]}", pytrace=False)
+                    pytest.fail(f"{what} did not start:\n{Path(log_path).read_text()[-4000:]}", pytrace=False)
                 time.sleep(0.5)
-        yield uri
+        yield proc
     finally:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGTERM)
@@ -451,3 +441,22 @@ def mlflow_server(mlflow_template, tmp_path):
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
         log.close()
+
+
+@pytest.fixture
+def mlflow_server(mlflow_template, tmp_path):
+    """A real ``mlflow server`` on 127.0.0.1 (SQLite backend, artifacts proxied into ``tmp_path/server/artifacts``),
+    as processes on other machines reach MLflow: its ``http://`` URI. Stopped after the test."""
+    import socket
+    import sys
+
+    folder = tmp_path / "server"
+    store = mlflow_store(mlflow_template, folder)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--backend-store-uri", store,
+           "--artifacts-destination", str(folder / "artifacts"), "--workers", "1"]
+    uri = f"http://127.0.0.1:{port}"
+    with running_server(cmd, f"{uri}/health", folder / "server.log", "mlflow server", 120, cwd=folder):
+        yield uri

@@ -10,16 +10,12 @@ Select it with ``pytest -m label``; it fails (not skips) when the label environm
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import shutil
-import signal
 import subprocess
 import threading
 import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -27,7 +23,7 @@ import pydicom
 import pytest
 import torch
 import yaml
-from conftest import DICOM, PH2, REPO_ROOT, real_split
+from conftest import DICOM, PH2, REPO_ROOT, real_split, running_server
 from PIL import Image
 
 from medhybrid.bundle import sha256
@@ -159,31 +155,11 @@ def label_server(tmp_path, write_dicom):
     env = {**os.environ, "MONAI_LABEL_SESSION_PATH": str(tmp_path / "sessions"), "PYTHONUNBUFFERED": "1",
            "MONAI_LABEL_AUTO_UPDATE_SCORING": "false", "CUDA_VISIBLE_DEVICES": ""}
     env.pop("MLFLOW_TRACKING_URI", None)
-    log = open(tmp_path / "server.log", "w")
-    proc = subprocess.Popen([str(LABEL_PYTHON), "-m", "monailabel.main", "start_server", "--app", str(REPO_ROOT / "medhybrid" / "label"),
-                             "--studies", str(studies), "--host", "127.0.0.1", "--port", str(port)],
-                            stdout=log, stderr=subprocess.STDOUT, env=env, cwd=tmp_path, start_new_session=True)
+    cmd = [str(LABEL_PYTHON), "-m", "monailabel.main", "start_server", "--app", str(REPO_ROOT / "medhybrid" / "label"),
+           "--studies", str(studies), "--host", "127.0.0.1", "--port", str(port)]
     server = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.time() + 180
-        while True:
-            try:
-                urllib.request.urlopen(f"{server}/info/", timeout=5)
-                break
-            except (urllib.error.URLError, ConnectionError, TimeoutError):
-                if proc.poll() is not None or time.time() > deadline:
-                    pytest.fail(f"MONAI Label server did not start:\n{(tmp_path / 'server.log').read_text()[-4000:]}", pytrace=False)
-                time.sleep(1)
+    with running_server(cmd, f"{server}/info/", tmp_path / "server.log", "MONAI Label server", env=env, cwd=tmp_path):
         yield server, studies, ids, tmp_path / "server.log"
-    finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-        log.close()
 
 
 @pytest.mark.label

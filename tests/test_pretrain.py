@@ -254,6 +254,26 @@ def _cli_env() -> dict:
     return env
 
 
+def _kill_at_first_checkpoint(cmd: list[str], cwd: Path, folder: Path, kill, timeout: float = 300) -> subprocess.Popen:
+    """Start ``cmd`` and ``kill(proc)`` it as soon as ``folder/checkpoints`` holds a checkpoint; return it, ended."""
+    proc = subprocess.Popen(cmd, cwd=cwd, env=_cli_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.time() + timeout
+        while not list((folder / "checkpoints").glob("*.pt")):
+            assert proc.poll() is None, f"pretraining ended before its first checkpoint:\n{proc.stderr.read().decode()[-3000:]}"
+            assert time.time() < deadline, f"no checkpoint within {timeout:.0f} s"
+            time.sleep(0.05)
+        kill(proc)
+        proc.wait(30)
+    finally:
+        if proc.poll() is None:
+            kill(proc)
+            proc.kill()
+            proc.wait()
+    proc.stderr.close()
+    return proc
+
+
 @pytest.mark.slow
 def test_resume_after_kill_matches_uninterrupted_run(isic_tiny, workdir, mlflow_uri):
     """``medhybrid pretrain`` killed (SIGKILL) after its first checkpoint and run again ends with the weights of an
@@ -264,21 +284,7 @@ def test_resume_after_kill_matches_uninterrupted_run(isic_tiny, workdir, mlflow_
     conf.write_text(yaml.safe_dump(data))
 
     killed = workdir / "killed"
-    proc = subprocess.Popen(_cli(conf, killed, mlflow_uri), cwd=workdir, env=_cli_env(),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    try:
-        deadline = time.time() + 240
-        while not list((killed / "checkpoints").glob("*.pt")):
-            assert proc.poll() is None, f"pretraining ended before its first checkpoint:\n{proc.stderr.read().decode()}"
-            assert time.time() < deadline, "no checkpoint within 240 s"
-            time.sleep(0.05)
-        proc.send_signal(signal.SIGKILL)
-        proc.wait(30)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-    proc.stderr.close()
+    proc = _kill_at_first_checkpoint(_cli(conf, killed, mlflow_uri), workdir, killed, lambda p: p.send_signal(signal.SIGKILL))
     assert proc.returncode == -signal.SIGKILL
     state = json.loads((killed / "state.json").read_text())
     assert state["status"] == "running" and not (killed / "model.pt").exists()  # killed mid-run
@@ -389,22 +395,9 @@ def test_torchrun_pretraining_writes_one_run_and_resumes_after_kill(isic_tiny, w
     assert full.stdout.count("pretraining done") == 2  # every rank returns the result
 
     killed = workdir / "killed"
-    proc = subprocess.Popen(_torchrun(conf, killed, mlflow_uri), cwd=workdir, env=_cli_env(), stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE)
-    try:
-        deadline = time.time() + 300
-        while not list((killed / "checkpoints").glob("*.pt")):
-            assert proc.poll() is None, f"pretraining ended before its first checkpoint:\n{proc.stderr.read().decode()[-3000:]}"
-            assert time.time() < deadline, "no checkpoint within 300 s"
-            time.sleep(0.05)
-        # the launcher and both ranks (torchrun starts each rank in a session of its own)
-        subprocess.run(["pkill", "-KILL", "-f", f"output_dir={killed}"], check=False)
-        proc.wait(30)
-    finally:
-        if proc.poll() is None:
-            subprocess.run(["pkill", "-KILL", "-f", f"output_dir={killed}"], check=False)
-            proc.wait()
-    proc.stderr.close()
+    # the launcher and both ranks (torchrun starts each rank in a session of its own)
+    _kill_at_first_checkpoint(_torchrun(conf, killed, mlflow_uri), workdir, killed,
+                              lambda p: subprocess.run(["pkill", "-KILL", "-f", f"output_dir={killed}"], check=False))
     time.sleep(1)
     run_id = json.loads((killed / "state.json").read_text())["mlflow_run_id"]
     assert not (killed / "model.pt").exists() and json.loads((killed / "state.json").read_text())["status"] == "running"
