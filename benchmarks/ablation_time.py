@@ -59,7 +59,7 @@ def medhybrid_side(cfg) -> dict:
     dice: dict[str, list[float]] = {}
     for method in cfg.methods:
         for state in (cfg.folder / "finetune" / method).glob("*/state.json"):
-            dice.setdefault(method, []).append(json.loads(state.read_text())["test"]["test_dice"])
+            dice.setdefault(method, []).append(json.loads(state.read_text())["scores"]["test_dice"])
     return {"wall_s": wall, "stages": timings["methods"], "dice": dice}
 
 
@@ -100,14 +100,15 @@ def plain_side(cfg, out: Path) -> dict:
     import torch
 
     from medhybrid.ablation import finetune_config, pretrain_config, pretraining_of
+    from medhybrid.batches import CorruptionPrepareBatch
+    from medhybrid.checkpoints import network_meta, save_model
     from medhybrid.datasets import few_shot_pairs, load_pairs
-    from medhybrid.engines import CorruptionPrepareBatch
+    from medhybrid.engines import resolve_device
     from medhybrid.evaluate import evaluate
     from medhybrid.finetune import _edm, augmentation, initial_network
     from medhybrid.losses import PretrainLoss
     from medhybrid.networks import build_network
-    from medhybrid.pretrain import corruption, network_meta, save_model
-    from medhybrid.training import resolve_device
+    from medhybrid.pretrain import corruption
     from medhybrid.transforms import preprocessing
 
     t_all = time.perf_counter()

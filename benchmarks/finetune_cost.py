@@ -54,8 +54,8 @@ def main() -> None:
     import torch
     from monai.data import CacheDataset
 
+    from medhybrid.batches import EpochSeededSampler
     from medhybrid.datasets import few_shot_pairs
-    from medhybrid.engines import EpochSeededSampler
     from medhybrid.finetune import _AugmentedDataset, augmentation, run_finetuning
     from medhybrid.transforms import preprocessing
 

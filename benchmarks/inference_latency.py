@@ -27,11 +27,11 @@ def main() -> None:
     import torch.nn.functional as F
     from PIL import Image
 
+    from medhybrid.checkpoints import network_meta, save_model
     from medhybrid.config import Preprocess, load_dataset_spec
     from medhybrid.datasets import load_pairs
     from medhybrid.inference import infer_files
     from medhybrid.networks import ModelConfig, build_network
-    from medhybrid.pretrain import network_meta, save_model
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--images", type=int, default=16)

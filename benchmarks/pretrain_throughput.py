@@ -85,10 +85,10 @@ def _batch(args):
 def run_variant(args) -> dict:
     import torch
 
-    from medhybrid.engines import CorruptionPrepareBatch
+    from medhybrid.batches import CorruptionPrepareBatch
+    from medhybrid.engines import TrainConfig, fit
     from medhybrid.losses import PretrainLoss
     from medhybrid.networks import ModelConfig, build_network
-    from medhybrid.training import TrainConfig, fit
 
     torch.manual_seed(0)
     spec, items = _batch(args)

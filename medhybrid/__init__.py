@@ -1,23 +1,13 @@
 """medhybrid: label-efficient 2D medical image segmentation with hybrid diffusion pretraining, on MONAI."""
 
-import logging
-import warnings
+import importlib
 
 __version__ = "0.1.0"
-
-# MONAI probes for a GPU DICOM decoder (nvImageCodec) on every LoadImage; without one it warns each
-# time. medhybrid decodes DICOM with pydicom (see medhybrid.io), so the probe's warnings are noise.
-import monai.data  # noqa: E402,F401  (the plugin's logger is configured on import; quiet it afterwards)
-
-logging.getLogger("monai.data.nvimgcodec_pydicom_plugin").setLevel(logging.ERROR)
-warnings.filterwarnings("ignore", message=".*nvImageCodec.*")
 
 
 def __getattr__(name: str):
     """``medhybrid.<module>`` imports the module on first use (bundle configs write ``$medhybrid.bundle.f(...)``
-    after ``$import medhybrid``)."""
-    import importlib
-
+    after ``$import medhybrid``). Importing medhybrid itself changes no global state (warning filters, loggers)."""
     if name.startswith("_"):
         raise AttributeError(name)
     try:

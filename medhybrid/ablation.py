@@ -9,15 +9,28 @@ The report (:mod:`medhybrid.report`) is built from the MLflow runs themselves.
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
+import platform
+import time
 import traceback
 from pathlib import Path
 from typing import Any, Literal
 
+import torch
 from pydantic import Field, model_validator
 
-from medhybrid.config import DatasetRef, StrictModel, deep_merge, dump_config, save_config
+from medhybrid import runs, tracking
+from medhybrid.checkpoints import load_model
+from medhybrid.config import DatasetRef, Preprocess, StrictModel, deep_merge, dump_config, save_config, validate
+from medhybrid.datasets import few_shot_ids, load_pairs
+from medhybrid.fewshot import evaluate_few_shot_run
+from medhybrid.finetune import FinetuneConfig, run_finetuning
+from medhybrid.io import write_json
+from medhybrid.pixel_features import PixelFeaturesConfig, load_feature_segmenter, run_pixel_features
+from medhybrid.pretrain import PretrainConfig, run_pretraining
+from medhybrid.report import write_report
 from medhybrid.tracking import MLflowConfig
 
 log = logging.getLogger("medhybrid")
@@ -93,11 +106,15 @@ class AblationConfig(StrictModel):
             raise ValueError("evaluate_on=pool-holdout needs finite budgets: the whole pool leaves nothing held out")
         return self
 
+    @property
+    def scored_on(self) -> str:
+        """The name of the set every fine-tune is scored on, the prefix of its metrics: ``test`` or ``dev``."""
+        return "test" if self.evaluate_on == "test" else "dev"
+
     def eval_pairs(self, seed: int) -> list[dict] | None:
         """The pairs each fine-tune of ``seed`` is scored on (None: the target's test split)."""
         if self.evaluate_on == "test":
             return None
-        from medhybrid.datasets import few_shot_ids, load_pairs
 
         pool = load_pairs(self.target, "pool")
         used = set(few_shot_ids([p["id"] for p in pool], max(self.budgets), seed))
@@ -117,9 +134,6 @@ def pretraining_of(cfg: AblationConfig, method: str) -> str:
 
 
 def pretrain_config(cfg: AblationConfig, method: str):
-    from medhybrid.config import validate
-    from medhybrid.pretrain import PretrainConfig
-
     key = pretraining_of(cfg, method)
     spec = cfg.methods[key]
     data = deep_merge(cfg.pretrain, spec.overrides)
@@ -135,10 +149,6 @@ def pretrain_config(cfg: AblationConfig, method: str):
 
 def finetune_config(cfg: AblationConfig, method: str, init: Path, budget: int | None, seed: int, parent: str | None,
                     pretrain_run: str | None):
-    from medhybrid.config import validate
-    from medhybrid.finetune import FinetuneConfig
-    from medhybrid.pretrain import load_model
-
     meta = load_model(init)[1]
     data = deep_merge(cfg.finetune, _few_shot_fields(cfg, method, budget, seed, parent, pretrain_run))
     data.update(init=str(init) if cfg.methods[method].pretrain != "none" else None, preprocess=meta["preprocess"],
@@ -158,9 +168,6 @@ def _few_shot_fields(cfg: AblationConfig, method: str, budget: int | None, seed:
 
 def pixel_features_config(cfg: AblationConfig, method: str, init: Path, budget: int | None, seed: int, parent: str | None,
                           pretrain_run: str | None):
-    from medhybrid.config import validate
-    from medhybrid.pixel_features import PixelFeaturesConfig
-
     if cfg.methods[method].pretrain in ("none", "supervised"):
         raise ValueError(f"method {method!r}: ddpm-features needs a generatively pretrained network (diffusion, hybrid "
                          f"or mdm), not {cfg.methods[method].pretrain!r}")
@@ -169,32 +176,11 @@ def pixel_features_config(cfg: AblationConfig, method: str, init: Path, budget: 
     return validate(PixelFeaturesConfig, data, source=f"ablation {cfg.name} {method} b{budget or 'all'} s{seed}")
 
 
-def evaluate_few_shot_run(mlflow: MLflowConfig, folder: Path, run_id: str | None, net, dataset, preprocess,
-                          pairs: list[dict] | None = None) -> dict[str, float]:
-    """Score the finished few-shot run in ``folder`` on the target's test split (or ``pairs``, a development set):
-    per-image CSV and overlays in ``folder/eval``, the summary logged to its MLflow run and kept in ``state.json``
-    (``evaluated``, ``test``) so a resumed experiment does not score it again. Returns the summary."""
-    from medhybrid import tracking
-    from medhybrid.evaluate import evaluate
-
-    ev = evaluate(net, dataset, preprocess, "test", out_dir=folder / "eval", pairs=pairs)
-    if run_id:
-        tracking.log_metrics(mlflow, run_id, ev.summary, step=0)
-        tracking.log_artifact(mlflow, run_id, ev.csv, "eval")
-    tracking.write_state(folder, evaluated=True, test=ev.summary)
-    return ev.summary
-
-
 class _Timings:
     """Wall-clock seconds per method and stage of this invocation, appended to ``<folder>/timings.json``
     (one entry per invocation, so a resumed ablation's total is the sum)."""
 
     def __init__(self, folder: Path):
-        import json
-        import platform
-        import time
-
-        import torch
 
         self.path = folder / "timings.json"
         self.history = json.loads(self.path.read_text())["invocations"] if self.path.is_file() else []
@@ -205,8 +191,6 @@ class _Timings:
 
     @contextlib.contextmanager
     def __call__(self, method: str, stage: str):
-        import time
-
         t = time.perf_counter()
         try:
             yield
@@ -219,9 +203,6 @@ class _Timings:
         m[stage] = m.get(stage, 0.0) + seconds
 
     def save(self) -> float:
-        import time
-
-        from medhybrid.tracking import write_json
 
         self.entry["wall_s"] = time.perf_counter() - self.t0
         self.history.append(self.entry)
@@ -231,34 +212,27 @@ class _Timings:
 
 def pretrain_step(cfg: AblationConfig, method: str):
     """One method's pretraining (or the finished one): :func:`medhybrid.pretrain.run_pretraining`."""
-    from medhybrid.pretrain import run_pretraining
 
     return run_pretraining(pretrain_config(cfg, method))
 
 
 def finetune_step(cfg: AblationConfig, method: str, pre, budget: int | None, seed: int, parent: str | None) -> dict:
     """One fine-tune (or pixel-feature head) from the pretraining ``pre``, evaluated and recorded in its MLflow run;
-    a finished and evaluated run is skipped. Returns ``{"tag", "skipped", "test_dice", "train_s", "eval_s"}``."""
-    import time
-
-    from medhybrid import tracking
-    from medhybrid.config import Preprocess
-    from medhybrid.finetune import run_finetuning
-    from medhybrid.pixel_features import load_segmenter, run_pixel_features
-    from medhybrid.pretrain import load_model
+    a finished and evaluated run is skipped. Returns ``{"tag", "skipped", "dice", "train_s", "eval_s"}``, ``dice`` on
+    the set :attr:`AblationConfig.scored_on` names."""
 
     tag = f"{method} b{'all' if budget is None else budget} s{seed}"
     features = cfg.methods[method].head == "ddpm-features"
     make = pixel_features_config if features else finetune_config
     fcfg = make(cfg, method, pre.checkpoint, budget, seed, parent, pre.run_id)
-    st = tracking.read_state(fcfg.folder)
+    st = runs.read_state(fcfg.folder)
     if st.get("status") == "finished" and st.get("evaluated"):
         log.info("ablation %s: %s already done, skipped", cfg.name, tag)
         return {"tag": tag, "skipped": True}
     t0 = time.perf_counter()
     if features:
         res = run_pixel_features(fcfg)
-        net, meta = load_segmenter(res.checkpoint)
+        net, meta = load_feature_segmenter(res.checkpoint)
         preprocess = Preprocess(**meta["preprocess"])
     else:
         res = run_finetuning(fcfg)
@@ -266,8 +240,9 @@ def finetune_step(cfg: AblationConfig, method: str, pre, budget: int | None, see
         preprocess = fcfg.preprocess
     t1 = time.perf_counter()
     summary = evaluate_few_shot_run(cfg.mlflow, fcfg.folder, res.run_id, net, fcfg.dataset, preprocess, cfg.eval_pairs(seed))
-    log.info("ablation %s: %s test dice %.4f", cfg.name, tag, summary["test_dice"])
-    return {"tag": tag, "skipped": False, "test_dice": summary["test_dice"], "train_s": t1 - t0,
+    dice = summary[f"{cfg.scored_on}_dice"]
+    log.info("ablation %s: %s %s dice %.4f", cfg.name, tag, cfg.scored_on, dice)
+    return {"tag": tag, "skipped": False, "dice": dice, "train_s": t1 - t0,
             "eval_s": time.perf_counter() - t1}
 
 
@@ -311,8 +286,6 @@ def _in_driver_folder(cwd: str, cfg: AblationConfig) -> None:
 
 
 def _timed_pretrain(cwd: str, cfg: AblationConfig, method: str):
-    import time
-
     _in_driver_folder(cwd, cfg)
     t = time.perf_counter()
     return pretrain_step(cfg, method), time.perf_counter() - t
@@ -328,7 +301,6 @@ def _pinned_for_workers(cfg: AblationConfig) -> AblationConfig:
     """``cfg`` with the MLflow tracking URI made absolute on the driver: by default it follows the working folder,
     and a worker must write where the driver reads. (Run folders keep their paths, relative ones included, so a
     run's configuration hashes the same whichever executor made it: tasks run in the driver's working folder.)"""
-    from medhybrid import tracking
 
     uri = tracking.tracking_uri(cfg.mlflow)
     if uri.startswith("sqlite:///"):
@@ -423,15 +395,13 @@ def run_ablation(cfg: AblationConfig) -> dict:
 
     ``cfg.executor`` ``sequential`` runs everything here, one run after another; ``ray`` runs the same steps as Ray
     tasks (:func:`_run_on_ray`). Both skip finished runs, record failures without stopping, and give the same runs."""
-    from medhybrid import tracking
-    from medhybrid.report import write_report
 
     folder = cfg.folder
     folder.mkdir(parents=True, exist_ok=True)
     save_config(cfg, folder / "config.yaml")
     parent = None
     if cfg.mlflow.enabled:
-        parent = tracking.open_run(cfg.mlflow, folder, cfg.mlflow.run_name or f"ablation-{cfg.name}",
+        parent = runs.open_run(cfg.mlflow, folder, cfg.mlflow.run_name or f"ablation-{cfg.name}",
                                    params={"methods": ",".join(cfg.methods), "budgets": str(cfg.budgets),
                                            "seeds": str(cfg.seeds), "source": cfg.source.name, "target": cfg.target.name},
                                    tags={"medhybrid.stage": "ablation", "domain": cfg.target.name, "ablation": cfg.name})

@@ -3,7 +3,6 @@ that measures whether labelling in that order beats random order.
 
 The hybrid network is conditioned on a noise level and was trained to predict masks from noised images.
 Its uncertainty about an image is read from how much its mask changes when the image is noised:
-
     u(x) = 1 - mean_{sigma, r} Dice( m(x + sigma * eps_r; sigma), m(x; sigma_min) )
 
 with ``m`` the hard mask, ``eps_r`` fixed seeded Gaussian noise and ``sigma`` a few small noise levels
@@ -26,15 +25,26 @@ import math
 import os
 from collections.abc import Sequence
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Literal
 
 import numpy as np
 import torch
 from pydantic import Field, field_validator
+from scipy.stats import binomtest, spearmanr
 
-from medhybrid.config import NoiseLevels, Preprocess, StrictModel
-from medhybrid.evaluate import class_map
-from medhybrid.networks import HybridUNet
+from medhybrid import io, runs, tracking
+from medhybrid.ablation import pretrain_config
+from medhybrid.checkpoints import load_model
+from medhybrid.config import NoiseLevels, Preprocess, StrictModel, deep_merge, dump_config, save_config, validate
+from medhybrid.datasets import few_shot_ids, load_pairs
+from medhybrid.evaluate import evaluate
+from medhybrid.fewshot import evaluate_few_shot_run
+from medhybrid.finetune import FinetuneConfig, run_finetuning
+from medhybrid.inference import Segmenter, _Prepare
+from medhybrid.networks import EDMPrecond, mask_classes
+from medhybrid.pretrain import run_pretraining
+from medhybrid.transforms import preprocessing
 
 log = logging.getLogger("medhybrid")
 
@@ -64,34 +74,33 @@ def mask_dice(a: torch.Tensor, b: torch.Tensor, num_classes: int) -> torch.Tenso
     return torch.where(seen > 0, per / seen.clamp(min=1), out)
 
 
-def _mask_logits(net: HybridUNet, x: torch.Tensor, sigma: float) -> torch.Tensor:
+def _mask_logits(net: EDMPrecond, x: torch.Tensor, sigma: float) -> torch.Tensor:
     """Mask logits of ``x`` fed at noise level ``sigma`` (a served :class:`medhybrid.inference.Segmenter`'s own forward
-    takes no sigma: the HybridUNet forward it inherits does)."""
-    from medhybrid.inference import Segmenter
+    takes no sigma: the EDMPrecond forward it inherits does)."""
 
-    out = HybridUNet.forward(net, x, sigma) if isinstance(net, Segmenter) else net(x, sigma)
+    out = EDMPrecond.forward(net, x, sigma) if isinstance(net, Segmenter) else net(x, sigma)
     return out[:, net.image_channels :]
 
 
 @torch.no_grad()
-def mask_disagreement(net: HybridUNet, x: torch.Tensor, sigmas: Sequence[float] = (0.05, 0.1, 0.2), repeats: int = 2,
+def mask_disagreement(net: EDMPrecond, x: torch.Tensor, sigmas: Sequence[float] = (0.05, 0.1, 0.2), repeats: int = 2,
                       generator: torch.Generator | None = None) -> torch.Tensor:
     """u(x) for a batch of clean images ``x`` (B, C_img, H, W) in [-1, 1]: 1 - mean Dice between the mask of
     ``x`` at sigma_min and the masks of ``x + sigma * eps`` at ``sigma``. Returns (B,) float64 on the CPU."""
     dev = next(net.parameters()).device
     x = x.to(dev).float()
     k = net.mask_channels if net.mask_channels > 1 else 2
-    clean = class_map(net.segment(x)).cpu()
+    clean = mask_classes(net.segment(x)).cpu()
     dice = torch.zeros(x.shape[0], dtype=torch.float64)
     for sigma in sigmas:
         for _ in range(repeats):
             eps = torch.randn(x.shape, generator=generator).to(dev)
             noisy = _mask_logits(net, x + sigma * eps, sigma)
-            dice += mask_dice(class_map(noisy).cpu(), clean, k)
+            dice += mask_dice(mask_classes(noisy).cpu(), clean, k)
     return 1.0 - dice / (len(sigmas) * repeats)
 
 
-def score_images(net: HybridUNet, images: Sequence[torch.Tensor], cfg: UncertaintyConfig | None = None) -> list[float]:
+def score_images(net: EDMPrecond, images: Sequence[torch.Tensor], cfg: UncertaintyConfig | None = None) -> list[float]:
     """u(x) for model-ready images (C, H, W), in order. The noise is drawn from one generator seeded with
     ``cfg.seed``, so the same images in the same order get the same scores."""
     cfg = cfg or UncertaintyConfig()
@@ -109,7 +118,7 @@ def score_images(net: HybridUNet, images: Sequence[torch.Tensor], cfg: Uncertain
 
 
 @torch.no_grad()
-def embed_images(net: HybridUNet, images: Sequence[torch.Tensor], batch_size: int = 16) -> torch.Tensor:
+def embed_images(net: EDMPrecond, images: Sequence[torch.Tensor], batch_size: int = 16) -> torch.Tensor:
     """(N, C) unit-norm embeddings of model-ready images: the U-Net's bottleneck (``backbone.middle_block``)
     activations of the clean image, averaged over space."""
     feats: list[torch.Tensor] = []
@@ -143,18 +152,14 @@ def density_weighted(scores: dict[str, float], density: dict[str, float], beta: 
 
 def _pair_images(pairs: Sequence[dict], channels: int, preprocess: Preprocess) -> dict[str, torch.Tensor]:
     """``{id: model-ready image}`` of dataset pairs (only their images are read)."""
-    from types import SimpleNamespace
-
-    from medhybrid.transforms import preprocessing
 
     t = preprocessing(SimpleNamespace(channels=channels), preprocess, with_label=False)
     return {p["id"]: torch.as_tensor(t({"image": p["image"]})["image"]) for p in pairs}
 
 
-def score_files(net: HybridUNet, meta: dict, files: Sequence[str | os.PathLike], cfg: UncertaintyConfig | None = None) -> list[float]:
+def score_files(net: EDMPrecond, meta: dict, files: Sequence[str | os.PathLike], cfg: UncertaintyConfig | None = None) -> list[float]:
     """u for image files (PNG, JPEG, DICOM, NIfTI ...) under the model's own preprocessing (``meta`` of its
     model.pt); raises :class:`medhybrid.io.DataError` naming a file that cannot be read."""
-    from medhybrid.inference import _Prepare
 
     prepare = _Prepare(meta)
     return score_images(net, [prepare(Path(f))[0] for f in files], cfg)
@@ -196,16 +201,11 @@ def run_active_learning(abl, cfg: ActiveLearningConfig) -> dict:
     """Run (or resume) the experiment on ``abl``'s (:class:`medhybrid.ablation.AblationConfig`) target domain
     with its fine-tuning settings; write ``results.csv``, ``report.md`` and ``plot.png`` under
     ``<ablation folder>/active-learning/<method>``. Returns their paths and the result rows."""
-    from medhybrid import tracking
-    from medhybrid.ablation import pretrain_config
-    from medhybrid.datasets import few_shot_ids, load_pairs
-    from medhybrid.pretrain import load_model, run_pretraining
 
     if cfg.method not in abl.methods or abl.methods[cfg.method].pretrain == "none":
         raise ValueError(f"method {cfg.method!r} must be a pretrained method of ablation {abl.name!r} ({sorted(abl.methods)})")
     folder = abl.folder / "active-learning" / (cfg.method + ("-pool-holdout" if cfg.evaluate_on == "pool-holdout" else ""))
     folder.mkdir(parents=True, exist_ok=True)
-    from medhybrid.config import save_config
 
     save_config(cfg, folder / "config.yaml")
     pre = run_pretraining(pretrain_config(abl, cfg.method))
@@ -222,7 +222,7 @@ def run_active_learning(abl, cfg: ActiveLearningConfig) -> dict:
         raise ValueError(f"budget {cfg.budgets[-1]} is larger than the pool of {abl.target.name!r} ({len(pool)} images)")
     parent = None
     if abl.mlflow.enabled:
-        parent = tracking.open_run(abl.mlflow, folder, f"active-learning-{abl.name}-{cfg.method}",
+        parent = runs.open_run(abl.mlflow, folder, f"active-learning-{abl.name}-{cfg.method}",
                                    params={"budgets": str(cfg.budgets), "seeds": str(cfg.seeds), "strategies": ",".join(cfg.strategies),
                                            "sigmas": str(cfg.uncertainty.sigmas), "repeats": cfg.uncertainty.repeats},
                                    tags={"medhybrid.stage": "active-learning", "domain": abl.target.name, "ablation": abl.name})
@@ -247,11 +247,12 @@ def run_active_learning(abl, cfg: ActiveLearningConfig) -> dict:
                                                   cfg.density_beta)
                     selected = selected + most_uncertain(scores, budget - len(selected), exclude=selected)
                     (folder / strategy / f"b{budget}-s{seed}").mkdir(parents=True, exist_ok=True)
-                    tracking.write_json(folder / strategy / f"b{budget}-s{seed}" / "scores.json", scores, indent=1)
+                    io.write_json(folder / strategy / f"b{budget}-s{seed}" / "scores.json", scores, indent=1)
                 net, dice = _finetune_and_test(abl, cfg, pre, meta, folder, strategy, budget, seed, selected, parent, dev)
-                rows.append({"strategy": strategy, "budget": budget, "seed": seed, "test_dice": dice, "ids": " ".join(selected),
+                rows.append({"strategy": strategy, "budget": budget, "seed": seed, "dice": dice, "ids": " ".join(selected),
                              "score_error_rho": rho})
-                log.info("active learning %s: %s b%d s%d test dice %.4f", abl.name, strategy, budget, seed, dice)
+                log.info("active learning %s: %s b%d s%d %s dice %.4f", abl.name, strategy, budget, seed,
+                         "test" if dev is None else "dev", dice)
     paths = write_active_report(rows, folder, abl.target.name, cfg)
     if parent:
         for p in paths.values():
@@ -260,14 +261,11 @@ def run_active_learning(abl, cfg: ActiveLearningConfig) -> dict:
     return {**paths, "rows": rows, "parent_run_id": parent}
 
 
-def score_error_correlation(net: HybridUNet, dataset, preprocess: Preprocess, pairs: Sequence[dict],
+def score_error_correlation(net: EDMPrecond, dataset, preprocess: Preprocess, pairs: Sequence[dict],
                             scores: dict[str, float]) -> float:
     """Spearman correlation between the uncertainty ``scores`` of ``pairs`` (pool images a round could pick) and the
     model's actual error 1 - Dice on them: does u find the images the model gets wrong? A diagnostic the simulation
     can afford because its pool is labelled; it reads pool labels only, never the test split."""
-    from scipy.stats import spearmanr
-
-    from medhybrid.evaluate import evaluate
 
     if len(pairs) < 3:
         return math.nan
@@ -277,13 +275,7 @@ def score_error_correlation(net: HybridUNet, dataset, preprocess: Preprocess, pa
 
 
 def _finetune_and_test(abl, cfg: ActiveLearningConfig, pre, meta: dict, folder: Path, strategy: str, budget: int, seed: int,
-                       ids: list[str], parent: str | None, dev: list[dict] | None = None) -> tuple[HybridUNet, float]:
-    from medhybrid import tracking
-    from medhybrid.ablation import evaluate_few_shot_run
-    from medhybrid.config import deep_merge, dump_config, validate
-    from medhybrid.finetune import FinetuneConfig, run_finetuning
-    from medhybrid.pretrain import load_model
-
+                       ids: list[str], parent: str | None, dev: list[dict] | None = None) -> tuple[EDMPrecond, float]:
     out = folder / strategy / f"b{budget}-s{seed}"
     data = deep_merge(abl.finetune, dict(
         dataset=abl.target.model_dump(), method=f"{cfg.method}-{strategy}", budget=budget, seed=seed, ids=ids,
@@ -293,11 +285,11 @@ def _finetune_and_test(abl, cfg: ActiveLearningConfig, pre, meta: dict, folder: 
     fcfg = validate(FinetuneConfig, data, source=f"active learning {abl.name} {strategy} b{budget} s{seed}")
     res = run_finetuning(fcfg)
     net, _ = load_model(res.checkpoint)
-    st = tracking.read_state(fcfg.folder)
+    st = runs.read_state(fcfg.folder)
     if st.get("evaluated"):
-        return net, float(st["test"]["test_dice"])
+        return net, float(st["scores"][f"{st['scored_on']}_dice"])
     summary = evaluate_few_shot_run(abl.mlflow, fcfg.folder, res.run_id, net, fcfg.dataset, fcfg.preprocess, dev)
-    return net, float(summary["test_dice"])
+    return net, float(summary["test_dice" if dev is None else "dev_dice"])
 
 
 def write_active_report(rows: list[dict], folder: Path, domain: str, cfg: ActiveLearningConfig) -> dict[str, Path]:
@@ -310,10 +302,11 @@ def write_active_report(rows: list[dict], folder: Path, domain: str, cfg: Active
 
     csv_path = folder / "results.csv"
     with open(csv_path, "w", newline="") as fh:
-        w = csv.DictWriter(fh, fieldnames=["strategy", "budget", "seed", "test_dice", "score_error_rho", "ids"])
+        on = "test" if cfg.evaluate_on == "test" else "dev"  # the column says which set the Dice is from
+        w = csv.DictWriter(fh, fieldnames=["strategy", "budget", "seed", f"{on}_dice", "score_error_rho", "ids"], extrasaction="ignore")
         w.writeheader()
-        w.writerows(rows)
-    dice = {(r["strategy"], r["budget"], r["seed"]): r["test_dice"] for r in rows}
+        w.writerows({**r, f"{on}_dice": r["dice"]} for r in rows)
+    dice = {(r["strategy"], r["budget"], r["seed"]): r["dice"] for r in rows}
     strategies = [s for s in cfg.strategies if any(r["strategy"] == s for r in rows)]
     others = [s for s in strategies if s != "random"] if "random" in strategies else []
     split = (f"the {domain} test split (never used to choose images)" if cfg.evaluate_on == "test" else
@@ -378,7 +371,6 @@ def write_active_report(rows: list[dict], folder: Path, domain: str, cfg: Active
 
 def _sign_test(diffs: Sequence[float]) -> float:
     """Two-sided sign test of ``diffs`` against 0 (ties dropped)."""
-    from scipy.stats import binomtest
 
     pos, neg = sum(d > 0 for d in diffs), sum(d < 0 for d in diffs)
     return float(binomtest(pos, pos + neg).pvalue) if pos + neg else 1.0

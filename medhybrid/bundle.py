@@ -17,11 +17,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from medhybrid.checkpoints import atomic_save, load_model
 from medhybrid.config import load_dataset_spec
 from medhybrid.datasets import load_pairs
+from medhybrid.engines import unwrap
 from medhybrid.inference import collect_inputs
 from medhybrid.io import DataError
-from medhybrid.training import atomic_save, unwrap
 
 log = logging.getLogger("medhybrid")
 
@@ -76,7 +77,6 @@ def publish_weights(checkpoint: str | os.PathLike, path: str | os.PathLike, netw
     """Publish the weights of a medhybrid run (``model.pt`` of a pretraining or fine-tuning run) as a bundle's
     weights file: its state dict alone, atomically. With ``network`` (the bundle's ``network_def``), the weights
     are first loaded into it strictly, so a size mismatch with the bundle's config fails here, naming both."""
-    from medhybrid.pretrain import load_model
 
     net, _ = load_model(checkpoint)
     if network is not None:

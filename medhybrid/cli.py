@@ -13,14 +13,22 @@ import logging
 import sys
 from pathlib import Path
 
-from medhybrid.config import ConfigError, deep_merge
+from medhybrid import runs
+from medhybrid.ablation import DEFAULT_METHODS, AblationConfig, run_ablation
+from medhybrid.active import ActiveLearningConfig, run_active_learning
+from medhybrid.check import check_dataset
+from medhybrid.checkpoints import load_model
+from medhybrid.config import ConfigError, apply_overrides, deep_merge, find_config, load_config, load_dataset_spec, read_yaml, validate
+from medhybrid.evaluate import evaluate
+from medhybrid.finetune import FinetuneConfig, run_finetuning
+from medhybrid.inference import infer_files
 from medhybrid.io import DataError
+from medhybrid.pretrain import PretrainConfig, run_pretraining
+from medhybrid.report import embed_in_readme, write_length_curve, write_report
+from medhybrid.sampling import sample_to_grid
 
 
 def _data_check(args) -> int:
-    from medhybrid.check import check_dataset
-    from medhybrid.config import load_dataset_spec
-
     status = 0
     for name in args.dataset:
         spec = load_dataset_spec(name, args.overrides)
@@ -31,9 +39,6 @@ def _data_check(args) -> int:
 
 
 def _pretrain(args) -> int:
-    from medhybrid.config import load_config
-    from medhybrid.pretrain import PretrainConfig, run_pretraining
-
     cfg = load_config(PretrainConfig, args.config, args.overrides, kind="pretrain")
     result = run_pretraining(cfg)
     print(f"pretraining done: checkpoint {result.checkpoint}  mlflow run {result.run_id}")
@@ -43,8 +48,6 @@ def _pretrain(args) -> int:
 def load_ablation(path: str, profile: str, overrides: list[str]):
     """An ablation config with one of its ``profiles`` (quick, standard, full) merged over the shared part. A profile's
     ``methods`` may be a list of names: it then runs that selection of the methods defined at the top level."""
-    from medhybrid.ablation import DEFAULT_METHODS, AblationConfig
-    from medhybrid.config import apply_overrides, find_config, read_yaml, validate
 
     p = find_config(path, "ablation")
     data = read_yaml(p)
@@ -73,8 +76,6 @@ def _profile(profiles: dict, name: str, path: Path, seen: tuple[str, ...] = ()) 
 
 
 def _ablate(args) -> int:
-    from medhybrid.ablation import run_ablation
-
     cfg = load_ablation(args.config, args.profile, args.overrides)
     out = run_ablation(cfg)
     print(f"report: {out['report']['markdown']}\nplot:   {out['report']['plot']}")
@@ -85,9 +86,6 @@ def _ablate(args) -> int:
 
 
 def _active(args) -> int:
-    from medhybrid.active import ActiveLearningConfig, run_active_learning
-    from medhybrid.config import apply_overrides, validate
-
     abl = load_ablation(args.config, args.profile, args.ablation_overrides or [])
     cfg = validate(ActiveLearningConfig, apply_overrides({"method": args.method}, args.overrides), source="medhybrid active")
     out = run_active_learning(abl, cfg)
@@ -96,11 +94,8 @@ def _active(args) -> int:
 
 
 def _report(args) -> int:
-    from medhybrid import tracking
-    from medhybrid.report import embed_in_readme, write_report
-
     cfg = load_ablation(args.config, args.profile, args.overrides)
-    parent = tracking.read_state(cfg.folder).get("mlflow_run_id") if cfg.mlflow.enabled else None
+    parent = runs.read_state(cfg.folder).get("mlflow_run_id") if cfg.mlflow.enabled else None
     paths = write_report(cfg, Path(args.out) if args.out else cfg.folder / "report", parent_run_id=parent)
     print(f"report: {paths['markdown']}")
     if args.readme:
@@ -110,8 +105,6 @@ def _report(args) -> int:
 
 
 def _curve(args) -> int:
-    from medhybrid.report import write_length_curve
-
     cfgs = [load_ablation(args.config, profile, args.overrides) for profile in args.profiles]
     paths = write_length_curve(cfgs, Path(args.out), baseline=args.baseline, methods=args.methods)
     print(f"curve: {paths['markdown']}")
@@ -119,11 +112,6 @@ def _curve(args) -> int:
 
 
 def _finetune(args) -> int:
-    from medhybrid.config import load_config
-    from medhybrid.evaluate import evaluate
-    from medhybrid.finetune import FinetuneConfig, run_finetuning
-    from medhybrid.pretrain import load_model
-
     cfg = load_config(FinetuneConfig, args.config, args.overrides, kind="finetune")
     res = run_finetuning(cfg)
     print(f"fine-tuned on {len(res.ids)} labelled images: {res.checkpoint}")
@@ -135,16 +123,12 @@ def _finetune(args) -> int:
 
 
 def _sample(args) -> int:
-    from medhybrid.sampling import sample_to_grid
-
     path = sample_to_grid(args.checkpoint, args.out, num=args.num, steps=args.steps, seed=args.seed)
     print(f"samples written to {path}")
     return 0
 
 
 def _infer(args) -> int:
-    from medhybrid.inference import infer_files
-
     written = infer_files(args.model, args.input, args.output, nifti=args.nifti, batch_size=args.batch_size, device=args.device)
     print(f"{len(written)} mask(s) written to {args.output}")
     return 0

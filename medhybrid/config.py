@@ -9,6 +9,8 @@ forbids unknown keys, so a wrong key, type or path fails at load time with a mes
 from __future__ import annotations
 
 import copy
+import csv
+import json
 import os
 import re
 from pathlib import Path
@@ -27,7 +29,14 @@ from pydantic import (
     model_validator,
 )
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+from medhybrid.io import atomic_write, file_channels, read_image
+
+PACKAGED_CONFIGS = Path(__file__).parent / "configs"
+"""The configs shipped with the package: in a clone a link to the repository's top-level ``configs/``, in an
+installed wheel the copy packaged with it."""
+
+DATA_ROOT_ENV = "MEDHYBRID_DATA_ROOT"
+CONFIG_DIR_ENV = "MEDHYBRID_CONFIG_DIR"
 
 
 class ConfigError(ValueError):
@@ -114,13 +123,11 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
 
 
 def config_dir() -> Path:
-    """Folder of the shipped configs: ``$MEDHYBRID_CONFIG_DIR``, else the repository's ``configs/``."""
-    env = os.environ.get("MEDHYBRID_CONFIG_DIR")
-    if env:
-        return Path(env)
-    if (REPO_ROOT / "configs").is_dir():
-        return REPO_ROOT / "configs"
-    return Path.cwd() / "configs"
+    """Folder of the shipped configs (``data/``, ``pretrain/``, ``finetune/``, ``ablation/``): ``$MEDHYBRID_CONFIG_DIR``,
+    else the ones packaged with medhybrid (:data:`PACKAGED_CONFIGS`). Symbolic links are resolved, so a YAML's relative
+    paths (``base:`` files, a dataset's default ``root``) are relative to where the file really is."""
+    env = os.environ.get(CONFIG_DIR_ENV)
+    return Path(env).expanduser().resolve() if env else PACKAGED_CONFIGS.resolve()
 
 
 def find_config(name: str | os.PathLike, kind: str) -> Path:
@@ -130,11 +137,18 @@ def find_config(name: str | os.PathLike, kind: str) -> Path:
         if not p.is_file():
             raise ConfigError(f"{p}: config file not found")
         return p.resolve()
-    shipped = config_dir() / kind / f"{name}.yaml"
+    folder = config_dir() / kind
+    shipped = folder / f"{name}.yaml"
     if shipped.is_file():
         return shipped
-    known = sorted(q.stem for q in (config_dir() / kind).glob("*.yaml"))
-    raise ConfigError(f"unknown {kind} config {str(name)!r}: not a file, and not one of {known} in {config_dir() / kind}")
+    if not folder.is_dir():
+        where = (f"{CONFIG_DIR_ENV}={os.environ[CONFIG_DIR_ENV]} has no {kind}/ folder" if os.environ.get(CONFIG_DIR_ENV)
+                 else f"no shipped configs found ({folder} is missing: this medhybrid was installed without its configs)")
+        raise ConfigError(f"{kind} config {str(name)!r}: not a file, and {where}; pass a YAML file's path instead, or set "
+                          f"{CONFIG_DIR_ENV} to a folder holding {kind}/{name}.yaml")
+    known = sorted(q.stem for q in folder.glob("*.yaml"))
+    raise ConfigError(f"unknown {kind} config {str(name)!r}: not a file, and not one of {known} in {folder}; "
+                      "pass a YAML file's path instead")
 
 
 # --------------------------------------------------------------------------------------------- data
@@ -236,7 +250,7 @@ def load_dataset_spec(ref: str | os.PathLike | dict | DatasetSpec, overrides: li
         return ref
     if isinstance(ref, DatasetSpec):
         ref = ref.model_dump()
-    source, ctx_dir = "dataset", base_dir
+    source, ctx_dir, yaml_path = "dataset", base_dir, None
     if isinstance(ref, dict):
         data = ref
     else:
@@ -253,17 +267,41 @@ def load_dataset_spec(ref: str | os.PathLike | dict | DatasetSpec, overrides: li
                 data["masks"] = None
             source, ctx_dir = str(p), None
         else:
-            path = find_config(p, "data")
-            data, source, ctx_dir = read_yaml(path), str(path), path.parent
+            yaml_path = find_config(p, "data")
+            data, source, ctx_dir = read_yaml(yaml_path), str(yaml_path), yaml_path.parent
     data = apply_overrides(data, overrides or [])
     if "channels" not in data and (channels := _infer_channels(data, source, ctx_dir)) is not None:
         data["channels"] = channels
-    return validate(DatasetSpec, data, source=source, context={"base_dir": ctx_dir})
+    try:
+        return validate(DatasetSpec, data, source=source, context={"base_dir": ctx_dir})
+    except ConfigError as e:
+        hint = _data_root_hint(yaml_path, overrides or []) if "dataset root" in str(e) else None
+        if hint:
+            raise ConfigError(f"{e}\n  {hint}") from None
+        raise
+
+
+def _data_root_hint(yaml_path: Path | None, overrides: list[str]) -> str | None:
+    """What to do when a dataset YAML's ``root: ${MEDHYBRID_DATA_ROOT:default}/...`` names no folder: the default is
+    relative to the YAML, right in a clone beside ``../shared/data`` and wrong once the YAML is installed with the
+    package."""
+    if yaml_path is None or any(o.split("=", 1)[0].strip() == "root" for o in overrides):
+        return None
+    try:
+        raw = (yaml.safe_load(yaml_path.read_text()) or {}).get("root")
+    except (OSError, yaml.YAMLError, AttributeError):
+        return None
+    if not isinstance(raw, str) or f"${{{DATA_ROOT_ENV}" not in raw:
+        return None
+    if os.environ.get(DATA_ROOT_ENV):
+        return (f"{DATA_ROOT_ENV}={os.environ[DATA_ROOT_ENV]} does not hold this dataset (root: {raw}): set it to the "
+                "folder that does, or pass your own dataset YAML or folder")
+    return (f"{DATA_ROOT_ENV} is not set, so root ({raw}) fell back to its default, relative to {yaml_path.parent}: "
+            f"set {DATA_ROOT_ENV} to the folder holding the datasets (e.g. {DATA_ROOT_ENV}=/data with "
+            "/data/dermoscopy/ph2), or pass your own dataset YAML or folder")
 
 
 def _csv_columns(path: Path) -> list[str]:
-    import csv
-
     with open(path, newline="") as fh:
         return [c.strip() for c in next(csv.reader(fh), [])]
 
@@ -271,8 +309,7 @@ def _csv_columns(path: Path) -> list[str]:
 def _infer_channels(data: dict, source: str, base_dir) -> int | None:
     """The channel count the dataset's image files agree on (1 grey, 3 RGB), read from their headers; None when no
     file could be read (validation then asks for ``channels``). Raises :class:`ConfigError` when they disagree."""
-    from medhybrid.datasets import discover_pairs
-    from medhybrid.io import file_channels
+    from medhybrid.datasets import discover_pairs  # datasets builds on this module's DatasetSpec
 
     try:  # any channel count validates the rest of the spec; the files are what decides it
         spec = validate(DatasetSpec, {**data, "channels": 1}, source=source, context={"base_dir": base_dir})
@@ -285,8 +322,6 @@ def _infer_channels(data: dict, source: str, base_dir) -> int | None:
         if c is not None:
             found.setdefault(c, []).append(item["image"])
     if not found:
-        from medhybrid.io import read_image
-
         unreadable = []
         for item in items[:5]:
             try:
@@ -315,8 +350,6 @@ DatasetRef = Annotated[DatasetSpec, BeforeValidator(_dataset_from_ref)]
 
 
 def _is_datalist(path: Path) -> bool:
-    import json
-
     try:
         data = json.loads(path.read_text())
     except (OSError, ValueError):
@@ -395,9 +428,6 @@ def dump_config(cfg: BaseModel) -> dict:
 
 def save_config(cfg: BaseModel, path: str | os.PathLike) -> Path:
     """Write the resolved config as YAML (atomically)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(yaml.safe_dump(dump_config(cfg), sort_keys=False))
-    os.replace(tmp, path)
-    return path
+    with atomic_write(path) as tmp:
+        tmp.write_text(yaml.safe_dump(dump_config(cfg), sort_keys=False))
+    return Path(path)

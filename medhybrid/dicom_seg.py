@@ -15,7 +15,7 @@ import highdicom as hd
 import numpy as np
 from pydicom.sr.coding import Code
 
-from medhybrid.io import DataError, open_dicom
+from medhybrid.io import DataError, atomic_write, open_dicom
 
 # SNOMED CT codes for the shipped tasks' segments; anything else is a generic "Tissue" of category "Tissue".
 SEGMENT_CODES: dict[str, tuple[Code, Code]] = {
@@ -72,12 +72,9 @@ def write_dicom_seg(mask: np.ndarray, source: str | os.PathLike, path: str | os.
         seg = _segmentation(src, stack, names, algorithm, version)
     except (AttributeError, ValueError, TypeError, KeyError) as e:  # highdicom's checks of the source image
         raise DataError(source, f"cannot be the source of a DICOM SEG ({type(e).__name__}: {e})") from e
-    out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
-    seg.save_as(tmp)
-    os.replace(tmp, out)
-    return out
+    with atomic_write(path) as tmp:
+        seg.save_as(tmp)
+    return Path(path)
 
 
 def _segmentation(src, stack: np.ndarray, names: list[str], algorithm: str, version: str) -> hd.seg.Segmentation:

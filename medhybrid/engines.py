@@ -1,239 +1,257 @@
-"""The seams through which medhybrid extends MONAI's Ignite engines (``SupervisedTrainer`` and
-``SupervisedEvaluator``): prepare-batch objects that apply each mode's corruption, inferers that read
-the right output channels, metrics and small handlers. No training loop is written here.
-
-Randomness is a pure function of ``(seed, iteration, rank)`` (noise, masks) and ``(seed, epoch)``
-(data order), so a run resumed from a checkpoint continues exactly as an uninterrupted run would.
+"""The engines: MONAI's ``SupervisedTrainer`` (shared by pretraining and fine-tuning) with medhybrid's seams
+plugged in (:mod:`medhybrid.batches`, :mod:`medhybrid.inferers`, :mod:`medhybrid.losses`), atomic checkpoints, exact
+resume, EMA, MLflow, progress and multi-process data parallelism through ``ignite.distributed``. No training loop is
+written here: :func:`fit` assembles the trainer from small builders and runs it.
 """
 
 from __future__ import annotations
 
-import math
-from collections.abc import Sequence
+import logging
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Literal
 
+import ignite.distributed as idist
 import torch
-from ignite.engine import Engine, Events
-from ignite.metrics import Metric
-from monai.engines import PrepareBatch
-from monai.inferers import Inferer
-from monai.utils import CommonKeys as Keys
+from ignite.engine import Events
+from ignite.handlers import Checkpoint, DiskSaver, EMAHandler, ProgressBar
+from monai.engines import SupervisedTrainer
+from monai.engines.utils import IterationEvents
+from monai.handlers import LrScheduleHandler, ValidationHandler
+from monai.optimizers import WarmupCosineSchedule
+from pydantic import Field
+from torch import nn
 
-from medhybrid import diffusion as D
-from medhybrid.transforms import IGNORE_INDEX
+from medhybrid.batches import EpochSeededSampler
+from medhybrid.checkpoints import latest_checkpoint
+from medhybrid.config import StrictModel
+from medhybrid.inferers import ConditionedInferer
+from medhybrid.threads import ThreadPolicy
+
+log = logging.getLogger("medhybrid")
 
 
-def _tensor(x) -> torch.Tensor:
-    return x.as_tensor() if hasattr(x, "as_tensor") else x
+class TrainConfig(StrictModel):
+    """Optimisation schedule, fixed by the config (never tuned on a test split)."""
+
+    epochs: int = Field(10, ge=1)
+    epoch_length: int = Field(50, ge=1, description="iterations per epoch (batches drawn with a per-epoch seed)")
+    batch_size: int = Field(16, ge=1)
+    lr: float = Field(2e-4, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    warmup_iterations: int = Field(50, ge=0)
+    grad_clip: float | None = 1.0
+    ema_decay: float | None = Field(None, description="EMA of the weights (e.g. 0.999); None = off")
+    val_every: int = Field(1, ge=1, description="validate every N epochs")
+    val_max_images: int | None = Field(64, description="validate on the first N images of the split (None: all)")
+    checkpoint_every: int = Field(1, ge=1, description="checkpoint every N epochs")
+    seed: int = 0
+    device: str = Field("auto", description="auto, cpu, cuda, cuda:1 ...")
+    amp: bool = Field(True, description="bf16 autocast and channels-last on CUDA; ignored on CPU (fp32)")
+    compile: bool = Field(False, description="torch.compile the training forward (MONAI SupervisedTrainer's compile): "
+                          "a one-off compile (~83 s for the default U-Net on a 2-core CPU, where the compiled steps are "
+                          "4-8 % slower: benchmarks/README.md) for fused kernels on CUDA; an execution setting, not part "
+                          "of a run's config hash")
+    threads: Literal["auto"] | Annotated[int, Field(ge=1)] = Field(
+        "auto", description="CPU threads of PyTorch's kernels: auto = the cores other processes leave free, rechecked "
+        "every few seconds (medhybrid.threads: a shared machine slows a run about 2x, not 4x); N = fixed; an execution "
+        "setting, not part of a run's config hash")
+    num_workers: int = 0
+    nproc: int = Field(1, ge=1, description="data-parallel processes (ignite.distributed)")
+    backend: Literal["gloo", "nccl"] | None = Field(None, description="None: nccl on CUDA, gloo on CPU")
+    check_data: bool = Field(True, description="open and check every training/validation file before training")
+    progress: bool = Field(True, description="progress bar (on a terminal)")
+
+    @property
+    def iterations(self) -> int:
+        return self.epochs * self.epoch_length
 
 
-def step_generator(seed: int, step: int, rank: int = 0) -> torch.Generator:
-    """A CPU generator whose state depends only on (seed, step, rank)."""
-    return torch.Generator().manual_seed((seed * 1_000_003 + step * 7_919 + rank * 104_729) % (2**63 - 1))
+EXECUTION_ONLY = ("progress", "compile", "threads")
+"""Fields of :class:`TrainConfig` that decide how a run executes, not what it computes (left out of config hashes)."""
 
 
-class CorruptionPrepareBatch(PrepareBatch):
-    """Prepare-batch seam of pretraining: corrupt the clean image as the mode asks.
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device(f"cuda:{idist.get_local_rank()}") if idist.get_world_size() > 1 else torch.device("cuda")
+        return torch.device("cpu")
+    return torch.device(name)
 
-    Returns ``(inputs, targets, (), kwargs)``: ``inputs`` the corrupted image, ``targets`` a dict
-    (``image`` clean, ``label``, ``sigma``, ``mask_weight``) for :class:`medhybrid.losses.PretrainLoss`,
-    ``kwargs`` the network's conditioning (``sigma``, and ``precondition=False`` for MDM).
 
-    Hybrid noise-level policy (how the mask loss meets the noise levels): a fraction ``seg_fraction``
-    of each batch takes sigma log-uniform in ``[sigma_min, seg_sigma_max]`` (where the mask is still
-    visible), the rest EDM's log-normal; the per-sample mask-loss weight is
-    ``mask_weight * w(sigma)`` with ``w`` = 1 (``all``), ``1[sigma <= seg_sigma_max]`` (``low``) or
-    ``c_skip(sigma)`` (``cskip``). ``seg_fraction=0, weighting=all`` is the naive hybrid.
+def unwrap(net: nn.Module) -> nn.Module:
+    return net.module if hasattr(net, "module") and isinstance(net, nn.parallel.DistributedDataParallel) else net
 
-    Batches that mix in unlabelled images (:mod:`medhybrid.unlabelled`) carry ``labelled`` (B,): the low band is
-    drawn for a ``seg_fraction`` of the *labelled* samples, and an unlabelled sample's mask weight is exactly 0
-    whatever its sigma, so it only ever meets the denoising (or masked-patch) objective.
-    """
 
-    def __init__(self, mode: str, edm: D.EDMParams = D.EDMParams(), seed: int = 0, rank: int = 0,
-                 mask_weight: float = 1.0, seg_fraction: float = 0.0, seg_sigma_max: float = 0.1,
-                 weighting: str = "all", mdm_patch: int = 8):
-        self.mode, self.edm, self.seed, self.rank = mode, edm, seed, rank
-        self.mask_weight, self.seg_fraction, self.seg_sigma_max = mask_weight, seg_fraction, seg_sigma_max
-        self.weighting, self.mdm_patch = weighting, mdm_patch
-        self.step = 0
+@dataclass
+class FitResult:
+    network: nn.Module  # the weights to keep (EMA if enabled), unwrapped
+    metrics: dict
+    iterations: int
+    resumed_from: int
 
-    def attach(self, engine: Engine) -> None:
-        """Keep :attr:`step` equal to the engine's iteration (set before each batch is prepared)."""
-        engine.add_event_handler(Events.ITERATION_STARTED, lambda e: setattr(self, "step", e.state.iteration))
 
-    def sigmas(self, n: int, g: torch.Generator, labelled: torch.Tensor | None = None) -> torch.Tensor:
-        """EDM's log-normal sigmas; in hybrid mode the first ``seg_fraction`` of the labelled samples (all samples
-        when ``labelled`` is None) take the low band instead."""
-        e = self.edm
-        sigma = D.sample_sigma_lognormal(n, e.p_mean, e.p_std, generator=g)
-        if self.mode == "hybrid" and self.seg_fraction > 0:
-            idx = torch.arange(n) if labelled is None else torch.nonzero(labelled.cpu() > 0).flatten()
-            k = int(round(self.seg_fraction * len(idx)))
-            sigma[idx[:k]] = D.sample_sigma_loguniform(k, e.sigma_min, self.seg_sigma_max, generator=g)
-        return sigma
+def fit(
+    network: nn.Module,
+    train_ds,
+    prepare_batch,
+    loss_function: nn.Module,
+    cfg: TrainConfig,
+    folder: Path,
+    *,
+    make_evaluator: Callable[[nn.Module, torch.device], object] | None = None,
+    mlflow_handler_factory: Callable[[], object] | None = None,
+    on_validated: Callable[[object, object, nn.Module], None] | None = None,
+    on_trainer: Callable[[object], None] | None = None,
+    checkpoint_prefix: str = "train",
+    sampler: torch.utils.data.Sampler | None = None,
+) -> FitResult:
+    """Train ``network`` on ``train_ds`` with MONAI's ``SupervisedTrainer`` (call inside each process
+    when distributed). Resumes from the newest checkpoint in ``folder/checkpoints``. ``sampler`` (this rank's, with
+    ``attach(engine)`` setting its epoch, and ``epoch_length * batch_size`` indices read consecutively into batches)
+    replaces the default :class:`~medhybrid.batches.EpochSeededSampler` over ``train_ds``."""
+    rank, world = idist.get_rank(), idist.get_world_size()
+    device = resolve_device(cfg.device)
+    network, model = _placed(network, device, cfg, world)
+    if sampler is None:
+        sampler = EpochSeededSampler(len(train_ds), cfg.epoch_length * cfg.batch_size, seed=cfg.seed, rank=rank, world_size=world)
+    optimizer, scheduler = _optimiser(network, cfg)
+    ema = EMAHandler(network, momentum=1 - cfg.ema_decay) if cfg.ema_decay else None
+    eval_net = ema.ema_model if ema else model
+    evaluator = make_evaluator(eval_net, device) if make_evaluator else None
+    trainer = _trainer(model, device, cfg, _loader(train_ds, sampler, cfg, device), optimizer, scheduler, loss_function,
+                       prepare_batch, evaluator)
+    sampler.attach(trainer)
+    if on_trainer is not None:
+        on_trainer(trainer)
+    if hasattr(prepare_batch, "attach"):
+        prepare_batch.attach(trainer)
+    _attach_execution(trainer, cfg, device)
+    if ema:
+        ema.attach(trainer, name="ema_momentum", event=Events.ITERATION_COMPLETED)
 
-    def mask_weights(self, sigma: torch.Tensor, labelled: torch.Tensor | None = None) -> torch.Tensor:
-        """Per-sample mask-loss weight: ``mask_weight * w(sigma)``, times 0 for an unlabelled sample."""
-        if self.weighting == "low":
-            w = (sigma <= self.seg_sigma_max * (1 + 1e-6)).float()
-        elif self.weighting == "cskip":
-            w = D.c_skip(sigma, self.edm.sigma_data)
+    to_save = {"network": network, "optimizer": optimizer, "lr_scheduler": scheduler, "trainer": trainer}
+    if ema:
+        to_save["ema_model"] = ema.ema_model
+    resumed_from = _resume(to_save, trainer, folder, device, cfg.iterations)
+    _attach_loss_summary(trainer, evaluator, loss_function, cfg, rank)
+    if evaluator is not None and on_validated is not None and rank == 0:
+        evaluator.add_event_handler(Events.COMPLETED, lambda e: on_validated(trainer, e, unwrap(eval_net)))
+    if rank == 0:
+        _attach_reporting(trainer, evaluator, cfg, mlflow_handler_factory)
+    # checkpoint last, after the epoch's summary and MLflow logging: a run killed once its checkpoint exists has
+    # recorded everything up to it, so the resumed run (which starts after it) leaves no gap in the metrics
+    trainer.add_event_handler(Events.EPOCH_COMPLETED(every=cfg.checkpoint_every) | Events.COMPLETED,
+                              _checkpointer(to_save, folder, checkpoint_prefix))
+
+    t0 = time.time()
+    if resumed_from < cfg.iterations:
+        trainer.run()
+    log.info("trained %d iterations in %.1f s", trainer.state.iteration - resumed_from, time.time() - t0)
+    metrics = dict(evaluator.state.metrics) if evaluator is not None and evaluator.state.epoch else {}
+    keep = unwrap(ema.ema_model) if ema else unwrap(model)
+    return FitResult(network=keep, metrics=metrics, iterations=trainer.state.iteration, resumed_from=resumed_from)
+
+
+def _placed(network: nn.Module, device: torch.device, cfg: TrainConfig, world: int) -> tuple[nn.Module, nn.Module]:
+    """``(network, model)``: the network on ``device`` (channels-last under CUDA autocast), and what the trainer runs
+    (the network, or its DistributedDataParallel wrapper)."""
+    network = network.to(device)
+    if device.type == "cuda" and cfg.amp:
+        network = network.to(memory_format=torch.channels_last)
+    return network, (idist.auto_model(network, sync_bn=False) if world > 1 else network)
+
+
+def _loader(train_ds, sampler, cfg: TrainConfig, device: torch.device) -> torch.utils.data.DataLoader:
+    return torch.utils.data.DataLoader(train_ds, batch_size=cfg.batch_size, sampler=sampler, num_workers=cfg.num_workers,
+                                       pin_memory=device.type == "cuda", drop_last=True, persistent_workers=cfg.num_workers > 0)
+
+
+def _optimiser(network: nn.Module, cfg: TrainConfig):
+    """AdamW with a linear warm-up then cosine decay over ``cfg.iterations`` (MONAI's ``WarmupCosineSchedule``)."""
+    optimizer = torch.optim.AdamW(network.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    scheduler = WarmupCosineSchedule(optimizer, warmup_steps=min(cfg.warmup_iterations, cfg.iterations - 1),
+                                     t_total=cfg.iterations, warmup_multiplier=0.01)
+    return optimizer, scheduler
+
+
+def _trainer(model, device, cfg: TrainConfig, loader, optimizer, scheduler, loss_function, prepare_batch,
+             evaluator) -> SupervisedTrainer:
+    """MONAI's ``SupervisedTrainer`` with the LR schedule stepped every iteration and ``evaluator`` run every
+    ``cfg.val_every`` epochs; bf16 autocast on CUDA when ``cfg.amp``."""
+    cuda = device.type == "cuda"
+    handlers = [LrScheduleHandler(scheduler, print_lr=False, epoch_level=False)]
+    if evaluator is not None:
+        handlers.append(ValidationHandler(validator=evaluator, interval=cfg.val_every, epoch_level=True))
+    return SupervisedTrainer(
+        device=device, max_epochs=cfg.epochs, epoch_length=cfg.epoch_length, train_data_loader=loader,
+        network=model, optimizer=optimizer, loss_function=loss_function, prepare_batch=prepare_batch,
+        inferer=ConditionedInferer(), amp=cuda and cfg.amp, amp_kwargs={"dtype": torch.bfloat16} if cuda else None,
+        decollate=False, train_handlers=handlers, compile=cfg.compile,
+    )
+
+
+def _attach_execution(trainer, cfg: TrainConfig, device: torch.device) -> None:
+    """Gradient clipping, and the CPU thread team (:class:`medhybrid.threads.ThreadPolicy` or a fixed size)."""
+    if cfg.grad_clip:
+        GradientClipping(cfg.grad_clip).attach(trainer)
+    if device.type == "cpu":
+        if cfg.threads == "auto":
+            ThreadPolicy().attach(trainer)
         else:
-            w = torch.ones_like(sigma)
-        w = self.mask_weight * w
-        return w if labelled is None else w * (labelled.to(w.device) > 0).float()
-
-    def __call__(self, batchdata, device=None, non_blocking: bool = False, **kwargs):
-        x0 = _tensor(batchdata[Keys.IMAGE]).to(device=device, non_blocking=non_blocking).float()
-        label = batchdata.get(Keys.LABEL)
-        label = None if label is None else _tensor(label).to(device=device, non_blocking=non_blocking)
-        labelled = batchdata.get("labelled")
-        labelled = None if labelled is None else _tensor(labelled).float().flatten()
-        g = step_generator(self.seed, self.step, self.rank)
-        b = x0.shape[0]
-        net_kwargs: dict = {}
-        if self.mode in ("hybrid", "diffusion"):
-            sigma = self.sigmas(b, g, labelled)
-            noise = torch.randn(x0.shape, generator=g)
-            sigma = sigma.to(x0.device)
-            x = x0 + sigma.view(-1, 1, 1, 1) * noise.to(x0.device)
-        elif self.mode == "mdm":
-            ratio = torch.rand(b, generator=g)
-            m = D.patch_mask(tuple(x0.shape), ratio, self.mdm_patch, generator=g).to(x0.device)
-            x = x0 * (1 - m)
-            sigma = D.mdm_sigma(ratio, self.edm).to(x0.device)
-            net_kwargs["precondition"] = False
-        else:  # supervised and fine-tuning: the clean image at sigma_min
-            sigma = torch.full((b,), self.edm.sigma_min, device=x0.device)
-            x = x0
-        net_kwargs["sigma"] = sigma
-        targets = {"image": x0, "label": label, "sigma": sigma}
-        if self.mode == "hybrid":
-            targets["mask_weight"] = self.mask_weights(sigma, labelled)
-        if labelled is not None:
-            targets["labelled"] = labelled.to(x0.device)
-        return x, targets, (), net_kwargs
+            torch.set_num_threads(cfg.threads)
 
 
-class SegmentationPrepareBatch(PrepareBatch):
-    """Clean image and its label, for fine-tuning evaluation and inference (network fed at sigma_min)."""
-
-    def __call__(self, batchdata, device=None, non_blocking: bool = False, **kwargs):
-        x = _tensor(batchdata[Keys.IMAGE]).to(device=device, non_blocking=non_blocking).float()
-        y = batchdata.get(Keys.LABEL)
-        y = None if y is None else _tensor(y).to(device=device, non_blocking=non_blocking)
-        return x, y
-
-
-class LevelsPrepareBatch(PrepareBatch):
-    """Validation of the unlabelled modes: each image corrupted at every level of ``levels`` (noise
-    sigmas, or MDM mask ratios) with noise fixed per (batch index, level), so numbers compare across epochs."""
-
-    def __init__(self, mode: str, levels: Sequence[float], edm: D.EDMParams = D.EDMParams(), seed: int = 1234, mdm_patch: int = 8):
-        self.mode, self.levels, self.edm, self.seed, self.mdm_patch = mode, list(levels), edm, seed, mdm_patch
-        self.batch_index = 0
-
-    def attach(self, engine: Engine) -> None:
-        engine.add_event_handler(Events.STARTED, lambda e: setattr(self, "batch_index", 0))
-        engine.add_event_handler(Events.ITERATION_COMPLETED, lambda e: setattr(self, "batch_index", self.batch_index + 1))
-
-    def __call__(self, batchdata, device=None, non_blocking: bool = False, **kwargs):
-        x0 = _tensor(batchdata[Keys.IMAGE]).to(device=device, non_blocking=non_blocking).float()
-        b, n = x0.shape[0], len(self.levels)
-        g = step_generator(self.seed, self.batch_index)
-        lv = torch.tensor(self.levels, dtype=torch.float32).repeat_interleave(b)
-        x0r = x0.repeat(n, 1, 1, 1)
-        kw: dict = {}
-        if self.mode == "mdm":
-            m = D.patch_mask(tuple(x0r.shape), lv, self.mdm_patch, generator=g).to(x0.device)
-            x = x0r * (1 - m)
-            sigma = D.mdm_sigma(lv, self.edm).to(x0.device)
-            kw["precondition"] = False
-        else:
-            sigma = lv.to(x0.device)
-            x = x0r + sigma.view(-1, 1, 1, 1) * torch.randn(x0r.shape, generator=g).to(x0.device)
-        kw["sigma"] = sigma
-        return x, {"image": x0r, "level_index": torch.arange(n).repeat_interleave(b).to(x0.device)}, (), kw
+def _resume(to_save: dict, trainer, folder: Path, device: torch.device, iterations: int) -> int:
+    """Load the newest checkpoint in ``folder/checkpoints`` into ``to_save`` (weights only); the iteration it holds."""
+    last = latest_checkpoint(folder)
+    if last is None:
+        return 0
+    Checkpoint.load_objects(to_load=to_save, checkpoint=torch.load(last, map_location=device, weights_only=True))
+    log.info("resuming from %s (iteration %d of %d)", last, trainer.state.iteration, iterations)
+    return trainer.state.iteration
 
 
-class ConditionedInferer(Inferer):
-    """Calls ``network(inputs, **conditioning)``: the full (image + mask) output."""
-
-    def __call__(self, inputs: torch.Tensor, network, *args, **kwargs):
-        return network(inputs, *args, **kwargs)
-
-
-class SegmentationInferer(Inferer):
-    """Mask logits of the clean image at sigma_min: the channels after the first ``image_channels``."""
-
-    def __init__(self, image_channels: int):
-        super().__init__()
-        self.image_channels = image_channels
-
-    def __call__(self, inputs: torch.Tensor, network, *args, **kwargs):
-        return network(inputs)[:, self.image_channels :]
+def _checkpointer(to_save: dict, folder: Path, prefix: str) -> Checkpoint:
+    """Ignite's ``Checkpoint`` of ``to_save`` in ``folder/checkpoints`` (atomic writes, the last two kept), named by
+    iteration."""
+    return Checkpoint(to_save, DiskSaver(str(Path(folder) / "checkpoints"), require_empty=False, atomic=True, create_dir=True),
+                      filename_prefix=prefix, n_saved=2, global_step_transform=lambda e, _: e.state.iteration)
 
 
-def logits_to_onehot(logits: torch.Tensor) -> torch.Tensor:
-    """Binary (1 channel): foreground probability > 0.5, as one channel. Multi-class: one-hot argmax."""
-    if logits.shape[1] == 1:
-        return (logits > 0).float()
-    return torch.nn.functional.one_hot(logits.argmax(1), logits.shape[1]).permute(0, 3, 1, 2).float()
+def _attach_loss_summary(trainer, evaluator, loss_function, cfg: TrainConfig, rank: int) -> None:
+    """Each epoch's mean loss terms (``loss`` and the loss function's ``terms``) as ``train_<term>`` metrics of the
+    trainer, logged by rank 0 with the validation metrics."""
+    loss_terms: dict[str, list[float]] = {}
+
+    @trainer.on(Events.ITERATION_COMPLETED)
+    def _collect(engine):
+        for k, v in getattr(loss_function, "terms", {}).items():
+            loss_terms.setdefault(k, []).append(v)
+        loss_terms.setdefault("loss", []).append(engine.state.output["loss"].item())
+
+    @trainer.on(Events.EPOCH_COMPLETED)
+    def _epoch_summary(engine):
+        means = {f"train_{k}": sum(v) / len(v) for k, v in loss_terms.items() if v}
+        loss_terms.clear()
+        engine.state.metrics.update(means)
+        if rank == 0:
+            val = evaluator.state.metrics if evaluator is not None and evaluator.state.epoch else {}
+            shown = ", ".join(f"{k} {v:.4f}" for k, v in {**means, **val}.items() if isinstance(v, float))
+            log.info("epoch %d/%d  %s", engine.state.epoch, cfg.epochs, shown)
 
 
-def label_to_onehot(label: torch.Tensor, channels: int) -> torch.Tensor:
-    lab = label.clamp(min=0).long()[:, 0]
-    if channels == 1:
-        return (lab > 0).float().unsqueeze(1)
-    return torch.nn.functional.one_hot(lab, channels).permute(0, 3, 1, 2).float()
-
-
-def masked_prediction(logits: torch.Tensor, label: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(prediction, label) one-hot, with ignored pixels zeroed in both so metrics skip them."""
-    label = _tensor(label)
-    valid = (label != IGNORE_INDEX).float()
-    pred = logits_to_onehot(_tensor(logits).float()) * valid
-    return pred, label_to_onehot(label, logits.shape[1]) * valid
-
-
-def dice_output_transform(output: dict) -> tuple[torch.Tensor, torch.Tensor]:
-    """``output_transform`` for MONAI's ``MeanDice``/``MeanIoUHandler`` on a non-decollated evaluator."""
-    return masked_prediction(output[Keys.PRED], output[Keys.LABEL])
-
-
-class PerLevelMSE(Metric):
-    """Mean squared error of the reconstruction at each corruption level, plus their mean
-    (``name`` is the mean; ``name_<level>`` each level), on a non-decollated evaluator."""
-
-    def __init__(self, levels: Sequence[float], image_channels: int,
-                 output_transform=lambda o: (o[Keys.PRED], o[Keys.LABEL]), device="cpu"):
-        self.levels, self.image_channels = list(levels), image_channels
-        super().__init__(output_transform=output_transform, device=device)
-
-    def reset(self) -> None:
-        self._sum = torch.zeros(len(self.levels), dtype=torch.float64)
-        self._n = torch.zeros(len(self.levels), dtype=torch.float64)
-
-    def update(self, output) -> None:
-        pred, tgt = output
-        err = (pred[:, : self.image_channels].float() - tgt["image"].float()).square().flatten(1).mean(1).double().cpu()
-        idx = tgt["level_index"].cpu()
-        self._sum.index_add_(0, idx, err)
-        self._n.index_add_(0, idx, torch.ones_like(err))
-
-    def compute(self) -> float:
-        from ignite.distributed import all_reduce
-
-        s, n = all_reduce(self._sum.clone()), all_reduce(self._n.clone())
-        per = (s / n.clamp(min=1)).tolist()
-        self.per_level = dict(zip(self.levels, per, strict=True))
-        return float(sum(per) / len(per))
-
-    def completed(self, engine: Engine, name: str) -> None:
-        value = self.compute()
-        engine.state.metrics[name] = value
-        for lv, v in self.per_level.items():
-            engine.state.metrics[f"{name}_{lv:g}"] = v
+def _attach_reporting(trainer, evaluator, cfg: TrainConfig, mlflow_handler_factory) -> None:
+    """Rank 0's MLflow handlers (trainer and evaluator) and a progress bar on a terminal."""
+    if mlflow_handler_factory is not None:
+        mlflow_handler_factory().attach(trainer)
+        if evaluator is not None:
+            mlflow_handler_factory(evaluator=True).attach(evaluator)
+    if cfg.progress and sys.stderr.isatty():
+        ProgressBar(persist=False).attach(trainer, output_transform=lambda o: {"loss": o["loss"].item()})
 
 
 class GradientClipping:
@@ -244,69 +262,9 @@ class GradientClipping:
         self.max_norm = max_norm
 
     def attach(self, engine) -> None:
-        from monai.engines.utils import IterationEvents
-
         engine.add_event_handler(IterationEvents.BACKWARD_COMPLETED, self)
 
     def __call__(self, engine) -> None:
         if getattr(engine, "scaler", None) is not None and engine.amp:
             engine.scaler.unscale_(engine.optimizer)
         torch.nn.utils.clip_grad_norm_(engine.network.parameters(), self.max_norm)
-
-
-class EpochSeededSampler(torch.utils.data.Sampler):
-    """Exactly ``num_samples`` indices per epoch, drawn with replacement from a generator seeded by
-    (seed, epoch): the data order is a function of the epoch, so resumed runs see the same batches."""
-
-    def __init__(self, data_len: int, num_samples: int, seed: int = 0, rank: int = 0, world_size: int = 1):
-        self.data_len, self.num_samples, self.seed = data_len, num_samples, seed
-        self.rank, self.world_size = rank, world_size
-        self.epoch = 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    @staticmethod
-    def draw(g: torch.Generator, size: int, total: int) -> torch.Tensor:
-        """``total`` indices of ``range(size)``: whole permutations one after another, the last one cut."""
-        if not total:
-            return torch.zeros(0, dtype=torch.long)
-        return torch.cat([torch.randperm(size, generator=g) for _ in range(math.ceil(total / size))])[:total]
-
-    def __iter__(self):
-        g = step_generator(self.seed, 10_000 + self.epoch)
-        order = self.draw(g, self.data_len, self.num_samples * self.world_size)
-        return iter(order[self.rank :: self.world_size].tolist())
-
-    def __len__(self) -> int:
-        return self.num_samples
-
-    def attach(self, engine: Engine) -> None:
-        engine.add_event_handler(Events.EPOCH_STARTED, lambda e: self.set_epoch(e.state.epoch))
-
-
-class MixedBatchSampler(EpochSeededSampler):
-    """:class:`EpochSeededSampler` over a labelled part (indices ``0..n_labelled-1``) and an unlabelled part (the
-    indices after it), yielding ``num_batches`` batches of ``batch_size`` whose first ``per_batch[0]`` indices are
-    labelled and the last ``per_batch[1]`` unlabelled (read consecutively by a ``DataLoader`` with that batch size).
-
-    Each part is drawn without replacement within its own permutations, seeded by (seed, epoch); global batch ``j`` goes
-    to rank ``j % world_size``, so ranks never repeat or drop an index within an epoch's draw.
-    """
-
-    def __init__(self, n_labelled: int, n_unlabelled: int, per_batch: tuple[int, int], num_batches: int, seed: int = 0,
-                 rank: int = 0, world_size: int = 1):
-        if (per_batch[0] and not n_labelled) or (per_batch[1] and not n_unlabelled):
-            raise ValueError(f"batches of {per_batch} (labelled, unlabelled) need both kinds of images, have "
-                             f"{n_labelled} labelled and {n_unlabelled} unlabelled")
-        self.sizes, self.per_batch, self.num_batches = (n_labelled, n_unlabelled), per_batch, num_batches
-        super().__init__(n_labelled + n_unlabelled, num_batches * sum(per_batch), seed, rank, world_size)
-
-    def __iter__(self):
-        g = step_generator(self.seed, 10_000 + self.epoch)
-        batches = self.num_batches * self.world_size
-        (kl, ku), nl = self.per_batch, self.sizes[0]
-        lab = self.draw(g, self.sizes[0], batches * kl).view(batches, kl)
-        unl = self.draw(g, self.sizes[1], batches * ku).view(batches, ku) + nl
-        order = torch.cat([lab, unl], dim=1)[self.rank :: self.world_size]
-        return iter(order.flatten().tolist())

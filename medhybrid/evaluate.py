@@ -17,10 +17,13 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from monai.metrics import compute_hausdorff_distance
 
 from medhybrid.config import DatasetSpec, Preprocess
-from medhybrid.networks import HybridUNet
+from medhybrid.datasets import load_pairs
+from medhybrid.networks import EDMPrecond, mask_classes
 from medhybrid.transforms import IGNORE_INDEX, aspect_size, native_then_model, preprocessing
+from medhybrid.visualize import grid, overlay, save_png
 
 
 def restore_logits(logits: torch.Tensor, original_hw: tuple[int, int], size: int, aspect: str) -> torch.Tensor:
@@ -37,12 +40,7 @@ def restore_logits(logits: torch.Tensor, original_hw: tuple[int, int], size: int
     return F.interpolate(logits.float(), size=(h, w), mode="bilinear", align_corners=False)
 
 
-def class_map(logits: torch.Tensor) -> torch.Tensor:
-    """(B, K, H, W) mask logits -> (B, H, W) class indices: ``logit > 0`` for one sigmoid channel, argmax otherwise."""
-    return (logits[:, 0] > 0).long() if logits.shape[1] == 1 else logits.argmax(1)
-
-
-def predict(net: HybridUNet, image: torch.Tensor) -> torch.Tensor:
+def predict(net: EDMPrecond, image: torch.Tensor) -> torch.Tensor:
     """Mask logits for preprocessed images (B, C, S, S), at sigma_min."""
     net.eval()
     with torch.no_grad():
@@ -52,7 +50,6 @@ def predict(net: HybridUNet, image: torch.Tensor) -> torch.Tensor:
 def binary_metrics(pred: torch.Tensor, label: torch.Tensor) -> dict[str, float]:
     """Dice, IoU and HD95 of foreground (all non-background classes) for one image; ``pred``, ``label``
     are (H, W) class maps, label with IGNORE_INDEX excluded. Empty-vs-empty counts as Dice 1."""
-    from monai.metrics import compute_hausdorff_distance
 
     valid = label != IGNORE_INDEX
     p = (pred > 0) & valid
@@ -71,6 +68,9 @@ def binary_metrics(pred: torch.Tensor, label: torch.Tensor) -> dict[str, float]:
 
 @dataclass
 class EvalResult:
+    split: str = "test"
+    """The name of the evaluated set, the prefix of the :attr:`summary` keys: ``test``, or ``dev`` for a development
+    set that is not the test split."""
     rows: list[dict] = field(default_factory=list)
     csv: Path | None = None
     overlays: list[Path] = field(default_factory=list)
@@ -81,22 +81,24 @@ class EvalResult:
 
     @property
     def summary(self) -> dict[str, float]:
-        return {"test_dice": self.mean("dice"), "test_iou": self.mean("iou"), "test_hd95": self.mean("hd95"),
-                "test_images": float(len(self.rows))}
+        """Mean Dice, IoU, HD95 and the image count, named after the evaluated set (``test_dice``, ``dev_dice`` ...)."""
+        s = self.split
+        return {f"{s}_dice": self.mean("dice"), f"{s}_iou": self.mean("iou"), f"{s}_hd95": self.mean("hd95"),
+                f"{s}_images": float(len(self.rows))}
 
 
-def evaluate(net: HybridUNet, dataset: DatasetSpec, preprocess: Preprocess, split: str = "test",
+def evaluate(net: EDMPrecond, dataset: DatasetSpec, preprocess: Preprocess, split: str = "test",
              out_dir: str | os.PathLike | None = None, batch_size: int = 16, n_overlays: int = 4,
              pairs: list[dict] | None = None) -> EvalResult:
     """Evaluate ``net`` on ``split`` of ``dataset`` at native resolution; write ``per_image.csv`` and
-    ``best_*.png`` / ``worst_*.png`` overlays under ``out_dir`` when given."""
-    from medhybrid.datasets import load_pairs
+    ``best_*.png`` / ``worst_*.png`` overlays under ``out_dir`` when given. With ``pairs`` (a development set drawn
+    from the pool), those are evaluated instead and ``split`` names them (``dev``)."""
 
     pairs = pairs if pairs is not None else load_pairs(dataset, split)
     if not pairs:
         raise ValueError(f"dataset {dataset.name!r} has no {split!r} images to evaluate")
     native, to_model = native_then_model(dataset, preprocess)
-    result = EvalResult()
+    result = EvalResult(split)
     keep: list[tuple[float, dict, torch.Tensor, torch.Tensor]] = []
     for start in range(0, len(pairs), batch_size):
         chunk = pairs[start : start + batch_size]
@@ -106,11 +108,11 @@ def evaluate(net: HybridUNet, dataset: DatasetSpec, preprocess: Preprocess, spli
         for p, d, lg, xm in zip(chunk, decoded, logits, x, strict=True):
             lab = torch.as_tensor(d["label"])[0]
             full = restore_logits(lg[None], tuple(lab.shape), preprocess.resolution, preprocess.aspect)[0]
-            pred = class_map(full[None])[0]
+            pred = mask_classes(full[None])[0]
             m = binary_metrics(pred, lab)
             row = {"id": p["id"], **m}
             result.rows.append(row)
-            keep.append((m["dice"], row, xm, class_map(lg[None])[0] > 0))
+            keep.append((m["dice"], row, xm, mask_classes(lg[None])[0] > 0))
     if out_dir is not None:
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
@@ -124,9 +126,6 @@ def evaluate(net: HybridUNet, dataset: DatasetSpec, preprocess: Preprocess, spli
 
 
 def _overlays(keep, dataset, preprocess, out: Path, n: int) -> list[Path]:
-    from medhybrid.datasets import load_pairs
-    from medhybrid.visualize import grid, overlay, save_png
-
     order = sorted(keep, key=lambda k: k[0])
     by_id = {p["id"]: p for p in load_pairs(dataset)}
     t = preprocessing(dataset, preprocess)

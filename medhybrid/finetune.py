@@ -11,15 +11,25 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import ClassVar
 
 import torch
-from pydantic import Field, field_validator, model_validator
+from ignite.engine import Events
+from monai.data import CacheDataset
+from monai.handlers import MLFlowHandler
+from monai.transforms import Compose, RandAffined, RandFlipd, RandScaleIntensityd, RandShiftIntensityd
+from pydantic import Field
 
-from medhybrid.config import DatasetRef, DatasetSpec, Preprocess, StrictModel, dump_config, save_config
-from medhybrid.networks import HybridUNet, ModelConfig, build_network
-from medhybrid.tracking import MLflowConfig
-from medhybrid.training import TrainConfig
+from medhybrid import runs, tracking
+from medhybrid.batches import SegmentationPrepareBatch
+from medhybrid.check import require_valid
+from medhybrid.checkpoints import network_meta, save_model
+from medhybrid.config import Preprocess, StrictModel, dump_config
+from medhybrid.datasets import few_shot_pairs
+from medhybrid.engines import TrainConfig, fit
+from medhybrid.fewshot import FewShotRunConfig, claim_few_shot_run, open_few_shot_run, require_channels
+from medhybrid.losses import FinetuneLoss
+from medhybrid.networks import EDMPrecond, ModelConfig, build_network
+from medhybrid.transforms import preprocessing
 
 log = logging.getLogger("medhybrid")
 
@@ -44,55 +54,6 @@ class FinetuneSchedule(StrictModel):
 
     def iterations(self, budget: int) -> int:
         return max(self.min_iterations, min(self.max_iterations, self.per_label * budget))
-
-
-class FewShotRunConfig(StrictModel):
-    """What every few-shot run on a target domain has: the labelled subset (``budget`` pool images for
-    ``seed``), its starting checkpoint, its folder and its MLflow child run. Fine-tuning and DDPM
-    features (:mod:`medhybrid.pixel_features`) extend it."""
-
-    dataset: DatasetRef
-    init: Path | None = Field(None, description="pretrained model.pt")
-    method: str = Field("custom", description="name used in reports and MLflow tags")
-    budget: int | None = Field(5, description="labelled pool images; None = the whole pool")
-    seed: int = 0
-    ids: list[str] | None = Field(None, description="the pool ids to label, in the order they were chosen (an active-learning "
-                                  "order, :mod:`medhybrid.active`) instead of the seeded draw; budget must then be None or len(ids)")
-    output_dir: Path | None = None
-    mlflow: MLflowConfig = Field(default_factory=MLflowConfig)
-    parent_run_id: str | None = None
-    tags: dict[str, str] = Field(default_factory=dict)
-
-    runs_subdir: ClassVar[str] = "finetune"
-    what: ClassVar[str] = "few-shot fine-tuning"
-
-    @field_validator("dataset")
-    @classmethod
-    def _target(cls, v: DatasetSpec) -> DatasetSpec:
-        if v.role != "target":
-            raise ValueError(f"dataset {v.name!r} is a {v.role} dataset; {cls.what} draws from a target's pool")
-        return v
-
-    @model_validator(mode="after")
-    def _ids_match_budget(self):
-        if self.ids is not None:
-            if not self.ids or len(set(self.ids)) != len(self.ids):
-                raise ValueError(f"ids must be distinct pool ids, at least one, got {self.ids}")
-            if self.budget is not None and self.budget != len(self.ids):
-                raise ValueError(f"budget {self.budget} does not match the {len(self.ids)} ids given")
-        return self
-
-    @field_validator("init")
-    @classmethod
-    def _init_exists(cls, v: Path | None) -> Path | None:
-        if v is not None and not Path(v).is_file():
-            raise ValueError(f"pretrained checkpoint {v} not found")
-        return v
-
-    @property
-    def folder(self) -> Path:
-        b = len(self.ids) if self.ids is not None else "all" if self.budget is None else self.budget
-        return Path(self.output_dir or Path("runs") / self.runs_subdir / f"{self.dataset.name}-{self.method}-b{b}-s{self.seed}")
 
 
 class FinetuneConfig(FewShotRunConfig):
@@ -130,7 +91,7 @@ def transfer_weights(net: torch.nn.Module, state_dict: dict[str, torch.Tensor], 
     return {"loaded": loaded, "skipped": skipped, "missing": missing}
 
 
-def initial_network(cfg: FinetuneConfig) -> tuple[HybridUNet, dict]:
+def initial_network(cfg: FinetuneConfig) -> tuple[EDMPrecond, dict]:
     """The network to fine-tune: the pretrained architecture with its weights, or a fresh one."""
     torch.manual_seed(cfg.seed)
     nc = cfg.dataset.mask.num_classes
@@ -148,8 +109,6 @@ def initial_network(cfg: FinetuneConfig) -> tuple[HybridUNet, dict]:
 
 
 def augmentation(cfg: AugmentConfig):
-    from monai.transforms import Compose, RandAffined, RandFlipd, RandScaleIntensityd, RandShiftIntensityd
-
     if not cfg.enabled:
         return None
     t = []
@@ -179,8 +138,6 @@ class _AugmentedDataset(torch.utils.data.Dataset):
         return self.aug(dict(d)) if self.aug is not None else d
 
     def attach(self, engine) -> None:
-        from ignite.engine import Events
-
         if self.aug is not None:
             engine.add_event_handler(Events.EPOCH_STARTED, lambda e: self.aug.set_random_state(seed=self.seed * 1000 + e.state.epoch))
 
@@ -198,16 +155,6 @@ def run_finetuning(cfg: FinetuneConfig) -> FinetuneResult:
     """Fine-tune (or resume, or return the finished run of) ``cfg``. Writes ``model.pt``,
     ``config.yaml``, ``subset.json`` (the ids used) and one MLflow run."""
 
-    from monai.data import CacheDataset
-
-    from medhybrid import tracking
-    from medhybrid.check import require_valid
-    from medhybrid.datasets import few_shot_pairs
-    from medhybrid.engines import CorruptionPrepareBatch
-    from medhybrid.losses import PretrainLoss
-    from medhybrid.pretrain import network_meta, save_model
-    from medhybrid.training import fit
-    from medhybrid.transforms import preprocessing
 
     folder, model_path = cfg.folder, cfg.folder / "model.pt"
     h, done = claim_few_shot_run(cfg)
@@ -224,19 +171,17 @@ def run_finetuning(cfg: FinetuneConfig) -> FinetuneResult:
     train_cfg = cfg.train.model_copy(update={"epochs": epochs, "epoch_length": max(1, iterations // epochs),
                                              "batch_size": min(cfg.train.batch_size, max(2, budget))})
     run_id = open_few_shot_run(cfg, h, ids)
-    with tracking.failing_marks(cfg.mlflow, folder, run_id):
+    with runs.failing_marks(cfg.mlflow, folder, run_id):
         net, transfer = initial_network(cfg)
-        tracking.write_state(folder, transfer={"loaded": len(transfer["loaded"]), "skipped": sorted(transfer["skipped"]),
+        runs.write_state(folder, transfer={"loaded": len(transfer["loaded"]), "skipped": sorted(transfer["skipped"]),
                                                "missing": transfer["missing"]})
         cached = CacheDataset(pairs, transform=preprocessing(cfg.dataset, cfg.preprocess), progress=False, copy_cache=True)
         ds = _AugmentedDataset(cached, augmentation(cfg.augment), cfg.seed)
-        prepare = CorruptionPrepareBatch("supervised", _edm(net), seed=cfg.seed)
-        loss = PretrainLoss("finetune", net.mask_channels)
+        prepare = SegmentationPrepareBatch()  # the clean image, fed at sigma_min
+        loss = FinetuneLoss(net.image_channels, net.mask_channels)
         train_cfg = train_cfg.model_copy(update={"seed": cfg.seed})
 
         def mlflow_factory(evaluator: bool = False):
-            from monai.handlers import MLFlowHandler
-
             hd = MLFlowHandler(tracking_uri=tracking.tracking_uri(cfg.mlflow), experiment_name=cfg.mlflow.experiment,
                                iteration_log=lambda e, it: it % cfg.mlflow.log_every == 0,
                                output_transform=lambda o: {"loss": o["loss"].item()})
@@ -248,63 +193,8 @@ def run_finetuning(cfg: FinetuneConfig) -> FinetuneResult:
         meta = network_meta(result.network, ModelConfig(**_model_cfg(cfg)), cfg.preprocess, cfg.dataset, "finetune")
         meta.update(method=cfg.method, budget=budget, seed=cfg.seed)
         save_model(result.network, meta, model_path)
-    tracking.close_run(cfg.mlflow, folder, run_id, [folder / "config.yaml", folder / "subset.json"])
+    runs.close_run(cfg.mlflow, folder, run_id, [folder / "config.yaml", folder / "subset.json"])
     return FinetuneResult(folder, model_path, run_id, ids, transfer)
-
-
-FEW_SHOT_UNHASHED = ("mlflow", "output_dir", "parent_run_id", "tags")
-"""Config fields that do not change a few-shot run's result (left out of its config hash)."""
-
-
-def few_shot_hash(cfg: FewShotRunConfig) -> str:
-    """The config hash of a few-shot run (``ids`` left out when unset, so runs from before it existed keep their hash)."""
-    from medhybrid.pretrain import config_hash
-
-    return config_hash(cfg, exclude=FEW_SHOT_UNHASHED + (("ids",) if cfg.ids is None else ()))
-
-
-def claim_few_shot_run(cfg: FewShotRunConfig) -> tuple[str, dict | None]:
-    """Claim ``cfg.folder`` for this run (:func:`medhybrid.tracking.claim_folder`): its config hash, and its
-    ``state.json`` when the run already finished with its ``model.pt`` (None: train, or resume, it)."""
-    from medhybrid import tracking
-
-    h = few_shot_hash(cfg)
-    state = tracking.claim_folder(cfg.folder, h)
-    done = state.get("status") == "finished" and (cfg.folder / "model.pt").is_file()
-    return h, state if done else None
-
-
-def require_channels(meta: dict, cfg: FewShotRunConfig) -> None:
-    """A checkpoint (its ``meta``) must take the target's image channels."""
-    if meta["image_channels"] != cfg.dataset.channels:
-        raise ValueError(f"{cfg.init}: pretrained on {meta['image_channels']}-channel images, target "
-                         f"{cfg.dataset.name!r} has {cfg.dataset.channels}")
-
-
-def open_few_shot_run(cfg: FewShotRunConfig, config_hash: str, ids: list[str]) -> str | None:
-    """Start (or reopen) a few-shot run in ``cfg.folder``: resolved ``config.yaml``, ``subset.json`` (the
-    labelled ids), ``state.json`` and an MLflow child run tagged method, budget, seed and domain.
-    Returns the MLflow run id (None with MLflow off)."""
-    import json
-
-    from medhybrid import tracking
-
-    folder, budget = cfg.folder, len(ids)
-    save_config(cfg, folder / "config.yaml")
-    (folder / "subset.json").write_text(json.dumps({"budget": budget, "seed": cfg.seed, "ids": ids}, indent=1))
-    tracking.write_state(folder, config_hash=config_hash, status="running", ids=ids)
-    if not cfg.mlflow.enabled:
-        return None
-    tags = {"medhybrid.stage": "finetune", "method": cfg.method, "budget": str(budget), "seed": str(cfg.seed),
-            "domain": cfg.dataset.name, **cfg.tags}
-    return tracking.open_run(cfg.mlflow, folder, cfg.mlflow.run_name or f"finetune-{cfg.method}-b{budget}-s{cfg.seed}",
-                             params=dump_config(cfg), tags=tags, parent_run_id=cfg.parent_run_id)
-
-
-def _edm(net: HybridUNet):
-    from medhybrid.diffusion import EDMParams
-
-    return EDMParams(sigma_min=net.sigma_min, sigma_data=net.sigma_data)
 
 
 def _model_cfg(cfg: FinetuneConfig) -> dict:

@@ -13,29 +13,31 @@ predicts the mask logits at ``sigma_min`` in batches, maps them back to the inpu
 - ``<stem>_mask.nii.gz`` when ``nifti`` is set: the class indices (0/1 for a binary model) as a 2D
   NIfTI that :func:`medhybrid.io.read_image` reads back to the same array (identity affine).
 
-It also holds :class:`Segmenter` (the network whose ``forward`` returns mask logits only) and
-:func:`evaluate_model` (test-split metrics of a ``model.pt`` written to a folder). The MONAI bundles in ``bundles/``
-declare the same steps as MONAI components instead (:mod:`medhybrid.bundle`).
+It also holds :class:`Segmenter`, the network whose ``forward`` returns mask logits only, which the MONAI bundles in
+``bundles/`` declare as their ``network_def`` (they declare the other steps as MONAI components).
 """
 
 from __future__ import annotations
 
 import logging
-import math
 import os
 from collections.abc import Sequence
 from pathlib import Path
 from types import SimpleNamespace
 
+import nibabel as nib
 import numpy as np
 import torch
+from PIL import Image
 from pydantic import Field
 
+from medhybrid.checkpoints import load_model
 from medhybrid.config import Preprocess, StrictModel
-from medhybrid.evaluate import class_map, restore_logits
-from medhybrid.io import SUPPORTED_SUFFIXES, DataError, file_suffix, image_stem
-from medhybrid.networks import HybridUNet, ModelConfig, build_network
-from medhybrid.tracking import write_json
+from medhybrid.engines import resolve_device
+from medhybrid.evaluate import restore_logits
+from medhybrid.io import SUPPORTED_SUFFIXES, DataError, atomic_write, file_suffix, image_stem
+from medhybrid.networks import EDMPrecond, mask_classes
+from medhybrid.transforms import native_then_model
 
 log = logging.getLogger("medhybrid")
 
@@ -43,36 +45,28 @@ MASK_SUFFIX = "_mask"
 
 
 # --------------------------------------------------------------------------------------------- network
-class Segmenter(HybridUNet):
-    """:class:`~medhybrid.networks.HybridUNet` whose ``forward(x)`` is :meth:`HybridUNet.segment`: clean
+class Segmenter(EDMPrecond):
+    """:class:`~medhybrid.networks.EDMPrecond` whose ``forward(x)`` is :meth:`EDMPrecond.segment`: clean
     images (B, C_img, H, W) in [-1, 1] -> mask logits (B, C_mask, H, W), fed at ``sigma_min``.
 
-    Same parameters and state-dict keys as the HybridUNet, so a ``model.pt`` loads into it unchanged;
+    Same parameters and state-dict keys as the EDMPrecond, so a ``model.pt`` loads into it unchanged;
     single-input and single-output, as ``monai.bundle`` checks and TorchScript export expect.
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
-        return HybridUNet.forward(self, x, None)[:, self.image_channels :]
+        return EDMPrecond.forward(self, x, None)[:, self.image_channels :]
 
     def segment(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward(x)
 
     @classmethod
-    def wrap(cls, net: HybridUNet) -> Segmenter:
+    def wrap(cls, net: EDMPrecond) -> Segmenter:
         """A Segmenter sharing ``net``'s backbone (and weights)."""
         return cls(net.backbone, net.image_channels, net.mask_channels, net.sigma_data, net.sigma_min, net.noise_embed_scale)
 
 
-def build_segmenter(model: ModelConfig | dict | None = None, image_channels: int = 3, num_classes: int = 2) -> Segmenter:
-    """The bundle's ``network_def``: :func:`medhybrid.networks.build_network` as a :class:`Segmenter`."""
-    cfg = model if isinstance(model, ModelConfig) else ModelConfig(**(model or {}))
-    return Segmenter.wrap(build_network(cfg, image_channels, num_classes))
-
-
 def load_segmenter(model_path: str | os.PathLike, device: str | torch.device = "cpu") -> tuple[Segmenter, dict]:
     """A :class:`Segmenter` with the weights of ``model_path`` (in eval mode on ``device``) and its metadata."""
-    from medhybrid.pretrain import load_model
-    from medhybrid.training import resolve_device
 
     path = Path(model_path)
     if not path.is_file():
@@ -116,8 +110,6 @@ class _Prepare:
     and the rest (intensity, resize): :func:`medhybrid.transforms.preprocessing`, image only."""
 
     def __init__(self, meta: dict):
-        from medhybrid.transforms import native_then_model
-
         self.preprocess = Preprocess(**meta.get("preprocess", {}))
         self.load, self.rest = native_then_model(SimpleNamespace(channels=int(meta["image_channels"])), self.preprocess,
                                                  with_label=False)
@@ -142,8 +134,8 @@ class _Prepare:
 
 # --------------------------------------------------------------------------------------------- outputs
 def logits_to_mask(logits: torch.Tensor) -> np.ndarray:
-    """(K, H, W) logits -> (H, W) uint8 class indices (:func:`medhybrid.evaluate.class_map`)."""
-    return class_map(logits[None])[0].to(torch.uint8).numpy()
+    """(K, H, W) logits -> (H, W) uint8 class indices (:func:`medhybrid.networks.mask_classes`)."""
+    return mask_classes(logits[None])[0].to(torch.uint8).numpy()
 
 
 @torch.no_grad()
@@ -158,20 +150,19 @@ def segment_files(net: Segmenter, prepare: _Prepare, files: Sequence[Path]) -> l
 
 
 def write_mask_png(mask: np.ndarray, path: Path, binary: bool) -> Path:
-    from PIL import Image
-
-    Image.fromarray((mask * 255).astype(np.uint8) if binary else mask.astype(np.uint8), mode="L").save(path)
+    with atomic_write(path) as tmp:
+        Image.fromarray((mask * 255).astype(np.uint8) if binary else mask.astype(np.uint8), mode="L").save(tmp, format="PNG")
     return path
 
 
 def write_mask_nifti(mask: np.ndarray, path: Path) -> Path:
     """2D NIfTI holding ``mask`` (H, W) so that :func:`medhybrid.io.read_nifti` returns it unchanged
     (NIfTI's first axis is the column)."""
-    import nibabel as nib
 
     img = nib.Nifti1Image(np.ascontiguousarray(mask.T.astype(np.uint8)), affine=np.eye(4))
     img.header.set_xyzt_units("mm")
-    nib.save(img, str(path))
+    with atomic_write(path) as tmp:
+        nib.save(img, str(tmp))
     return path
 
 
@@ -225,46 +216,3 @@ def infer_folder(model_path: str | os.PathLike, input_dir: str | os.PathLike, ou
 
 def run_inference(cfg: InferenceConfig) -> list[Path]:
     return infer_files(cfg.model, cfg.input, cfg.output_dir, nifti=cfg.nifti, batch_size=cfg.batch_size, device=cfg.device)
-
-
-def publish_model(checkpoint: str | os.PathLike, model_path: str | os.PathLike) -> Path:
-    """Copy a finished run's ``model.pt`` to ``model_path`` (a bundle's ``models/model.pt``) atomically,
-    after checking that it loads (weights and metadata)."""
-    import shutil
-
-    from medhybrid.pretrain import load_model
-
-    load_model(checkpoint)
-    dst = Path(model_path)
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dst.with_name(f".{dst.name}.{os.getpid()}.tmp")
-    shutil.copyfile(checkpoint, tmp)
-    os.replace(tmp, dst)
-    log.info("published %s as %s", checkpoint, dst)
-    return dst
-
-
-# --------------------------------------------------------------------------------------------- evaluation
-def evaluate_model(model_path: str | os.PathLike, dataset, output_dir: str | os.PathLike, split: str = "test",
-                   batch_size: int = 16, device: str | torch.device = "auto") -> dict:
-    """Evaluate ``model_path`` on ``split`` of ``dataset`` (name, YAML, folder or spec) with the model's
-    own preprocessing (:func:`medhybrid.evaluate.evaluate`, native resolution). Writes
-    ``per_image.csv``, overlays and ``metrics.json`` (the means and what was evaluated) into
-    ``output_dir``; returns the content of ``metrics.json``."""
-    from medhybrid.config import load_dataset_spec
-    from medhybrid.evaluate import evaluate
-
-    spec = load_dataset_spec(dataset)
-    net, meta = load_segmenter(model_path, device)
-    if meta["image_channels"] != spec.channels:
-        raise ValueError(f"{model_path}: trained on {meta['image_channels']}-channel images, {spec.name!r} has {spec.channels}")
-    pre = Preprocess(**meta.get("preprocess", {}))
-    out = Path(output_dir)
-    result = evaluate(net, spec, pre, split, out_dir=out, batch_size=batch_size)
-    summary = {k: (None if math.isnan(v) else v) for k, v in result.summary.items()}  # strict JSON: NaN -> null
-    metrics = {**summary, "dataset": spec.name, "split": split, "model": str(Path(model_path).resolve()),
-               "per_image_csv": str(result.csv)}
-    write_json(out / "metrics.json", metrics, allow_nan=False)
-    log.info("evaluation on %s/%s: %s", spec.name, split, {k: round(v, 4) for k, v in result.summary.items()})
-    return metrics
-

@@ -12,14 +12,28 @@ DICOM modality LUT), which intensity normalisation uses.
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
-from collections.abc import Sequence
+import shutil
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+import nibabel as nib
 import numpy as np
+import pydicom
+import SimpleITK as sitk
 from monai.data import ImageReader
 from monai.utils import MetaKeys
+from PIL import Image, UnidentifiedImageError
+from pydicom.errors import InvalidDicomError
+from pydicom.uid import UID
+
+try:
+    from pydicom.pixels import apply_color_lut, apply_modality_lut
+except ImportError:  # pydicom 2 (the MONAI Label environment, which needs pydicom<3)
+    from pydicom.pixel_data_handlers.util import apply_color_lut, apply_modality_lut
 
 PIL_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 DICOM_SUFFIXES = (".dcm", ".dicom")
@@ -66,8 +80,6 @@ def _value_range(arr: np.ndarray) -> tuple[float, float]:
 
 
 def read_pil(path: Path, role: str = "image") -> tuple[np.ndarray, dict]:
-    from PIL import Image, UnidentifiedImageError
-
     try:
         with Image.open(path) as im:
             mode, fmt = im.mode, im.format
@@ -103,11 +115,6 @@ def read_dicom(path: Path, role: str = "image") -> tuple[np.ndarray, dict]:
     Compressed transfer syntaxes (JPEG, JPEG 2000, RLE) decode through pydicom's pixel handlers
     (pylibjpeg plugins).
     """
-    try:
-        from pydicom.pixels import apply_color_lut, apply_modality_lut
-    except ImportError:  # pydicom 2 (the MONAI Label environment, which needs pydicom<3)
-        from pydicom.pixel_data_handlers.util import apply_color_lut, apply_modality_lut
-
     ds = open_dicom(path)
     if "PixelData" not in ds and "FloatPixelData" not in ds and "DoubleFloatPixelData" not in ds:
         raise DataError(path, "DICOM file has no pixel data (no PixelData element)")
@@ -190,9 +197,6 @@ def open_dicom(path: Path, stop_before_pixels: bool = False):
     """Read a DICOM dataset. A file without the Part 10 preamble or file meta header (older modalities, some PACS
     exports) is read as a bare dataset; its transfer syntax is then taken from how the elements are encoded, or from
     the codestream of encapsulated (compressed) pixel data."""
-    import pydicom
-    from pydicom.errors import InvalidDicomError
-    from pydicom.uid import UID
 
     try:
         ds = pydicom.dcmread(path, stop_before_pixels=stop_before_pixels)
@@ -220,7 +224,6 @@ def open_dicom(path: Path, stop_before_pixels: bool = False):
 def read_nifti(path: Path, role: str = "image") -> tuple[np.ndarray, dict]:
     """Read a 2D NIfTI image. NIfTI stores (i, j) = (column, row) order, so the array is transposed
     to (row, column) to match what SimpleITK and the PNG readers return."""
-    import nibabel as nib
 
     try:
         img = nib.load(str(path))
@@ -239,8 +242,6 @@ def read_nifti(path: Path, role: str = "image") -> tuple[np.ndarray, dict]:
 
 
 def read_sitk(path: Path, role: str = "image") -> tuple[np.ndarray, dict]:
-    import SimpleITK as sitk
-
     try:
         img = sitk.ReadImage(str(path))
         arr = sitk.GetArrayFromImage(img)  # (rows, columns[, components]) for 2D
@@ -325,8 +326,6 @@ def file_channels(path: str | os.PathLike) -> int | None:
     reader = reader_for(path)
     try:
         if reader is read_pil:
-            from PIL import Image
-
             with Image.open(path) as im:
                 return 1 if im.mode in ("1", "L", "LA", "I", "F") or im.mode.startswith("I;") else 3
         if reader is read_dicom:
@@ -368,3 +367,30 @@ class Image2DReader(ImageReader):
         meta[MetaKeys.ORIGINAL_CHANNEL_DIM] = -1 if arr.ndim == 3 else float("nan")
         meta["value_range"] = np.asarray(meta["value_range"], dtype=np.float64)
         return arr, meta
+
+
+# --------------------------------------------------------------------------------------------- writing
+@contextlib.contextmanager
+def atomic_write(path: str | os.PathLike) -> Iterator[Path]:
+    """Write ``path`` atomically: the body writes the yielded temporary path (in the same folder, ending in the same
+    name, so writers that pick a format by suffix still do), which then replaces ``path`` in one step. A reader, or a
+    run killed mid-write, sees the old file or the new one, never half of one. Parent folders are created; on an
+    error the temporary file (or folder) is removed and ``path`` is left as it was."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{os.getpid()}.tmp.{path.name}")
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        if tmp.is_dir():
+            shutil.rmtree(tmp, ignore_errors=True)
+        elif tmp.exists():
+            tmp.unlink()
+
+
+def write_json(path: str | os.PathLike, data: Any, indent: int = 2, allow_nan: bool = True) -> Path:
+    """Write ``data`` as JSON atomically (:func:`atomic_write`). ``allow_nan=False`` for strict JSON (NaN raises)."""
+    with atomic_write(path) as tmp:
+        tmp.write_text(json.dumps(data, indent=indent, allow_nan=allow_nan))
+    return Path(path)

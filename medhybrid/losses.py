@@ -1,7 +1,8 @@
-"""Losses of the pretraining modes and of fine-tuning, as per-sample callables.
+"""Losses of the pretraining modes and of fine-tuning.
 
-All take the network output ``pred`` (B, C_img + C_mask, H, W) of :class:`medhybrid.networks.HybridUNet`
-and a target dict from the prepare-batch seam (:mod:`medhybrid.engines`): ``image`` (clean, [-1, 1]),
+The engine's losses take the network output ``pred`` (B, C_img + C_mask, H, W) of
+:class:`medhybrid.networks.EDMPrecond`. :class:`PretrainLoss` takes a target dict from the prepare-batch seam
+(:class:`medhybrid.batches.CorruptionPrepareBatch`): ``image`` (clean, [-1, 1]),
 ``label`` (class indices with :data:`~medhybrid.transforms.IGNORE_INDEX`), ``sigma`` (B,), and the
 per-sample ``mask_weight`` / ``denoise_weight`` the mode decided.
 """
@@ -83,7 +84,7 @@ class PretrainLoss(nn.Module):
             den = denoising_loss(img, x0, target["sigma"], self.sigma_data) * target.get("denoise_weight", 1.0)
             total = total + den
             terms["denoise_loss"] = den.mean()
-        if self.mode in ("hybrid", "supervised", "finetune"):
+        if self.mode in ("hybrid", "supervised"):
             w = target.get("mask_weight")
             seg = self.seg(logits, target["label"])
             lab = target.get("labelled")  # batches mixing in unlabelled images: their mask term is 0, not averaged in
@@ -91,3 +92,20 @@ class PretrainLoss(nn.Module):
             total = total + (seg if w is None else w * seg)
         self.terms = {k: float(v.detach()) for k, v in terms.items()}
         return total.mean()
+
+
+class FinetuneLoss(nn.Module):
+    """Fine-tuning's objective: :class:`SegmentationLoss` on the mask channels of the clean image's output (the network
+    fed at sigma_min, :class:`medhybrid.batches.SegmentationPrepareBatch`), averaged over the batch. The last batch's
+    value is kept in :attr:`terms` for logging, as :class:`PretrainLoss` does."""
+
+    def __init__(self, image_channels: int, mask_channels: int = 1):
+        super().__init__()
+        self.image_channels = image_channels
+        self.seg = SegmentationLoss(mask_channels)
+        self.terms: dict[str, float] = {}
+
+    def forward(self, pred: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
+        seg = self.seg(pred[:, self.image_channels :], label).mean()
+        self.terms = {"mask_loss": float(seg.detach())}
+        return seg

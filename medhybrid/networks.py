@@ -2,9 +2,9 @@
 with ``image channels + mask channels`` outputs, wrapped by EDM preconditioning (eq. 7) that stays out
 of the backbone.
 
-``HybridUNet(x, sigma)`` returns ``(B, C_img + C_mask, H, W)``: the first ``C_img`` channels are the
+``EDMPrecond(x, sigma)`` returns ``(B, C_img + C_mask, H, W)``: the first ``C_img`` channels are the
 denoised estimate ``D(x; sigma)``, the rest are mask logits read straight from F (no skip). Fine-tuning
-and inference feed the clean image at ``sigma_min`` (:meth:`HybridUNet.segment`).
+and inference feed the clean image at ``sigma_min`` (:meth:`EDMPrecond.segment`).
 """
 
 from __future__ import annotations
@@ -51,7 +51,13 @@ def mask_channels_for(num_classes: int) -> int:
     return 1 if num_classes <= 2 else num_classes
 
 
-class HybridUNet(nn.Module):
+def mask_classes(logits: torch.Tensor) -> torch.Tensor:
+    """The one rule from mask logits (B, C_mask, H, W) to class indices (B, H, W): ``logit > 0`` (probability > 0.5)
+    for one sigmoid channel, argmax over the softmax channels otherwise."""
+    return (logits[:, 0] > 0).long() if logits.shape[1] == 1 else logits.argmax(1)
+
+
+class EDMPrecond(nn.Module):
     """EDM-preconditioned wrapper around a backbone ``F(x, timesteps)`` with C_img + C_mask outputs."""
 
     def __init__(self, backbone: nn.Module, image_channels: int, mask_channels: int, sigma_data: float = 0.5,
@@ -93,7 +99,7 @@ class HybridUNet(nn.Module):
         return self.forward(x, None)[:, self.image_channels :]
 
 
-def build_network(cfg: ModelConfig, image_channels: int, num_classes: int = 2) -> HybridUNet:
+def build_network(cfg: ModelConfig, image_channels: int, num_classes: int = 2) -> EDMPrecond:
     """The U-Net used by every method: same architecture whatever the pretraining mode."""
     mask_ch = mask_channels_for(num_classes)
     backbone = DiffusionModelUNet(
@@ -106,4 +112,4 @@ def build_network(cfg: ModelConfig, image_channels: int, num_classes: int = 2) -
         norm_num_groups=cfg.norm_num_groups,
         num_head_channels=cfg.num_head_channels,
     )
-    return HybridUNet(backbone, image_channels, mask_ch, cfg.sigma_data, cfg.sigma_min, cfg.noise_embed_scale)
+    return EDMPrecond(backbone, image_channels, mask_ch, cfg.sigma_data, cfg.sigma_min, cfg.noise_embed_scale)

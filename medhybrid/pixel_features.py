@@ -23,19 +23,24 @@ from __future__ import annotations
 
 import logging
 import math
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
+from monai.data import Dataset
 from pydantic import Field
 from torch import nn
 
+from medhybrid import runs, tracking
+from medhybrid.checkpoints import atomic_save, load_model
 from medhybrid.config import NoiseLevels, Preprocess, StrictModel, dump_config
-from medhybrid.finetune import FewShotRunConfig
-from medhybrid.networks import HybridUNet, ModelConfig
-from medhybrid.transforms import IGNORE_INDEX
+from medhybrid.datasets import few_shot_pairs
+from medhybrid.fewshot import FewShotRunConfig, claim_few_shot_run, open_few_shot_run, require_channels
+from medhybrid.networks import EDMPrecond, ModelConfig
+from medhybrid.transforms import IGNORE_INDEX, preprocessing
 
 log = logging.getLogger("medhybrid")
 
@@ -68,7 +73,7 @@ class EnsembleConfig(StrictModel):
 class PixelFeatures(nn.Module):
     """Frozen feature extractor: ``forward(x (B, C, H, W)) -> (B, n_features, H, W)``."""
 
-    def __init__(self, net: HybridUNet, cfg: FeatureConfig | None = None):
+    def __init__(self, net: EDMPrecond, cfg: FeatureConfig | None = None):
         super().__init__()
         self.net = net.eval().requires_grad_(False)
         self.cfg = cfg or FeatureConfig()
@@ -203,7 +208,7 @@ def train_ensemble(feats: torch.Tensor, labels: torch.Tensor, num_classes: int, 
 
 
 class FeatureSegmenter(nn.Module):
-    """Frozen U-Net features + MLP ensemble, with the segmenter interface of :class:`HybridUNet`:
+    """Frozen U-Net features + MLP ensemble, with the segmenter interface of :class:`EDMPrecond`:
     :meth:`segment` gives mask "logits" (binary: vote share - 1/2; multi-class: vote shares) that
     :mod:`medhybrid.evaluate` thresholds as it does the network's."""
 
@@ -273,16 +278,14 @@ class PixelFeaturesResult:
     stats: dict
 
 
-def save_segmenter(seg: FeatureSegmenter, meta: dict, path: Path) -> Path:
+def save_feature_segmenter(seg: FeatureSegmenter, meta: dict, path: Path) -> Path:
     """``{"ensemble", "meta"}`` (the backbone stays in ``meta["init"]``), loadable with ``weights_only=True``."""
-    from medhybrid.training import atomic_save
 
     return atomic_save({"ensemble": {k: v.detach().cpu() for k, v in seg.ensemble.state_dict().items()}, "meta": meta}, path)
 
 
-def load_segmenter(path: str | Path, map_location="cpu") -> tuple[FeatureSegmenter, dict]:
-    """Rebuild a :class:`FeatureSegmenter` saved by :func:`save_segmenter` (needs its pretrained ``init``)."""
-    from medhybrid.pretrain import load_model
+def load_feature_segmenter(path: str | Path, map_location="cpu") -> tuple[FeatureSegmenter, dict]:
+    """Rebuild a :class:`FeatureSegmenter` saved by :func:`save_feature_segmenter` (needs its pretrained ``init``)."""
 
     ckpt = torch.load(path, map_location=map_location, weights_only=True)
     meta = ckpt["meta"]
@@ -297,15 +300,7 @@ def load_segmenter(path: str | Path, map_location="cpu") -> tuple[FeatureSegment
 def run_pixel_features(cfg: PixelFeaturesConfig) -> PixelFeaturesResult:
     """Train (or return the finished run of) ``cfg``: writes ``model.pt`` (ensemble + metadata),
     ``config.yaml``, ``subset.json`` and one MLflow run (tagged like a fine-tune)."""
-    import time
 
-    from monai.data import Dataset
-
-    from medhybrid import tracking
-    from medhybrid.datasets import few_shot_pairs
-    from medhybrid.finetune import claim_few_shot_run, open_few_shot_run, require_channels
-    from medhybrid.pretrain import load_model
-    from medhybrid.transforms import preprocessing
 
     folder, model_path = cfg.folder, cfg.folder / "model.pt"
     h, done = claim_few_shot_run(cfg)
@@ -318,7 +313,7 @@ def run_pixel_features(cfg: PixelFeaturesConfig) -> PixelFeaturesResult:
     pairs = few_shot_pairs(cfg.dataset, cfg.budget, cfg.seed, ids=cfg.ids)
     ids = [p["id"] for p in pairs]
     run_id = open_few_shot_run(cfg, h, ids)
-    with tracking.failing_marks(cfg.mlflow, folder, run_id):
+    with runs.failing_marks(cfg.mlflow, folder, run_id):
         t0 = time.perf_counter()
         data = list(Dataset(pairs, transform=preprocessing(cfg.dataset, preprocess)))
         images = torch.stack([torch.as_tensor(d["image"]) for d in data])
@@ -339,13 +334,13 @@ def run_pixel_features(cfg: PixelFeaturesConfig) -> PixelFeaturesResult:
                     "ensemble": dump_config(cfg.ensemble), "n_features": int(feats.shape[1]), "num_classes": nc,
                     "preprocess": dump_config(preprocess), "model": dump_config(ModelConfig(**meta["model"])),
                     "dataset": cfg.dataset.name, "method": cfg.method, "budget": len(pairs), "seed": cfg.seed}
-        save_segmenter(FeatureSegmenter(ext, ens, net.mask_channels), out_meta, model_path)
+        save_feature_segmenter(FeatureSegmenter(ext, ens, net.mask_channels), out_meta, model_path)
         if run_id:
             tracking.log_metrics(cfg.mlflow, run_id, {f"pixel_{k}": float(v) for k, v in stats.items()}, step=0)
-    tracking.close_run(cfg.mlflow, folder, run_id, [folder / "config.yaml", folder / "subset.json"], stats=stats)
+    runs.close_run(cfg.mlflow, folder, run_id, [folder / "config.yaml", folder / "subset.json"], stats=stats)
     return PixelFeaturesResult(folder, model_path, run_id, ids, stats)
 
 
 __all__ = ["EnsembleConfig", "FeatureConfig", "FeatureSegmenter", "MLPEnsemble", "PixelFeatures", "PixelFeaturesConfig",
-           "load_segmenter", "majority_vote", "pixel_mlp", "run_pixel_features", "save_segmenter",
+           "load_feature_segmenter", "majority_vote", "pixel_mlp", "run_pixel_features", "save_feature_segmenter",
            "train_ensemble", "training_pixels", "vote_entropy"]

@@ -17,23 +17,44 @@ pretrain from unlabelled images alone (``dataset: null``).
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
+import socket
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+import ignite.distributed as idist
 import torch
+from monai.data import CacheDataset
+from monai.engines import SupervisedEvaluator
+from monai.handlers import MeanDice, MLFlowHandler
 from pydantic import Field, field_validator, model_validator
 
+from medhybrid import diffusion as D
+from medhybrid import runs, tracking
+from medhybrid.batches import CorruptionPrepareBatch, LevelsPrepareBatch, MixedBatchSampler, SegmentationPrepareBatch
+from medhybrid.check import require_valid
+from medhybrid.checkpoints import network_meta, save_model
 from medhybrid.config import DatasetRef, DatasetSpec, Preprocess, StrictModel, dump_config, save_config
-from medhybrid.networks import HybridUNet, ModelConfig, build_network
+from medhybrid.datasets import load_pairs
+from medhybrid.engines import TrainConfig, fit
+from medhybrid.inferers import ConditionedInferer, SegmentationInferer
+from medhybrid.losses import PretrainLoss
+from medhybrid.metrics import PerLevelMSE, dice_output_transform, logits_to_onehot
+from medhybrid.networks import EDMPrecond, ModelConfig, build_network
+from medhybrid.runs import config_hash
 from medhybrid.tracking import MLflowConfig
-from medhybrid.training import EXECUTION_ONLY as TRAIN_EXECUTION_ONLY
-from medhybrid.training import TrainConfig, atomic_save
-from medhybrid.unlabelled import EXECUTION_ONLY, MixedDataset, UnlabelledConfig, batch_split, check_sources, unlabelled_dataset
+from medhybrid.transforms import preprocessing
+from medhybrid.unlabelled import (
+    MixedDataset,
+    UnlabelledConfig,
+    batch_split,
+    check_sources,
+    unlabelled_dataset,
+)
+from medhybrid.visualize import grid, overlay, save_png, to_uint8
 
 log = logging.getLogger("medhybrid")
 
@@ -130,18 +151,8 @@ class PretrainConfig(StrictModel):
         return self.mlflow.run_name or f"pretrain-{self.mode}-{self.data_name}"
 
 
-def config_hash(cfg: StrictModel, exclude: tuple[str, ...] = ("mlflow", "output_dir")) -> str:
-    d = {k: v for k, v in dump_config(cfg).items() if k not in exclude}
-    for execution_only in TRAIN_EXECUTION_ONLY:  # how a run executes, not what it computes
-        d.get("train", {}).pop(execution_only, None)
-    for execution_only in EXECUTION_ONLY:  # where unlabelled images are held (memory, disk cache)
-        (d.get("unlabelled") or {}).pop(execution_only, None)
-    return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
-
-
 def free_port() -> int:
     """A TCP port on 127.0.0.1 free right now (for a rendezvous or a local server)."""
-    import socket
 
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
@@ -156,31 +167,8 @@ class PretrainResult:
     metrics: dict
 
 
-def network_meta(net: HybridUNet, model_cfg: ModelConfig, preprocess: Preprocess, dataset: DatasetSpec | str, mode: str,
-                 num_classes: int | None = None) -> dict:
-    """What a ``model.pt`` says of itself: mode, channels, classes, the data it learnt from, network and preprocessing
-    (``dataset`` a spec, or a name with ``num_classes`` for pretraining without a labelled dataset)."""
-    name, classes = (dataset, num_classes) if isinstance(dataset, str) else (dataset.name, dataset.mask.num_classes)
-    return {"mode": mode, "image_channels": net.image_channels, "mask_channels": net.mask_channels,
-            "num_classes": classes, "dataset": name, "model": dump_config(model_cfg), "preprocess": dump_config(preprocess)}
-
-
-def pretrain_meta(net: HybridUNet, cfg: PretrainConfig) -> dict:
+def pretrain_meta(net: EDMPrecond, cfg: PretrainConfig) -> dict:
     return network_meta(net, cfg.model, cfg.preprocess, cfg.data_name, cfg.mode, cfg.classes)
-
-
-def save_model(net: HybridUNet, meta: dict, path: Path) -> Path:
-    """``{"state_dict", "meta"}``: tensors and plain values only, for ``torch.load(weights_only=True)``."""
-    return atomic_save({"state_dict": {k: v.detach().cpu() for k, v in net.state_dict().items()}, "meta": meta}, path)
-
-
-def load_model(path: str | Path, map_location="cpu") -> tuple[HybridUNet, dict]:
-    """Rebuild the network saved by :func:`save_model`."""
-    ckpt = torch.load(path, map_location=map_location, weights_only=True)
-    meta = ckpt["meta"]
-    net = build_network(ModelConfig(**meta["model"]), meta["image_channels"], meta["num_classes"])
-    net.load_state_dict(ckpt["state_dict"])
-    return net, meta
 
 
 def training_data(cfg: PretrainConfig, rank: int = 0, world_size: int = 1):
@@ -189,7 +177,6 @@ def training_data(cfg: PretrainConfig, rank: int = 0, world_size: int = 1):
     followed by the unlabelled ones (:class:`medhybrid.unlabelled.MixedDataset`), each batch holding
     ``unlabelled.share`` of unlabelled images; validation stays on the source's val split, or, with no labelled dataset,
     on the first ``train.val_max_images`` unlabelled images (a reconstruction monitor, not a held-out score)."""
-    from medhybrid.engines import MixedBatchSampler
 
     if cfg.unlabelled is None:
         train_ds, val_ds = source_datasets(cfg)
@@ -219,11 +206,6 @@ _UNLABELLED_CACHE: dict[str, object] = {}
 
 def source_datasets(cfg: PretrainConfig):
     """Cached train and val datasets of the source domain (val capped at ``train.val_max_images``)."""
-    from monai.data import CacheDataset
-
-    from medhybrid.check import require_valid
-    from medhybrid.datasets import load_pairs
-    from medhybrid.transforms import preprocessing
 
     key = json.dumps([dump_config(cfg.dataset), dump_config(cfg.preprocess), cfg.train.val_max_images, cfg.train.check_data],
                      sort_keys=True, default=str)
@@ -246,7 +228,6 @@ _SOURCE_CACHE: dict[str, tuple] = {}
 def corruption(cfg: PretrainConfig, rank: int = 0):
     """The prepare-batch of ``cfg``'s mode (:class:`medhybrid.engines.CorruptionPrepareBatch`): its noise levels or
     masking, and the hybrid's mask-loss policy, seeded by ``train.seed`` and the process ``rank``."""
-    from medhybrid.engines import CorruptionPrepareBatch
 
     h = cfg.hybrid
     return CorruptionPrepareBatch(cfg.mode, cfg.model.edm, seed=cfg.train.seed, rank=rank, mask_weight=h.mask_weight,
@@ -256,21 +237,6 @@ def corruption(cfg: PretrainConfig, rank: int = 0):
 
 def _worker(local_rank: int, cfg: PretrainConfig, run_id: str | None) -> dict:
     """Training in one process (rank); returns the final metrics."""
-    import ignite.distributed as idist
-    from monai.engines import SupervisedEvaluator
-    from monai.handlers import MeanDice, MLFlowHandler
-
-    from medhybrid import tracking
-    from medhybrid.engines import (
-        ConditionedInferer,
-        LevelsPrepareBatch,
-        PerLevelMSE,
-        SegmentationInferer,
-        SegmentationPrepareBatch,
-        dice_output_transform,
-    )
-    from medhybrid.losses import PretrainLoss
-    from medhybrid.training import fit
 
     rank = idist.get_rank()
     torch.manual_seed(cfg.train.seed)
@@ -318,17 +284,14 @@ def _worker(local_rank: int, cfg: PretrainConfig, run_id: str | None) -> dict:
     metrics = {k: v for k, v in result.metrics.items() if isinstance(v, (int, float))}
     if rank == 0:
         save_model(result.network, pretrain_meta(result.network, cfg), cfg.folder / "model.pt")
-        tracking.write_state(cfg.folder, metrics=metrics, world_size=idist.get_world_size())
+        runs.write_state(cfg.folder, metrics=metrics, world_size=idist.get_world_size())
     return metrics
 
 
 @torch.no_grad()
-def preview(cfg: PretrainConfig, net: HybridUNet, val_ds, epoch: int, n: int = 6) -> Path:
+def preview(cfg: PretrainConfig, net: EDMPrecond, val_ds, epoch: int, n: int = 6) -> Path:
     """Rows: clean image; noised (sigma 0.5) / masked (MDM) input; reconstruction; predicted mask over
     the image with the reference outline in green."""
-    from medhybrid import diffusion as D
-    from medhybrid.engines import logits_to_onehot
-    from medhybrid.visualize import grid, overlay, save_png, to_uint8
 
     net.eval()
     device = next(net.parameters()).device
@@ -361,20 +324,17 @@ def launched_by_torchrun() -> bool:
 def _torchrun_worker(local_rank: int, cfg: PretrainConfig, out: list) -> None:
     """One torchrun process: rank 0 claims the run folder and opens (or reopens) the MLflow run, tells every rank
     whether there is anything left to do, and alone writes checkpoints, ``model.pt`` and MLflow."""
-    import ignite.distributed as idist
-
-    from medhybrid import tracking
 
     folder, model_path, rank = cfg.folder, cfg.folder / "model.pt", idist.get_rank()
     decision = None
     if rank == 0:
         h = config_hash(cfg)
-        state = tracking.claim_folder(folder, h)
+        state = runs.claim_folder(folder, h)
         if state.get("status") == "finished" and model_path.is_file():
             decision = {"done": True, "run_id": state.get("mlflow_run_id"), "metrics": state.get("metrics", {})}
         else:
             save_config(cfg, folder / "config.yaml")
-            tracking.write_state(folder, config_hash=h, status="running", mode=cfg.mode, dataset=cfg.data_name)
+            runs.write_state(folder, config_hash=h, status="running", mode=cfg.mode, dataset=cfg.data_name)
             decision = {"done": False, "run_id": _open_pretrain_run(cfg) if cfg.mlflow.enabled else None}
         decision = json.dumps(decision)
     decision = json.loads(idist.broadcast(decision, src=0, safe_mode=True))
@@ -387,20 +347,18 @@ def _torchrun_worker(local_rank: int, cfg: PretrainConfig, out: list) -> None:
         _worker(local_rank, cfg, None)
         idist.barrier()
         return
-    with tracking.failing_marks(cfg.mlflow, folder, run_id):
+    with runs.failing_marks(cfg.mlflow, folder, run_id):
         metrics = _worker(local_rank, cfg, run_id)
-    tracking.close_run(cfg.mlflow, folder, run_id, [folder / "config.yaml", model_path], metrics=metrics)
+    runs.close_run(cfg.mlflow, folder, run_id, [folder / "config.yaml", model_path], metrics=metrics)
     idist.barrier()
     out.append(PretrainResult(folder, model_path, run_id, metrics))
 
 
 def _open_pretrain_run(cfg: PretrainConfig) -> str:
-    from medhybrid import tracking
-
     tags = {"medhybrid.stage": "pretrain", "medhybrid.mode": cfg.mode, "medhybrid.dataset": cfg.data_name}
     if cfg.unlabelled is not None:
         tags["medhybrid.unlabelled"] = ",".join(s.name for s in cfg.unlabelled.sources)
-    return tracking.open_run(cfg.mlflow, cfg.folder, cfg.run_name, params=dump_config(cfg), tags=tags)
+    return runs.open_run(cfg.mlflow, cfg.folder, cfg.run_name, params=dump_config(cfg), tags=tags)
 
 
 def run_pretraining(cfg: PretrainConfig) -> PretrainResult:
@@ -408,11 +366,8 @@ def run_pretraining(cfg: PretrainConfig) -> PretrainResult:
 
     Started by ``torchrun`` (:func:`launched_by_torchrun`), each process trains its shard and this returns on every
     rank once rank 0 has written the run (``train.nproc`` is then ignored: torchrun decides the processes)."""
-    from medhybrid import tracking
 
     if launched_by_torchrun() and cfg.mode != "none":
-        import ignite.distributed as idist
-
         out: list = []
         backend = cfg.train.backend or ("nccl" if torch.cuda.is_available() else "gloo")
         with idist.Parallel(backend=backend) as parallel:  # the rendezvous torchrun's environment describes
@@ -421,30 +376,28 @@ def run_pretraining(cfg: PretrainConfig) -> PretrainResult:
 
     folder = cfg.folder
     h = config_hash(cfg)
-    state = tracking.claim_folder(folder, h)
+    state = runs.claim_folder(folder, h)
     model_path = folder / "model.pt"
     if state.get("status") == "finished" and model_path.is_file():
         log.info("%s: already finished, nothing to do", folder)
         return PretrainResult(folder, model_path, state.get("mlflow_run_id"), state.get("metrics", {}))
     save_config(cfg, folder / "config.yaml")
-    tracking.write_state(folder, config_hash=h, status="running", mode=cfg.mode, dataset=cfg.data_name)
+    runs.write_state(folder, config_hash=h, status="running", mode=cfg.mode, dataset=cfg.data_name)
     run_id = _open_pretrain_run(cfg) if cfg.mlflow.enabled else None
-    with tracking.failing_marks(cfg.mlflow, folder, run_id):
+    with runs.failing_marks(cfg.mlflow, folder, run_id):
         if cfg.mode == "none":
             torch.manual_seed(cfg.train.seed)
             net = build_network(cfg.model, cfg.channels, cfg.classes)
             save_model(net, pretrain_meta(net, cfg), model_path)
             metrics: dict = {}
         elif cfg.train.nproc > 1:
-            import ignite.distributed as idist
-
             backend = cfg.train.backend or ("nccl" if torch.cuda.is_available() else "gloo")
             # a free port per run, not ignite's fixed 2222: two runs (or a lingering socket) never share a rendezvous
             with idist.Parallel(backend=backend, nproc_per_node=cfg.train.nproc, master_addr="127.0.0.1",
                                 master_port=free_port()) as parallel:
                 parallel.run(_worker, cfg, run_id)
-            metrics = tracking.read_state(folder).get("metrics", {})
+            metrics = runs.read_state(folder).get("metrics", {})
         else:
             metrics = _worker(0, cfg, run_id)
-    tracking.close_run(cfg.mlflow, folder, run_id, [folder / "config.yaml", model_path], metrics=metrics)
+    runs.close_run(cfg.mlflow, folder, run_id, [folder / "config.yaml", model_path], metrics=metrics)
     return PretrainResult(folder, model_path, run_id, metrics)

@@ -10,37 +10,47 @@ off, from the fine-tune folders' ``state.json``), and the per-image scores from 
 
 from __future__ import annotations
 
+import csv
 import json
 import math
+import os
+import re
+import shutil
+import tempfile
 from pathlib import Path
 
 import numpy as np
 
+from medhybrid import runs, tracking
+from medhybrid.engines import TrainConfig
+from medhybrid.stats import holm, paired_bootstrap, paired_differences, pooled_bootstrap, seed_t_test, verdict
+
 
 def collect_results(cfg, parent_run_id: str | None) -> list[dict]:
-    """One row per finished, evaluated fine-tune: method, budget, seed, test metrics, run id."""
+    """One row per finished, evaluated fine-tune: method, budget, seed, its ``dice``, ``iou`` and ``hd95`` on the set
+    the ablation scores on (``cfg.scored_on``), run id and folder."""
     rows = []
+    on = cfg.scored_on
     if parent_run_id:
-        from medhybrid import tracking
-
         c = tracking.client(cfg.mlflow)
         runs = c.search_runs([tracking.experiment_id(cfg.mlflow)], filter_string=f"tags.mlflow.parentRunId = '{parent_run_id}'",
                              max_results=10000)
         for r in runs:
             m, t = r.data.metrics, r.data.tags
-            if "test_dice" not in m:
+            if f"{on}_dice" not in m:
                 continue
             rows.append({"method": t.get("method"), "budget": int(t["budget"]), "seed": int(t["seed"]),
-                         "test_dice": m["test_dice"], "test_iou": m.get("test_iou", math.nan),
-                         "test_hd95": m.get("test_hd95", math.nan), "run_id": r.info.run_id,
+                         "dice": m[f"{on}_dice"], "iou": m.get(f"{on}_iou", math.nan),
+                         "hd95": m.get(f"{on}_hd95", math.nan), "run_id": r.info.run_id,
                          "folder": t.get("medhybrid.folder", "")})
     else:
         for st in sorted(Path(cfg.folder / "finetune").glob("*/*/state.json")):
             s = json.loads(st.read_text())
-            if not s.get("evaluated"):
+            if not s.get("evaluated") or s.get("scored_on") != on:
                 continue
             method, sd = st.parent.parent.name, st.parent.name.split("-")[1]
-            rows.append({"method": method, "budget": len(s.get("ids", [])), "seed": int(sd[1:]), **s["test"], "run_id": "",
+            scores = {k: s["scores"].get(f"{on}_{k}", math.nan) for k in ("dice", "iou", "hd95")}
+            rows.append({"method": method, "budget": len(s.get("ids", [])), "seed": int(sd[1:]), **scores, "run_id": "",
                          "folder": str(st.parent)})
     order = {m: i for i, m in enumerate(cfg.methods)}
     return sorted(rows, key=lambda r: (order.get(r["method"], 99), r["budget"], r["seed"]))
@@ -49,23 +59,19 @@ def collect_results(cfg, parent_run_id: str | None) -> list[dict]:
 def summary_table(rows: list[dict]) -> dict[tuple[str, int], tuple[float, float, int]]:
     groups: dict[tuple[str, int], list[float]] = {}
     for r in rows:
-        groups.setdefault((r["method"], r["budget"]), []).append(r["test_dice"])
+        groups.setdefault((r["method"], r["budget"]), []).append(r["dice"])
     return {k: (float(np.mean(v)), float(np.std(v, ddof=1)) if len(v) > 1 else 0.0, len(v)) for k, v in groups.items()}
 
 
 def per_image_scores(cfg, rows: list[dict]) -> dict[tuple[str, int, int], dict[str, float]]:
     """Per-image Dice of every row's run, keyed by (method, budget, seed): ``eval/per_image.csv`` in the run's folder,
     else the run's MLflow artifact of that name. Rows whose scores cannot be found are left out."""
-    import csv
-    import tempfile
 
     out = {}
     with tempfile.TemporaryDirectory(prefix="medhybrid-report-") as downloads:  # artifacts fetched for this report only
         for r in rows:
             path = Path(r.get("folder") or "") / "eval" / "per_image.csv"
             if not path.is_file() and r.get("run_id"):
-                from medhybrid import tracking
-
                 try:
                     path = Path(tracking.client(cfg.mlflow).download_artifacts(r["run_id"], "eval/per_image.csv",
                                                                                 str(Path(downloads) / r["run_id"])))
@@ -88,7 +94,6 @@ def paired_comparisons(rows: list[dict], scores: dict, reference: str, n_boot: i
     differences; pooled rows: per (budget, seed)) and its p-value Holm-adjusted within its family: the verdict's family
     is the "≤ 10" rows, one per baseline (the question the report answers), and the per-budget and "all budgets"
     rows are a second family (the detail)."""
-    from medhybrid.stats import holm, paired_bootstrap, paired_differences, pooled_bootstrap
 
     methods = sorted({r["method"] for r in rows} - {reference}, key=[r["method"] for r in rows].index)
     budgets = sorted({r["budget"] for r in rows})
@@ -118,7 +123,6 @@ def paired_comparisons(rows: list[dict], scores: dict, reference: str, n_boot: i
 
 def _row(res, units: list[float]) -> dict:
     """A table row: the bootstrap's mean and interval, and the paired t-test over ``units`` (per-subset mean diffs)."""
-    from medhybrid.stats import seed_t_test
 
     res.p_value = seed_t_test(units)
     return {"seeds": res.seeds, "images": res.images, "mean_diff": res.mean, "ci_low": res.low, "ci_high": res.high,
@@ -139,32 +143,43 @@ def best_baseline(table: dict, reference: str, max_budget: int = POOLED_MAX_BUDG
 
 def write_report(cfg, out_dir: Path, parent_run_id: str | None = None) -> dict[str, Path]:
     """Write ``results.csv``, ``summary.csv``, ``report.md`` and ``dice_vs_labels.png`` under ``out_dir``."""
-    import csv
-
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     rows = [r for r in collect_results(cfg, parent_run_id) if r["method"] in cfg.methods]  # a profile's selection
     table = summary_table(rows)
     methods = [m for m in cfg.methods if any(k[0] == m for k in table)]
     budgets = sorted({k[1] for k in table})
-
-    with open(out_dir / "results.csv", "w", newline="") as fh:
-        w = csv.DictWriter(fh, fieldnames=["method", "budget", "seed", "test_dice", "test_iou", "test_hd95", "run_id"],
-                           extrasaction="ignore")
-        w.writeheader()
-        w.writerows(rows)
-    with open(out_dir / "summary.csv", "w", newline="") as fh:
-        w = csv.writer(fh)
-        w.writerow(["method", "budget", "dice_mean", "dice_std", "n_seeds"])
-        for (m, b), (mu, sd, n) in sorted(table.items(), key=lambda kv: (methods.index(kv[0][0]), kv[0][1])):
-            w.writerow([m, b, f"{mu:.4f}", f"{sd:.4f}", n])
+    _write_tables(out_dir, cfg.scored_on, rows, table, methods)
 
     has_ref = any(r["method"] == cfg.reference for r in rows)
     tests = paired_comparisons(rows, per_image_scores(cfg, rows), cfg.reference) if has_ref else []
     best_other = best_baseline(table, cfg.reference) if has_ref else None
     score = "test Dice" if cfg.evaluate_on == "test" else "development Dice"
     _plot(out_dir / "dice_vs_labels.png", cfg, table, methods, budgets, tests, best_other, score)
+    lines = (_results_lines(cfg, rows, table, methods, budgets, parent_run_id) + _verdict_lines(cfg, tests, best_other, score)
+             + _comparison_lines(cfg, tests, score) + _timing_lines(cfg) + ["", "![Dice against labels](dice_vs_labels.png)", ""])
+    (out_dir / "report.md").write_text("\n".join(lines))
+    return {"markdown": out_dir / "report.md", "plot": out_dir / "dice_vs_labels.png",
+            "summary": out_dir / "summary.csv", "results": out_dir / "results.csv"}
 
+
+def _write_tables(out_dir: Path, on: str, rows: list[dict], table: dict, methods: list[str]) -> None:
+    """``results.csv`` (one row per run; the columns say which set the scores are from: ``test_dice`` or ``dev_dice``)
+    and ``summary.csv`` (mean and sd over seeds per method and budget)."""
+    with open(out_dir / "results.csv", "w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=["method", "budget", "seed", f"{on}_dice", f"{on}_iou", f"{on}_hd95", "run_id"],
+                           extrasaction="ignore")
+        w.writeheader()
+        w.writerows({**r, **{f"{on}_{k}": r[k] for k in ("dice", "iou", "hd95")}} for r in rows)
+    with open(out_dir / "summary.csv", "w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["method", "budget", "dice_mean", "dice_std", "n_seeds"])
+        for (m, b), (mu, sd, n) in sorted(table.items(), key=lambda kv: (methods.index(kv[0][0]), kv[0][1])):
+            w.writerow([m, b, f"{mu:.4f}", f"{sd:.4f}", n])
+
+
+def _results_lines(cfg, rows: list[dict], table: dict, methods: list[str], budgets: list[int], parent_run_id: str | None) -> list[str]:
+    """The report's title and its table of mean ± sd Dice per method and budget (the best per budget in bold)."""
     lines = [f"# Ablation `{cfg.name}`: {cfg.source.name} → {cfg.target.name}", "",
              (f"Test Dice on `{cfg.target.name}` test split" if cfg.evaluate_on == "test" else
               f"Development Dice on `{cfg.target.name}` pool images outside each seed's largest subset (not the test split)")
@@ -182,42 +197,53 @@ def write_report(cfg, out_dir: Path, parent_run_id: str | None = None) -> dict[s
             else:
                 cells.append("–")
         lines.append(f"| {m} | " + " | ".join(cells) + " |")
-    small = [t for t in tests if t["baseline"] == best_other and isinstance(t["budget"], int) and t["budget"] <= POOLED_MAX_BUDGET]
-    verdict_row = next((t for t in tests if t["baseline"] == best_other and t["budget"] == f"≤ {POOLED_MAX_BUDGET}"),
-                       small[0] if len(small) == 1 else None)  # a single small budget is its own pool
-    if verdict_row is not None:
-        from medhybrid.stats import verdict
+    return lines
 
-        v = verdict(verdict_row["result"], adjusted_p=verdict_row["p_holm"])
-        lines += ["", f"**Verdict at ≤ {POOLED_MAX_BUDGET} labels: `{cfg.reference}` {v} the best other method, "
-                  f"`{best_other}`**: {verdict_row['mean_diff']:+.3f} {score}, 95 % CI [{verdict_row['ci_low']:+.3f}, "
-                  f"{verdict_row['ci_high']:+.3f}], p = {_p(verdict_row['p_holm'])} (paired t-test over labelled subsets, Holm), "
-                  f"{verdict_row['seeds']} seeds, {verdict_row['images']} paired image scores. A verdict other than a tie "
-                  "needs both the interval to exclude 0 and the corrected test to reject."]
-    if tests:
-        n_primary = sum(t["budget"] == f"≤ {POOLED_MAX_BUDGET}" for t in tests)
-        lines += ["", f"Paired difference `{cfg.reference}` − baseline ({score} on the same images, after fine-tuning on the "
-                  "same labelled subsets). 95 % CI: hierarchical bootstrap resampling seeds, then images within each seed "
-                  "(2000 replicates). p: paired t-test on the per-subset mean differences (the labelled subset is the unit), "
-                  f"Holm-corrected within two families: the {n_primary} '≤ {POOLED_MAX_BUDGET}' rows (the verdict's question, one "
-                  f"per baseline) and the other {len(tests) - n_primary} rows. '≤ {POOLED_MAX_BUDGET}' and 'all budgets' pool "
-                  "budgets (one seed draw shared by all budgets; each (budget, seed) one unit of the test). With few seeds the "
-                  "bootstrap sees few distinct subsets and its interval understates their spread; the test does not.", "",
-                  "| baseline | budget | seeds | images | mean diff | 95 % CI | p | p (Holm) |", "|---|---|---|---|---|---|---|---|"]
-        for t in tests:
-            lines.append(f"| {t['baseline']} | {t['budget']} | {t['seeds']} | {t['images']} | {t['mean_diff']:+.3f} | "
-                         f"[{t['ci_low']:+.3f}, {t['ci_high']:+.3f}] | {_p(t['p_value'])} | {_p(t['p_holm'])} |")
+
+def _verdict_lines(cfg, tests: list[dict], best_other: str | None, score: str) -> list[str]:
+    """The verdict: the reference against the best other method, budgets ≤ POOLED_MAX_BUDGET pooled."""
+    small = [t for t in tests if t["baseline"] == best_other and isinstance(t["budget"], int) and t["budget"] <= POOLED_MAX_BUDGET]
+    row = next((t for t in tests if t["baseline"] == best_other and t["budget"] == f"≤ {POOLED_MAX_BUDGET}"),
+               small[0] if len(small) == 1 else None)  # a single small budget is its own pool
+    if row is None:
+        return []
+    v = verdict(row["result"], adjusted_p=row["p_holm"])
+    return ["", f"**Verdict at ≤ {POOLED_MAX_BUDGET} labels: `{cfg.reference}` {v} the best other method, "
+            f"`{best_other}`**: {row['mean_diff']:+.3f} {score}, 95 % CI [{row['ci_low']:+.3f}, "
+            f"{row['ci_high']:+.3f}], p = {_p(row['p_holm'])} (paired t-test over labelled subsets, Holm), "
+            f"{row['seeds']} seeds, {row['images']} paired image scores. A verdict other than a tie "
+            "needs both the interval to exclude 0 and the corrected test to reject."]
+
+
+def _comparison_lines(cfg, tests: list[dict], score: str) -> list[str]:
+    """The table of paired differences, reference − each baseline, with how they were computed."""
+    if not tests:
+        return []
+    n_primary = sum(t["budget"] == f"≤ {POOLED_MAX_BUDGET}" for t in tests)
+    lines = ["", f"Paired difference `{cfg.reference}` − baseline ({score} on the same images, after fine-tuning on the "
+             "same labelled subsets). 95 % CI: hierarchical bootstrap resampling seeds, then images within each seed "
+             "(2000 replicates). p: paired t-test on the per-subset mean differences (the labelled subset is the unit), "
+             f"Holm-corrected within two families: the {n_primary} '≤ {POOLED_MAX_BUDGET}' rows (the verdict's question, one "
+             f"per baseline) and the other {len(tests) - n_primary} rows. '≤ {POOLED_MAX_BUDGET}' and 'all budgets' pool "
+             "budgets (one seed draw shared by all budgets; each (budget, seed) one unit of the test). With few seeds the "
+             "bootstrap sees few distinct subsets and its interval understates their spread; the test does not.", "",
+             "| baseline | budget | seeds | images | mean diff | 95 % CI | p | p (Holm) |", "|---|---|---|---|---|---|---|---|"]
+    for t in tests:
+        lines.append(f"| {t['baseline']} | {t['budget']} | {t['seeds']} | {t['images']} | {t['mean_diff']:+.3f} | "
+                     f"[{t['ci_low']:+.3f}, {t['ci_high']:+.3f}] | {_p(t['p_value'])} | {_p(t['p_holm'])} |")
+    return lines
+
+
+def _timing_lines(cfg) -> list[str]:
+    """The ablation's wall time over all its invocations (``timings.json``), when recorded."""
     timings = Path(cfg.folder) / "timings.json"
-    if timings.is_file():
-        inv = json.loads(timings.read_text())["invocations"]
-        total = sum(i.get("wall_s", 0.0) for i in inv)
-        devices = sorted({i["device"] for i in inv})
-        lines += ["", f"Wall time: {total / 60:.1f} min on {', '.join(devices)} over {len(inv)} invocation(s) "
-                  "(`timings.json` in the ablation folder splits it by method and stage)."]
-    lines += ["", "![Dice against labels](dice_vs_labels.png)", ""]
-    (out_dir / "report.md").write_text("\n".join(lines))
-    return {"markdown": out_dir / "report.md", "plot": out_dir / "dice_vs_labels.png",
-            "summary": out_dir / "summary.csv", "results": out_dir / "results.csv"}
+    if not timings.is_file():
+        return []
+    inv = json.loads(timings.read_text())["invocations"]
+    total = sum(i.get("wall_s", 0.0) for i in inv)
+    devices = sorted({i["device"] for i in inv})
+    return ["", f"Wall time: {total / 60:.1f} min on {', '.join(devices)} over {len(inv)} invocation(s) "
+            "(`timings.json` in the ablation folder splits it by method and stage)."]
 
 
 def _plot(path: Path, cfg, table: dict, methods: list[str], budgets: list[int], tests: list[dict], best: str | None,
@@ -265,9 +291,6 @@ def _plot(path: Path, cfg, table: dict, methods: list[str], budgets: list[int], 
 def embed_in_readme(report_md: Path, readme: Path, name: str) -> None:
     """Replace the text between ``<!-- report:NAME -->`` and ``<!-- /report:NAME -->`` in ``readme`` with
     the generated report (headings demoted, the plot linked relative to the README); appended if absent."""
-    import os
-    import re
-    import shutil
 
     readme, report_md = Path(readme), Path(report_md)
     # the run folder is not versioned: keep a copy of the generated report beside the README
@@ -291,7 +314,6 @@ def embed_in_readme(report_md: Path, readme: Path, name: str) -> None:
 
 def pretraining_iterations(cfg) -> int:
     """Pretraining iterations of an ablation config (its shared ``pretrain.train``, TrainConfig's defaults elsewhere)."""
-    from medhybrid.training import TrainConfig
 
     return TrainConfig(**(cfg.pretrain.get("train") or {})).iterations
 
@@ -303,16 +325,12 @@ def write_length_curve(cfgs: list, out_dir: Path, baseline: str = "supervised", 
     each method − ``baseline`` paired difference (pooled over those budgets, CI and t-test as in
     :func:`paired_comparisons`, Holm over the curve's points), per pretraining length. Writes ``curve.csv``,
     ``curve.md`` and ``curve.png``."""
-    import csv
-
-    from medhybrid import tracking
-    from medhybrid.stats import holm
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     loaded = []
     for cfg in sorted(cfgs, key=pretraining_iterations):
-        parent = tracking.read_state(cfg.folder).get("mlflow_run_id") if cfg.mlflow.enabled else None
+        parent = runs.read_state(cfg.folder).get("mlflow_run_id") if cfg.mlflow.enabled else None
         rows = collect_results(cfg, parent)
         loaded.append((cfg, pretraining_iterations(cfg), rows, per_image_scores(cfg, rows)))
     names = methods or [m for m in loaded[0][0].methods if all(m in c.methods for c, *_ in loaded)]
@@ -328,7 +346,7 @@ def write_length_curve(cfgs: list, out_dir: Path, baseline: str = "supervised", 
         kept = [r for r in rows if (r["budget"], r["seed"]) in units and r["method"] in names]
         sub = {k: v for k, v in scores.items() if (k[1], k[2]) in units and k[0] in names}
         for m in names:
-            mean = float(np.mean([r["test_dice"] for r in kept if r["method"] == m]))
+            mean = float(np.mean([r["dice"] for r in kept if r["method"] == m]))
             point = {"ablation": cfg.name, "iterations": iters, "method": m, "mean_dice": mean}
             if m != baseline:
                 t = next(t for t in paired_comparisons([r for r in kept if r["method"] in (m, baseline)], sub, m, n_boot)

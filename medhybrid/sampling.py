@@ -14,11 +14,14 @@ from pathlib import Path
 import torch
 
 from medhybrid import diffusion as D
-from medhybrid.networks import HybridUNet
+from medhybrid.checkpoints import load_model
+from medhybrid.metrics import logits_to_onehot
+from medhybrid.networks import EDMPrecond
+from medhybrid.visualize import grid, overlay, save_png, to_uint8
 
 
 @torch.no_grad()
-def sample_pairs(net: HybridUNet, num: int, size: int, steps: int = 18, seed: int = 0, sigma_max: float | None = None,
+def sample_pairs(net: EDMPrecond, num: int, size: int, steps: int = 18, seed: int = 0, sigma_max: float | None = None,
                  batch_size: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
     """``num`` images (num, C, size, size) in [-1, 1] and their mask logits (num, C_mask, size, size)."""
     net.eval()
@@ -39,9 +42,6 @@ def sample_to_grid(checkpoint: str | os.PathLike, out: str | os.PathLike, num: i
                    per_row: int = 8) -> Path:
     """Sample ``num`` pairs from ``checkpoint`` (a ``model.pt``) and save a PNG grid: rows of images,
     each followed by the same images with their sampled masks overlaid."""
-    from medhybrid.engines import logits_to_onehot
-    from medhybrid.pretrain import load_model
-    from medhybrid.visualize import grid, overlay, save_png, to_uint8
 
     net, meta = load_model(checkpoint)
     if meta["mode"] not in ("hybrid", "diffusion"):

@@ -18,6 +18,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
+from scipy.stats import ttest_1samp
 
 
 @dataclass
@@ -101,7 +102,6 @@ def paired_differences(ref: Mapping[str, float], base: Mapping[str, float]) -> n
 def seed_t_test(unit_diffs: Sequence[float]) -> float:
     """Two-sided paired t-test of mean differences, one per labelled subset (the unit that varies most between
     repeats); NaN with fewer than 2 units or none of them differing."""
-    from scipy.stats import ttest_1samp
 
     d = np.asarray(unit_diffs, dtype=np.float64)
     if len(d) < 2 or np.ptp(d) == 0:

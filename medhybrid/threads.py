@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 import torch
+from ignite.engine import Events
 
 log = logging.getLogger("medhybrid")
 
@@ -85,8 +86,6 @@ class ThreadPolicy:
         self._next = 0.0
 
     def attach(self, engine) -> None:
-        from ignite.engine import Events
-
         self.most = self.most or torch.get_num_threads()
         if self.most == 1:  # a one-thread team has nothing to give up
             return

@@ -10,8 +10,9 @@ Conventions after :func:`preprocessing`:
 
 from __future__ import annotations
 
+import contextlib
 import logging
-import os
+import warnings
 from collections.abc import Hashable, Mapping, Sequence
 from pathlib import Path
 from typing import Literal
@@ -31,7 +32,7 @@ from monai.transforms import (
 )
 from PIL import Image
 
-from medhybrid.io import DataError, Image2DReader, image_stem, is_dicom_file
+from medhybrid.io import DataError, Image2DReader, atomic_write, image_stem, is_dicom_file
 
 log = logging.getLogger("medhybrid")
 
@@ -40,6 +41,22 @@ IGNORE_INDEX = -1.0
 
 Aspect = Literal["stretch", "pad", "crop"]
 Intensity = Literal["fixed", "minmax", "percentile"]
+
+
+@contextlib.contextmanager
+def _quiet_decoder_probe():
+    """MONAI's ``LoadImage`` builds every reader it knows; its ``NvImgCodecPydicomReader`` probes for a GPU DICOM decoder
+    (nvImageCodec) and, without one, logs and warns. medhybrid decodes DICOM with pydicom (:mod:`medhybrid.io`), so
+    both are noise: silenced here, around that construction only."""
+    logger = logging.getLogger("monai.data.nvimgcodec_pydicom_plugin")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*nvImageCodec.*", category=UserWarning)
+            yield
+    finally:
+        logger.setLevel(level)
 
 
 def _filename(img) -> str | None:
@@ -81,7 +98,8 @@ class LoadImage2D(Transform):
 
     def __init__(self, role: str = "image", channels: int | None = None):
         self.reader = Image2DReader(role)
-        self.loader = LoadImage(reader=self.reader, image_only=True, ensure_channel_first=True)
+        with _quiet_decoder_probe():
+            self.loader = LoadImage(reader=self.reader, image_only=True, ensure_channel_first=True)
         self.to_channels = ToChannels(channels) if channels else None
 
     def __call__(self, filename) -> torch.Tensor:
@@ -94,8 +112,9 @@ class LoadImage2D(Transform):
 class LoadImage2Dd(MapTransform):
     """Dictionary form of :class:`LoadImage2D`; ``label_keys`` are loaded as masks."""
 
-    def __init__(self, keys: KeysCollection, label_keys: KeysCollection = (), channels: int | None = None):
-        super().__init__(keys)
+    def __init__(self, keys: KeysCollection, label_keys: KeysCollection = (), channels: int | None = None,
+                 allow_missing_keys: bool = False):
+        super().__init__(keys, allow_missing_keys)
         self.label_keys = set(label_keys if isinstance(label_keys, (list, tuple)) else [label_keys])
         self.image_loader = LoadImage2D("image", channels)
         self.mask_loader = LoadImage2D("mask")
@@ -165,8 +184,9 @@ class MaskToLabeld(MapTransform):
     """Dictionary form of :class:`MaskToLabel`. With ``ref_key`` it also checks that the mask has
     the image's size, before any resizing can hide the mismatch."""
 
-    def __init__(self, keys: KeysCollection, values=None, ignore=(), threshold=None, ref_key: str | None = "image"):
-        super().__init__(keys)
+    def __init__(self, keys: KeysCollection, values=None, ignore=(), threshold=None, ref_key: str | None = "image",
+                 allow_missing_keys: bool = False):
+        super().__init__(keys, allow_missing_keys)
         self.convert = MaskToLabel(values, ignore, threshold)
         self.ref_key = ref_key
 
@@ -183,7 +203,7 @@ class MaskToLabeld(MapTransform):
 
 
 # --------------------------------------------------------------------------------------------- intensity
-class NormalizeIntensity2D(Transform):
+class ScaleIntensity2D(Transform):
     """Scale intensities to ``[-1, 1]``.
 
     - ``fixed``: by the range the file's format allows (``value_range`` from the reader: 0..255 for
@@ -210,12 +230,13 @@ class NormalizeIntensity2D(Transform):
         return out
 
 
-class NormalizeIntensity2Dd(MapTransform):
-    """Dictionary form of :class:`NormalizeIntensity2D`."""
+class ScaleIntensity2Dd(MapTransform):
+    """Dictionary form of :class:`ScaleIntensity2D`."""
 
-    def __init__(self, keys: KeysCollection, mode: Intensity = "fixed", lower: float = 0.5, upper: float = 99.5):
-        super().__init__(keys)
-        self.norm = NormalizeIntensity2D(mode, lower, upper)
+    def __init__(self, keys: KeysCollection, mode: Intensity = "fixed", lower: float = 0.5, upper: float = 99.5,
+                 allow_missing_keys: bool = False):
+        super().__init__(keys, allow_missing_keys)
+        self.norm = ScaleIntensity2D(mode, lower, upper)
 
     def __call__(self, data):
         d = dict(data)
@@ -265,8 +286,9 @@ class ResizeAspect(Transform):
 class ResizeAspectd(MapTransform):
     """Dictionary form of :class:`ResizeAspect`; ``label_keys`` are resized as labels."""
 
-    def __init__(self, keys: KeysCollection, size: int, aspect: Aspect = "pad", label_keys: KeysCollection = ()):
-        super().__init__(keys)
+    def __init__(self, keys: KeysCollection, size: int, aspect: Aspect = "pad", label_keys: KeysCollection = (),
+                 allow_missing_keys: bool = False):
+        super().__init__(keys, allow_missing_keys)
         label_keys = set(label_keys if isinstance(label_keys, (list, tuple)) else [label_keys])
         self.resizers = {k: ResizeAspect(size, aspect, label=k in label_keys) for k in self.keys}
 
@@ -306,9 +328,8 @@ class SaveMask2D(Transform):
         out_dir.mkdir(parents=True, exist_ok=True)
         stem = image_stem(source)
         png = out_dir / f"{stem}{self.postfix}.png"
-        tmp = png.with_name(f".{png.name}.{os.getpid()}.tmp")
-        Image.fromarray(arr * 255 if self.binary_png and arr.max(initial=0) <= 1 else arr, mode="L").save(tmp, format="PNG")
-        os.replace(tmp, png)
+        with atomic_write(png) as tmp:
+            Image.fromarray(arr * 255 if self.binary_png and arr.max(initial=0) <= 1 else arr, mode="L").save(tmp, format="PNG")
         written = [str(png)]
         if self.dicom_seg and is_dicom_file(source):
             from medhybrid.dicom_seg import write_dicom_seg
@@ -355,7 +376,7 @@ def _reading(dataset, with_label: bool) -> list:
 def _to_model(preprocess, with_label: bool) -> list:
     """Intensity normalisation of the image, then the aspect-aware resize (of the mask too, with ``with_label``)."""
     keys, label_keys = (["image", "label"], ["label"]) if with_label else (["image"], [])
-    return [NormalizeIntensity2Dd("image", preprocess.intensity, *preprocess.percentiles),
+    return [ScaleIntensity2Dd("image", preprocess.intensity, *preprocess.percentiles),
             ResizeAspectd(keys, preprocess.resolution, preprocess.aspect, label_keys=label_keys)]
 
 
@@ -376,3 +397,11 @@ def image_array(img: torch.Tensor) -> np.ndarray:
     """Channel-first tensor -> HxW(xC) numpy array, for writing or display."""
     a = torch.as_tensor(img).detach().cpu().numpy()
     return a[0] if a.shape[0] == 1 else np.moveaxis(a, 0, -1)
+
+
+# MONAI's aliases of the dictionary forms (``LoadImage2DD``, ``LoadImage2DDict`` ...)
+LoadImage2DD = LoadImage2DDict = LoadImage2Dd
+MaskToLabelD = MaskToLabelDict = MaskToLabeld
+ScaleIntensity2DD = ScaleIntensity2DDict = ScaleIntensity2Dd
+ResizeAspectD = ResizeAspectDict = ResizeAspectd
+SaveMask2DD = SaveMask2DDict = SaveMask2Dd

@@ -26,7 +26,10 @@ from monai.data import CacheDataset, Dataset, PersistentDataset
 from monai.utils import convert_to_tensor
 from pydantic import BeforeValidator, Field, field_validator, model_validator
 
+from medhybrid.check import require_valid
 from medhybrid.config import DatasetRef, Preprocess, StrictModel, dump_config
+from medhybrid.datasets import load_pairs
+from medhybrid.io import DataError
 from medhybrid.transforms import IGNORE_INDEX, preprocessing
 
 log = logging.getLogger("medhybrid")
@@ -93,8 +96,6 @@ EXECUTION_ONLY = ("cache", "cache_dir", "memory_limit_mb")
 def source_items(src: UnlabelledSource) -> list[dict]:
     """``{"image", "stamp"}`` items of ``src`` (never a mask): ``stamp`` (size and modification time) makes a changed
     file miss the disk cache. Raises :class:`~medhybrid.io.DataError` for a dataset with problems or no images."""
-    from medhybrid.datasets import load_pairs
-    from medhybrid.io import DataError
 
     items = sorted(load_pairs(src.dataset, src.splits), key=lambda p: p["id"])[: src.max_images or None]
     if not items:
@@ -109,7 +110,6 @@ def source_items(src: UnlabelledSource) -> list[dict]:
 
 def check_sources(cfg: UnlabelledConfig) -> None:
     """Open every unlabelled image as training will (readable, 2D, grey or RGB); raise naming every bad file."""
-    from medhybrid.check import require_valid
 
     for src in cfg.sources:
         require_valid(src.dataset, splits=src.splits, images_only=True)

@@ -10,6 +10,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from medhybrid.io import atomic_write
+
 
 def to_uint8(img: torch.Tensor) -> np.ndarray:
     """(C, H, W) in [-1, 1] -> (H, W, 3) uint8."""
@@ -44,12 +46,9 @@ def grid(rows: Sequence[Sequence[np.ndarray]], pad: int = 2) -> np.ndarray:
 
 
 def save_png(arr: np.ndarray, path: str | os.PathLike, upscale: int = 1) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     im = Image.fromarray(arr)
     if upscale > 1:
         im = im.resize((im.width * upscale, im.height * upscale), Image.NEAREST)
-    tmp = path.with_name(path.name + ".tmp")
-    im.save(tmp, format="PNG")
-    os.replace(tmp, path)
-    return path
+    with atomic_write(path) as tmp:
+        im.save(tmp, format="PNG")
+    return Path(path)

@@ -12,7 +12,9 @@ if [ -x .venv/bin/python ] && [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]
 fi
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
 .venv/bin/python -m pip install --quiet --upgrade pip
-# torch first, exactly pinned: the CPU build
+# torch first, exactly pinned, as the configured pip index offers it (PyPI's Linux wheel is the CUDA build). For a
+# CPU-only .venv, install torch==2.13.0 into it from https://download.pytorch.org/whl/cpu first; this line then
+# finds it already satisfied.
 .venv/bin/python -m pip install --quiet "torch==2.13.0"
 .venv/bin/python -m pip install --quiet -e ".[dev,ray]"
 echo "$want" > "$stamp"

@@ -262,8 +262,8 @@ def broken_dataset(tiny_dataset, corruption) -> tuple[Path, str, str]:
 
 
 def pytest_configure(config):
-    # MONAI probes for a GPU DICOM decoder each time a LoadImage is built; medhybrid quiets the warning on
-    # import, but pytest resets warning filters per test.
+    # MONAI probes for a GPU DICOM decoder each time a LoadImage is built and warns without one; medhybrid's
+    # LoadImage2D silences it around its own LoadImage, this covers MONAI transforms built directly in tests.
     config.addinivalue_line("filterwarnings", "ignore:.*nvImageCodec.*:UserWarning")
     # The models here are tiny: one CPU thread per process is fastest, and on a busy machine several
     # threads per process are many times slower (threads spin waiting for each other). Subprocesses

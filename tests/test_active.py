@@ -28,12 +28,12 @@ from medhybrid.active import (
 from medhybrid.config import ConfigError, validate
 from medhybrid.datasets import few_shot_ids, load_pairs
 from medhybrid.inference import Segmenter
-from medhybrid.networks import HybridUNet, build_network
+from medhybrid.networks import EDMPrecond, build_network
 
 pytestmark = pytest.mark.usefixtures("workdir")
 
 
-class _Fixed(HybridUNet):
+class _Fixed(EDMPrecond):
     """A stand-in network whose mask is ``x[:, 0] > threshold(sigma)``: noise-free masks agree with themselves."""
 
     def __init__(self, react: float):
@@ -158,7 +158,7 @@ def test_experiment_labels_in_uncertainty_order_and_compares_with_random(workdir
     assert all("test_dice" in r.data.metrics for r in runs)
     # resumable: a second call trains nothing and rebuilds the same table
     again = run_active_learning(abl, cfg)
-    assert [r["test_dice"] for r in again["rows"]] == [float(r["test_dice"]) for r in rows]
+    assert [r["dice"] for r in again["rows"]] == [float(r["test_dice"]) for r in rows]
 
 
 def test_development_set_is_never_selected_and_density_runs(workdir, mlflow_uri, isic_tiny):

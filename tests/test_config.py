@@ -8,17 +8,20 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import REPO_ROOT
 from pydantic import Field
 
 from medhybrid.config import (
-    REPO_ROOT,
+    PACKAGED_CONFIGS,
     ConfigError,
     DatasetSpec,
     MaskSpec,
     Preprocess,
     StrictModel,
     apply_overrides,
+    config_dir,
     expand_env,
+    find_config,
     load_config,
     load_dataset_spec,
     parse_override,
@@ -198,6 +201,50 @@ def test_unknown_dataset_name():
     with pytest.raises(ConfigError) as info:
         load_dataset_spec("no_such_dataset")
     assert "no_such_dataset" in str(info.value) and "ph2" in str(info.value) and "isic2018" in str(info.value)
+
+
+# --------------------------------------------------------------------------------------------- config lookup
+def test_shipped_configs_are_the_repository_configs():
+    """In a clone, the package's configs/ is a link to the top-level configs/: one copy of each YAML."""
+    assert PACKAGED_CONFIGS.is_symlink() and PACKAGED_CONFIGS.resolve() == (REPO_ROOT / "configs").resolve()
+    assert config_dir() == (REPO_ROOT / "configs").resolve()
+    assert find_config("dermoscopy", "ablation") == (REPO_ROOT / "configs" / "ablation" / "dermoscopy.yaml").resolve()
+    assert find_config("isic2018", "pretrain").parent == (REPO_ROOT / "configs" / "pretrain").resolve()
+
+
+def test_config_dir_from_environment(data, tmp_path, monkeypatch):
+    cfg = tmp_path / "cfg"
+    shutil.copytree(REPO_ROOT / "configs" / "data", cfg / "data")
+    monkeypatch.setenv("MEDHYBRID_CONFIG_DIR", str(cfg))
+    assert config_dir() == cfg.resolve() and find_config("ph2", "data") == (cfg / "data" / "ph2.yaml").resolve()
+    monkeypatch.setenv("MEDHYBRID_DATA_ROOT", str(data))
+    assert load_dataset_spec("ph2").root == data / "dermoscopy" / "ph2"
+    with pytest.raises(ConfigError) as info:  # a folder without the kind asked for names the variable
+        find_config("dermoscopy", "ablation")
+    assert "MEDHYBRID_CONFIG_DIR" in str(info.value) and "pass a YAML file's path" in str(info.value)
+
+
+def test_unknown_config_name_says_what_to_pass():
+    with pytest.raises(ConfigError) as info:
+        find_config("no_such_ablation", "ablation")
+    assert "'dermoscopy'" in str(info.value) and "pass a YAML file's path" in str(info.value)
+
+
+def test_data_root_default_outside_the_clone_asks_for_the_variable(data, tmp_path, monkeypatch):
+    """A dataset YAML installed elsewhere (site-packages) cannot reach ../shared/data with its relative default: the
+    error says to set MEDHYBRID_DATA_ROOT, or which value of it does not hold the dataset."""
+    cfg = tmp_path / "site-packages" / "medhybrid" / "configs"
+    shutil.copytree(REPO_ROOT / "configs" / "data", cfg / "data")
+    monkeypatch.setenv("MEDHYBRID_CONFIG_DIR", str(cfg))
+    with pytest.raises(ConfigError) as info:
+        load_dataset_spec("ph2")
+    msg = str(info.value)
+    assert "dataset root" in msg and "MEDHYBRID_DATA_ROOT is not set" in msg and "set MEDHYBRID_DATA_ROOT" in msg
+    monkeypatch.setenv("MEDHYBRID_DATA_ROOT", str(tmp_path / "elsewhere"))
+    with pytest.raises(ConfigError, match=r"MEDHYBRID_DATA_ROOT=.*elsewhere does not hold this dataset"):
+        load_dataset_spec("ph2")
+    monkeypatch.setenv("MEDHYBRID_DATA_ROOT", str(data))
+    assert load_dataset_spec("ph2").root == data / "dermoscopy" / "ph2"
 
 
 def test_dataset_spec_errors_name_the_key(tmp_path):

@@ -160,6 +160,9 @@ def test_evaluate_all_foreground_at_native_resolution(ph2_tiny, tmp_path):
         assert r["iou"] == pytest.approx(fg / n)
     assert res.summary["test_images"] == 4.0
     assert res.summary["test_dice"] == pytest.approx(np.mean([r["dice"] for r in res.rows]))
+    # a development set (pool images) is named as such: its scores are never reported as test scores
+    dev = evaluate(_Stub(lambda x: torch.full_like(x[:, :1], 5.0)), spec, pre, "dev", pairs=load_pairs(spec, "pool")[:2])
+    assert set(dev.summary) == {"dev_dice", "dev_iou", "dev_hd95", "dev_images"} and dev.summary["dev_images"] == 2.0
 
     with open(res.csv, newline="") as fh:
         rows = list(csv.DictReader(fh))

@@ -10,6 +10,7 @@ import torch
 from conftest import PH2, artifact_paths, isic_yaml, mlflow_client, ph2_yaml, real_split
 from conftest import TINY_UNET as TINY
 
+from medhybrid.checkpoints import load_model, network_meta, save_model, transfer_weights
 from medhybrid.config import ConfigError, Preprocess, load_config, load_dataset_spec, validate
 from medhybrid.datasets import few_shot_ids
 from medhybrid.evaluate import evaluate
@@ -20,10 +21,9 @@ from medhybrid.finetune import (
     augmentation,
     initial_network,
     run_finetuning,
-    transfer_weights,
 )
 from medhybrid.networks import build_network
-from medhybrid.pretrain import PretrainConfig, load_model, network_meta, run_pretraining, save_model
+from medhybrid.pretrain import PretrainConfig, run_pretraining
 
 pytestmark = pytest.mark.usefixtures("workdir")
 

@@ -2,18 +2,14 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from medhybrid.io import (
-    DataError,
-    Image2DReader,
-    file_suffix,
-    read_image,
-)
+from medhybrid.io import DataError, Image2DReader, atomic_write, file_suffix, read_image, write_json
 from medhybrid.transforms import LoadImage2D
 
 
@@ -473,3 +469,28 @@ def test_broken_real_dicom_files_name_the_file(name, problem):
     with pytest.raises(DataError) as info:
         read_image(_pydicom_file(name))
     assert problem in str(info.value) and name in str(info.value)
+
+
+def test_write_json_is_atomic(tmp_path):
+    """The file is replaced whole, no temporary file stays behind, and a strict write that fails (NaN) leaves
+    the previous content in place."""
+    path = write_json(tmp_path / "a.json", {"x": [1, 2]}, indent=1)
+    assert json.loads(path.read_text()) == {"x": [1, 2]} and path.read_text().startswith("{\n \"x\"")
+    with pytest.raises(ValueError):
+        write_json(path, {"x": float("nan")}, allow_nan=False)
+    assert json.loads(path.read_text()) == {"x": [1, 2]}
+    assert [p.name for p in tmp_path.iterdir()] == ["a.json"]
+
+
+def test_atomic_write_keeps_the_old_file_on_error(tmp_path):
+    """The temporary file ends in the target's name (so suffix-driven writers keep their format), replaces the target
+    only when the body succeeds, and never stays behind."""
+    path = tmp_path / "sub" / "mask.png"
+    with atomic_write(path) as tmp:
+        assert tmp.parent == path.parent and tmp.name.endswith("mask.png") and tmp != path
+        tmp.write_bytes(b"one")
+    assert path.read_bytes() == b"one"
+    with pytest.raises(RuntimeError), atomic_write(path) as tmp:
+        tmp.write_bytes(b"half")
+        raise RuntimeError("killed mid-write")
+    assert path.read_bytes() == b"one" and [p.name for p in path.parent.iterdir()] == ["mask.png"]

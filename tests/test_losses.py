@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from medhybrid import diffusion as D
-from medhybrid.losses import PretrainLoss, SegmentationLoss, denoising_loss
+from medhybrid.losses import FinetuneLoss, PretrainLoss, SegmentationLoss, denoising_loss
 from medhybrid.transforms import IGNORE_INDEX
 
 
@@ -106,10 +106,9 @@ def test_pretrain_loss_hybrid_terms():
     assert fn(pred, t).item() == pytest.approx(den.mean().item(), rel=1e-5)
 
 
-@pytest.mark.parametrize("mode", ["supervised", "finetune"])
-def test_pretrain_loss_mask_only_modes(mode):
+def test_pretrain_loss_supervised_is_the_mask_term():
     pred, t = _batch()
-    fn = PretrainLoss(mode, 1)
+    fn = PretrainLoss("supervised", 1)
     total = fn(pred, t)
     assert set(fn.terms) == {"mask_loss"}
     assert total.item() == pytest.approx(SegmentationLoss(1)(pred[:, 3:], t["label"]).mean().item(), rel=1e-5)
@@ -117,6 +116,19 @@ def test_pretrain_loss_mask_only_modes(mode):
     pred2 = pred.clone()
     pred2[:, :3] = 100.0
     assert fn(pred2, t).item() == pytest.approx(total.item())
+
+
+def test_finetune_loss_equals_supervised_pretraining_loss():
+    """Fine-tuning's loss is supervised pretraining's objective on a label tensor (no target dict): same value, same
+    gradient, the image channels ignored."""
+    pred, t = _batch()
+    a, b = pred.clone().requires_grad_(), pred.clone().requires_grad_()
+    sup, fin = PretrainLoss("supervised", 1)(a, t), FinetuneLoss(3, 1)
+    tuned = fin(b, t["label"])
+    assert torch.equal(tuned, sup) and fin.terms == {"mask_loss": pytest.approx(sup.item())}
+    sup.backward()
+    tuned.backward()
+    assert torch.equal(a.grad, b.grad) and not b.grad[:, :3].any()
 
 
 def test_pretrain_loss_diffusion_ignores_labels():

@@ -8,10 +8,10 @@ from conftest import TINY_UNET as TINY
 
 from medhybrid import diffusion as D
 from medhybrid.config import ConfigError, validate
-from medhybrid.networks import HybridUNet, ModelConfig, build_network, mask_channels_for
+from medhybrid.networks import EDMPrecond, ModelConfig, build_network, mask_channels_for
 
 
-def _net(image_channels: int = 3, num_classes: int = 2, cfg: ModelConfig = TINY, seed: int = 0) -> HybridUNet:
+def _net(image_channels: int = 3, num_classes: int = 2, cfg: ModelConfig = TINY, seed: int = 0) -> EDMPrecond:
     torch.manual_seed(seed)
     return build_network(cfg, image_channels, num_classes).eval()
 

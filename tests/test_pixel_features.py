@@ -19,7 +19,7 @@ from medhybrid.pixel_features import (
     MLPEnsemble,
     PixelFeatures,
     PixelFeaturesConfig,
-    load_segmenter,
+    load_feature_segmenter,
     majority_vote,
     run_pixel_features,
     train_ensemble,
@@ -143,7 +143,7 @@ def test_diffusion_features_beat_a_majority_class_predictor_on_ph2(pretrain_cfg,
     assert res.stats["pixels"] == 2 * 32 * 24  # 287x384 padded to 32x32: the 8 padding rows are ignored, not trained on
     assert res.stats["n_features"] == 3 * (32 + 32 + 16)
 
-    seg, meta = load_segmenter(res.checkpoint)  # weights_only load
+    seg, meta = load_feature_segmenter(res.checkpoint)  # weights_only load
     assert meta["budget"] == 2 and meta["init"] == str(pre.checkpoint.resolve())
     spec = load_dataset_spec(target)
     pre_t = preprocessing(spec, Preprocess(**meta["preprocess"]))

@@ -19,10 +19,11 @@ import yaml
 from conftest import ISIC, REPO_ROOT, TINY_NET, TINY_TRAIN, artifact_paths, mlflow_client, write_dataset_yaml
 from PIL import Image
 
+from medhybrid.checkpoints import load_model
 from medhybrid.config import ConfigError, apply_overrides, dump_config, load_config, validate
 from medhybrid.io import DataError
 from medhybrid.networks import ModelConfig, build_network
-from medhybrid.pretrain import MODES, PretrainConfig, load_model, run_pretraining
+from medhybrid.pretrain import MODES, PretrainConfig, run_pretraining
 
 pytestmark = pytest.mark.usefixtures("workdir")
 
@@ -192,7 +193,7 @@ def test_same_run_name_different_folders_are_two_runs(isic_tiny, pretrain_cfg, m
 def test_config_hash_ignores_execution_settings(isic_tiny, pretrain_cfg):
     """How a run executes (progress bar, torch.compile) is not what it computes: same hash, so a run
     started one way resumes the other; a change to the schedule is a different run."""
-    from medhybrid.pretrain import config_hash
+    from medhybrid.runs import config_hash
 
     base = config_hash(pretrain_cfg(isic_tiny))
     assert config_hash(pretrain_cfg(isic_tiny, "hybrid", "train.compile=true", "train.progress=false")) == base
@@ -348,7 +349,7 @@ def _torchrun(config: Path, out: Path, mlflow_uri: str, n: int = 2) -> list[str]
 def test_the_ranks_shards_are_the_single_process_draw():
     """Every rank draws the same seeded order and takes its share: together the ranks see exactly the images one
     process with the global batch sees, none repeated or dropped, for labelled and unlabelled sources alike."""
-    from medhybrid.engines import EpochSeededSampler, MixedBatchSampler
+    from medhybrid.batches import EpochSeededSampler, MixedBatchSampler
 
     one = EpochSeededSampler(10, 12, seed=3)
     ranks = [EpochSeededSampler(10, 6, seed=3, rank=r, world_size=2) for r in range(2)]

@@ -17,7 +17,7 @@ def _rows_and_scores(gain: float, seeds=(0, 1, 2), budgets=(2, 5, 20), images=30
             for m, shift in (("ref", gain), ("other", 0.0), ("weak", -0.1)):
                 d = {f"img{i}": float(v + shift + rng.normal(0, 0.005)) for i, v in enumerate(base)}
                 scores[(m, b, s)] = d
-                rows.append({"method": m, "budget": b, "seed": s, "test_dice": float(np.mean(list(d.values())))})
+                rows.append({"method": m, "budget": b, "seed": s, "dice": float(np.mean(list(d.values())))})
     return rows, scores
 
 
@@ -70,7 +70,7 @@ def _fake_ablation(folder, name: str, iterations: int, gains: dict[str, float], 
                     w.writerow(["id", "dice", "iou", "hd95"])
                     w.writerows([f"img{i}", d, d, 1.0] for i, d in enumerate(dice))
                 (run / "state.json").write_text(json.dumps({"evaluated": True, "ids": [f"p{i}" for i in range(b)],
-                                                            "test": {"test_dice": float(dice.mean())}}))
+                                                            "scored_on": "test", "scores": {"test_dice": float(dice.mean())}}))
     return AblationConfig(name=name, source="isic2018", target="ph2", output_dir=folder / name, mlflow={"enabled": False},
                           methods={m: {"pretrain": "hybrid" if m != "supervised" else "supervised"} for m in gains},
                           pretrain={"train": {"epochs": iterations // 10, "epoch_length": 10}})

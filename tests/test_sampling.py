@@ -8,10 +8,10 @@ from conftest import TINY_UNET as TINY
 from PIL import Image
 
 from medhybrid import diffusion as D
+from medhybrid.checkpoints import network_meta, save_model
 from medhybrid.cli import main
 from medhybrid.config import Preprocess, load_dataset_spec
 from medhybrid.networks import build_network
-from medhybrid.pretrain import network_meta, save_model
 from medhybrid.sampling import sample_pairs, sample_to_grid
 
 pytestmark = pytest.mark.usefixtures("workdir")

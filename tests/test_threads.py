@@ -75,7 +75,8 @@ def test_policy_shrinks_the_team_beside_a_busy_process_and_restores_it(monkeypat
 
 def test_threads_are_not_part_of_a_run_hash():
     from medhybrid.config import load_dataset_spec
-    from medhybrid.finetune import FinetuneConfig, few_shot_hash
+    from medhybrid.fewshot import few_shot_hash
+    from medhybrid.finetune import FinetuneConfig
 
     base = dict(dataset=load_dataset_spec("ph2").model_dump(), method="scratch", budget=2, seed=0, output_dir="x",
                 mlflow={"enabled": False})

@@ -8,6 +8,7 @@ import torch
 from monai.data import MetaTensor
 from PIL import Image
 
+from medhybrid import transforms as ts
 from medhybrid.config import MaskSpec, Preprocess, load_dataset_spec
 from medhybrid.io import DataError
 from medhybrid.transforms import (
@@ -16,10 +17,10 @@ from medhybrid.transforms import (
     LoadImage2Dd,
     MaskToLabel,
     MaskToLabeld,
-    NormalizeIntensity2D,
-    NormalizeIntensity2Dd,
     ResizeAspect,
     ResizeAspectd,
+    ScaleIntensity2D,
+    ScaleIntensity2Dd,
     ToChannels,
     aspect_size,
     image_array,
@@ -178,11 +179,11 @@ def test_mask_size_mismatch_names_both_files(ph2_pair, tmp_path):
 # --------------------------------------------------------------------------------------------- intensity
 def test_fixed_normalisation_uses_value_range(ph2_pair, data):
     img = LoadImage2D()(ph2_pair[0])
-    out = NormalizeIntensity2D("fixed")(img)
+    out = ScaleIntensity2D("fixed")(img)
     np.testing.assert_allclose(out.numpy(), img.numpy() / 255.0 * 2 - 1, atol=1e-6)
     # 15-bit MONOCHROME1 DICOM: scaled by 0..32767, not by its own min/max
     dcm = LoadImage2D()(data / "dicom" / "RG1_UNCI.dcm")
-    out = NormalizeIntensity2D("fixed")(dcm)
+    out = ScaleIntensity2D("fixed")(dcm)
     lo, hi = float(dcm.min()), float(dcm.max())
     assert out.min().item() == pytest.approx(lo / 32767 * 2 - 1, abs=1e-5)
     assert out.max().item() == pytest.approx(hi / 32767 * 2 - 1, abs=1e-5)
@@ -192,16 +193,16 @@ def test_minmax_and_percentile_normalisation():
     g = torch.Generator().manual_seed(0)
     x = torch.rand(1, 32, 32, generator=g) * 50 + 100
     x[0, 0, 0] = 10_000.0  # a hot pixel
-    mm = NormalizeIntensity2D("minmax")(x)
+    mm = ScaleIntensity2D("minmax")(x)
     assert mm.min().item() == -1.0 and mm.max().item() == 1.0
-    pc = NormalizeIntensity2D("percentile", 1, 99)(x)
+    pc = ScaleIntensity2D("percentile", 1, 99)(x)
     assert pc.min().item() == -1.0 and pc.max().item() == 1.0
     assert (pc > -1).float().mean() > 0.9 and (pc < 1).float().mean() > 0.9  # the hot pixel does not squash the rest
     assert (mm < -0.9).float().mean() > 0.9
     # fixed without a value_range falls back to min/max; a constant image does not divide by zero
-    torch.testing.assert_close(NormalizeIntensity2D("fixed")(x), mm)
-    assert NormalizeIntensity2D("minmax")(torch.full((1, 4, 4), 7.0)).eq(-1).all()
-    d = NormalizeIntensity2Dd("image", "minmax")({"image": x, "label": x})
+    torch.testing.assert_close(ScaleIntensity2D("fixed")(x), mm)
+    assert ScaleIntensity2D("minmax")(torch.full((1, 4, 4), 7.0)).eq(-1).all()
+    d = ScaleIntensity2Dd("image", "minmax")({"image": x, "label": x})
     torch.testing.assert_close(d["image"], mm)
     assert d["label"] is x
 
@@ -312,3 +313,34 @@ def test_image_array():
     rgb = torch.arange(3 * 4 * 5, dtype=torch.float32).view(3, 4, 5)
     a = image_array(rgb)
     assert a.shape == (4, 5, 3) and a[1, 2, 0] == rgb[0, 1, 2] and a[1, 2, 2] == rgb[2, 1, 2]
+
+
+def test_dict_forms_follow_monai_conventions(ph2_pair):
+    """Every dictionary transform takes ``allow_missing_keys`` (an image-only dict passes a label transform untouched,
+    a missing key is an error otherwise) and has MONAI's ``D``/``Dict`` aliases."""
+    img, _ = ph2_pair
+    d = LoadImage2Dd(["image", "label"], label_keys=["label"], channels=3, allow_missing_keys=True)({"image": img})
+    assert set(d) == {"image"} and d["image"].shape[0] == 3
+    with pytest.raises(KeyError):
+        LoadImage2Dd(["image", "label"], label_keys=["label"], channels=3)({"image": img})
+    for t in (MaskToLabeld(["label"], threshold=0.5, allow_missing_keys=True), ScaleIntensity2Dd(["label"], allow_missing_keys=True),
+              ResizeAspectd(["label"], 16, allow_missing_keys=True)):
+        assert t({"image": d["image"]})["image"] is d["image"]
+    assert ts.LoadImage2DD is ts.LoadImage2DDict is LoadImage2Dd and ts.SaveMask2DD is ts.SaveMask2Dd
+    assert ts.ScaleIntensity2DD is ScaleIntensity2Dd and ts.ResizeAspectDict is ResizeAspectd and ts.MaskToLabelD is MaskToLabeld
+
+
+def test_loading_is_quiet_about_gpu_dicom_decoders_without_changing_global_state():
+    """Building a LoadImage2D does not warn that nvImageCodec is missing (medhybrid decodes DICOM with pydicom), and
+    leaves warning filters and the probe's logger level as they were."""
+    import logging
+    import warnings
+
+    probe = logging.getLogger("monai.data.nvimgcodec_pydicom_plugin")
+    level, filters = probe.level, list(warnings.filters)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        filters = list(warnings.filters)
+        LoadImage2D("image", 3)
+        assert list(warnings.filters) == filters
+    assert not [w for w in caught if "nvImageCodec" in str(w.message)] and probe.level == level

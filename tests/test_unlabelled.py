@@ -14,10 +14,17 @@ import torch
 from conftest import DICOM, OPENIST, PH2, TINY_NET, TINY_TRAIN, mlflow_client, ph2_yaml, real_split
 from PIL import Image
 
+from medhybrid.batches import CorruptionPrepareBatch, MixedBatchSampler
 from medhybrid.cli import main
 from medhybrid.config import ConfigError, Preprocess, load_config, load_dataset_spec, validate
-from medhybrid.engines import CorruptionPrepareBatch, MixedBatchSampler
-from medhybrid.unlabelled import MixedDataset, UnlabelledConfig, UnlabelledSource, batch_split, source_items, unlabelled_dataset
+from medhybrid.unlabelled import (
+    MixedDataset,
+    UnlabelledConfig,
+    UnlabelledSource,
+    batch_split,
+    source_items,
+    unlabelled_dataset,
+)
 
 
 @pytest.fixture
@@ -259,7 +266,8 @@ def test_hybrid_with_the_target_pool_never_gives_an_unlabelled_image_a_mask_loss
 
 
 def test_pretrain_config_rules(isic_tiny, pacs, workdir):
-    from medhybrid.pretrain import PretrainConfig, config_hash
+    from medhybrid.pretrain import PretrainConfig
+    from medhybrid.runs import config_hash
 
     base = [*TINY_NET, *TINY_TRAIN]
     with pytest.raises(ConfigError, match="cannot use unlabelled images"):

@@ -38,11 +38,15 @@ STUDY_PATTERNS = ["*.png", "*.jpg", "*.jpeg", "*.bmp", "*.tif", "*.tiff", "*.dcm
 
 
 def default_bundles(app_dir: str) -> list[Path]:
-    """The bundles shipped beside the app (``<repository>/bundles/*`` with an inference config)."""
-    root = Path(app_dir).resolve().parents[1] / "bundles"
-    found = sorted(p for p in root.glob("*") if (p / "configs" / "inference.json").is_file())
+    """The bundles beside the app in a clone of the repository (``<repository>/bundles/*`` with an inference config,
+    the app being ``<repository>/medhybrid/label``). An installed medhybrid has no bundles beside it (the wheel does not
+    ship them): then a :class:`ConfigError` says to pass ``--conf bundles``."""
+    app = Path(app_dir).resolve()
+    root = app.parent.parent / "bundles"  # <repository>/bundles when app is <repository>/medhybrid/label
+    found = sorted(p for p in root.glob("*") if (p / "configs" / "inference.json").is_file()) if root.is_dir() else []
     if not found:
-        raise ConfigError(f"no bundles found in {root}: pass --conf bundles /path/to/bundle[,/path/to/other]")
+        raise ConfigError(f"no MONAI bundles found in {root} (the default, for a clone of the medhybrid repository; an "
+                          "installed medhybrid ships none): pass --conf bundles /path/to/bundle[,/path/to/other]")
     return found
 
 

@@ -26,7 +26,7 @@ from typing import Any
 import torch
 
 from medhybrid.config import ConfigError
-from medhybrid.tracking import write_json
+from medhybrid.io import atomic_write, write_json
 
 log = logging.getLogger("medhybrid")
 
@@ -65,16 +65,14 @@ def served_bundle(source: str | os.PathLike, workdir: str | os.PathLike) -> Path
     src = check_bundle(source)
     dst = Path(workdir).resolve() / "bundles" / src.name
     if not dst.exists():
-        tmp = dst.with_name(f".{dst.name}.{os.getpid()}.tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        for name in BUNDLE_FILES:
-            s = src / name
-            if s.is_dir():
-                shutil.copytree(s, tmp / name)
-            elif s.is_file():
-                shutil.copy2(s, tmp / name)
-        os.replace(tmp, dst)
+        with atomic_write(dst) as tmp:  # a copy cut short (a kill) never looks like a served bundle
+            tmp.mkdir()
+            for name in BUNDLE_FILES:
+                s = src / name
+                if s.is_dir():
+                    shutil.copytree(s, tmp / name)
+                elif s.is_file():
+                    shutil.copy2(s, tmp / name)
         log.info("medhybrid label: serving a copy of %s in %s", src, dst)
         return dst
     for s in sorted((src / "configs").rglob("*")):

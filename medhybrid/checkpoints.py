@@ -1,0 +1,97 @@
+"""Model files and checkpoints: how a network is written to disk and read back.
+
+- a *model file* (``model.pt`` of a pretraining or fine-tuning run) is ``{"state_dict", "meta"}``: tensors and plain
+  values only, read with ``torch.load(weights_only=True)``; ``meta`` (:func:`network_meta`) says everything needed to
+  rebuild the network and preprocess its inputs;
+- a *training checkpoint* (``checkpoints/<prefix>_<iteration>.pt``) is Ignite's, written atomically by the engine
+  (:func:`medhybrid.engines.fit`); :func:`latest_checkpoint` finds the one a run resumes from;
+- :func:`transfer_weights` copies weights between networks by name and shape, loud about what it skips (nnU-Net's
+  ``load_pretrained_weights``).
+"""
+
+from __future__ import annotations
+
+import glob
+import logging
+import os
+import re
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from medhybrid.config import DatasetSpec, Preprocess, dump_config
+from medhybrid.io import atomic_write
+from medhybrid.networks import EDMPrecond, ModelConfig, build_network
+
+log = logging.getLogger("medhybrid")
+
+
+def atomic_save(obj, path: str | os.PathLike) -> Path:
+    """``torch.save`` to ``path`` atomically (:func:`medhybrid.io.atomic_write`)."""
+    with atomic_write(path) as tmp:
+        torch.save(obj, tmp)
+    return Path(path)
+
+
+def network_meta(net: EDMPrecond, model_cfg: ModelConfig, preprocess: Preprocess, dataset: DatasetSpec | str, mode: str,
+                 num_classes: int | None = None) -> dict:
+    """What a ``model.pt`` says of itself: mode, channels, classes, the data it learnt from, network and preprocessing
+    (``dataset`` a spec, or a name with ``num_classes`` for pretraining without a labelled dataset)."""
+    name, classes = (dataset, num_classes) if isinstance(dataset, str) else (dataset.name, dataset.mask.num_classes)
+    return {"mode": mode, "image_channels": net.image_channels, "mask_channels": net.mask_channels,
+            "num_classes": classes, "dataset": name, "model": dump_config(model_cfg), "preprocess": dump_config(preprocess)}
+
+
+def save_model(net: nn.Module, meta: dict, path: str | os.PathLike) -> Path:
+    """``{"state_dict", "meta"}``: tensors and plain values only, for ``torch.load(weights_only=True)``."""
+    return atomic_save({"state_dict": {k: v.detach().cpu() for k, v in net.state_dict().items()}, "meta": meta}, path)
+
+
+def read_model_file(path: str | os.PathLike, map_location="cpu") -> dict:
+    """The ``{"state_dict", "meta"}`` of a model file (tensors on ``map_location``)."""
+    return torch.load(path, map_location=map_location, weights_only=True)
+
+
+def load_model(path: str | os.PathLike, map_location="cpu") -> tuple[EDMPrecond, dict]:
+    """Rebuild the network saved by :func:`save_model`, with its metadata."""
+    ckpt = read_model_file(path, map_location)
+    meta = ckpt["meta"]
+    net = build_network(ModelConfig(**meta["model"]), meta["image_channels"], meta["num_classes"])
+    net.load_state_dict(ckpt["state_dict"])
+    return net, meta
+
+
+def latest_checkpoint(folder: str | os.PathLike) -> Path | None:
+    """The newest training checkpoint (highest iteration) in ``folder/checkpoints``, or None."""
+    found = []
+    for p in glob.glob(str(Path(folder) / "checkpoints" / "*.pt")):
+        m = re.search(r"_(\d+)\.pt$", p)
+        if m:
+            found.append((int(m.group(1)), Path(p)))
+    return max(found)[1] if found else None
+
+
+def transfer_weights(net: nn.Module, state_dict: dict[str, torch.Tensor], source: str = "checkpoint") -> dict:
+    """Copy every tensor whose name and shape match (nnU-Net style); log loudly what is skipped or missing.
+
+    Returns ``{"loaded": [...], "skipped": {name: reason}, "missing": [...]}``.
+    """
+    own = net.state_dict()
+    loaded, skipped = [], {}
+    for k, v in state_dict.items():
+        if k not in own:
+            skipped[k] = "not in the network"
+        elif own[k].shape != v.shape:
+            skipped[k] = f"shape {tuple(v.shape)} in {source}, {tuple(own[k].shape)} in the network"
+        else:
+            own[k] = v
+            loaded.append(k)
+    missing = [k for k in own if k not in state_dict]
+    net.load_state_dict(own)
+    for k, why in skipped.items():
+        log.warning("weight transfer from %s: SKIPPED %s (%s)", source, k, why)
+    for k in missing:
+        log.warning("weight transfer from %s: MISSING %s (left at its initial value)", source, k)
+    log.info("weight transfer from %s: %d tensors loaded, %d skipped, %d missing", source, len(loaded), len(skipped), len(missing))
+    return {"loaded": loaded, "skipped": skipped, "missing": missing}

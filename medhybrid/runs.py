@@ -1,0 +1,113 @@
+"""A run's folder: its identity (the config hash), its ``state.json`` and its lifecycle.
+
+Every run (a pretraining, a fine-tune, a DDPM-features head) owns one folder. :func:`claim_folder` refuses a folder
+that holds a run of another configuration, ``state.json`` records the status, the MLflow run id and what the run
+produced (written atomically), and :func:`open_run` / :func:`failing_marks` / :func:`close_run` keep the folder and
+its MLflow run (:mod:`medhybrid.tracking`) in step, so a killed run resumes into the same MLflow run and two runs
+never merge.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from mlflow.entities import Param, RunTag
+
+from medhybrid import tracking
+from medhybrid.config import ConfigError, StrictModel, dump_config
+from medhybrid.engines import EXECUTION_ONLY as TRAIN_EXECUTION_ONLY
+from medhybrid.io import write_json
+from medhybrid.tracking import MLflowConfig
+from medhybrid.unlabelled import EXECUTION_ONLY as UNLABELLED_EXECUTION_ONLY
+
+EXECUTION_ONLY = {"train": TRAIN_EXECUTION_ONLY, "unlabelled": UNLABELLED_EXECUTION_ONLY}
+"""Per config section, the fields that decide how a run executes (threads, progress, caches), not what it computes."""
+
+
+def config_hash(cfg: StrictModel, exclude: tuple[str, ...] = ("mlflow", "output_dir")) -> str:
+    """The identity of a run: a hash of its resolved config without the fields in ``exclude`` and the
+    :data:`EXECUTION_ONLY` ones. A run folder belongs to one hash (:func:`claim_folder`)."""
+    d = {k: v for k, v in dump_config(cfg).items() if k not in exclude}
+    for section, fields in EXECUTION_ONLY.items():
+        for f in fields:
+            (d.get(section) or {}).pop(f, None)
+    return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def read_state(folder: Path) -> dict:
+    """The run's ``state.json`` ({} for a new folder)."""
+    p = Path(folder) / "state.json"
+    return json.loads(p.read_text()) if p.is_file() else {}
+
+
+def write_state(folder: Path, **updates) -> dict:
+    """Update ``state.json`` atomically."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    state = read_state(folder)
+    state.update(updates)
+    write_json(folder / "state.json", state)
+    return state
+
+
+def claim_folder(folder: Path, config_hash: str) -> dict:
+    """Create ``folder`` and return its ``state.json``; refuse (ConfigError) a folder holding a run of
+    another configuration, so two runs never share a folder, checkpoints or an MLflow run."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    state = read_state(folder)
+    if state.get("config_hash") and state["config_hash"] != config_hash:
+        raise ConfigError(f"{folder} holds a run of a different configuration (hash {state['config_hash']} != {config_hash}); "
+                          "choose another output_dir or remove that folder")
+    return state
+
+
+def open_run(cfg: MLflowConfig, folder: Path, run_name: str, params: Mapping[str, Any] | None = None,
+             tags: Mapping[str, str] | None = None, parent_run_id: str | None = None) -> str:
+    """The MLflow run of the run in ``folder``: reopened if ``state.json`` names one, else created
+    (with ``params`` and ``tags``) and recorded there."""
+    c = tracking.client(cfg)
+    state = read_state(folder)
+    run_id = state.get("mlflow_run_id")
+    if run_id:
+        c.update_run(run_id, status="RUNNING")
+        return run_id
+    all_tags = dict(tags or {})
+    if parent_run_id:
+        all_tags["mlflow.parentRunId"] = parent_run_id
+    run = c.create_run(tracking.experiment_id(cfg), run_name=run_name, tags=all_tags)
+    run_id = run.info.run_id
+    if params:
+        flat = [Param(k, str(v)[:6000]) for k, v in tracking.flatten(params).items()]
+        for i in range(0, len(flat), 100):
+            c.log_batch(run_id, params=flat[i : i + 100])
+    c.log_batch(run_id, tags=[RunTag("medhybrid.folder", str(Path(folder).resolve()))])
+    write_state(folder, mlflow_run_id=run_id, mlflow_tracking_uri=tracking.tracking_uri(cfg))
+    return run_id
+
+
+@contextlib.contextmanager
+def failing_marks(cfg: MLflowConfig, folder: Path, run_id: str | None):
+    """On any exception in the body (a kill included): the MLflow run ends FAILED and the folder's state
+    says ``failed``; the exception propagates. Re-running the same config resumes the same run."""
+    try:
+        yield
+    except BaseException:
+        if run_id:
+            tracking.finish_run(cfg, run_id, "FAILED")
+        write_state(folder, status="failed")
+        raise
+
+
+def close_run(cfg: MLflowConfig, folder: Path, run_id: str | None, artifacts: list[Path], **state) -> None:
+    """Log ``artifacts``, end the MLflow run FINISHED and mark the folder finished (with ``state``)."""
+    if run_id:
+        for a in artifacts:
+            tracking.log_artifact(cfg, run_id, a)
+        tracking.finish_run(cfg, run_id)
+    write_state(folder, status="finished", **state)

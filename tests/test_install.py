@@ -1,0 +1,190 @@
+"""medhybrid installed from its wheel, outside the clone: the shipped configs resolve, ``medhybrid data check`` and
+``medhybrid infer`` run from a folder that is not the repository, and importing medhybrid leaves warning filters alone.
+
+The wheel is built from a copy of the working tree (building in the clone would write ``build/`` there) with the
+setuptools already in the dev environment, and installed without dependencies into a fresh virtual environment in
+``tmp_path``; the dependencies come from the dev environment's site-packages, added by a ``.pth`` line. A ``.pth``
+line adds a folder to ``sys.path`` without running the ``.pth`` files in it, so the dev environment's editable
+medhybrid (``__editable__.medhybrid-*.pth`` and its finder) stays out: the tests check that ``medhybrid`` is the
+installed copy.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import sysconfig
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import DATA, PH2, REPO_ROOT
+from PIL import Image
+
+SHIPPED = sorted(p.relative_to(REPO_ROOT / "configs").as_posix() for p in (REPO_ROOT / "configs").glob("*/*.yaml"))
+"""The repository's configs, as ``<kind>/<name>.yaml``: every one must be in the wheel."""
+
+IMAGES = ["IMD002", "IMD003"]
+
+
+def _run(cmd: list, what: str, timeout: float = 300, **kw) -> subprocess.CompletedProcess:
+    res = subprocess.run([str(c) for c in cmd], capture_output=True, text=True, timeout=timeout, **kw)
+    assert res.returncode == 0, f"{what} exited {res.returncode}:\n{res.stdout[-3000:]}\n{res.stderr[-5000:]}"
+    return res
+
+
+def _env(**extra: str) -> dict[str, str]:
+    """The environment of the installed medhybrid: nothing pointing at the clone."""
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("PYTHONPATH", "PYTHONHOME", "MEDHYBRID_CONFIG_DIR", "MEDHYBRID_DATA_ROOT", "VIRTUAL_ENV")}
+    env.setdefault("OMP_NUM_THREADS", "1")
+    return {**env, **extra}
+
+
+@pytest.fixture(scope="module")
+def installed(data, tmp_path_factory) -> dict[str, Path]:
+    """medhybrid's wheel installed in a new virtual environment: ``{"wheel", "venv", "python", "medhybrid", "work"}``
+    (``work``: an empty folder outside the clone to run in)."""
+    base = tmp_path_factory.mktemp("install")
+    src = base / "src"
+    src.mkdir()
+    skip = shutil.ignore_patterns("__pycache__", "*.py[co]", "*.egg-info")
+    for folder in ("medhybrid", "configs"):  # medhybrid/configs is a link to ../configs: copied as a link
+        shutil.copytree(REPO_ROOT / folder, src / folder, symlinks=True, ignore=skip)
+    for f in ("pyproject.toml", "README.md"):
+        shutil.copy(REPO_ROOT / f, src / f)
+    _run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "--no-index", "--quiet",
+          "--wheel-dir", base / "dist", src], "pip wheel", cwd=base)
+    (wheel,) = (base / "dist").glob("medhybrid-*.whl")
+
+    venv = base / "venv"
+    _run([sys.executable, "-m", "venv", "--without-pip", venv], "python -m venv", cwd=base)
+    python = venv / "bin" / "python"
+    _run([sys.executable, "-m", "pip", "--python", python, "install", "--no-deps", "--no-index", "--quiet", wheel],
+         "pip install <wheel>", cwd=base)
+    site = Path(_run([python, "-c", "import sysconfig; print(sysconfig.get_path('purelib'))"], "venv site-packages",
+                     env=_env(), cwd=base).stdout.strip())
+    dev_site = dict.fromkeys(sysconfig.get_path(k) for k in ("purelib", "platlib"))
+    (site / "zz_medhybrid_test_dependencies.pth").write_text("".join(f"{p}\n" for p in dev_site))
+    work = base / "work"
+    work.mkdir()
+    return {"wheel": wheel, "venv": venv, "python": python, "medhybrid": venv / "bin" / "medhybrid", "work": work}
+
+
+def test_wheel_ships_the_configs(installed):
+    with zipfile.ZipFile(installed["wheel"]) as z:
+        names = set(z.namelist())
+    configs = sorted(n.removeprefix("medhybrid/configs/") for n in names if n.startswith("medhybrid/configs/"))
+    assert configs == SHIPPED, "the wheel's medhybrid/configs/ differs from the repository's configs/"
+    assert {"ablation/dermoscopy.yaml", "data/ph2.yaml", "data/isic2018.yaml", "data/v7_covid.yaml", "data/openist.yaml",
+            "pretrain/isic2018.yaml", "finetune/ph2.yaml"} <= set(configs)
+    assert not [n for n in names if n.startswith(("bundles/", "tests/", "configs/"))], "only the package is shipped"
+
+
+CHECK_CONFIGS = """
+import json, os, sys
+import medhybrid
+from medhybrid.cli import load_ablation
+from medhybrid.config import ConfigError, config_dir, load_config, load_dataset_spec
+from medhybrid.finetune import FinetuneConfig
+from medhybrid.pretrain import PretrainConfig
+
+data_root = os.environ.pop("MEDHYBRID_DATA_ROOT")
+try:
+    load_dataset_spec("ph2")
+    no_root = None
+except ConfigError as e:
+    no_root = str(e)
+os.environ["MEDHYBRID_DATA_ROOT"] = data_root
+abl = load_ablation("dermoscopy", "quick", [])
+chest = load_ablation("chest_xray", "quick", [])
+pre = load_config(PretrainConfig, "isic2018", kind="pretrain")
+ft = load_config(FinetuneConfig, "ph2", kind="finetune")
+print(json.dumps({
+    "medhybrid": medhybrid.__file__, "config_dir": str(config_dir()), "no_root": no_root,
+    "ablation": [abl.name, str(abl.source.root), str(abl.target.root)], "chest": [str(chest.source.root), str(chest.target.root)],
+    "pretrain": [pre.dataset.name, str(pre.dataset.root)], "finetune": [ft.dataset.name, str(ft.dataset.root)],
+    "datasets": {n: str(load_dataset_spec(n).root) for n in ["isic2018", "ph2", "v7_covid", "openist"]},
+}))
+"""
+
+
+def test_installed_package_resolves_shipped_configs(installed):
+    """The shipped names resolve from the installed package's configs, datasets under MEDHYBRID_DATA_ROOT; without the
+    variable, the error says to set it."""
+    res = _run([installed["python"], "-c", CHECK_CONFIGS], "shipped configs", cwd=installed["work"],
+               env=_env(MEDHYBRID_DATA_ROOT=str(DATA)))
+    out = json.loads(res.stdout.strip().splitlines()[-1])
+    venv = installed["venv"].resolve()
+    assert Path(out["medhybrid"]).resolve().is_relative_to(venv), f"imported {out['medhybrid']}, not the installed wheel"
+    assert Path(out["config_dir"]).is_relative_to(venv) and Path(out["config_dir"]).name == "configs"
+    assert out["ablation"] == ["dermoscopy-quick", str(DATA / "dermoscopy" / "isic2018"), str(DATA / "dermoscopy" / "ph2")]
+    assert out["chest"] == [str(DATA / "chest_xray" / "v7_covid"), str(DATA / "chest_xray" / "openist")]
+    assert out["pretrain"] == ["isic2018", str(DATA / "dermoscopy" / "isic2018")]
+    assert out["finetune"] == ["ph2", str(DATA / "dermoscopy" / "ph2")]
+    assert out["datasets"] == {"isic2018": str(DATA / "dermoscopy" / "isic2018"), "ph2": str(DATA / "dermoscopy" / "ph2"),
+                               "v7_covid": str(DATA / "chest_xray" / "v7_covid"),
+                               "openist": str(DATA / "chest_xray" / "openist")}
+    assert out["no_root"] and "dataset root" in out["no_root"] and "MEDHYBRID_DATA_ROOT is not set" in out["no_root"]
+
+
+MAKE_MODEL = """
+import sys
+import torch
+from medhybrid.config import Preprocess
+from medhybrid.networks import ModelConfig, build_network
+try:  # where the model-file functions live (medhybrid.checkpoints; medhybrid.pretrain before it)
+    from medhybrid.checkpoints import network_meta, save_model
+except ImportError:
+    from medhybrid.pretrain import network_meta, save_model
+
+torch.manual_seed(0)
+cfg = ModelConfig(channels=(16, 32, 32), attention_levels=(False, False, False))
+net = build_network(cfg, 3, 2)
+save_model(net, network_meta(net, cfg, Preprocess(resolution=32), "ph2", "finetune", 2), sys.argv[1])
+"""
+
+
+@pytest.fixture(scope="module")
+def tiny_model(installed) -> Path:
+    """A tiny untrained binary RGB ``model.pt``, written by the installed package's own model-file functions (a bundle's
+    ``models/model.pt`` is a plain state dict for ``monai.bundle``, not a file ``medhybrid infer`` reads)."""
+    path = installed["work"].parent / "tiny_model.pt"
+    _run([installed["python"], "-c", MAKE_MODEL, path], "writing a tiny model.pt", cwd=installed["work"], env=_env())
+    return path
+
+
+def test_installed_cli_checks_a_shipped_dataset(installed):
+    """``medhybrid data check ph2`` with the installed console script, outside the clone, data under MEDHYBRID_DATA_ROOT."""
+    res = _run([installed["medhybrid"], "data", "check", "ph2", "--split", "test", "--workers", "2"], "medhybrid data check",
+               cwd=installed["work"], env=_env(MEDHYBRID_DATA_ROOT=str(DATA)))
+    assert "dataset ph2: 100 pairs" in res.stdout and "no problems found" in res.stdout, res.stdout
+
+
+def test_installed_cli_segments_images(installed, tiny_model, tmp_path):
+    """``medhybrid infer`` with the installed console script, outside the clone: one mask per PH2 image, at its size, 0/255."""
+    inputs = [PH2 / "images" / f"{i}.png" for i in IMAGES]
+    out = tmp_path / "masks"
+    res = _run([installed["medhybrid"], "infer", "--model", tiny_model, "--input", *inputs, "--output", out, "--device", "cpu"],
+               "medhybrid infer", cwd=installed["work"], env=_env())
+    assert f"{len(IMAGES)} mask(s) written" in res.stdout, res.stdout
+    assert sorted(p.name for p in out.iterdir()) == [f"{i}_mask.png" for i in IMAGES]
+    for sid, image in zip(IMAGES, inputs, strict=True):
+        with Image.open(image) as im, Image.open(out / f"{sid}_mask.png") as m:
+            assert m.size == im.size and m.mode == "L", (sid, m.size, im.size, m.mode)
+            values = set(np.unique(np.asarray(m)).tolist())
+        assert values and values <= {0, 255}, f"{sid}: mask values {sorted(values)}"
+
+
+def test_import_leaves_warning_filters_and_logging_handlers_alone():
+    """``import medhybrid`` must not change global warning filters (nor add logging handlers)."""
+    code = ("import logging, warnings\n"
+            "before, handlers = list(warnings.filters), list(logging.getLogger().handlers)\n"
+            "import medhybrid\n"
+            "assert warnings.filters == before, [f for f in warnings.filters if f not in before]\n"
+            "assert logging.getLogger().handlers == handlers\n")
+    _run([sys.executable, "-c", code], "import medhybrid", env=_env())
