@@ -30,6 +30,7 @@ from typing import Literal
 
 import numpy as np
 import torch
+from matplotlib.figure import Figure
 from pydantic import Field, field_validator
 from scipy.stats import binomtest, spearmanr
 
@@ -295,11 +296,6 @@ def _finetune_and_test(abl, cfg: ActiveLearningConfig, pre, meta: dict, folder: 
 def write_active_report(rows: list[dict], folder: Path, domain: str, cfg: ActiveLearningConfig) -> dict[str, Path]:
     """``results.csv`` (one row per run), ``report.md`` (mean and sd per strategy and budget, each strategy's paired
     difference to random per seed) and ``plot.png``."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     csv_path = folder / "results.csv"
     with open(csv_path, "w", newline="") as fh:
         on = "test" if cfg.evaluate_on == "test" else "dev"  # the column says which set the Dice is from
@@ -351,7 +347,8 @@ def write_active_report(rows: list[dict], folder: Path, domain: str, cfg: Active
                       f"first round, then the previous round's fine-tuned one), mean over seeds: {chose}."]
     md = folder / "report.md"
     md.write_text("\n".join(lines) + "\n")
-    fig, ax = plt.subplots(figsize=(5, 3.5))
+    fig = Figure(figsize=(5, 3.5))
+    ax = fig.subplots()
     for s in strategies:
         m = [np.mean([dice[(s, b, sd)] for sd in cfg.seeds if (s, b, sd) in dice] or [math.nan]) for b in cfg.budgets]
         ax.plot(cfg.budgets, m, marker="o", label=s)
@@ -365,7 +362,6 @@ def write_active_report(rows: list[dict], folder: Path, domain: str, cfg: Active
     fig.tight_layout()
     png = folder / "plot.png"
     fig.savefig(png, dpi=120)
-    plt.close(fig)
     return {"csv": csv_path, "markdown": md, "plot": png}
 
 

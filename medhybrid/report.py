@@ -20,6 +20,9 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
+from matplotlib import colormaps
+from matplotlib.figure import Figure
+from matplotlib.ticker import FixedLocator, NullLocator
 
 from medhybrid import runs, tracking
 from medhybrid.engines import TrainConfig
@@ -249,16 +252,11 @@ def _timing_lines(cfg) -> list[str]:
 def _plot(path: Path, cfg, table: dict, methods: list[str], budgets: list[int], tests: list[dict], best: str | None,
           score: str) -> None:
     """Left: mean Dice against labels per method. Right: reference − best baseline per budget with its 95 % CI."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from matplotlib.ticker import FixedLocator, NullLocator
-
     diff = [t for t in tests if t["baseline"] == best and isinstance(t["budget"], int)]
-    fig, axes = plt.subplots(1, 2 if diff else 1, figsize=(11 if diff else 6, 4.2), squeeze=False)
+    fig = Figure(figsize=(11 if diff else 6, 4.2))
+    axes = fig.subplots(1, 2 if diff else 1, squeeze=False)
     ax = axes[0, 0]
-    cmap = plt.get_cmap("tab20")
+    cmap = colormaps["tab20"]
     for i, m in enumerate(methods):
         bs = [b for b in budgets if (m, b) in table]
         ref = m == cfg.reference
@@ -285,7 +283,6 @@ def _plot(path: Path, cfg, table: dict, methods: list[str], budgets: list[int], 
         ax2.set_title(f"{cfg.reference} − {best} (95 % CI, hierarchical bootstrap)")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
-    plt.close(fig)
 
 
 def embed_in_readme(report_md: Path, readme: Path, name: str) -> None:
@@ -385,14 +382,9 @@ def write_length_curve(cfgs: list, out_dir: Path, baseline: str = "supervised", 
 
 
 def _plot_curve(path: Path, points: list[dict], names: list[str], baseline: str, target: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from matplotlib.ticker import FixedLocator, NullLocator
-
     lengths = sorted({p["iterations"] for p in points})
-    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(11, 4.2))
+    fig = Figure(figsize=(11, 4.2))
+    ax, ax2 = fig.subplots(1, 2)
     for m in names:
         ps = sorted((p for p in points if p["method"] == m), key=lambda p: p["iterations"])
         ax.plot([p["iterations"] for p in ps], [p["mean_dice"] for p in ps], marker="o", label=m)
@@ -413,4 +405,3 @@ def _plot_curve(path: Path, points: list[dict], names: list[str], baseline: str,
     ax2.set_ylabel("test Dice difference (95 % CI)")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
-    plt.close(fig)

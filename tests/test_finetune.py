@@ -10,7 +10,7 @@ import torch
 from conftest import PH2, artifact_paths, isic_yaml, mlflow_client, ph2_yaml, real_split
 from conftest import TINY_UNET as TINY
 
-from medhybrid.checkpoints import load_model, network_meta, save_model, transfer_weights
+from medhybrid.checkpoints import load_model, network_meta, save_model
 from medhybrid.config import ConfigError, Preprocess, load_config, load_dataset_spec, validate
 from medhybrid.datasets import few_shot_ids
 from medhybrid.evaluate import evaluate
@@ -45,40 +45,6 @@ def _ft_cfg(dataset, workdir, mlflow_uri, **kw) -> FinetuneConfig:
 def _save(net, folder, dataset_yaml, mode="supervised", resolution=32):
     meta = network_meta(net, TINY, Preprocess(resolution=resolution), load_dataset_spec(dataset_yaml), mode)
     return save_model(net, meta, folder / "model.pt")
-
-
-# --------------------------------------------------------------------------------------------- weight transfer
-def test_transfer_weights_by_name_and_shape():
-    torch.manual_seed(0)
-    src = build_network(TINY, 3, num_classes=3)  # 3-class head: 3 + 3 output channels
-    torch.manual_seed(1)
-    dst = build_network(TINY, 3, num_classes=2)  # binary head: 3 + 1
-    before = {k: v.clone() for k, v in dst.state_dict().items()}
-    sd = dict(src.state_dict())
-    sd["extra.weight"] = torch.zeros(2)
-    dropped = "backbone.time_embed.0.bias"
-    del sd[dropped]
-    report = transfer_weights(dst, sd, "src.pt")
-
-    after = dst.state_dict()
-    head = {k for k, v in src.state_dict().items() if v.shape != after[k].shape}
-    assert head and all(k.startswith("backbone.out") for k in head)  # only the output convolution differs
-    assert set(report["skipped"]) == head | {"extra.weight"}
-    assert report["skipped"]["extra.weight"] == "not in the network"
-    for k in head:
-        assert report["skipped"][k] == f"shape {tuple(sd[k].shape)} in src.pt, {tuple(after[k].shape)} in the network"
-        assert torch.equal(after[k], before[k])  # left at its initial value
-    assert report["missing"] == [dropped] and torch.equal(after[dropped], before[dropped])
-    assert set(report["loaded"]) == set(sd) - head - {"extra.weight"}
-    assert all(torch.equal(after[k], sd[k]) for k in report["loaded"])
-
-
-def test_transfer_weights_logs_what_is_skipped(caplog):
-    dst = build_network(TINY, 3, 2)
-    src = build_network(TINY, 3, 3).state_dict()
-    with caplog.at_level("WARNING", logger="medhybrid"):
-        transfer_weights(dst, src, "ck.pt")
-    assert any("SKIPPED backbone.out" in r.getMessage() and "ck.pt" in r.getMessage() for r in caplog.records)
 
 
 def test_initial_network(isic_tiny, v7_tiny, ph2_tiny, workdir, mlflow_uri):

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from monai.bundle import ConfigParser
 
 from medhybrid.config import ConfigError
 from medhybrid.io import atomic_write, write_json
@@ -94,8 +95,6 @@ class BundleNetwork:
     the bundle's ``image_channels``, ``resolution`` and ``intensity`` ids."""
 
     def __init__(self, bundle: str | os.PathLike, device: str = "cpu"):
-        from monai.bundle import ConfigParser
-
         self.bundle = check_bundle(bundle)
         self.parser = ConfigParser()
         self.parser.read_config(str(self.bundle / "configs" / "inference.json"))
