@@ -327,67 +327,83 @@ def _run_on_ray(cfg: AblationConfig, parent: str | None, clock: _Timings, failur
     argument, so Ray starts it once that pretraining is done. The driver records results and failures as tasks
     finish; a killed driver loses nothing finished (the runs' folders say so)."""
     try:
-        import ray
+        import ray  # an optional extra: medhybrid[ray]
     except ImportError as e:
         raise RuntimeError("executor=ray needs Ray: pip install 'medhybrid[ray]'") from e
-    from ray.exceptions import RayError, RayTaskError
 
     cfg = _pinned_for_workers(cfg)
-    cwd = os.getcwd()
-    r = cfg.ray
     started_here = not ray.is_initialized()
     if started_here:
-        init: dict[str, Any] = {"address": r.address, "include_dashboard": False, "log_to_driver": True}
-        if r.address is None:
-            init.update(num_cpus=r.num_cpus, num_gpus=r.num_gpus,
-                        object_store_memory=r.object_store_mb * 2**20 if r.object_store_mb else None)
-        ray.init(**{k: v for k, v in init.items() if v is not None or k == "address"})
+        _start_ray(ray, cfg.ray)
     try:
-        _check_resources(r, ray.cluster_resources())
-        pre_task = ray.remote(_timed_pretrain).options(num_cpus=r.pretrain.num_cpus, num_gpus=r.pretrain.num_gpus,
-                                                      max_retries=0)
-        ft_task = ray.remote(_finetune_after).options(num_cpus=r.finetune.num_cpus, num_gpus=r.finetune.num_gpus,
-                                                      max_retries=0)
-        sharing: dict[str, list[str]] = {}
-        for method in cfg.methods:
-            sharing.setdefault(pretraining_of(cfg, method), []).append(method)
-        pre_refs = {key: pre_task.remote(cwd, cfg, methods[0]) for key, methods in sharing.items()}
-        pending: dict = {ref: ("pretrain", key) for key, ref in pre_refs.items()}
-        for key, methods in sharing.items():
-            for method in methods:
-                for budget in cfg.budgets:
-                    for seed in cfg.seeds:
-                        ref = ft_task.remote(cwd, cfg, method, pre_refs[key], budget, seed, parent)
-                        pending[ref] = ("finetune", key, method, f"{method} b{'all' if budget is None else budget} s{seed}")
-
-        def pretraining_failed(key: str) -> bool:
-            try:
-                ray.get(pre_refs[key])
-                return False
-            except RayError:
-                return True
-
-        while pending:
-            done, _ = ray.wait(list(pending), num_returns=1)
-            item = pending.pop(done[0])
-            try:
-                out = ray.get(done[0])
-            except RayError as e:
-                cause = e.cause if isinstance(e, RayTaskError) and getattr(e, "cause", None) is not None else e
-                if item[0] == "pretrain":  # recorded once per method that needed it, as the sequential runner does
-                    for method in sharing[item[1]]:
-                        _record_failure(cfg, failures, f"pretrain {method}", cause, str(e))
-                elif not pretraining_failed(item[1]):  # a fine-tune whose pretraining failed never ran
-                    _record_failure(cfg, failures, item[3], cause, str(e))
-                continue
-            if item[0] == "pretrain":
-                clock.add(sharing[item[1]][0], "pretrain_s", out[1])
-            else:
-                clock.add(item[2], "train_s", out.get("train_s", 0.0))
-                clock.add(item[2], "eval_s", out.get("eval_s", 0.0))
+        _check_resources(cfg.ray, ray.cluster_resources())
+        sharing, pre_refs, pending = _submit(ray, cfg, os.getcwd(), parent)
+        _collect(ray, cfg, sharing, pre_refs, pending, clock, failures)
     finally:
         if started_here:
             ray.shutdown()
+
+
+def _start_ray(ray, r: RayConfig) -> None:
+    """Join the cluster at ``r.address``, or start a local one with the declared CPUs, GPUs and object store."""
+    init: dict[str, Any] = {"address": r.address, "include_dashboard": False, "log_to_driver": True}
+    if r.address is None:
+        init.update(num_cpus=r.num_cpus, num_gpus=r.num_gpus,
+                    object_store_memory=r.object_store_mb * 2**20 if r.object_store_mb else None)
+    ray.init(**{k: v for k, v in init.items() if v is not None or k == "address"})
+
+
+def _submit(ray, cfg: AblationConfig, cwd: str, parent: str | None) -> tuple[dict, dict, dict]:
+    """Submit every task: ``(sharing, pre_refs, pending)``: the methods sharing each pretraining, each pretraining's
+    task, and what each pending task is (``("pretrain", key)`` or ``("finetune", key, method, tag)``)."""
+    r = cfg.ray
+    pre_task = ray.remote(_timed_pretrain).options(num_cpus=r.pretrain.num_cpus, num_gpus=r.pretrain.num_gpus, max_retries=0)
+    ft_task = ray.remote(_finetune_after).options(num_cpus=r.finetune.num_cpus, num_gpus=r.finetune.num_gpus, max_retries=0)
+    sharing: dict[str, list[str]] = {}
+    for method in cfg.methods:
+        sharing.setdefault(pretraining_of(cfg, method), []).append(method)
+    pre_refs = {key: pre_task.remote(cwd, cfg, methods[0]) for key, methods in sharing.items()}
+    pending: dict = {ref: ("pretrain", key) for key, ref in pre_refs.items()}
+    for key, methods in sharing.items():
+        for method in methods:
+            for budget in cfg.budgets:
+                for seed in cfg.seeds:
+                    ref = ft_task.remote(cwd, cfg, method, pre_refs[key], budget, seed, parent)
+                    pending[ref] = ("finetune", key, method, f"{method} b{'all' if budget is None else budget} s{seed}")
+    return sharing, pre_refs, pending
+
+
+def _collect(ray, cfg: AblationConfig, sharing: dict, pre_refs: dict, pending: dict, clock: _Timings,
+             failures: list[str]) -> None:
+    """Wait for every task in finishing order, adding its timings to ``clock`` or recording its failure (a fine-tune
+    whose pretraining failed never ran: only the pretraining is recorded)."""
+    from ray.exceptions import RayError, RayTaskError
+
+    def pretraining_failed(key: str) -> bool:
+        try:
+            ray.get(pre_refs[key])
+            return False
+        except RayError:
+            return True
+
+    while pending:
+        done, _ = ray.wait(list(pending), num_returns=1)
+        item = pending.pop(done[0])
+        try:
+            out = ray.get(done[0])
+        except RayError as e:
+            cause = e.cause if isinstance(e, RayTaskError) and getattr(e, "cause", None) is not None else e
+            if item[0] == "pretrain":  # recorded once per method that needed it, as the sequential runner does
+                for method in sharing[item[1]]:
+                    _record_failure(cfg, failures, f"pretrain {method}", cause, str(e))
+            elif not pretraining_failed(item[1]):
+                _record_failure(cfg, failures, item[3], cause, str(e))
+            continue
+        if item[0] == "pretrain":
+            clock.add(sharing[item[1]][0], "pretrain_s", out[1])
+        else:
+            clock.add(item[2], "train_s", out.get("train_s", 0.0))
+            clock.add(item[2], "eval_s", out.get("eval_s", 0.0))
 
 
 def run_ablation(cfg: AblationConfig) -> dict:

@@ -214,11 +214,7 @@ def run_active_learning(abl, cfg: ActiveLearningConfig) -> dict:
     preprocess = Preprocess(**meta["preprocess"])
     pool = load_pairs(abl.target, "pool")
     images = _pair_images(pool, abl.target.channels, preprocess)  # decoded once, scored every round
-    dev: list[dict] | None = None
-    if cfg.evaluate_on == "pool-holdout":
-        held = set(few_shot_ids([p["id"] for p in pool], cfg.holdout, 10_000))  # one fixed draw, not a run seed
-        dev = [p for p in pool if p["id"] in held]
-        pool = [p for p in pool if p["id"] not in held]
+    pool, dev = _held_out(pool, cfg)
     if cfg.budgets[-1] > len(pool):
         raise ValueError(f"budget {cfg.budgets[-1]} is larger than the pool of {abl.target.name!r} ({len(pool)} images)")
     parent = None
@@ -233,22 +229,11 @@ def run_active_learning(abl, cfg: ActiveLearningConfig) -> dict:
             selected: list[str] = []
             net = init_net
             for budget in cfg.budgets:
-                rho = math.nan
                 if strategy == "random":
-                    selected = few_shot_ids([p["id"] for p in pool], budget, seed)
+                    selected, rho = few_shot_ids([p["id"] for p in pool], budget, seed), math.nan
                 else:
-                    ids = [p["id"] for p in pool]
-                    scores = dict(zip(ids, score_images(net, [images[i] for i in ids], cfg.uncertainty), strict=True))
-                    free = [p for p in pool if p["id"] not in selected]
-                    rho = score_error_correlation(net, abl.target, preprocess, free, scores)
-                    if strategy == "density":
-                        free_ids = [p["id"] for p in free]
-                        density = information_density(embed_images(net, [images[i] for i in free_ids])).tolist()
-                        scores = density_weighted({i: scores[i] for i in free_ids}, dict(zip(free_ids, density, strict=True)),
-                                                  cfg.density_beta)
-                    selected = selected + most_uncertain(scores, budget - len(selected), exclude=selected)
-                    (folder / strategy / f"b{budget}-s{seed}").mkdir(parents=True, exist_ok=True)
-                    io.write_json(folder / strategy / f"b{budget}-s{seed}" / "scores.json", scores, indent=1)
+                    selected, rho = _next_round(net, strategy, selected, budget, pool, images, preprocess, abl.target, cfg,
+                                                folder / strategy / f"b{budget}-s{seed}")
                 net, dice = _finetune_and_test(abl, cfg, pre, meta, folder, strategy, budget, seed, selected, parent, dev)
                 rows.append({"strategy": strategy, "budget": budget, "seed": seed, "dice": dice, "ids": " ".join(selected),
                              "score_error_rho": rho})
@@ -260,6 +245,33 @@ def run_active_learning(abl, cfg: ActiveLearningConfig) -> dict:
             tracking.log_artifact(abl.mlflow, parent, p, "report")
         tracking.finish_run(abl.mlflow, parent)
     return {**paths, "rows": rows, "parent_run_id": parent}
+
+
+def _held_out(pool: list[dict], cfg: ActiveLearningConfig) -> tuple[list[dict], list[dict] | None]:
+    """``(selectable pool, development set)``: with ``evaluate_on: pool-holdout``, ``cfg.holdout`` pool images (one
+    fixed draw, not a run seed) are never selectable and score every round; else the whole pool is selectable."""
+    if cfg.evaluate_on != "pool-holdout":
+        return pool, None
+    held = set(few_shot_ids([p["id"] for p in pool], cfg.holdout, 10_000))
+    return [p for p in pool if p["id"] not in held], [p for p in pool if p["id"] in held]
+
+
+def _next_round(net: EDMPrecond, strategy: str, selected: list[str], budget: int, pool: list[dict],
+                images: dict[str, torch.Tensor], preprocess: Preprocess, target, cfg: ActiveLearningConfig,
+                out: Path) -> tuple[list[str], float]:
+    """The labelled ids after this round (``selected`` plus the most uncertain, or density-weighted, unlabelled
+    images up to ``budget``) and how well the scores tracked the model's errors; the scores go to
+    ``out/scores.json``."""
+    ids = [p["id"] for p in pool]
+    scores = dict(zip(ids, score_images(net, [images[i] for i in ids], cfg.uncertainty), strict=True))
+    free = [p for p in pool if p["id"] not in selected]
+    rho = score_error_correlation(net, target, preprocess, free, scores)
+    if strategy == "density":
+        free_ids = [p["id"] for p in free]
+        density = information_density(embed_images(net, [images[i] for i in free_ids])).tolist()
+        scores = density_weighted({i: scores[i] for i in free_ids}, dict(zip(free_ids, density, strict=True)), cfg.density_beta)
+    io.write_json(out / "scores.json", scores, indent=1)
+    return selected + most_uncertain(scores, budget - len(selected), exclude=selected), rho
 
 
 def score_error_correlation(net: EDMPrecond, dataset, preprocess: Preprocess, pairs: Sequence[dict],
@@ -296,22 +308,33 @@ def _finetune_and_test(abl, cfg: ActiveLearningConfig, pre, meta: dict, folder: 
 def write_active_report(rows: list[dict], folder: Path, domain: str, cfg: ActiveLearningConfig) -> dict[str, Path]:
     """``results.csv`` (one row per run), ``report.md`` (mean and sd per strategy and budget, each strategy's paired
     difference to random per seed) and ``plot.png``."""
+    on = "test" if cfg.evaluate_on == "test" else "dev"  # the column and the axis say which set the Dice is from
     csv_path = folder / "results.csv"
     with open(csv_path, "w", newline="") as fh:
-        on = "test" if cfg.evaluate_on == "test" else "dev"  # the column says which set the Dice is from
         w = csv.DictWriter(fh, fieldnames=["strategy", "budget", "seed", f"{on}_dice", "score_error_rho", "ids"], extrasaction="ignore")
         w.writeheader()
         w.writerows({**r, f"{on}_dice": r["dice"]} for r in rows)
     dice = {(r["strategy"], r["budget"], r["seed"]): r["dice"] for r in rows}
     strategies = [s for s in cfg.strategies if any(r["strategy"] == s for r in rows)]
     others = [s for s in strategies if s != "random"] if "random" in strategies else []
+    md = folder / "report.md"
+    md.write_text("\n".join(_strategy_table(dice, strategies, others, domain, cfg) + _findings(rows, dice, others, cfg)) + "\n")
+    png = folder / "plot.png"
+    _plot_strategies(png, dice, strategies, f"Dice ({domain} {on})", cfg)
+    return {"csv": csv_path, "markdown": md, "plot": png}
+
+
+def _paired_to_random(dice: dict, strategy: str, budgets: Sequence[int], seeds: Sequence[int]) -> list[float]:
+    """``strategy`` − random, per (budget, seed) both ran."""
+    return [dice[(strategy, b, sd)] - dice[("random", b, sd)] for b in budgets for sd in seeds
+            if (strategy, b, sd) in dice and ("random", b, sd) in dice]
+
+
+def _strategy_table(dice: dict, strategies: list[str], others: list[str], domain: str, cfg: ActiveLearningConfig) -> list[str]:
+    """The report's header (what was compared, on which images) and its table: mean ± sd Dice per strategy and budget,
+    and each strategy's per-seed difference to random."""
     split = (f"the {domain} test split (never used to choose images)" if cfg.evaluate_on == "test" else
              f"{cfg.holdout} {domain} pool images held out as a development set (never selectable; the test split is not read)")
-
-    def diffs(s: str, budgets: Sequence[int]) -> list[float]:
-        return [dice[(s, b, sd)] - dice[("random", b, sd)] for b in budgets for sd in cfg.seeds
-                if (s, b, sd) in dice and ("random", b, sd) in dice]
-
     lines = [f"# Next-sample strategy on {domain}: labelling order vs random order", "",
              f"Method `{cfg.method}` (its pretrained checkpoint, fine-tuned on the labelled images with medhybrid's few-shot "
              f"fine-tuning), seeds {cfg.seeds}. Dice on {split}. "
@@ -329,11 +352,18 @@ def write_active_report(rows: list[dict], folder: Path, domain: str, cfg: Active
             v = [dice[(s, b, sd)] for sd in cfg.seeds if (s, b, sd) in dice]
             cells.append(f"{np.mean(v):.3f} ± {np.std(v):.3f}" if v else "–")
         for s in others:
-            d = diffs(s, [b])
+            d = _paired_to_random(dice, s, [b], cfg.seeds)
             cells.append(f"{np.mean(d):+.3f} ({', '.join(f'{x:+.3f}' for x in d)})" if d else "–")
         lines.append(f"| {b} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def _findings(rows: list[dict], dice: dict, others: list[str], cfg: ActiveLearningConfig) -> list[str]:
+    """Each strategy against random pooled over budgets and seeds (sign test), and whether its uncertainty found the
+    model's mistakes (Spearman correlation of u with 1 - Dice)."""
+    lines = []
     for s in others:
-        d = diffs(s, cfg.budgets)
+        d = _paired_to_random(dice, s, cfg.budgets, cfg.seeds)
         if d:
             lines += ["", f"`{s}` pooled over budgets and seeds: mean difference to random {np.mean(d):+.4f}, ahead in "
                       f"{sum(x > 0 for x in d)} of {len(d)} pairs (sign test p = {_sign_test(d):.3f})."]
@@ -345,8 +375,11 @@ def write_active_report(rows: list[dict], folder: Path, domain: str, cfg: Active
             lines += ["", f"Does u find the model's mistakes (`{s}` runs)? Spearman correlation between u and 1 - Dice over "
                       "the unlabelled pool images under the model that chose each round (the pretrained network for the "
                       f"first round, then the previous round's fine-tuned one), mean over seeds: {chose}."]
-    md = folder / "report.md"
-    md.write_text("\n".join(lines) + "\n")
+    return lines
+
+
+def _plot_strategies(path: Path, dice: dict, strategies: list[str], ylabel: str, cfg: ActiveLearningConfig) -> None:
+    """Mean Dice against labelled images, one line per strategy."""
     fig = Figure(figsize=(5, 3.5))
     ax = fig.subplots()
     for s in strategies:
@@ -356,13 +389,11 @@ def write_active_report(rows: list[dict], folder: Path, domain: str, cfg: Active
     ax.set_xticks(cfg.budgets, [str(b) for b in cfg.budgets])
     ax.minorticks_off()
     ax.set_xlabel("labelled images")
-    ax.set_ylabel(f"Dice ({domain} {'test' if cfg.evaluate_on == 'test' else 'dev'})")
+    ax.set_ylabel(ylabel)
     ax.legend()
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    png = folder / "plot.png"
-    fig.savefig(png, dpi=120)
-    return {"csv": csv_path, "markdown": md, "plot": png}
+    fig.savefig(path, dpi=120)
 
 
 def _sign_test(diffs: Sequence[float]) -> float:

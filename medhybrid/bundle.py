@@ -19,7 +19,7 @@ from torch import nn
 
 from medhybrid.checkpoints import atomic_save, load_model
 from medhybrid.config import load_dataset_spec
-from medhybrid.datasets import load_pairs
+from medhybrid.datasets import load_pairs, select_split
 from medhybrid.engines import unwrap
 from medhybrid.inference import collect_inputs
 from medhybrid.io import DataError
@@ -50,9 +50,8 @@ def labelled_datalist(source: str | os.PathLike, split: str | Sequence[str] | No
     if not spec.labelled:
         raise DataError(source, "has no masks: a folder needs images/ and masks/, a datalist a label (or mask) column")
     pairs = load_pairs(spec)
-    if split is not None and any(q.get("split") for q in pairs):  # a source without splits is all one split
-        wanted = {split} if isinstance(split, str) else set(split)
-        pairs = [q for q in pairs if q.get("split") in wanted]
+    if any(q.get("split") for q in pairs):  # a source without splits is all one split
+        pairs = select_split(pairs, split)
     if not pairs:
         raise DataError(source, f"has no labelled images in split {split!r}" if split else "has no labelled images")
     missing = [q["label"] for q in pairs if not Path(q["label"]).is_file()]

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from medhybrid.config import DatasetSpec, Preprocess, dump_config
-from medhybrid.io import atomic_write
+from medhybrid.io import DataError, atomic_write
 from medhybrid.networks import EDMPrecond, ModelConfig, build_network
 
 log = logging.getLogger("medhybrid")
@@ -49,8 +49,20 @@ def save_model(net: nn.Module, meta: dict, path: str | os.PathLike) -> Path:
 
 
 def read_model_file(path: str | os.PathLike, map_location="cpu") -> dict:
-    """The ``{"state_dict", "meta"}`` of a model file (tensors on ``map_location``)."""
-    return torch.load(path, map_location=map_location, weights_only=True)
+    """The content of a model file (``{"state_dict", "meta"}``, or a DDPM-features head's ``{"ensemble", "meta"}``),
+    tensors on ``map_location``, read with ``weights_only=True``: nothing in the file can run code. Raises
+    :class:`~medhybrid.io.DataError` naming the file when it is missing or is not a medhybrid model file."""
+    if not Path(path).is_file():
+        raise DataError(path, "model file not found")
+    try:
+        content = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:
+        raise DataError(path, f"is not a model file torch can read with weights_only=True ({type(e).__name__}: {e})") from e
+    if not isinstance(content, dict) or "meta" not in content:
+        raise DataError(path, "holds weights without medhybrid's metadata (a MONAI bundle's models/*.pt?): run a bundle "
+                        "with python -m monai.bundle run --config_file <bundle>/configs/inference.json, or pass the "
+                        "model.pt of a medhybrid pretraining or fine-tuning run")
+    return content
 
 
 def load_model(path: str | os.PathLike, map_location="cpu") -> tuple[EDMPrecond, dict]:

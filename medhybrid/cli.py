@@ -213,7 +213,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     inf = sub.add_parser("infer", help="segment images (PNG, JPEG, DICOM, NIfTI ...) with a model.pt: one mask per input, "
                                        "at the input's size")
-    inf.add_argument("--model", required=True, help="model.pt from pretraining or fine-tuning (e.g. a bundle's models/model.pt)")
+    inf.add_argument("--model", required=True, help="model.pt of a pretraining or fine-tuning run (a bundle's weights run "
+                     "through the bundle: python -m monai.bundle run --config_file <bundle>/configs/inference.json)")
     inf.add_argument("--input", required=True, nargs="+", help="image files and/or folders of images")
     inf.add_argument("--output", required=True, help="folder for <stem>_mask.png (0/255 binary, class index multi-class)")
     inf.add_argument("--nifti", action="store_true", help="also write <stem>_mask.nii.gz (class indices)")

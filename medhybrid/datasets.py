@@ -193,6 +193,11 @@ def load_pairs(spec: DatasetSpec, split: str | Sequence[str] | None = None) -> l
     if problems:
         raise DataError(None, f"dataset {spec.name!r} has {len(problems)} problem(s):\n  "
                         + "\n  ".join(str(p) for p in problems[:20]))
+    return select_split(pairs, split)
+
+
+def select_split(pairs: list[dict], split: str | Sequence[str] | None) -> list[dict]:
+    """The pairs of ``split`` (one name or several; None: all of them)."""
     if split is None:
         return pairs
     wanted = {split} if isinstance(split, str) else set(split)

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from monai.metrics import compute_hausdorff_distance
+from monai.metrics import compute_dice, compute_hausdorff_distance, compute_iou
 
 from medhybrid.config import DatasetSpec, Preprocess
 from medhybrid.datasets import load_pairs
@@ -52,17 +52,15 @@ def binary_metrics(pred: torch.Tensor, label: torch.Tensor) -> dict[str, float]:
     are (H, W) class maps, label with IGNORE_INDEX excluded. Empty-vs-empty counts as Dice 1."""
 
     valid = label != IGNORE_INDEX
-    p = (pred > 0) & valid
-    g = (label > 0) & valid
-    inter, ps, gs = float((p & g).sum()), float(p.sum()), float(g.sum())
-    dice = 1.0 if ps + gs == 0 else 2 * inter / (ps + gs)
-    union = ps + gs - inter
-    iou = 1.0 if union == 0 else inter / union
-    if ps == 0 or gs == 0:
+    p = ((pred > 0) & valid)[None, None].double()
+    g = ((label > 0) & valid)[None, None].double()
+    # MONAI's metrics; ignore_empty=False scores an empty prediction of an empty mask 1 (Dice, IoU)
+    dice = float(compute_dice(p, g, include_background=True, ignore_empty=False).item())
+    iou = float(compute_iou(p, g, include_background=True, ignore_empty=False).item())
+    if not p.any() or not g.any():
         hd95 = math.nan
     else:
-        hd95 = float(compute_hausdorff_distance(p[None, None].float(), g[None, None].float(), include_background=True,
-                                                percentile=95).item())
+        hd95 = float(compute_hausdorff_distance(p.float(), g.float(), include_background=True, percentile=95).item())
     return {"dice": dice, "iou": iou, "hd95": hd95}
 
 

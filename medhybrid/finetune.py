@@ -8,6 +8,7 @@ schedule is fixed by the config, and the target's ``test`` split is only read by
 
 from __future__ import annotations
 
+import functools
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,14 +16,13 @@ from pathlib import Path
 import torch
 from ignite.engine import Events
 from monai.data import CacheDataset
-from monai.handlers import MLFlowHandler
 from monai.transforms import Compose, RandAffined, RandFlipd, RandScaleIntensityd, RandShiftIntensityd
 from pydantic import Field
 
 from medhybrid import runs, tracking
 from medhybrid.batches import SegmentationPrepareBatch
 from medhybrid.check import require_valid
-from medhybrid.checkpoints import network_meta, save_model
+from medhybrid.checkpoints import network_meta, read_model_file, save_model, transfer_weights
 from medhybrid.config import Preprocess, StrictModel, dump_config
 from medhybrid.datasets import few_shot_pairs
 from medhybrid.engines import TrainConfig, fit
@@ -66,38 +66,13 @@ class FinetuneConfig(FewShotRunConfig):
     augment: AugmentConfig = Field(default_factory=AugmentConfig)
 
 
-def transfer_weights(net: torch.nn.Module, state_dict: dict[str, torch.Tensor], source: str = "checkpoint") -> dict:
-    """Copy every tensor whose name and shape match (nnU-Net style); log loudly what is skipped or missing.
-
-    Returns ``{"loaded": [...], "skipped": {name: reason}, "missing": [...]}``.
-    """
-    own = net.state_dict()
-    loaded, skipped = [], {}
-    for k, v in state_dict.items():
-        if k not in own:
-            skipped[k] = "not in the network"
-        elif own[k].shape != v.shape:
-            skipped[k] = f"shape {tuple(v.shape)} in {source}, {tuple(own[k].shape)} in the network"
-        else:
-            own[k] = v
-            loaded.append(k)
-    missing = [k for k in own if k not in state_dict]
-    net.load_state_dict(own)
-    for k, why in skipped.items():
-        log.warning("weight transfer from %s: SKIPPED %s (%s)", source, k, why)
-    for k in missing:
-        log.warning("weight transfer from %s: MISSING %s (left at its initial value)", source, k)
-    log.info("weight transfer from %s: %d tensors loaded, %d skipped, %d missing", source, len(loaded), len(skipped), len(missing))
-    return {"loaded": loaded, "skipped": skipped, "missing": missing}
-
-
 def initial_network(cfg: FinetuneConfig) -> tuple[EDMPrecond, dict]:
     """The network to fine-tune: the pretrained architecture with its weights, or a fresh one."""
     torch.manual_seed(cfg.seed)
     nc = cfg.dataset.mask.num_classes
     if cfg.init is None:
         return build_network(cfg.model, cfg.dataset.channels, nc), {"loaded": [], "skipped": {}, "missing": []}
-    ckpt = torch.load(cfg.init, map_location="cpu", weights_only=True)
+    ckpt = read_model_file(cfg.init)
     meta = ckpt["meta"]
     require_channels(meta, cfg)
     pre = meta.get("preprocess", {})
@@ -181,14 +156,8 @@ def run_finetuning(cfg: FinetuneConfig) -> FinetuneResult:
         loss = FinetuneLoss(net.image_channels, net.mask_channels)
         train_cfg = train_cfg.model_copy(update={"seed": cfg.seed})
 
-        def mlflow_factory(evaluator: bool = False):
-            hd = MLFlowHandler(tracking_uri=tracking.tracking_uri(cfg.mlflow), experiment_name=cfg.mlflow.experiment,
-                               iteration_log=lambda e, it: it % cfg.mlflow.log_every == 0,
-                               output_transform=lambda o: {"loss": o["loss"].item()})
-            hd.cur_run = tracking.client(cfg.mlflow).get_run(run_id)
-            return hd
-
-        result = fit(net, ds, prepare, loss, train_cfg, folder, mlflow_handler_factory=mlflow_factory if run_id else None,
+        mlflow = functools.partial(tracking.engine_handler, cfg.mlflow, run_id) if run_id else None
+        result = fit(net, ds, prepare, loss, train_cfg, folder, mlflow_handler_factory=mlflow,
                      checkpoint_prefix="finetune", on_trainer=ds.attach)
         meta = network_meta(result.network, ModelConfig(**_model_cfg(cfg)), cfg.preprocess, cfg.dataset, "finetune")
         meta.update(method=cfg.method, budget=budget, seed=cfg.seed)
@@ -200,4 +169,4 @@ def run_finetuning(cfg: FinetuneConfig) -> FinetuneResult:
 def _model_cfg(cfg: FinetuneConfig) -> dict:
     if cfg.init is None:
         return dump_config(cfg.model)
-    return torch.load(cfg.init, map_location="cpu", weights_only=True)["meta"]["model"]
+    return read_model_file(cfg.init)["meta"]["model"]

@@ -67,11 +67,7 @@ class Segmenter(EDMPrecond):
 
 def load_segmenter(model_path: str | os.PathLike, device: str | torch.device = "cpu") -> tuple[Segmenter, dict]:
     """A :class:`Segmenter` with the weights of ``model_path`` (in eval mode on ``device``) and its metadata."""
-
-    path = Path(model_path)
-    if not path.is_file():
-        raise FileNotFoundError(f"model {path} not found")
-    net, meta = load_model(path)
+    net, meta = load_model(model_path)
     return Segmenter.wrap(net).to(resolve_device(str(device))).eval(), meta
 
 

@@ -35,7 +35,7 @@ from pydantic import Field
 from torch import nn
 
 from medhybrid import runs, tracking
-from medhybrid.checkpoints import atomic_save, load_model
+from medhybrid.checkpoints import atomic_save, load_model, read_model_file
 from medhybrid.config import NoiseLevels, Preprocess, StrictModel, dump_config
 from medhybrid.datasets import few_shot_pairs
 from medhybrid.fewshot import FewShotRunConfig, claim_few_shot_run, open_few_shot_run, require_channels
@@ -287,7 +287,7 @@ def save_feature_segmenter(seg: FeatureSegmenter, meta: dict, path: Path) -> Pat
 def load_feature_segmenter(path: str | Path, map_location="cpu") -> tuple[FeatureSegmenter, dict]:
     """Rebuild a :class:`FeatureSegmenter` saved by :func:`save_feature_segmenter` (needs its pretrained ``init``)."""
 
-    ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    ckpt = read_model_file(path, map_location)
     meta = ckpt["meta"]
     net, _ = load_model(meta["init"], map_location)
     ext = PixelFeatures(net, FeatureConfig(**meta["features"]))

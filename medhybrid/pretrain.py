@@ -17,6 +17,7 @@ pretrain from unlabelled images alone (``dataset: null``).
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -29,8 +30,9 @@ import ignite.distributed as idist
 import torch
 from monai.data import CacheDataset
 from monai.engines import SupervisedEvaluator
-from monai.handlers import MeanDice, MLFlowHandler
+from monai.handlers import MeanDice
 from pydantic import Field, field_validator, model_validator
+from torch import nn
 
 from medhybrid import diffusion as D
 from medhybrid import runs, tracking
@@ -235,6 +237,25 @@ def corruption(cfg: PretrainConfig, rank: int = 0):
                                   mdm_patch=cfg.mdm.patch_size)
 
 
+def validation(cfg: PretrainConfig, val_ds, eval_net: nn.Module, device: torch.device) -> SupervisedEvaluator:
+    """The evaluator of ``cfg``'s mode on the source's validation images: mean Dice of the mask at sigma_min
+    (``val_dice``) for the modes that learn masks, else the reconstruction error at fixed corruption levels
+    (``val_recon_mse``: noise sigmas, or MDM mask ratios)."""
+    loader = torch.utils.data.DataLoader(val_ds, batch_size=cfg.train.batch_size, shuffle=False)
+    if cfg.mode in ("hybrid", "supervised"):
+        metric = {"val_dice": MeanDice(include_background=True, output_transform=dice_output_transform)}
+        return SupervisedEvaluator(device=device, val_data_loader=loader, network=eval_net,
+                                   prepare_batch=SegmentationPrepareBatch(), inferer=SegmentationInferer(cfg.channels),
+                                   key_val_metric=metric, decollate=False)
+    levels = list(cfg.val_levels) if cfg.mode != "mdm" else [0.25, 0.5, 0.75]
+    lp = LevelsPrepareBatch(cfg.mode, levels, cfg.model.edm, mdm_patch=cfg.mdm.patch_size)
+    ev = SupervisedEvaluator(device=device, val_data_loader=loader, network=eval_net, prepare_batch=lp,
+                             inferer=ConditionedInferer(),
+                             key_val_metric={"val_recon_mse": PerLevelMSE(levels, cfg.channels)}, decollate=False)
+    lp.attach(ev)
+    return ev
+
+
 def _worker(local_rank: int, cfg: PretrainConfig, run_id: str | None) -> dict:
     """Training in one process (rank); returns the final metrics."""
 
@@ -242,44 +263,16 @@ def _worker(local_rank: int, cfg: PretrainConfig, run_id: str | None) -> dict:
     torch.manual_seed(cfg.train.seed)
     net = build_network(cfg.model, cfg.channels, cfg.classes)
     train_ds, val_ds, sampler = training_data(cfg, rank, idist.get_world_size())
-    edm = cfg.model.edm
-    prepare = corruption(cfg, rank)
-    loss = PretrainLoss(cfg.mode, net.mask_channels, edm.sigma_data)
-    img_ch = cfg.channels
-    uses_masks = cfg.mode in ("hybrid", "supervised")
-    levels = list(cfg.val_levels) if cfg.mode != "mdm" else [0.25, 0.5, 0.75]
-
-    def make_evaluator(eval_net, device):
-        loader = torch.utils.data.DataLoader(val_ds, batch_size=cfg.train.batch_size, shuffle=False)
-        if uses_masks:
-            metric = {"val_dice": MeanDice(include_background=True, output_transform=dice_output_transform)}
-            return SupervisedEvaluator(device=device, val_data_loader=loader, network=eval_net,
-                                       prepare_batch=SegmentationPrepareBatch(), inferer=SegmentationInferer(img_ch),
-                                       key_val_metric=metric, decollate=False)
-        lp = LevelsPrepareBatch(cfg.mode, levels, edm, mdm_patch=cfg.mdm.patch_size)
-        ev = SupervisedEvaluator(device=device, val_data_loader=loader, network=eval_net, prepare_batch=lp,
-                                 inferer=ConditionedInferer(),
-                                 key_val_metric={"val_recon_mse": PerLevelMSE(levels, img_ch)}, decollate=False)
-        lp.attach(ev)
-        return ev
+    loss = PretrainLoss(cfg.mode, net.mask_channels, cfg.model.edm.sigma_data)
 
     def on_validated(trainer, evaluator, eval_net):
         path = preview(cfg, eval_net, val_ds, trainer.state.epoch)
         if run_id:
             tracking.log_artifact(cfg.mlflow, run_id, path, "previews")
 
-    def mlflow_factory(evaluator: bool = False):
-        h = MLFlowHandler(tracking_uri=tracking.tracking_uri(cfg.mlflow), experiment_name=cfg.mlflow.experiment,
-                          iteration_log=False if evaluator else (lambda e, it: it % cfg.mlflow.log_every == 0),
-                          output_transform=lambda o: {"loss": o["loss"].item()}, close_on_complete=False)
-        # no global_epoch_transform: MONAI's ValidationHandler runs the evaluator with the trainer's epoch as its
-        # own, so validation metrics are logged at the epoch they belong to
-        h.cur_run = tracking.client(cfg.mlflow).get_run(run_id)
-        return h
-
-    result = fit(net, train_ds, prepare, loss, cfg.train, cfg.folder,
-                 make_evaluator=make_evaluator,
-                 mlflow_handler_factory=mlflow_factory if (run_id and rank == 0) else None,
+    result = fit(net, train_ds, corruption(cfg, rank), loss, cfg.train, cfg.folder,
+                 make_evaluator=functools.partial(validation, cfg, val_ds),
+                 mlflow_handler_factory=functools.partial(tracking.engine_handler, cfg.mlflow, run_id) if (run_id and rank == 0) else None,
                  on_validated=on_validated, checkpoint_prefix="pretrain", sampler=sampler)
     metrics = {k: v for k, v in result.metrics.items() if isinstance(v, (int, float))}
     if rank == 0:

@@ -322,7 +322,6 @@ def write_length_curve(cfgs: list, out_dir: Path, baseline: str = "supervised", 
     each method − ``baseline`` paired difference (pooled over those budgets, CI and t-test as in
     :func:`paired_comparisons`, Holm over the curve's points), per pretraining length. Writes ``curve.csv``,
     ``curve.md`` and ``curve.png``."""
-
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     loaded = []
@@ -333,11 +332,32 @@ def write_length_curve(cfgs: list, out_dir: Path, baseline: str = "supervised", 
     names = methods or [m for m in loaded[0][0].methods if all(m in c.methods for c, *_ in loaded)]
     if baseline not in names:
         raise ValueError(f"baseline {baseline!r} is not among the methods every ablation ran: {names}")
+    units = _shared_units(loaded, names, max_budget)
+    points = _curve_points(loaded, names, baseline, units, max_budget, n_boot)
+    fields = ["ablation", "iterations", "method", "mean_dice", "mean_diff", "ci_low", "ci_high", "p_value", "p_holm",
+              "seeds", "images"]
+    with open(out_dir / "curve.csv", "w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=fields)
+        w.writeheader()
+        w.writerows(points)
+    (out_dir / "curve.md").write_text("\n".join(_curve_lines(loaded, names, baseline, units, points)))
+    _plot_curve(out_dir / "curve.png", points, names, baseline, loaded[0][0].target.name)
+    return {"markdown": out_dir / "curve.md", "csv": out_dir / "curve.csv", "plot": out_dir / "curve.png"}
+
+
+def _shared_units(loaded: list, names: list[str], max_budget: int) -> set[tuple[int, int]]:
+    """The (budget ≤ ``max_budget``, seed) subsets every ablation in ``loaded`` ran for every method in ``names``."""
     units = set.intersection(*({(b, s) for (m, b, s) in sc if b <= max_budget} for *_, sc in loaded))
     units = {u for u in units if all((m, *u) in sc for *_, sc in loaded for m in names)}
     if not units:
         raise ValueError(f"the ablations share no (budget ≤ {max_budget}, seed) subset run by every method {names}")
-    budgets, seeds = sorted({b for b, _ in units}), sorted({s for _, s in units})
+    return units
+
+
+def _curve_points(loaded: list, names: list[str], baseline: str, units: set, max_budget: int, n_boot: int) -> list[dict]:
+    """One point per (pretraining length, method): its mean Dice over ``units`` and, for every method but the
+    baseline, its pooled paired difference to the baseline (Holm-corrected over the curve)."""
+    budgets = sorted({b for b, _ in units})
     points = []
     for cfg, iters, rows, scores in loaded:
         kept = [r for r in rows if (r["budget"], r["seed"]) in units and r["method"] in names]
@@ -353,19 +373,20 @@ def write_length_curve(cfgs: list, out_dir: Path, baseline: str = "supervised", 
     diffs = [p for p in points if "mean_diff" in p]
     for p, adj in zip(diffs, holm([p["p_value"] for p in diffs]), strict=True):
         p["p_holm"] = adj
-    fields = ["ablation", "iterations", "method", "mean_dice", "mean_diff", "ci_low", "ci_high", "p_value", "p_holm",
-              "seeds", "images"]
-    with open(out_dir / "curve.csv", "w", newline="") as fh:
-        w = csv.DictWriter(fh, fieldnames=fields)
-        w.writeheader()
-        w.writerows(points)
+    return points
+
+
+def _curve_lines(loaded: list, names: list[str], baseline: str, units: set, points: list[dict]) -> list[str]:
+    """``curve.md``: how the points were computed, and a table of each method's mean (and difference) per length."""
     target = loaded[0][0].target.name
     lengths = [it for _, it, *_ in loaded]
+    budgets, seeds = sorted({b for b, _ in units}), sorted({s for _, s in units})
+    n_diffs = sum("mean_diff" in p for p in points)
     lines = [f"# Pretraining length: {loaded[0][0].source.name} → {target}", "",
              f"Mean test Dice on `{target}` over budgets {budgets} × seeds {seeds} (the subsets every ablation ran for "
              f"every method), and each method − `{baseline}` on the same images and labelled subsets: 95 % CI by "
              "hierarchical bootstrap (seeds, then images), p by paired t-test over the (budget, seed) subsets, "
-             f"Holm-corrected over the curve's {len(diffs)} differences. Ablations: "
+             f"Holm-corrected over the curve's {n_diffs} differences. Ablations: "
              + ", ".join(f"`{c.name}` ({it} iterations)" for c, it, *_ in loaded) + ".", "",
              "| method | " + " | ".join(f"{it} it." for it in lengths) + " |", "|---|" + "---|" * len(lengths)]
     for m in names:
@@ -375,10 +396,7 @@ def write_length_curve(cfgs: list, out_dir: Path, baseline: str = "supervised", 
             cells.append(f"{p['mean_dice']:.3f}" + (f" ({p['mean_diff']:+.3f} [{p['ci_low']:+.3f}, {p['ci_high']:+.3f}], "
                                                      f"p = {_p(p['p_holm'])})" if "mean_diff" in p else ""))
         lines.append(f"| {m} | " + " | ".join(cells) + " |")
-    lines += ["", "![Dice against pretraining length](curve.png)", ""]
-    (out_dir / "curve.md").write_text("\n".join(lines))
-    _plot_curve(out_dir / "curve.png", points, names, baseline, target)
-    return {"markdown": out_dir / "curve.md", "csv": out_dir / "curve.csv", "plot": out_dir / "curve.png"}
+    return lines + ["", "![Dice against pretraining length](curve.png)", ""]
 
 
 def _plot_curve(path: Path, points: list[dict], names: list[str], baseline: str, target: str) -> None:

@@ -16,6 +16,7 @@ from typing import Any
 
 import mlflow
 from mlflow.entities import Metric
+from monai.handlers import MLFlowHandler
 from pydantic import Field
 
 from medhybrid.config import StrictModel
@@ -68,6 +69,18 @@ def flatten(d: Mapping, prefix: str = "") -> dict[str, Any]:
         else:
             out[key] = v
     return out
+
+
+def engine_handler(cfg: MLflowConfig, run_id: str, evaluator: bool = False) -> MLFlowHandler:
+    """MONAI's ``MLFlowHandler`` writing into the existing run ``run_id``: a trainer's loss every ``cfg.log_every``
+    iterations and its epoch metrics, or (``evaluator``) an evaluator's metrics. With no ``global_epoch_transform``:
+    MONAI's ``ValidationHandler`` runs the evaluator with the trainer's epoch as its own, so validation metrics are logged
+    at the epoch they belong to. The run stays open (its owner finishes it)."""
+    h = MLFlowHandler(tracking_uri=tracking_uri(cfg), experiment_name=cfg.experiment,
+                      iteration_log=False if evaluator else (lambda e, it: it % cfg.log_every == 0),
+                      output_transform=lambda o: {"loss": o["loss"].item()}, close_on_complete=False)
+    h.cur_run = client(cfg).get_run(run_id)
+    return h
 
 
 def finish_run(cfg: MLflowConfig, run_id: str, status: str = "FINISHED") -> None:

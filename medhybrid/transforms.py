@@ -27,6 +27,7 @@ from monai.transforms import (
     LoadImage,
     MapTransform,
     Resize,
+    ScaleIntensityRange,
     SpatialPad,
     Transform,
 )
@@ -204,7 +205,7 @@ class MaskToLabeld(MapTransform):
 
 # --------------------------------------------------------------------------------------------- intensity
 class ScaleIntensity2D(Transform):
-    """Scale intensities to ``[-1, 1]``.
+    """Scale intensities to ``[-1, 1]`` (MONAI's ``ScaleIntensityRange``, clipped) from a range chosen by ``mode``:
 
     - ``fixed``: by the range the file's format allows (``value_range`` from the reader: 0..255 for
       8-bit files, the Bits Stored range after rescale for DICOM). Keeps the scanner's scale.
@@ -225,9 +226,9 @@ class ScaleIntensity2D(Transform):
             lo, hi = float(q[0]), float(q[1])
         else:
             lo, hi = float(x.min()), float(x.max())
-        scale = (hi - lo) if hi > lo else 1.0
-        out = ((x - lo) / scale).clamp(0.0, 1.0) * 2.0 - 1.0
-        return out
+        if hi <= lo:  # an empty range (a constant image): every pixel at its lower end, -1
+            return (x - lo).clamp(0.0, 1.0) * 2.0 - 1.0
+        return ScaleIntensityRange(lo, hi, b_min=-1.0, b_max=1.0, clip=True)(x)
 
 
 class ScaleIntensity2Dd(MapTransform):

@@ -4,7 +4,7 @@ Docker engine in CI: nothing is built or run).
 - hadolint passes on every Dockerfile;
 - every COPY source exists and gets through the Dockerfile's ``.dockerignore``; stages named by ``--from`` exist;
 - the pins agree, derived by parsing, never written here: no package is pinned at two versions in one image's
-  environment (pyproject.toml less the ``--exclude``\\ d packages, the direct ``pip install`` pins,
+  environment (pyproject.toml less the packages passed to ``--exclude``, the direct ``pip install`` pins,
   docker/requirements-label.txt), a package an image pins that pyproject.toml also pins without being excluded has
   pyproject's version, the images that take their own pin of a package agree on it, and scripts/setup.sh and
   scripts/setup_label.sh install the same environments as the images;
@@ -455,10 +455,17 @@ def test_image_runs_as_a_user_it_creates_and_can_write_its_workdir(path):
     assert m, f"{path.name}: USER {uid}, but no useradd --uid {uid}"
     home, name = m.groups()
     workdir = workdir_of(path)
-    assert workdir == home or re.search(rf"chown (?:-R )?{name}:\S+ [^\n&]*{re.escape(workdir)}\b", run), \
-        f"{path.name}: the working folder {workdir} is not {name}'s"
+
+    def owned(folder: str) -> bool:
+        return folder == home or re.search(rf"chown (?:-R )?{name}:\S+ [^\n&]*{re.escape(folder)}(?![\w/.-])", run) is not None
+
+    assert owned(workdir), f"{path.name}: the working folder {workdir} is not {name}'s"
+    # the folders the command names that a RUN makes (as root) are where it writes: they are the user's
+    for value in command(path)[1:]:
+        if value.startswith("/") and re.search(rf"mkdir -p [^\n&]*{re.escape(value)}(?![\w/.-])", run):
+            assert owned(value), f"{path.name}: the command writes to {value}, which is not {name}'s"
     # the settings medhybrid reads: the variables exist in the package, the config folder is the copied configs/
-    for key, value in env_of(path).items():
+    for key in env_of(path):
         if key.startswith("MEDHYBRID_"):
             used = any(key in f.read_text() for f in (REPO_ROOT / "medhybrid").rglob("*.py")) or \
                 any(key in f.read_text() for f in (REPO_ROOT / "configs").rglob("*.yaml"))

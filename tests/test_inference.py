@@ -8,7 +8,7 @@ import csv
 import numpy as np
 import pytest
 import torch
-from conftest import PH2, ph2_yaml, real_split
+from conftest import PH2, REPO_ROOT, ph2_yaml, real_split
 from conftest import TINY_UNET as TINY
 from PIL import Image
 
@@ -167,7 +167,7 @@ def test_input_problems(model_pt, tmp_path, write_png, grey_pixels):
     (tmp_path / "notes.txt").write_text("not an image")
     with pytest.raises(DataError, match=r"notes\.txt: unsupported file type '\.txt'"):
         infer_files(model_pt, [tmp_path / "notes.txt"], tmp_path / "out")
-    with pytest.raises(FileNotFoundError, match="nope.pt"):
+    with pytest.raises(DataError, match="nope.pt: model file not found"):
         infer_files(tmp_path / "nope.pt", [tmp_path / "same.png"], tmp_path / "out")
 
 
@@ -198,3 +198,11 @@ def test_cli_infer_corrupt_file_exits_2(model_pt, tmp_path, capsys):
     assert main(["infer", "--model", str(model_pt), "--input", str(bad), "--output", str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err
     assert "bad.dcm" in err and "error:" in err
+
+
+def test_cli_infer_on_bundle_weights_says_how_to_run_the_bundle(tmp_path, capsys, ph2_pair):
+    """A bundle's weights file is a plain state dict: ``medhybrid infer`` names it and says how to run a bundle."""
+    weights = REPO_ROOT / "bundles" / "dermoscopy_lesion_segmentation" / "models" / "model.pt"
+    assert main(["infer", "--model", str(weights), "--input", str(ph2_pair[0]), "--output", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert str(weights) in err and "monai.bundle run" in err and not (tmp_path / "out").exists()
