@@ -100,13 +100,13 @@ def plain_side(cfg, out: Path) -> dict:
     import torch
 
     from medhybrid.ablation import finetune_config, pretrain_config, pretraining_of
-    from medhybrid.batches import CorruptionPrepareBatch
+    from medhybrid.batches import SegmentationPrepareBatch
     from medhybrid.checkpoints import network_meta, save_model
     from medhybrid.datasets import few_shot_pairs, load_pairs
     from medhybrid.engines import resolve_device
     from medhybrid.evaluate import evaluate
-    from medhybrid.finetune import _edm, augmentation, initial_network
-    from medhybrid.losses import PretrainLoss
+    from medhybrid.finetune import augmentation, initial_network
+    from medhybrid.losses import FinetuneLoss, PretrainLoss
     from medhybrid.networks import build_network
     from medhybrid.pretrain import corruption
     from medhybrid.transforms import preprocessing
@@ -148,8 +148,8 @@ def plain_side(cfg, out: Path) -> dict:
                 if aug is not None:
                     aug.set_random_state(seed=seed)
                 train = fcfg.train.model_copy(update={"seed": seed})
-                net = _plain_train(net, images, labels, CorruptionPrepareBatch("supervised", _edm(net), seed=seed),
-                                   PretrainLoss("finetune", net.mask_channels), train, fcfg.schedule.iterations(len(pairs)),
+                net = _plain_train(net, images, labels, SegmentationPrepareBatch(),
+                                   FinetuneLoss(net.image_channels, net.mask_channels), train, fcfg.schedule.iterations(len(pairs)),
                                    min(train.batch_size, max(2, len(pairs))), device, augment=aug)
                 clock["train_s"] += time.perf_counter() - t
                 t = time.perf_counter()

@@ -57,7 +57,8 @@ def plain_step(net, forward, opt, prepare, loss_fn, batch: dict, step: int, devi
     import torch
 
     prepare.step = step
-    x, target, _, kw = prepare(batch, device)
+    prepared = prepare(batch, device)  # (x, target) for fine-tuning, (x, target, args, kwargs) for pretraining
+    x, target, kw = prepared[0], prepared[1], prepared[3] if len(prepared) == 4 else {}
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
         loss = loss_fn(forward(x, **kw), target)
     opt.zero_grad(set_to_none=True)
@@ -85,17 +86,20 @@ def _batch(args):
 def run_variant(args) -> dict:
     import torch
 
-    from medhybrid.batches import CorruptionPrepareBatch
+    from medhybrid.batches import CorruptionPrepareBatch, SegmentationPrepareBatch
     from medhybrid.engines import TrainConfig, fit
-    from medhybrid.losses import PretrainLoss
+    from medhybrid.losses import FinetuneLoss, PretrainLoss
     from medhybrid.networks import ModelConfig, build_network
 
     torch.manual_seed(0)
     spec, items = _batch(args)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     net = build_network(ModelConfig(), spec.channels, 2)
-    prepare = CorruptionPrepareBatch(args.mode, seed=0, seg_fraction=0.5, weighting="low")
-    loss_fn = PretrainLoss(args.mode, net.mask_channels)
+    if args.mode == "finetune":  # the clean image at sigma_min and the mask loss, as medhybrid.finetune trains
+        prepare, loss_fn = SegmentationPrepareBatch(), FinetuneLoss(net.image_channels, net.mask_channels)
+    else:
+        prepare = CorruptionPrepareBatch(args.mode, seed=0, seg_fraction=0.5, weighting="low")
+        loss_fn = PretrainLoss(args.mode, net.mask_channels)
     warm = 3
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()

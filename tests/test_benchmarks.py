@@ -297,8 +297,8 @@ def test_finetune_cost_splits_data_and_step_per_budget(data):
 def check_ray(out: str, wall: float, sets: list[str], runs: int, workers: int = 2) -> None:
     figures = json.loads(out.strip().splitlines()[-1])
     assert figures["sets"] == sets and figures["workers"] == workers and figures["cores"] == os.cpu_count(), figures
-    assert figures["runs"] == runs and figures["same_results"] is True  # Ray ran the sequential runner's runs, same Dice
-    assert figures["max_dice_diff"] <= 1e-6  # one thread on both sides here (the suite's OMP_NUM_THREADS=1): identical
+    assert figures["runs"] == runs and figures["same_results"] is True, figures  # Ray ran the sequential runner's runs, same Dice
+    assert figures["max_dice_diff"] <= 1e-6, figures  # one thread on both sides here (the suite's OMP_NUM_THREADS=1): identical
     seq, ray_s = Printed.of(f"{figures['sequential_s']:.1f}"), Printed.of(f"{figures['ray_s']:.1f}")
     assert seq.hi > 0 and ray_s.hi > 0, figures
     assert_quotient(Printed.of(f"{figures['ray_vs_sequential']:.3f}"), ray_s, seq, "ray_vs_sequential")

@@ -137,10 +137,7 @@ import sys
 import torch
 from medhybrid.config import Preprocess
 from medhybrid.networks import ModelConfig, build_network
-try:  # where the model-file functions live (medhybrid.checkpoints; medhybrid.pretrain before it)
-    from medhybrid.checkpoints import network_meta, save_model
-except ImportError:
-    from medhybrid.pretrain import network_meta, save_model
+from medhybrid.checkpoints import network_meta, save_model
 
 torch.manual_seed(0)
 cfg = ModelConfig(channels=(16, 32, 32), attention_levels=(False, False, False))
