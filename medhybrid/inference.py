@@ -1,6 +1,6 @@
 """Inference with a trained ``model.pt``: image files in, mask files of the same size out.
 
-A ``model.pt`` written by :func:`medhybrid.pretrain.save_model` (pretraining or fine-tuning) describes
+A ``model.pt`` written by :func:`medhybrid.checkpoints.save_model` (pretraining or fine-tuning) describes
 itself: ``meta["image_channels"]`` says whether the network sees grey or RGB pixels and
 ``meta["preprocess"]`` how training resized and scaled them. :func:`infer_files` reads each image with
 medhybrid's readers (PNG/JPEG/BMP/TIFF, DICOM, NIfTI, MHA/NRRD; :mod:`medhybrid.io`), converts it to

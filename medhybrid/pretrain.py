@@ -66,7 +66,7 @@ Mode = Literal["hybrid", "supervised", "diffusion", "mdm", "none"]
 
 class HybridConfig(StrictModel):
     """How the mask loss meets the noise levels in ``hybrid`` mode (see
-    :class:`medhybrid.engines.CorruptionPrepareBatch`)."""
+    :class:`medhybrid.batches.CorruptionPrepareBatch`)."""
 
     mask_weight: float = Field(1.0, ge=0, description="weight of the mask term against the EDM term")
     seg_fraction: float = Field(0.5, ge=0, le=1, description="share of each batch noised only in the low band")
@@ -228,7 +228,7 @@ _SOURCE_CACHE: dict[str, tuple] = {}
 
 
 def corruption(cfg: PretrainConfig, rank: int = 0):
-    """The prepare-batch of ``cfg``'s mode (:class:`medhybrid.engines.CorruptionPrepareBatch`): its noise levels or
+    """The prepare-batch of ``cfg``'s mode (:class:`medhybrid.batches.CorruptionPrepareBatch`): its noise levels or
     masking, and the hybrid's mask-loss policy, seeded by ``train.seed`` and the process ``rank``."""
 
     h = cfg.hybrid

@@ -382,8 +382,9 @@ def _curve_lines(loaded: list, names: list[str], baseline: str, units: set, poin
     lengths = [it for _, it, *_ in loaded]
     budgets, seeds = sorted({b for b, _ in units}), sorted({s for _, s in units})
     n_diffs = sum("mean_diff" in p for p in points)
+    scored = "test" if loaded[0][0].evaluate_on == "test" else "development"
     lines = [f"# Pretraining length: {loaded[0][0].source.name} → {target}", "",
-             f"Mean test Dice on `{target}` over budgets {budgets} × seeds {seeds} (the subsets every ablation ran for "
+             f"Mean {scored} Dice on `{target}` over budgets {budgets} × seeds {seeds} (the subsets every ablation ran for "
              f"every method), and each method − `{baseline}` on the same images and labelled subsets: 95 % CI by "
              "hierarchical bootstrap (seeds, then images), p by paired t-test over the (budget, seed) subsets, "
              f"Holm-corrected over the curve's {n_diffs} differences. Ablations: "

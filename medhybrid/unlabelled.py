@@ -5,7 +5,7 @@ An unlabelled source is a dataset used without its masks: an image-only dataset 
 DICOM with or without a suffix, or a CSV with an ``image`` column) or named splits of a labelled dataset (a target's
 ``pool``; never its ``test`` split). The denoising (``hybrid``, ``diffusion``) and masked-patch (``mdm``) objectives
 apply to every image; the mask loss only to labelled ones: an unlabelled sample carries ``labelled = 0`` and a label
-of ignored pixels, and the prepare-batch seam (:class:`medhybrid.engines.CorruptionPrepareBatch`) gives it a mask
+of ignored pixels, and the prepare-batch seam (:class:`medhybrid.batches.CorruptionPrepareBatch`) gives it a mask
 weight of exactly zero.
 
 Sets larger than memory are cached on disk as preprocessed arrays (MONAI's ``PersistentDataset``): each file is
