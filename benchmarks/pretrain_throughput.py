@@ -141,7 +141,7 @@ def run_variant(args) -> dict:
     peak = torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else mem.peak
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu, {torch.get_num_threads()} threads"
     return {"variant": args.variant, "device": f"{device} ({name}), torch {torch.__version__}",
-            "images_per_s": args.iters * args.batch / elapsed, "warmup_s": warmup, "peak_mb": peak,
+            "images_per_s": args.iters * args.batch / elapsed, "timed_s": elapsed, "warmup_s": warmup, "peak_mb": peak,
             "peak_kind": "cuda allocated" if device.type == "cuda" else "process RSS"}
 
 
@@ -171,10 +171,10 @@ def main() -> None:
     e, pl = res["engine"], res["plain"]
     stage = "fine-tuning" if args.mode == "finetune" else f"pretraining ({args.mode})"
     print(f"{stage}, batch {args.batch}, {args.res} px, {args.iters} timed iterations, on {e['device']}")
-    print(f"{'':15s} {'images/s':>10s} {'peak MB':>10s} {'warm-up s':>10s}  (peak: {e['peak_kind']}; warm-up: first 3 "
-          "iterations, compilation included)")
+    print(f"{'':15s} {'images/s':>10s} {'peak MB':>10s} {'warm-up s':>10s} {'timed s':>10s}  (peak: {e['peak_kind']}; "
+          "warm-up: first 3 iterations, compilation included; timed: the timed iterations)")
     for v, r in res.items():
-        print(f"{v:15s} {r['images_per_s']:10.1f} {r['peak_mb']:10.0f} {r['warmup_s']:10.1f}")
+        print(f"{v:15s} {r['images_per_s']:10.1f} {r['peak_mb']:10.0f} {r['warmup_s']:10.1f} {r['timed_s']:10.4f}")
 
     def ratio(a: dict, b: dict) -> str:
         return f"throughput {a['images_per_s'] / b['images_per_s']:.3f}, peak memory {a['peak_mb'] / b['peak_mb']:.3f}"

@@ -119,11 +119,14 @@ def check_throughput(out: str, wall: float, mode: str, iters: int, batch: int, r
     ips = {k: Printed.of(v[0]) for k, v in r.items()}
     peak = {k: Printed.of(v[1]) for k, v in r.items()}
     warm = {k: Printed.of(v[2]) for k, v in r.items()}
+    timed = {k: Printed.of(v[3]) for k, v in r.items()}
     for k in r:
         assert ips[k].hi > 0, out
         assert_sensible_rss(peak[k], k)
-    # the timed iterations (images / images-per-second) and the warm-up of both variants ran inside the benchmark
-    assert_fits(total((Printed.exact(iters * batch) / ips[k]) + warm[k] for k in r), wall, "timed + warm-up, both variants")
+        # images/s is the timed iterations' images over their time: a throughput that forgot the batch fails here
+        assert_quotient(ips[k], Printed.exact(iters * batch), timed[k], f"{k} images/s")
+    # the timed iterations and the warm-up of both variants ran inside the benchmark
+    assert_fits(total(timed[k] + warm[k] for k in r), wall, "timed + warm-up, both variants")
     assert_quotient(field(out, rf"ratio engine/plain: throughput ({_NUM})"), ips["engine"], ips["plain"], "throughput")
     assert_quotient(field(out, rf"ratio engine/plain: .*peak memory ({_NUM})"), peak["engine"], peak["plain"], "peak memory")
 
