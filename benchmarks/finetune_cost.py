@@ -52,12 +52,10 @@ def main() -> None:
     args = ap.parse_args()
 
     import torch
-    from monai.data import CacheDataset
 
     from medhybrid.batches import EpochSeededSampler
     from medhybrid.datasets import few_shot_pairs
-    from medhybrid.finetune import _AugmentedDataset, augmentation, run_finetuning
-    from medhybrid.transforms import preprocessing
+    from medhybrid.finetune import run_finetuning, training_dataset
 
     trained = captured_log()
     rows = []
@@ -66,8 +64,9 @@ def main() -> None:
             cfg = quick_finetune_config(b, str(Path(tmp) / f"b{b}"), args.iterations, batch_size=args.batch_size)
             batch = min(args.batch_size, max(2, b))
             pairs = few_shot_pairs(cfg.dataset, b, 0)
-            ds = _AugmentedDataset(CacheDataset(pairs, transform=preprocessing(cfg.dataset, cfg.preprocess), progress=False),
-                                   augmentation(cfg.augment), 0)
+            ds, aug = training_dataset(cfg, pairs)
+            if aug is not None:
+                aug.set_random_state(seed=0)
             sampler = EpochSeededSampler(len(ds), args.batches * batch, seed=0)
             loader = torch.utils.data.DataLoader(ds, batch_size=batch, sampler=sampler, drop_last=True)
             t = time.perf_counter()

@@ -99,22 +99,24 @@ def augmentation(cfg: AugmentConfig):
     return Compose(t)
 
 
-class _AugmentedDataset(torch.utils.data.Dataset):
-    """Cached pairs + seeded random augmentation (reseeded per epoch by :meth:`attach`)."""
+def training_dataset(cfg: FinetuneConfig, pairs: list[dict]) -> tuple[CacheDataset, Compose | None]:
+    """The labelled pairs as MONAI's ``CacheDataset``: each pair's deterministic preprocessing is cached, the random
+    augmentation (returned too, to be reseeded by :func:`reseeded_each_epoch`) runs on a copy at every draw."""
+    aug = augmentation(cfg.augment)
+    pre = preprocessing(cfg.dataset, cfg.preprocess)
+    transform = Compose([*pre.transforms, *aug.transforms]) if aug is not None else pre
+    return CacheDataset(pairs, transform=transform, progress=False, copy_cache=True), aug
 
-    def __init__(self, cached, aug, seed: int):
-        self.cached, self.aug, self.seed = cached, aug, seed
 
-    def __len__(self) -> int:
-        return len(self.cached)
+def reseeded_each_epoch(aug: Compose | None, seed: int):
+    """An ``on_trainer`` hook: ``aug``'s random state set from (``seed``, epoch) as each epoch starts, so a resumed
+    fine-tune draws the same augmentations as an uninterrupted one."""
 
-    def __getitem__(self, i):
-        d = self.cached[i]
-        return self.aug(dict(d)) if self.aug is not None else d
+    def attach(engine) -> None:
+        if aug is not None:
+            engine.add_event_handler(Events.EPOCH_STARTED, lambda e: aug.set_random_state(seed=seed * 1000 + e.state.epoch))
 
-    def attach(self, engine) -> None:
-        if self.aug is not None:
-            engine.add_event_handler(Events.EPOCH_STARTED, lambda e: self.aug.set_random_state(seed=self.seed * 1000 + e.state.epoch))
+    return attach
 
 
 @dataclass
@@ -129,8 +131,6 @@ class FinetuneResult:
 def run_finetuning(cfg: FinetuneConfig) -> FinetuneResult:
     """Fine-tune (or resume, or return the finished run of) ``cfg``. Writes ``model.pt``,
     ``config.yaml``, ``subset.json`` (the ids used) and one MLflow run."""
-
-
     folder, model_path = cfg.folder, cfg.folder / "model.pt"
     h, done = claim_few_shot_run(cfg)
     if done is not None:
@@ -150,15 +150,14 @@ def run_finetuning(cfg: FinetuneConfig) -> FinetuneResult:
         net, transfer = initial_network(cfg)
         runs.write_state(folder, transfer={"loaded": len(transfer["loaded"]), "skipped": sorted(transfer["skipped"]),
                                                "missing": transfer["missing"]})
-        cached = CacheDataset(pairs, transform=preprocessing(cfg.dataset, cfg.preprocess), progress=False, copy_cache=True)
-        ds = _AugmentedDataset(cached, augmentation(cfg.augment), cfg.seed)
+        ds, aug = training_dataset(cfg, pairs)
         prepare = SegmentationPrepareBatch()  # the clean image, fed at sigma_min
         loss = FinetuneLoss(net.image_channels, net.mask_channels)
         train_cfg = train_cfg.model_copy(update={"seed": cfg.seed})
 
         mlflow = functools.partial(tracking.engine_handler, cfg.mlflow, run_id) if run_id else None
         result = fit(net, ds, prepare, loss, train_cfg, folder, mlflow_handler_factory=mlflow,
-                     checkpoint_prefix="finetune", on_trainer=ds.attach)
+                     checkpoint_prefix="finetune", on_trainer=reseeded_each_epoch(aug, cfg.seed))
         meta = network_meta(result.network, ModelConfig(**_model_cfg(cfg)), cfg.preprocess, cfg.dataset, "finetune")
         meta.update(method=cfg.method, budget=budget, seed=cfg.seed)
         save_model(result.network, meta, model_path)
