@@ -333,7 +333,7 @@ class SaveMask2D(Transform):
             Image.fromarray(arr * 255 if self.binary_png and arr.max(initial=0) <= 1 else arr, mode="L").save(tmp, format="PNG")
         written = [str(png)]
         if self.dicom_seg and is_dicom_file(source):
-            from medhybrid.dicom_seg import write_dicom_seg
+            from medhybrid.dicom_seg import write_dicom_seg  # highdicom: loaded only when a DICOM SEG is asked for
 
             try:
                 written.append(str(write_dicom_seg(arr, source, out_dir / f"{stem}{self.seg_postfix}.dcm", self.labels)))
