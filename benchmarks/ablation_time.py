@@ -48,6 +48,7 @@ def _config(args, out: Path):
 
 
 def medhybrid_side(cfg) -> dict:
+    from medhybrid import runs
     from medhybrid.ablation import run_ablation
 
     t = time.perf_counter()
@@ -59,7 +60,7 @@ def medhybrid_side(cfg) -> dict:
     dice: dict[str, list[float]] = {}
     for method in cfg.methods:
         for state in (cfg.folder / "finetune" / method).glob("*/state.json"):
-            dice.setdefault(method, []).append(json.loads(state.read_text())["scores"]["test_dice"])
+            dice.setdefault(method, []).append(runs.scores(json.loads(state.read_text()))[1]["test_dice"])
     return {"wall_s": wall, "stages": timings["methods"], "dice": dice}
 
 

@@ -57,8 +57,7 @@ def plain_step(net, forward, opt, prepare, loss_fn, batch: dict, step: int, devi
     import torch
 
     prepare.step = step
-    prepared = prepare(batch, device)  # (x, target) for fine-tuning, (x, target, args, kwargs) for pretraining
-    x, target, kw = prepared[0], prepared[1], prepared[3] if len(prepared) == 4 else {}
+    x, target, _, kw = prepare(batch, device)
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
         loss = loss_fn(forward(x, **kw), target)
     opt.zero_grad(set_to_none=True)

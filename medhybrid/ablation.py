@@ -22,7 +22,7 @@ import torch
 from pydantic import Field, model_validator
 
 from medhybrid import runs, tracking
-from medhybrid.checkpoints import load_model
+from medhybrid.checkpoints import load_model, read_model_file
 from medhybrid.config import DatasetRef, Preprocess, StrictModel, deep_merge, dump_config, save_config, validate
 from medhybrid.datasets import few_shot_ids, load_pairs
 from medhybrid.fewshot import evaluate_few_shot_run
@@ -149,7 +149,7 @@ def pretrain_config(cfg: AblationConfig, method: str):
 
 def finetune_config(cfg: AblationConfig, method: str, init: Path, budget: int | None, seed: int, parent: str | None,
                     pretrain_run: str | None):
-    meta = load_model(init)[1]
+    meta = read_model_file(init)["meta"]
     data = deep_merge(cfg.finetune, _few_shot_fields(cfg, method, budget, seed, parent, pretrain_run))
     data.update(init=str(init) if cfg.methods[method].pretrain != "none" else None, preprocess=meta["preprocess"],
                 model=meta["model"])
@@ -181,7 +181,6 @@ class _Timings:
     (one entry per invocation, so a resumed ablation's total is the sum)."""
 
     def __init__(self, folder: Path):
-
         self.path = folder / "timings.json"
         self.history = json.loads(self.path.read_text())["invocations"] if self.path.is_file() else []
         device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"CPU ({os.cpu_count()} cores)"
@@ -203,7 +202,6 @@ class _Timings:
         m[stage] = m.get(stage, 0.0) + seconds
 
     def save(self) -> float:
-
         self.entry["wall_s"] = time.perf_counter() - self.t0
         self.history.append(self.entry)
         write_json(self.path, {"invocations": self.history}, indent=1)
@@ -212,7 +210,6 @@ class _Timings:
 
 def pretrain_step(cfg: AblationConfig, method: str):
     """One method's pretraining (or the finished one): :func:`medhybrid.pretrain.run_pretraining`."""
-
     return run_pretraining(pretrain_config(cfg, method))
 
 
@@ -220,13 +217,12 @@ def finetune_step(cfg: AblationConfig, method: str, pre, budget: int | None, see
     """One fine-tune (or pixel-feature head) from the pretraining ``pre``, evaluated and recorded in its MLflow run;
     a finished and evaluated run is skipped. Returns ``{"tag", "skipped", "dice", "train_s", "eval_s"}``, ``dice`` on
     the set :attr:`AblationConfig.scored_on` names."""
-
     tag = f"{method} b{'all' if budget is None else budget} s{seed}"
     features = cfg.methods[method].head == "ddpm-features"
     make = pixel_features_config if features else finetune_config
     fcfg = make(cfg, method, pre.checkpoint, budget, seed, parent, pre.run_id)
     st = runs.read_state(fcfg.folder)
-    if st.get("status") == "finished" and st.get("evaluated"):
+    if st.get("status") == "finished" and runs.scores(st)[0] == cfg.scored_on:
         log.info("ablation %s: %s already done, skipped", cfg.name, tag)
         return {"tag": tag, "skipped": True}
     t0 = time.perf_counter()
@@ -301,7 +297,6 @@ def _pinned_for_workers(cfg: AblationConfig) -> AblationConfig:
     """``cfg`` with the MLflow tracking URI made absolute on the driver: by default it follows the working folder,
     and a worker must write where the driver reads. (Run folders keep their paths, relative ones included, so a
     run's configuration hashes the same whichever executor made it: tasks run in the driver's working folder.)"""
-
     uri = tracking.tracking_uri(cfg.mlflow)
     if uri.startswith("sqlite:///"):
         uri = f"sqlite:///{Path(uri[len('sqlite:///'):]).resolve()}"
@@ -411,16 +406,15 @@ def run_ablation(cfg: AblationConfig) -> dict:
 
     ``cfg.executor`` ``sequential`` runs everything here, one run after another; ``ray`` runs the same steps as Ray
     tasks (:func:`_run_on_ray`). Both skip finished runs, record failures without stopping, and give the same runs."""
-
     folder = cfg.folder
     folder.mkdir(parents=True, exist_ok=True)
     save_config(cfg, folder / "config.yaml")
     parent = None
     if cfg.mlflow.enabled:
         parent = runs.open_run(cfg.mlflow, folder, cfg.mlflow.run_name or f"ablation-{cfg.name}",
-                                   params={"methods": ",".join(cfg.methods), "budgets": str(cfg.budgets),
-                                           "seeds": str(cfg.seeds), "source": cfg.source.name, "target": cfg.target.name},
-                                   tags={"medhybrid.stage": "ablation", "domain": cfg.target.name, "ablation": cfg.name})
+                               params={"methods": ",".join(cfg.methods), "budgets": str(cfg.budgets),
+                                       "seeds": str(cfg.seeds), "source": cfg.source.name, "target": cfg.target.name},
+                               tags={"medhybrid.stage": "ablation", "domain": cfg.target.name, "ablation": cfg.name})
     failures: list[str] = []
     clock = _Timings(folder)
     clock.entry["executor"] = cfg.executor

@@ -2,7 +2,8 @@
 that measures whether labelling in that order beats random order.
 
 The hybrid network is conditioned on a noise level and was trained to predict masks from noised images.
-Its uncertainty about an image is read from how much its mask changes when the image is noised:
+Its uncertainty about an image is read from how much its mask changes when the image is noised::
+
     u(x) = 1 - mean_{sigma, r} Dice( m(x + sigma * eps_r; sigma), m(x; sigma_min) )
 
 with ``m`` the hard mask, ``eps_r`` fixed seeded Gaussian noise and ``sigma`` a few small noise levels
@@ -78,7 +79,6 @@ def mask_dice(a: torch.Tensor, b: torch.Tensor, num_classes: int) -> torch.Tenso
 def _mask_logits(net: EDMPrecond, x: torch.Tensor, sigma: float) -> torch.Tensor:
     """Mask logits of ``x`` fed at noise level ``sigma`` (a served :class:`medhybrid.inference.Segmenter`'s own forward
     takes no sigma: the EDMPrecond forward it inherits does)."""
-
     out = EDMPrecond.forward(net, x, sigma) if isinstance(net, Segmenter) else net(x, sigma)
     return out[:, net.image_channels :]
 
@@ -153,7 +153,6 @@ def density_weighted(scores: dict[str, float], density: dict[str, float], beta: 
 
 def _pair_images(pairs: Sequence[dict], channels: int, preprocess: Preprocess) -> dict[str, torch.Tensor]:
     """``{id: model-ready image}`` of dataset pairs (only their images are read)."""
-
     t = preprocessing(SimpleNamespace(channels=channels), preprocess, with_label=False)
     return {p["id"]: torch.as_tensor(t({"image": p["image"]})["image"]) for p in pairs}
 
@@ -161,7 +160,6 @@ def _pair_images(pairs: Sequence[dict], channels: int, preprocess: Preprocess) -
 def score_files(net: EDMPrecond, meta: dict, files: Sequence[str | os.PathLike], cfg: UncertaintyConfig | None = None) -> list[float]:
     """u for image files (PNG, JPEG, DICOM, NIfTI ...) under the model's own preprocessing (``meta`` of its
     model.pt); raises :class:`medhybrid.io.DataError` naming a file that cannot be read."""
-
     prepare = _Prepare(meta)
     return score_images(net, [prepare(Path(f))[0] for f in files], cfg)
 
@@ -197,12 +195,16 @@ class ActiveLearningConfig(StrictModel):
             raise ValueError(f"budgets must be increasing positive label counts, got {v}")
         return v
 
+    @property
+    def scored_on(self) -> str:
+        """The name of the set the fine-tunes are scored on, the prefix of their metrics: ``test`` or ``dev``."""
+        return "test" if self.evaluate_on == "test" else "dev"
+
 
 def run_active_learning(abl, cfg: ActiveLearningConfig) -> dict:
     """Run (or resume) the experiment on ``abl``'s (:class:`medhybrid.ablation.AblationConfig`) target domain
     with its fine-tuning settings; write ``results.csv``, ``report.md`` and ``plot.png`` under
     ``<ablation folder>/active-learning/<method>``. Returns their paths and the result rows."""
-
     if cfg.method not in abl.methods or abl.methods[cfg.method].pretrain == "none":
         raise ValueError(f"method {cfg.method!r} must be a pretrained method of ablation {abl.name!r} ({sorted(abl.methods)})")
     folder = abl.folder / "active-learning" / (cfg.method + ("-pool-holdout" if cfg.evaluate_on == "pool-holdout" else ""))
@@ -220,9 +222,9 @@ def run_active_learning(abl, cfg: ActiveLearningConfig) -> dict:
     parent = None
     if abl.mlflow.enabled:
         parent = runs.open_run(abl.mlflow, folder, f"active-learning-{abl.name}-{cfg.method}",
-                                   params={"budgets": str(cfg.budgets), "seeds": str(cfg.seeds), "strategies": ",".join(cfg.strategies),
-                                           "sigmas": str(cfg.uncertainty.sigmas), "repeats": cfg.uncertainty.repeats},
-                                   tags={"medhybrid.stage": "active-learning", "domain": abl.target.name, "ablation": abl.name})
+                               params={"budgets": str(cfg.budgets), "seeds": str(cfg.seeds), "strategies": ",".join(cfg.strategies),
+                                       "sigmas": str(cfg.uncertainty.sigmas), "repeats": cfg.uncertainty.repeats},
+                               tags={"medhybrid.stage": "active-learning", "domain": abl.target.name, "ablation": abl.name})
     rows: list[dict] = []
     for seed in cfg.seeds:
         for strategy in cfg.strategies:
@@ -237,8 +239,7 @@ def run_active_learning(abl, cfg: ActiveLearningConfig) -> dict:
                 net, dice = _finetune_and_test(abl, cfg, pre, meta, folder, strategy, budget, seed, selected, parent, dev)
                 rows.append({"strategy": strategy, "budget": budget, "seed": seed, "dice": dice, "ids": " ".join(selected),
                              "score_error_rho": rho})
-                log.info("active learning %s: %s b%d s%d %s dice %.4f", abl.name, strategy, budget, seed,
-                         "test" if dev is None else "dev", dice)
+                log.info("active learning %s: %s b%d s%d %s dice %.4f", abl.name, strategy, budget, seed, cfg.scored_on, dice)
     paths = write_active_report(rows, folder, abl.target.name, cfg)
     if parent:
         for p in paths.values():
@@ -279,7 +280,6 @@ def score_error_correlation(net: EDMPrecond, dataset, preprocess: Preprocess, pa
     """Spearman correlation between the uncertainty ``scores`` of ``pairs`` (pool images a round could pick) and the
     model's actual error 1 - Dice on them: does u find the images the model gets wrong? A diagnostic the simulation
     can afford because its pool is labelled; it reads pool labels only, never the test split."""
-
     if len(pairs) < 3:
         return math.nan
     err = {r["id"]: 1.0 - r["dice"] for r in evaluate(net, dataset, preprocess, "pool", pairs=list(pairs)).rows}
@@ -299,16 +299,17 @@ def _finetune_and_test(abl, cfg: ActiveLearningConfig, pre, meta: dict, folder: 
     res = run_finetuning(fcfg)
     net, _ = load_model(res.checkpoint)
     st = runs.read_state(fcfg.folder)
-    if st.get("evaluated"):
-        return net, float(st["scores"][f"{st['scored_on']}_dice"])
+    on, scored = runs.scores(st)
+    if on == cfg.scored_on:
+        return net, float(scored[f"{on}_dice"])
     summary = evaluate_few_shot_run(abl.mlflow, fcfg.folder, res.run_id, net, fcfg.dataset, fcfg.preprocess, dev)
-    return net, float(summary["test_dice" if dev is None else "dev_dice"])
+    return net, float(summary[f"{cfg.scored_on}_dice"])
 
 
 def write_active_report(rows: list[dict], folder: Path, domain: str, cfg: ActiveLearningConfig) -> dict[str, Path]:
     """``results.csv`` (one row per run), ``report.md`` (mean and sd per strategy and budget, each strategy's paired
     difference to random per seed) and ``plot.png``."""
-    on = "test" if cfg.evaluate_on == "test" else "dev"  # the column and the axis say which set the Dice is from
+    on = cfg.scored_on  # the column and the axis say which set the Dice is from
     csv_path = folder / "results.csv"
     with open(csv_path, "w", newline="") as fh:
         w = csv.DictWriter(fh, fieldnames=["strategy", "budget", "seed", f"{on}_dice", "score_error_rho", "ids"], extrasaction="ignore")
@@ -398,6 +399,5 @@ def _plot_strategies(path: Path, dice: dict, strategies: list[str], ylabel: str,
 
 def _sign_test(diffs: Sequence[float]) -> float:
     """Two-sided sign test of ``diffs`` against 0 (ties dropped)."""
-
     pos, neg = sum(d > 0 for d in diffs), sum(d < 0 for d in diffs)
     return float(binomtest(pos, pos + neg).pvalue) if pos + neg else 1.0

@@ -18,14 +18,14 @@ from monai.utils import CommonKeys as Keys
 from medhybrid import diffusion as D
 
 
-def _tensor(x) -> torch.Tensor:
+def as_plain_tensor(x) -> torch.Tensor:
+    """A MetaTensor as a plain tensor (metadata dropped); anything else unchanged."""
     return x.as_tensor() if hasattr(x, "as_tensor") else x
 
 
 def step_generator(seed: int, step: int, rank: int = 0) -> torch.Generator:
     """A CPU generator whose state depends only on (seed, step, rank)."""
     return torch.Generator().manual_seed((seed * 1_000_003 + step * 7_919 + rank * 104_729) % (2**63 - 1))
-
 
 
 class CorruptionPrepareBatch(PrepareBatch):
@@ -81,11 +81,11 @@ class CorruptionPrepareBatch(PrepareBatch):
         return w if labelled is None else w * (labelled.to(w.device) > 0).float()
 
     def __call__(self, batchdata, device=None, non_blocking: bool = False, **kwargs):
-        x0 = _tensor(batchdata[Keys.IMAGE]).to(device=device, non_blocking=non_blocking).float()
+        x0 = as_plain_tensor(batchdata[Keys.IMAGE]).to(device=device, non_blocking=non_blocking).float()
         label = batchdata.get(Keys.LABEL)
-        label = None if label is None else _tensor(label).to(device=device, non_blocking=non_blocking)
+        label = None if label is None else as_plain_tensor(label).to(device=device, non_blocking=non_blocking)
         labelled = batchdata.get("labelled")
-        labelled = None if labelled is None else _tensor(labelled).float().flatten()
+        labelled = None if labelled is None else as_plain_tensor(labelled).float().flatten()
         g = step_generator(self.seed, self.step, self.rank)
         b = x0.shape[0]
         net_kwargs: dict = {}
@@ -113,13 +113,14 @@ class CorruptionPrepareBatch(PrepareBatch):
 
 
 class SegmentationPrepareBatch(PrepareBatch):
-    """Clean image and its label, for fine-tuning evaluation and inference (network fed at sigma_min)."""
+    """The clean image and its label, the network fed at sigma_min (no conditioning given): fine-tuning's batches and
+    the validation of the pretraining modes that learn masks."""
 
     def __call__(self, batchdata, device=None, non_blocking: bool = False, **kwargs):
-        x = _tensor(batchdata[Keys.IMAGE]).to(device=device, non_blocking=non_blocking).float()
+        x = as_plain_tensor(batchdata[Keys.IMAGE]).to(device=device, non_blocking=non_blocking).float()
         y = batchdata.get(Keys.LABEL)
-        y = None if y is None else _tensor(y).to(device=device, non_blocking=non_blocking)
-        return x, y
+        y = None if y is None else as_plain_tensor(y).to(device=device, non_blocking=non_blocking)
+        return x, y, (), {}
 
 
 class LevelsPrepareBatch(PrepareBatch):
@@ -135,7 +136,7 @@ class LevelsPrepareBatch(PrepareBatch):
         engine.add_event_handler(Events.ITERATION_COMPLETED, lambda e: setattr(self, "batch_index", self.batch_index + 1))
 
     def __call__(self, batchdata, device=None, non_blocking: bool = False, **kwargs):
-        x0 = _tensor(batchdata[Keys.IMAGE]).to(device=device, non_blocking=non_blocking).float()
+        x0 = as_plain_tensor(batchdata[Keys.IMAGE]).to(device=device, non_blocking=non_blocking).float()
         b, n = x0.shape[0], len(self.levels)
         g = step_generator(self.seed, self.batch_index)
         lv = torch.tensor(self.levels, dtype=torch.float32).repeat_interleave(b)

@@ -76,7 +76,6 @@ def publish_weights(checkpoint: str | os.PathLike, path: str | os.PathLike, netw
     """Publish the weights of a medhybrid run (``model.pt`` of a pretraining or fine-tuning run) as a bundle's
     weights file: its state dict alone, atomically. With ``network`` (the bundle's ``network_def``), the weights
     are first loaded into it strictly, so a size mismatch with the bundle's config fails here, naming both."""
-
     net, _ = load_model(checkpoint)
     if network is not None:
         try:

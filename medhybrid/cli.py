@@ -48,7 +48,6 @@ def _pretrain(args) -> int:
 def load_ablation(path: str, profile: str, overrides: list[str]):
     """An ablation config with one of its ``profiles`` (quick, standard, full) merged over the shared part. A profile's
     ``methods`` may be a list of names: it then runs that selection of the methods defined at the top level."""
-
     p = find_config(path, "ablation")
     data = read_yaml(p)
     profiles = data.pop("profiles", {}) or {}

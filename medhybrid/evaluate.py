@@ -1,4 +1,4 @@
-"""Evaluation on the target ``test`` split, at each image's native resolution.
+"""Evaluation on the target's ``test`` split (or a development set of pool images), at each image's native resolution.
 
 The prediction is made at the model's resolution, mapped back to the original image (padding or
 crop undone, logits resized bilinearly) and compared with the original mask. Dice, IoU and HD95
@@ -50,7 +50,6 @@ def predict(net: EDMPrecond, image: torch.Tensor) -> torch.Tensor:
 def binary_metrics(pred: torch.Tensor, label: torch.Tensor) -> dict[str, float]:
     """Dice, IoU and HD95 of foreground (all non-background classes) for one image; ``pred``, ``label``
     are (H, W) class maps, label with IGNORE_INDEX excluded. Empty-vs-empty counts as Dice 1."""
-
     valid = label != IGNORE_INDEX
     p = ((pred > 0) & valid)[None, None].double()
     g = ((label > 0) & valid)[None, None].double()
@@ -91,7 +90,6 @@ def evaluate(net: EDMPrecond, dataset: DatasetSpec, preprocess: Preprocess, spli
     """Evaluate ``net`` on ``split`` of ``dataset`` at native resolution; write ``per_image.csv`` and
     ``best_*.png`` / ``worst_*.png`` overlays under ``out_dir`` when given. With ``pairs`` (a development set drawn
     from the pool), those are evaluated instead and ``split`` names them (``dev``)."""
-
     pairs = pairs if pairs is not None else load_pairs(dataset, split)
     if not pairs:
         raise ValueError(f"dataset {dataset.name!r} has no {split!r} images to evaluate")
@@ -119,13 +117,13 @@ def evaluate(net: EDMPrecond, dataset: DatasetSpec, preprocess: Preprocess, spli
             w = csv.DictWriter(fh, fieldnames=["id", "dice", "iou", "hd95"])
             w.writeheader()
             w.writerows(result.rows)
-        result.overlays = _overlays(keep, dataset, preprocess, out, n_overlays)
+        result.overlays = _overlays(keep, pairs, dataset, preprocess, out, n_overlays)
     return result
 
 
-def _overlays(keep, dataset, preprocess, out: Path, n: int) -> list[Path]:
+def _overlays(keep, pairs: list[dict], dataset, preprocess, out: Path, n: int) -> list[Path]:
     order = sorted(keep, key=lambda k: k[0])
-    by_id = {p["id"]: p for p in load_pairs(dataset)}
+    by_id = {p["id"]: p for p in pairs}
     t = preprocessing(dataset, preprocess)
     paths = []
     for tag, chosen in (("worst", order[:n]), ("best", order[::-1][:n])):

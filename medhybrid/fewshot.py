@@ -11,7 +11,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import ClassVar
 
@@ -20,6 +19,7 @@ from pydantic import Field, field_validator, model_validator
 from medhybrid import runs, tracking
 from medhybrid.config import DatasetRef, DatasetSpec, StrictModel, dump_config, save_config
 from medhybrid.evaluate import evaluate
+from medhybrid.io import write_json
 from medhybrid.runs import config_hash
 from medhybrid.tracking import MLflowConfig
 
@@ -79,14 +79,12 @@ FEW_SHOT_UNHASHED = ("mlflow", "output_dir", "parent_run_id", "tags")
 
 def few_shot_hash(cfg: FewShotRunConfig) -> str:
     """The config hash of a few-shot run (``ids`` left out when unset, so runs from before it existed keep their hash)."""
-
     return config_hash(cfg, exclude=FEW_SHOT_UNHASHED + (("ids",) if cfg.ids is None else ()))
 
 
 def claim_few_shot_run(cfg: FewShotRunConfig) -> tuple[str, dict | None]:
     """Claim ``cfg.folder`` for this run (:func:`medhybrid.runs.claim_folder`): its config hash, and its
     ``state.json`` when the run already finished with its ``model.pt`` (None: train, or resume, it)."""
-
     h = few_shot_hash(cfg)
     state = runs.claim_folder(cfg.folder, h)
     done = state.get("status") == "finished" and (cfg.folder / "model.pt").is_file()
@@ -100,21 +98,20 @@ def require_channels(meta: dict, cfg: FewShotRunConfig) -> None:
                          f"{cfg.dataset.name!r} has {cfg.dataset.channels}")
 
 
-def open_few_shot_run(cfg: FewShotRunConfig, config_hash: str, ids: list[str]) -> str | None:
+def open_few_shot_run(cfg: FewShotRunConfig, run_hash: str, ids: list[str]) -> str | None:
     """Start (or reopen) a few-shot run in ``cfg.folder``: resolved ``config.yaml``, ``subset.json`` (the
     labelled ids), ``state.json`` and an MLflow child run tagged method, budget, seed and domain.
     Returns the MLflow run id (None with MLflow off)."""
-
     folder, budget = cfg.folder, len(ids)
     save_config(cfg, folder / "config.yaml")
-    (folder / "subset.json").write_text(json.dumps({"budget": budget, "seed": cfg.seed, "ids": ids}, indent=1))
-    runs.write_state(folder, config_hash=config_hash, status="running", ids=ids)
+    write_json(folder / "subset.json", {"budget": budget, "seed": cfg.seed, "ids": ids}, indent=1)
+    runs.write_state(folder, config_hash=run_hash, status="running", ids=ids)
     if not cfg.mlflow.enabled:
         return None
     tags = {"medhybrid.stage": "finetune", "method": cfg.method, "budget": str(budget), "seed": str(cfg.seed),
             "domain": cfg.dataset.name, **cfg.tags}
     return runs.open_run(cfg.mlflow, folder, cfg.mlflow.run_name or f"finetune-{cfg.method}-b{budget}-s{cfg.seed}",
-                             params=dump_config(cfg), tags=tags, parent_run_id=cfg.parent_run_id)
+                         params=dump_config(cfg), tags=tags, parent_run_id=cfg.parent_run_id)
 
 
 def evaluate_few_shot_run(mlflow: MLflowConfig, folder: Path, run_id: str | None, net, dataset, preprocess,
@@ -122,7 +119,6 @@ def evaluate_few_shot_run(mlflow: MLflowConfig, folder: Path, run_id: str | None
     """Score the finished few-shot run in ``folder`` on the target's test split (or ``pairs``, a development set):
     per-image CSV and overlays in ``folder/eval``, the summary logged to its MLflow run and kept in ``state.json``
     (``evaluated``, ``scored_on``, ``scores``) so a resumed experiment does not score it again. Returns the summary."""
-
     ev = evaluate(net, dataset, preprocess, "test" if pairs is None else "dev", out_dir=folder / "eval", pairs=pairs)
     if run_id:
         tracking.log_metrics(mlflow, run_id, ev.summary, step=0)

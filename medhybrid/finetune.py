@@ -144,16 +144,15 @@ def run_finetuning(cfg: FinetuneConfig) -> FinetuneResult:
     iterations = cfg.schedule.iterations(budget)
     epochs = min(cfg.schedule.epochs, iterations)
     train_cfg = cfg.train.model_copy(update={"epochs": epochs, "epoch_length": max(1, iterations // epochs),
-                                             "batch_size": min(cfg.train.batch_size, max(2, budget))})
+                                             "batch_size": min(cfg.train.batch_size, max(2, budget)), "seed": cfg.seed})
     run_id = open_few_shot_run(cfg, h, ids)
     with runs.failing_marks(cfg.mlflow, folder, run_id):
         net, transfer = initial_network(cfg)
         runs.write_state(folder, transfer={"loaded": len(transfer["loaded"]), "skipped": sorted(transfer["skipped"]),
-                                               "missing": transfer["missing"]})
+                                           "missing": transfer["missing"]})
         ds, aug = training_dataset(cfg, pairs)
         prepare = SegmentationPrepareBatch()  # the clean image, fed at sigma_min
         loss = FinetuneLoss(net.image_channels, net.mask_channels)
-        train_cfg = train_cfg.model_copy(update={"seed": cfg.seed})
 
         mlflow = functools.partial(tracking.engine_handler, cfg.mlflow, run_id) if run_id else None
         result = fit(net, ds, prepare, loss, train_cfg, folder, mlflow_handler_factory=mlflow,

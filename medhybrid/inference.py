@@ -154,7 +154,6 @@ def write_mask_png(mask: np.ndarray, path: Path, binary: bool) -> Path:
 def write_mask_nifti(mask: np.ndarray, path: Path) -> Path:
     """2D NIfTI holding ``mask`` (H, W) so that :func:`medhybrid.io.read_nifti` returns it unchanged
     (NIfTI's first axis is the column)."""
-
     img = nib.Nifti1Image(np.ascontiguousarray(mask.T.astype(np.uint8)), affine=np.eye(4))
     img.header.set_xyzt_units("mm")
     with atomic_write(path) as tmp:

@@ -197,7 +197,6 @@ def open_dicom(path: Path, stop_before_pixels: bool = False):
     """Read a DICOM dataset. A file without the Part 10 preamble or file meta header (older modalities, some PACS
     exports) is read as a bare dataset; its transfer syntax is then taken from how the elements are encoded, or from
     the codestream of encapsulated (compressed) pixel data."""
-
     try:
         ds = pydicom.dcmread(path, stop_before_pixels=stop_before_pixels)
     except InvalidDicomError as first:
@@ -224,7 +223,6 @@ def open_dicom(path: Path, stop_before_pixels: bool = False):
 def read_nifti(path: Path, role: str = "image") -> tuple[np.ndarray, dict]:
     """Read a 2D NIfTI image. NIfTI stores (i, j) = (column, row) order, so the array is transposed
     to (row, column) to match what SimpleITK and the PNG readers return."""
-
     try:
         img = nib.load(str(path))
         arr = np.asarray(img.dataobj)

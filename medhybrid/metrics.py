@@ -10,7 +10,7 @@ from ignite.engine import Engine
 from ignite.metrics import Metric
 from monai.utils import CommonKeys as Keys
 
-from medhybrid.batches import _tensor
+from medhybrid.batches import as_plain_tensor
 from medhybrid.networks import mask_classes
 from medhybrid.transforms import IGNORE_INDEX
 
@@ -32,9 +32,9 @@ def label_to_onehot(label: torch.Tensor, channels: int) -> torch.Tensor:
 
 def masked_prediction(logits: torch.Tensor, label: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(prediction, label) one-hot, with ignored pixels zeroed in both so metrics skip them."""
-    label = _tensor(label)
+    label = as_plain_tensor(label)
     valid = (label != IGNORE_INDEX).float()
-    pred = logits_to_onehot(_tensor(logits).float()) * valid
+    pred = logits_to_onehot(as_plain_tensor(logits).float()) * valid
     return pred, label_to_onehot(label, logits.shape[1]) * valid
 
 

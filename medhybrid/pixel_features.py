@@ -280,13 +280,11 @@ class PixelFeaturesResult:
 
 def save_feature_segmenter(seg: FeatureSegmenter, meta: dict, path: Path) -> Path:
     """``{"ensemble", "meta"}`` (the backbone stays in ``meta["init"]``), loadable with ``weights_only=True``."""
-
     return atomic_save({"ensemble": {k: v.detach().cpu() for k, v in seg.ensemble.state_dict().items()}, "meta": meta}, path)
 
 
 def load_feature_segmenter(path: str | Path, map_location="cpu") -> tuple[FeatureSegmenter, dict]:
     """Rebuild a :class:`FeatureSegmenter` saved by :func:`save_feature_segmenter` (needs its pretrained ``init``)."""
-
     ckpt = read_model_file(path, map_location)
     meta = ckpt["meta"]
     net, _ = load_model(meta["init"], map_location)
@@ -300,7 +298,6 @@ def load_feature_segmenter(path: str | Path, map_location="cpu") -> tuple[Featur
 def run_pixel_features(cfg: PixelFeaturesConfig) -> PixelFeaturesResult:
     """Train (or return the finished run of) ``cfg``: writes ``model.pt`` (ensemble + metadata),
     ``config.yaml``, ``subset.json`` and one MLflow run (tagged like a fine-tune)."""
-
 
     folder, model_path = cfg.folder, cfg.folder / "model.pt"
     h, done = claim_few_shot_run(cfg)

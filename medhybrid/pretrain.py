@@ -44,8 +44,8 @@ from medhybrid.datasets import load_pairs
 from medhybrid.engines import TrainConfig, fit
 from medhybrid.inferers import ConditionedInferer, SegmentationInferer
 from medhybrid.losses import PretrainLoss
-from medhybrid.metrics import PerLevelMSE, dice_output_transform, logits_to_onehot
-from medhybrid.networks import EDMPrecond, ModelConfig, build_network
+from medhybrid.metrics import PerLevelMSE, dice_output_transform
+from medhybrid.networks import EDMPrecond, ModelConfig, build_network, mask_classes
 from medhybrid.runs import config_hash
 from medhybrid.tracking import MLflowConfig
 from medhybrid.transforms import preprocessing
@@ -155,7 +155,6 @@ class PretrainConfig(StrictModel):
 
 def free_port() -> int:
     """A TCP port on 127.0.0.1 free right now (for a rendezvous or a local server)."""
-
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -179,7 +178,6 @@ def training_data(cfg: PretrainConfig, rank: int = 0, world_size: int = 1):
     followed by the unlabelled ones (:class:`medhybrid.unlabelled.MixedDataset`), each batch holding
     ``unlabelled.share`` of unlabelled images; validation stays on the source's val split, or, with no labelled dataset,
     on the first ``train.val_max_images`` unlabelled images (a reconstruction monitor, not a held-out score)."""
-
     if cfg.unlabelled is None:
         train_ds, val_ds = source_datasets(cfg)
         return train_ds, val_ds, None
@@ -208,7 +206,6 @@ _UNLABELLED_CACHE: dict[str, object] = {}
 
 def source_datasets(cfg: PretrainConfig):
     """Cached train and val datasets of the source domain (val capped at ``train.val_max_images``)."""
-
     key = json.dumps([dump_config(cfg.dataset), dump_config(cfg.preprocess), cfg.train.val_max_images, cfg.train.check_data],
                      sort_keys=True, default=str)
     if key in _SOURCE_CACHE:  # an ablation pretrains several methods on the same data: check and decode it once
@@ -230,7 +227,6 @@ _SOURCE_CACHE: dict[str, tuple] = {}
 def corruption(cfg: PretrainConfig, rank: int = 0):
     """The prepare-batch of ``cfg``'s mode (:class:`medhybrid.batches.CorruptionPrepareBatch`): its noise levels or
     masking, and the hybrid's mask-loss policy, seeded by ``train.seed`` and the process ``rank``."""
-
     h = cfg.hybrid
     return CorruptionPrepareBatch(cfg.mode, cfg.model.edm, seed=cfg.train.seed, rank=rank, mask_weight=h.mask_weight,
                                   seg_fraction=h.seg_fraction, seg_sigma_max=h.seg_sigma_max, weighting=h.weighting,
@@ -258,7 +254,6 @@ def validation(cfg: PretrainConfig, val_ds, eval_net: nn.Module, device: torch.d
 
 def _worker(local_rank: int, cfg: PretrainConfig, run_id: str | None) -> dict:
     """Training in one process (rank); returns the final metrics."""
-
     rank = idist.get_rank()
     torch.manual_seed(cfg.train.seed)
     net = build_network(cfg.model, cfg.channels, cfg.classes)
@@ -285,7 +280,6 @@ def _worker(local_rank: int, cfg: PretrainConfig, run_id: str | None) -> dict:
 def preview(cfg: PretrainConfig, net: EDMPrecond, val_ds, epoch: int, n: int = 6) -> Path:
     """Rows: clean image; noised (sigma 0.5) / masked (MDM) input; reconstruction; predicted mask over
     the image with the reference outline in green."""
-
     net.eval()
     device = next(net.parameters()).device
     items = [val_ds[i] for i in range(min(n, len(val_ds)))]
@@ -300,8 +294,7 @@ def preview(cfg: PretrainConfig, net: EDMPrecond, val_ds, epoch: int, n: int = 6
         sig = torch.full((len(items),), 0.5, device=device)
         xin, kw = x0 + sig.view(-1, 1, 1, 1) * torch.randn(x0.shape, generator=g).to(device), {}
     recon = net(xin, sig, **kw)[:, : net.image_channels]
-    mask = logits_to_onehot(net.segment(x0))
-    fg = mask[:, 0] if mask.shape[1] == 1 else mask[:, 1:].sum(1)
+    fg = mask_classes(net.segment(x0)) > 0
     rows = [[to_uint8(x) for x in x0], [to_uint8(x) for x in xin], [to_uint8(x) for x in recon],
             [overlay(x0[i], fg[i], reference=None if lab is None else (lab[i, 0] > 0)) for i in range(len(items))]]
     return save_png(grid(rows), cfg.folder / "previews" / f"epoch_{epoch:03d}.png", upscale=2)
@@ -317,7 +310,6 @@ def launched_by_torchrun() -> bool:
 def _torchrun_worker(local_rank: int, cfg: PretrainConfig, out: list) -> None:
     """One torchrun process: rank 0 claims the run folder and opens (or reopens) the MLflow run, tells every rank
     whether there is anything left to do, and alone writes checkpoints, ``model.pt`` and MLflow."""
-
     folder, model_path, rank = cfg.folder, cfg.folder / "model.pt", idist.get_rank()
     decision = None
     if rank == 0:
@@ -359,7 +351,6 @@ def run_pretraining(cfg: PretrainConfig) -> PretrainResult:
 
     Started by ``torchrun`` (:func:`launched_by_torchrun`), each process trains its shard and this returns on every
     rank once rank 0 has written the run (``train.nproc`` is then ignored: torchrun decides the processes)."""
-
     if launched_by_torchrun() and cfg.mode != "none":
         out: list = []
         backend = cfg.train.backend or ("nccl" if torch.cuda.is_available() else "gloo")

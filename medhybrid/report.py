@@ -36,9 +36,9 @@ def collect_results(cfg, parent_run_id: str | None) -> list[dict]:
     on = cfg.scored_on
     if parent_run_id:
         c = tracking.client(cfg.mlflow)
-        runs = c.search_runs([tracking.experiment_id(cfg.mlflow)], filter_string=f"tags.mlflow.parentRunId = '{parent_run_id}'",
-                             max_results=10000)
-        for r in runs:
+        children = c.search_runs([tracking.experiment_id(cfg.mlflow)],
+                                 filter_string=f"tags.mlflow.parentRunId = '{parent_run_id}'", max_results=10000)
+        for r in children:
             m, t = r.data.metrics, r.data.tags
             if f"{on}_dice" not in m:
                 continue
@@ -49,10 +49,11 @@ def collect_results(cfg, parent_run_id: str | None) -> list[dict]:
     else:
         for st in sorted(Path(cfg.folder / "finetune").glob("*/*/state.json")):
             s = json.loads(st.read_text())
-            if not s.get("evaluated") or s.get("scored_on") != on:
+            scored_on, summary = runs.scores(s)
+            if scored_on != on:
                 continue
             method, sd = st.parent.parent.name, st.parent.name.split("-")[1]
-            scores = {k: s["scores"].get(f"{on}_{k}", math.nan) for k in ("dice", "iou", "hd95")}
+            scores = {k: summary.get(f"{on}_{k}", math.nan) for k in ("dice", "iou", "hd95")}
             rows.append({"method": method, "budget": len(s.get("ids", [])), "seed": int(sd[1:]), **scores, "run_id": "",
                          "folder": str(st.parent)})
     order = {m: i for i, m in enumerate(cfg.methods)}
@@ -69,7 +70,6 @@ def summary_table(rows: list[dict]) -> dict[tuple[str, int], tuple[float, float,
 def per_image_scores(cfg, rows: list[dict]) -> dict[tuple[str, int, int], dict[str, float]]:
     """Per-image Dice of every row's run, keyed by (method, budget, seed): ``eval/per_image.csv`` in the run's folder,
     else the run's MLflow artifact of that name. Rows whose scores cannot be found are left out."""
-
     out = {}
     with tempfile.TemporaryDirectory(prefix="medhybrid-report-") as downloads:  # artifacts fetched for this report only
         for r in rows:
@@ -97,7 +97,6 @@ def paired_comparisons(rows: list[dict], scores: dict, reference: str, n_boot: i
     differences; pooled rows: per (budget, seed)) and its p-value Holm-adjusted within its family: the verdict's family
     is the "≤ 10" rows, one per baseline (the question the report answers), and the per-budget and "all budgets"
     rows are a second family (the detail)."""
-
     methods = sorted({r["method"] for r in rows} - {reference}, key=[r["method"] for r in rows].index)
     budgets = sorted({r["budget"] for r in rows})
     out = []
@@ -126,7 +125,6 @@ def paired_comparisons(rows: list[dict], scores: dict, reference: str, n_boot: i
 
 def _row(res, units: list[float]) -> dict:
     """A table row: the bootstrap's mean and interval, and the paired t-test over ``units`` (per-subset mean diffs)."""
-
     res.p_value = seed_t_test(units)
     return {"seeds": res.seeds, "images": res.images, "mean_diff": res.mean, "ci_low": res.low, "ci_high": res.high,
             "p_value": res.p_value, "result": res}
@@ -288,7 +286,6 @@ def _plot(path: Path, cfg, table: dict, methods: list[str], budgets: list[int], 
 def embed_in_readme(report_md: Path, readme: Path, name: str) -> None:
     """Replace the text between ``<!-- report:NAME -->`` and ``<!-- /report:NAME -->`` in ``readme`` with
     the generated report (headings demoted, the plot linked relative to the README); appended if absent."""
-
     readme, report_md = Path(readme), Path(report_md)
     # the run folder is not versioned: keep a copy of the generated report beside the README
     keep = readme.parent / "docs" / "results" / name
@@ -311,7 +308,6 @@ def embed_in_readme(report_md: Path, readme: Path, name: str) -> None:
 
 def pretraining_iterations(cfg) -> int:
     """Pretraining iterations of an ablation config (its shared ``pretrain.train``, TrainConfig's defaults elsewhere)."""
-
     return TrainConfig(**(cfg.pretrain.get("train") or {})).iterations
 
 
@@ -341,7 +337,8 @@ def write_length_curve(cfgs: list, out_dir: Path, baseline: str = "supervised", 
         w.writeheader()
         w.writerows(points)
     (out_dir / "curve.md").write_text("\n".join(_curve_lines(loaded, names, baseline, units, points)))
-    _plot_curve(out_dir / "curve.png", points, names, baseline, loaded[0][0].target.name)
+    scored = "test" if loaded[0][0].evaluate_on == "test" else "development"
+    _plot_curve(out_dir / "curve.png", points, names, baseline, loaded[0][0].target.name, scored)
     return {"markdown": out_dir / "curve.md", "csv": out_dir / "curve.csv", "plot": out_dir / "curve.png"}
 
 
@@ -400,7 +397,7 @@ def _curve_lines(loaded: list, names: list[str], baseline: str, units: set, poin
     return lines + ["", "![Dice against pretraining length](curve.png)", ""]
 
 
-def _plot_curve(path: Path, points: list[dict], names: list[str], baseline: str, target: str) -> None:
+def _plot_curve(path: Path, points: list[dict], names: list[str], baseline: str, target: str, scored: str = "test") -> None:
     lengths = sorted({p["iterations"] for p in points})
     fig = Figure(figsize=(11, 4.2))
     ax, ax2 = fig.subplots(1, 2)
@@ -419,8 +416,8 @@ def _plot_curve(path: Path, points: list[dict], names: list[str], baseline: str,
         a.set_xlabel("pretraining iterations")
         a.grid(alpha=0.3)
         a.legend(fontsize=8)
-    ax.set_ylabel(f"mean test Dice ({target})")
+    ax.set_ylabel(f"mean {scored} Dice ({target})")
     ax2.axhline(0, color="grey", lw=1)
-    ax2.set_ylabel("test Dice difference (95 % CI)")
+    ax2.set_ylabel(f"{scored} Dice difference (95 % CI)")
     fig.tight_layout()
     fig.savefig(path, dpi=120)

@@ -45,6 +45,17 @@ def read_state(folder: Path) -> dict:
     return json.loads(p.read_text()) if p.is_file() else {}
 
 
+def scores(state: dict) -> tuple[str | None, dict]:
+    """``(scored_on, scores)`` of an evaluated run's ``state.json``: the set it was scored on (``test``, ``dev``) and its
+    summary (``test_dice`` ...). Folders written before the set was recorded hold ``"test": {...}``: test scores.
+    ``(None, {})`` for a run not evaluated."""
+    if not state.get("evaluated"):
+        return None, {}
+    if "scores" in state:
+        return state.get("scored_on", "test"), state["scores"]
+    return "test", state.get("test", {})
+
+
 def write_state(folder: Path, **updates) -> dict:
     """Update ``state.json`` atomically."""
     folder = Path(folder)
@@ -55,14 +66,14 @@ def write_state(folder: Path, **updates) -> dict:
     return state
 
 
-def claim_folder(folder: Path, config_hash: str) -> dict:
+def claim_folder(folder: Path, run_hash: str) -> dict:
     """Create ``folder`` and return its ``state.json``; refuse (ConfigError) a folder holding a run of
     another configuration, so two runs never share a folder, checkpoints or an MLflow run."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     state = read_state(folder)
-    if state.get("config_hash") and state["config_hash"] != config_hash:
-        raise ConfigError(f"{folder} holds a run of a different configuration (hash {state['config_hash']} != {config_hash}); "
+    if state.get("config_hash") and state["config_hash"] != run_hash:
+        raise ConfigError(f"{folder} holds a run of a different configuration (hash {state['config_hash']} != {run_hash}); "
                           "choose another output_dir or remove that folder")
     return state
 

@@ -15,8 +15,7 @@ import torch
 
 from medhybrid import diffusion as D
 from medhybrid.checkpoints import load_model
-from medhybrid.metrics import logits_to_onehot
-from medhybrid.networks import EDMPrecond
+from medhybrid.networks import EDMPrecond, mask_classes
 from medhybrid.visualize import grid, overlay, save_png, to_uint8
 
 
@@ -42,15 +41,13 @@ def sample_to_grid(checkpoint: str | os.PathLike, out: str | os.PathLike, num: i
                    per_row: int = 8) -> Path:
     """Sample ``num`` pairs from ``checkpoint`` (a ``model.pt``) and save a PNG grid: rows of images,
     each followed by the same images with their sampled masks overlaid."""
-
     net, meta = load_model(checkpoint)
     if meta["mode"] not in ("hybrid", "diffusion"):
         raise ValueError(f"{checkpoint}: a {meta['mode']!r} model is not a diffusion model; sample from a hybrid "
                          "(image + mask) or diffusion (image only) checkpoint")
     size = int(meta["preprocess"]["resolution"])
     images, logits = sample_pairs(net, num, size, steps, seed)
-    onehot = logits_to_onehot(logits)
-    fg = onehot[:, 0] if onehot.shape[1] == 1 else onehot[:, 1:].sum(1)
+    fg = mask_classes(logits) > 0
     rows = []
     for s in range(0, num, per_row):
         idx = range(s, min(s + per_row, num))

@@ -102,7 +102,6 @@ def paired_differences(ref: Mapping[str, float], base: Mapping[str, float]) -> n
 def seed_t_test(unit_diffs: Sequence[float]) -> float:
     """Two-sided paired t-test of mean differences, one per labelled subset (the unit that varies most between
     repeats); NaN with fewer than 2 units or none of them differing."""
-
     d = np.asarray(unit_diffs, dtype=np.float64)
     if len(d) < 2 or np.ptp(d) == 0:
         return math.nan

@@ -1,8 +1,9 @@
-"""MLflow: the tracking URI, the experiment, and a run's parameters, metrics and artifacts.
+"""MLflow: the tracking URI, the experiment, a run's metrics and artifacts, and the MONAI handler that logs an engine
+into a run (:func:`engine_handler`).
 
-Each medhybrid run has one MLflow run, created once and found again on resume through the run folder's
-``state.json`` (:mod:`medhybrid.runs`), so two runs never merge even when they share a name. The embedded default store is SQLite in
-the working folder (``sqlite:///<cwd>/mlflow.db``, artifacts in ``<cwd>/mlruns``); any tracking URI
+Each medhybrid run has one MLflow run, created (with its parameters) once and found again on resume through the run
+folder's ``state.json`` (:mod:`medhybrid.runs`), so two runs never merge even when they share a name. The embedded
+default store is SQLite in the working folder (``sqlite:///<cwd>/mlflow.db``, artifacts in ``<cwd>/mlruns``); any tracking URI
 (a real ``mlflow server``) can be configured instead, or set through ``MLFLOW_TRACKING_URI``.
 """
 
@@ -88,7 +89,6 @@ def finish_run(cfg: MLflowConfig, run_id: str, status: str = "FINISHED") -> None
 
 
 def log_metrics(cfg: MLflowConfig, run_id: str, metrics: Mapping[str, float], step: int) -> None:
-
     now = int(time.time() * 1000)
     client(cfg).log_batch(run_id, metrics=[Metric(k, float(v), now, step) for k, v in metrics.items()])
 

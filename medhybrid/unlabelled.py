@@ -96,7 +96,6 @@ EXECUTION_ONLY = ("cache", "cache_dir", "memory_limit_mb")
 def source_items(src: UnlabelledSource) -> list[dict]:
     """``{"image", "stamp"}`` items of ``src`` (never a mask): ``stamp`` (size and modification time) makes a changed
     file miss the disk cache. Raises :class:`~medhybrid.io.DataError` for a dataset with problems or no images."""
-
     items = sorted(load_pairs(src.dataset, src.splits), key=lambda p: p["id"])[: src.max_images or None]
     if not items:
         raise DataError(src.dataset.root, f"unlabelled source {src.name!r} has no images"
@@ -110,7 +109,6 @@ def source_items(src: UnlabelledSource) -> list[dict]:
 
 def check_sources(cfg: UnlabelledConfig) -> None:
     """Open every unlabelled image as training will (readable, 2D, grey or RGB); raise naming every bad file."""
-
     for src in cfg.sources:
         require_valid(src.dataset, splits=src.splits, images_only=True)
 

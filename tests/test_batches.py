@@ -152,9 +152,10 @@ def test_attach_follows_engine_iteration():
 
 def test_segmentation_prepare_batch():
     batch = _batch(b=2)
-    x, y = SegmentationPrepareBatch()(batch)
+    x, y, args, kw = SegmentationPrepareBatch()(batch)
+    assert args == () and kw == {}  # no conditioning: the network feeds it at sigma_min
     assert torch.equal(x, batch["image"]) and torch.equal(y, batch["label"])
-    x, y = SegmentationPrepareBatch()({"image": batch["image"]})
+    x, y, _, _ = SegmentationPrepareBatch()({"image": batch["image"]})
     assert y is None
 
 

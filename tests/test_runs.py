@@ -63,3 +63,10 @@ def test_parent_run(tmp_path, mlflow_uri):
     parent = runs.open_run(cfg, tmp_path / "parent", "parent")
     child = runs.open_run(cfg, tmp_path / "child", "child", parent_run_id=parent)
     assert mlflow_client(mlflow_uri).get_run(child).data.tags["mlflow.parentRunId"] == parent
+
+
+def test_scores_of_a_run_folder():
+    """What an evaluated run was scored on and its summary; folders from before the set was recorded are test scores."""
+    assert runs.scores({"status": "finished"}) == (None, {})
+    assert runs.scores({"evaluated": True, "scored_on": "dev", "scores": {"dev_dice": 0.7}}) == ("dev", {"dev_dice": 0.7})
+    assert runs.scores({"evaluated": True, "test": {"test_dice": 0.8}}) == ("test", {"test_dice": 0.8})
