@@ -273,6 +273,7 @@ def _worker(local_rank: int, cfg: PretrainConfig, run_id: str | None) -> dict:
     if rank == 0:
         save_model(result.network, pretrain_meta(result.network, cfg), cfg.folder / "model.pt")
         runs.write_state(cfg.folder, metrics=metrics, world_size=idist.get_world_size())
+    idist.barrier()  # the ranks leave together: none tears the process group down while rank 0 still writes
     return metrics
 
 
