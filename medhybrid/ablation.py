@@ -54,6 +54,13 @@ class MethodSpec(StrictModel):
         "self-pretraining on the target, as in Pan et al. 2023)")
     head: Literal["finetune", "ddpm-features"] = Field("finetune", description="finetune: the whole network on the "
                                                        "few labels; ddpm-features: frozen decoder features + MLP ensemble")
+    finetune: dict[str, Any] = Field(default_factory=dict, description="fine-tuning config overrides for this method "
+                                     "(semi: {algorithm: fixmatch} fine-tunes semi-supervised on the pool's other images)")
+
+    @property
+    def semi_supervised(self) -> bool:
+        """Whether the method's fine-tuning reads the pool's unlabelled images."""
+        return (self.finetune.get("semi") or {}).get("algorithm", "none") != "none"
 
 
 class TaskResources(StrictModel):
@@ -99,6 +106,9 @@ class AblationConfig(StrictModel):
     evaluate_on: Literal["test", "pool-holdout"] = Field(
         "test", description="test: the target's test split (the reported results). pool-holdout: the pool images outside "
         "each seed's largest subset, a development set for choosing settings without ever touching test")
+    dev_unlabelled: float = Field(0.5, ge=0, lt=1, description="pool-holdout: the share of the held-out pool images set "
+                                  "aside as unlabelled images for semi-supervised methods (never scored); the rest is "
+                                  "the development set, the same for every method")
 
     @model_validator(mode="after")
     def _holdout_needs_finite_budgets(self):
@@ -112,13 +122,19 @@ class AblationConfig(StrictModel):
         return "test" if self.evaluate_on == "test" else "dev"
 
     def eval_pairs(self, seed: int) -> list[dict] | None:
-        """The pairs each fine-tune of ``seed`` is scored on (None: the target's test split)."""
+        """The pairs each fine-tune of ``seed`` is scored on (None: the target's test split). On ``pool-holdout``: the
+        pool images outside the seed's largest subset, less the ``dev_unlabelled`` share of them (drawn with the seed)
+        that semi-supervised methods may read without masks, so that no method ever trains on an image it is scored on."""
         if self.evaluate_on == "test":
             return None
 
         pool = load_pairs(self.target, "pool")
         used = set(few_shot_ids([p["id"] for p in pool], max(self.budgets), seed))
-        return [p for p in pool if p["id"] not in used]
+        held = [p for p in pool if p["id"] not in used]
+        if self.dev_unlabelled and len(held) > 1:
+            aside = set(few_shot_ids([p["id"] for p in held], int(round(self.dev_unlabelled * len(held))) or 1, seed + 7919))
+            held = [p for p in held if p["id"] not in aside]
+        return held
 
     @property
     def folder(self) -> Path:
@@ -150,9 +166,12 @@ def pretrain_config(cfg: AblationConfig, method: str):
 def finetune_config(cfg: AblationConfig, method: str, init: Path, budget: int | None, seed: int, parent: str | None,
                     pretrain_run: str | None):
     meta = read_model_file(init)["meta"]
-    data = deep_merge(cfg.finetune, _few_shot_fields(cfg, method, budget, seed, parent, pretrain_run))
-    data.update(init=str(init) if cfg.methods[method].pretrain != "none" else None, preprocess=meta["preprocess"],
-                model=meta["model"])
+    spec = cfg.methods[method]
+    data = deep_merge(deep_merge(cfg.finetune, spec.finetune), _few_shot_fields(cfg, method, budget, seed, parent, pretrain_run))
+    data.update(init=str(init) if spec.pretrain != "none" else None, preprocess=meta["preprocess"], model=meta["model"])
+    dev = cfg.eval_pairs(seed)
+    if dev is not None and spec.semi_supervised:  # a development image is scored, never trained on, not even unlabelled
+        data["unlabelled_exclude"] = sorted(p["id"] for p in dev)
     return validate(FinetuneConfig, data, source=f"ablation {cfg.name} finetune {method} b{budget or 'all'} s{seed}")
 
 

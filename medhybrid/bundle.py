@@ -1,5 +1,6 @@
-"""What the MONAI bundles in ``bundles/`` call from their configs (``$medhybrid.bundle.<name>(...)``): datalists,
-the bundle's weights file, and publishing a pretraining run's weights into a bundle.
+"""What the MONAI bundles in ``bundles/`` call from their configs (``$medhybrid.bundle.<name>(...)``): datalists
+(labelled, and the unlabelled images that semi-supervised training reads), the semi-supervised seams of
+``train.json``, the bundle's weights file, and publishing a pretraining run's weights into a bundle.
 
 A bundle's weights (``models/model.pt``, ``models/pretrained.pt``) are plain state dicts of its ``network_def``, as
 MONAI's ``CheckpointLoader``, ``ckpt_export`` and MONAI Label's bundle tasks read them; the configs say everything
@@ -15,14 +16,19 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import torch
+from monai.engines.utils import default_prepare_batch
+from monai.transforms import Compose
 from torch import nn
 
+from medhybrid import semi as S
 from medhybrid.checkpoints import atomic_save, load_model
 from medhybrid.config import load_dataset_spec
-from medhybrid.datasets import load_pairs, select_split
+from medhybrid.datasets import discover_pairs, load_pairs, select_split
 from medhybrid.engines import unwrap
 from medhybrid.inference import collect_inputs
 from medhybrid.io import DataError
+from medhybrid.losses import SegmentationLoss
+from medhybrid.unlabelled import MixedDataset
 
 log = logging.getLogger("medhybrid")
 
@@ -33,7 +39,8 @@ def image_datalist(inputs: str | os.PathLike | Sequence[str | os.PathLike]) -> l
     return [{"image": str(p)} for p in collect_inputs(inputs)]
 
 
-def labelled_datalist(source: str | os.PathLike, split: str | Sequence[str] | None = None, channels: int | None = None) -> list[dict]:
+def labelled_datalist(source: str | os.PathLike, split: str | Sequence[str] | None = None, channels: int | None = None,
+                      allow_unlabelled: bool = False) -> list[dict]:
     """``[{"image", "label"}, ...]`` of ``split`` from a labelled dataset: a folder with ``images/`` and ``masks/``
     (each mask named as its image, splits from an optional ``split.json``), a decathlon-style JSON datalist (its
     ``training`` section is the split ``train``, ``validation`` is ``val``, ``test`` is ``test``), a CSV datalist,
@@ -42,6 +49,8 @@ def labelled_datalist(source: str | os.PathLike, split: str | Sequence[str] | No
     ``split`` None, or a source that assigns no splits, takes every pair. ``channels`` (1 or 3) completes a folder or
     datalist that does not say.
     Raises :class:`DataError` naming every problem found (missing masks, unreadable split files, an empty split).
+    With ``allow_unlabelled``, an image of a folder whose mask is missing is left out instead (a training's unlabelled
+    image, :func:`unlabelled_datalist`).
     """
     p = Path(source)
     # a folder or datalist is whatever the user labelled: no splits are required of it
@@ -55,10 +64,72 @@ def labelled_datalist(source: str | os.PathLike, split: str | Sequence[str] | No
     if not pairs:
         raise DataError(source, f"has no labelled images in split {split!r}" if split else "has no labelled images")
     missing = [q["label"] for q in pairs if not Path(q["label"]).is_file()]
+    if missing and allow_unlabelled and p.is_dir():
+        pairs = [q for q in pairs if Path(q["label"]).is_file()]
+        missing = [] if pairs else missing
     if missing:
         shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
         raise DataError(source, f"{len(missing)} mask(s) not found: {shown}")
     return [{"image": q["image"], "label": q["label"]} for q in pairs]
+
+
+def unlabelled_datalist(source: str | os.PathLike, split: str | Sequence[str] | None = None,
+                        extra: str | os.PathLike | Sequence[str | os.PathLike] | None = None) -> list[dict]:
+    """``[{"image"}, ...]``: the images a semi-supervised training reads without masks. From a folder with
+    ``images/`` and ``masks/``: the images of ``split`` that have no mask file (yet); and every image file of
+    ``extra`` (a folder, or a list of files and folders: a clinic's archive, the unlabelled studies of MONAI Label).
+    A shipped dataset name or a datalist gives none of its own (their images all have masks)."""
+    items: list[dict] = []
+    p = Path(source)
+    if p.is_dir() and (p / "images").is_dir() and (p / "masks").is_dir():
+        spec = load_dataset_spec(source, overrides=["channels=1", "required_splits=[]"])  # only paths are read here
+        pairs, _ = discover_pairs(spec)
+        if any(q.get("split") for q in pairs):
+            pairs = select_split(pairs, split)
+        items += [{"image": q["image"]} for q in pairs if not Path(q["label"]).is_file()]
+    if extra:
+        items += image_datalist(extra)
+    if items:
+        log.info("%d image(s) without masks for semi-supervised training (%s)", len(items),
+                 ", ".join(Path(d["image"]).name for d in items[:3]) + (" ..." if len(items) > 3 else ""))
+    return items
+
+
+def semi_seams(algorithm: str, labelled, unlabelled, batch_size: int, iterations: int, seed: int = 0,
+               mask_channels: int = 1, settings: dict | None = None) -> dict:
+    """What a bundle's ``train.json`` trains with: ``dataset``, ``batch_size``, ``per_batch`` (labelled, unlabelled
+    rows of a batch, for :class:`~medhybrid.batches.MixedBatchSampler`), ``prepare_batch``, ``loss`` and ``attach``
+    (to call with the trainer). ``labelled`` and ``unlabelled`` are the two datasets, the second's items an ``image``
+    (and, for FixMatch, its ``image_strong`` view). The network is the bundle's mask-only ``Segmenter``, so the
+    algorithm is ``mean-teacher`` or ``fixmatch`` (:mod:`medhybrid.semi`); ``none``, or no unlabelled image, trains
+    on the labels alone exactly as before. ``settings`` are :class:`~medhybrid.semi.SemiConfig` fields."""
+    cfg = S.SemiConfig(algorithm=algorithm, **(settings or {}))
+    if cfg.algorithm == "denoise":
+        raise ValueError("a bundle's network outputs mask logits only: semi-supervised algorithm 'denoise' needs a "
+                         "medhybrid model (medhybrid finetune); use mean-teacher or fixmatch")
+    on = cfg.enabled and len(unlabelled) > 0
+    kl, ku = (batch_size, cfg.unlabelled_batch) if on else (batch_size, 0)
+    views = (S.STRONG_KEY,) if on and cfg.algorithm == "fixmatch" else ()
+    seams = {"dataset": MixedDataset(labelled, unlabelled if on else [], views=views), "batch_size": kl + ku,
+             "per_batch": (kl, ku), "prepare_batch": default_prepare_batch, "loss": SegmentationLoss(mask_channels)}
+    if not on:
+        if cfg.enabled:
+            log.warning("%s: no unlabelled image to learn from: training on the %d labelled ones alone", algorithm, len(labelled))
+        seams["attach"] = lambda trainer: None
+        return seams
+    w, ramp = cfg.unsupervised_weight, cfg.rampup_share
+    prepare = (S.MeanTeacherPrepareBatch(iterations, w, ramp, cfg.ema_decay, cfg.input_noise, 0, seed)
+               if cfg.algorithm == "mean-teacher" else S.FixMatchPrepareBatch(iterations, w, ramp, 0, seed))
+    log.info("semi-supervised fine-tuning (%s): %d labelled, %d unlabelled images", cfg.algorithm, len(labelled), len(unlabelled))
+    seams.update(prepare_batch=prepare, loss=S.SemiSupervisedLoss(cfg.algorithm, 0, mask_channels, cfg.threshold),
+                 attach=prepare.attach)
+    return seams
+
+
+def strong_views(algorithm: str, resolution: int, settings: dict | None = None) -> list:
+    """The transforms that give an unlabelled item its strongly augmented view (FixMatch); none otherwise."""
+    cfg = S.SemiConfig(algorithm=algorithm, **(settings or {}))
+    return list(S.strong_augmentation(cfg.strong, resolution).transforms) if cfg.algorithm == "fixmatch" else []
 
 
 def save_weights(network: nn.Module, path: str | os.PathLike) -> Path | None:

@@ -134,6 +134,8 @@ def fit(
         ema.attach(trainer, name="ema_momentum", event=Events.ITERATION_COMPLETED)
 
     to_save = {"network": network, "optimizer": optimizer, "lr_scheduler": scheduler, "trainer": trainer}
+    if hasattr(prepare_batch, "checkpointed"):  # state a seam keeps (a mean teacher's weights) resumes with the run
+        to_save.update(prepare_batch.checkpointed())
     if ema:
         to_save["ema_model"] = ema.ema_model
     resumed_from = _resume(to_save, trainer, folder, device, cfg.iterations)

@@ -78,8 +78,13 @@ FEW_SHOT_UNHASHED = ("mlflow", "output_dir", "parent_run_id", "tags")
 
 
 def few_shot_hash(cfg: FewShotRunConfig) -> str:
-    """The config hash of a few-shot run (``ids`` left out when unset, so runs from before it existed keep their hash)."""
-    return config_hash(cfg, exclude=FEW_SHOT_UNHASHED + (("ids",) if cfg.ids is None else ()))
+    """The config hash of a few-shot run. ``ids`` (unset) and ``semi`` (plain fine-tuning) are left out while they keep
+    their defaults, so runs from before they existed keep their hash."""
+    unset = ("ids",) if cfg.ids is None else ()
+    semi = getattr(cfg, "semi", None)
+    if semi is not None and not semi.enabled:
+        unset += ("semi",)
+    return config_hash(cfg, exclude=FEW_SHOT_UNHASHED + unset)
 
 
 def claim_few_shot_run(cfg: FewShotRunConfig) -> tuple[str, dict | None]:

@@ -20,16 +20,18 @@ from monai.transforms import Compose, RandAffined, RandFlipd, RandScaleIntensity
 from pydantic import Field
 
 from medhybrid import runs, tracking
-from medhybrid.batches import SegmentationPrepareBatch
+from medhybrid import semi as S
+from medhybrid.batches import MixedBatchSampler, SegmentationPrepareBatch
 from medhybrid.check import require_valid
 from medhybrid.checkpoints import network_meta, read_model_file, save_model, transfer_weights
 from medhybrid.config import Preprocess, StrictModel, dump_config
-from medhybrid.datasets import few_shot_pairs
+from medhybrid.datasets import few_shot_pairs, load_pairs
 from medhybrid.engines import TrainConfig, fit
 from medhybrid.fewshot import FewShotRunConfig, claim_few_shot_run, open_few_shot_run, require_channels
 from medhybrid.losses import FinetuneLoss
 from medhybrid.networks import EDMPrecond, ModelConfig, build_network
 from medhybrid.transforms import preprocessing
+from medhybrid.unlabelled import MixedDataset
 
 log = logging.getLogger("medhybrid")
 
@@ -64,6 +66,10 @@ class FinetuneConfig(FewShotRunConfig):
                                                                   val_max_images=None, grad_clip=1.0))
     schedule: FinetuneSchedule = Field(default_factory=FinetuneSchedule)
     augment: AugmentConfig = Field(default_factory=AugmentConfig)
+    semi: S.SemiConfig = Field(default_factory=S.SemiConfig, description="semi-supervised fine-tuning: the pool's "
+                               "other images, without their masks, in every batch (medhybrid.semi)")
+    unlabelled_exclude: list[str] = Field(default_factory=list, exclude_if=lambda v: not v,
+                                          description="pool ids never used as unlabelled images (a development set)")
 
 
 def initial_network(cfg: FinetuneConfig) -> tuple[EDMPrecond, dict]:
@@ -83,16 +89,20 @@ def initial_network(cfg: FinetuneConfig) -> tuple[EDMPrecond, dict]:
     return net, report
 
 
-def augmentation(cfg: AugmentConfig):
+def augmentation(cfg: AugmentConfig, with_label: bool = True):
+    """The random augmentation of fine-tuning's images (and their labels): flips, a small affine, intensity jitter;
+    None when disabled. Without label it is the weak augmentation of unlabelled images (:mod:`medhybrid.semi`)."""
     if not cfg.enabled:
         return None
+    keys = ["image", "label"] if with_label else ["image"]
+    modes = ("bilinear", "nearest") if with_label else "bilinear"
     t = []
     if cfg.flip:
-        t += [RandFlipd(["image", "label"], prob=0.5, spatial_axis=0), RandFlipd(["image", "label"], prob=0.5, spatial_axis=1)]
+        t += [RandFlipd(keys, prob=0.5, spatial_axis=0), RandFlipd(keys, prob=0.5, spatial_axis=1)]
     if cfg.rotate_degrees or cfg.scale:
         r = cfg.rotate_degrees * 3.14159265 / 180
-        t.append(RandAffined(["image", "label"], prob=0.8, rotate_range=(r,), scale_range=(cfg.scale, cfg.scale),
-                             mode=("bilinear", "nearest"), padding_mode="border"))
+        t.append(RandAffined(keys, prob=0.8, rotate_range=(r,), scale_range=(cfg.scale, cfg.scale),
+                             mode=modes, padding_mode="border"))
     if cfg.intensity:
         t += [RandScaleIntensityd("image", factors=cfg.intensity, prob=0.5),
               RandShiftIntensityd("image", offsets=cfg.intensity, prob=0.5)]
@@ -108,15 +118,55 @@ def training_dataset(cfg: FinetuneConfig, pairs: list[dict]) -> tuple[CacheDatas
     return CacheDataset(pairs, transform=transform, progress=False, copy_cache=True), aug
 
 
-def reseeded_each_epoch(aug: Compose | None, seed: int):
-    """An ``on_trainer`` hook: ``aug``'s random state set from (``seed``, epoch) as each epoch starts, so a resumed
-    fine-tune draws the same augmentations as an uninterrupted one."""
+def reseeded_each_epoch(aug: Compose | list[Compose] | None, seed: int):
+    """An ``on_trainer`` hook: each of ``aug``'s random states set from (``seed``, epoch, its position) as each epoch
+    starts, so a resumed fine-tune draws the same augmentations as an uninterrupted one."""
+    augs = [] if aug is None else [aug] if isinstance(aug, Compose) else list(aug)
 
     def attach(engine) -> None:
-        if aug is not None:
-            engine.add_event_handler(Events.EPOCH_STARTED, lambda e: aug.set_random_state(seed=seed * 1000 + e.state.epoch))
+        for i, a in enumerate(augs):
+            engine.add_event_handler(Events.EPOCH_STARTED,
+                                     lambda e, a=a, i=i: a.set_random_state(seed=seed * 1000 + e.state.epoch + 7919 * i))
 
     return attach
+
+
+def unlabelled_items(cfg: FinetuneConfig, labelled_ids: list[str]) -> list[dict]:
+    """The semi-supervised run's unlabelled images: the pool's images outside the labelled subset and
+    ``cfg.unlabelled_exclude`` (sorted by id, the first ``semi.max_unlabelled``), as ``{"image", "id"}`` without their
+    masks. Only the pool is read: the target's ``test`` split never enters, with or without masks."""
+    skip = set(labelled_ids) | set(cfg.unlabelled_exclude)
+    pool = sorted((p for p in load_pairs(cfg.dataset, "pool") if p["id"] not in skip), key=lambda p: p["id"])
+    return [{"image": p["image"], "id": p["id"]} for p in pool[: cfg.semi.max_unlabelled or None]]
+
+
+def semi_training(cfg: FinetuneConfig, net: EDMPrecond, pairs: list[dict], unlabelled: list[dict], train_cfg: TrainConfig):
+    """The semi-supervised seams: ``(dataset, sampler, prepare_batch, loss, augmentations, train_cfg)``; the dataset
+    holds the labelled pairs then the unlabelled images (each weakly augmented, and given a strong view for
+    FixMatch), every batch ``k_l`` of the first and ``k_u`` of the second."""
+    semi = cfg.semi
+    labelled_ds, aug = training_dataset(cfg, pairs)
+    weak = augmentation(cfg.augment, with_label=False)
+    tail = [*(weak.transforms if weak is not None else [])]
+    if semi.algorithm == "fixmatch":
+        tail += S.strong_augmentation(semi.strong, cfg.preprocess.resolution).transforms
+    u_aug = Compose(tail) if tail else None
+    pre = preprocessing(cfg.dataset, cfg.preprocess, with_label=False)
+    u_ds = CacheDataset(unlabelled, transform=Compose([*pre.transforms, *tail]), progress=False, copy_cache=True)
+    views = (S.STRONG_KEY,) if semi.algorithm == "fixmatch" else ()
+    ds = MixedDataset(labelled_ds, u_ds, views=views)
+    kl, ku = semi.per_batch(train_cfg.batch_size)
+    train_cfg = train_cfg.model_copy(update={"batch_size": kl + ku})
+    sampler = MixedBatchSampler(len(pairs), len(unlabelled), (kl, ku), train_cfg.epoch_length, seed=cfg.seed)
+    total, w, ramp = train_cfg.iterations, semi.unsupervised_weight, semi.rampup_share
+    if semi.algorithm == "mean-teacher":
+        prepare = S.MeanTeacherPrepareBatch(total, w, ramp, semi.ema_decay, semi.input_noise, net.image_channels, cfg.seed)
+    elif semi.algorithm == "fixmatch":
+        prepare = S.FixMatchPrepareBatch(total, w, ramp, net.image_channels, cfg.seed)
+    else:
+        prepare = S.DenoisePrepareBatch(total, w, ramp, ModelConfig(**_model_cfg(cfg)).edm, cfg.seed)
+    loss = S.SemiSupervisedLoss(semi.algorithm, net.image_channels, net.mask_channels, semi.threshold, net.sigma_data)
+    return ds, sampler, prepare, loss, [a for a in (aug, u_aug) if a is not None], train_cfg
 
 
 @dataclass
@@ -150,12 +200,23 @@ def run_finetuning(cfg: FinetuneConfig) -> FinetuneResult:
         net, transfer = initial_network(cfg)
         runs.write_state(folder, transfer={"loaded": len(transfer["loaded"]), "skipped": sorted(transfer["skipped"]),
                                            "missing": transfer["missing"]})
-        ds, aug = training_dataset(cfg, pairs)
-        prepare = SegmentationPrepareBatch()  # the clean image, fed at sigma_min
-        loss = FinetuneLoss(net.image_channels, net.mask_channels)
+        unlabelled = unlabelled_items(cfg, ids) if cfg.semi.enabled else []
+        sampler = None
+        if unlabelled:
+            ds, sampler, prepare, loss, aug, train_cfg = semi_training(cfg, net, pairs, unlabelled, train_cfg)
+            log.info("semi-supervised fine-tuning (%s): %d labelled, %d unlabelled pool images", cfg.semi.algorithm,
+                     len(pairs), len(unlabelled))
+        else:
+            if cfg.semi.enabled:
+                log.warning("%s: no unlabelled pool image left beside the %d labelled ones: plain fine-tuning",
+                            cfg.semi.algorithm, len(pairs))
+            ds, aug = training_dataset(cfg, pairs)
+            prepare = SegmentationPrepareBatch()  # the clean image, fed at sigma_min
+            loss = FinetuneLoss(net.image_channels, net.mask_channels)
+        runs.write_state(folder, unlabelled=len(unlabelled))
 
         mlflow = functools.partial(tracking.engine_handler, cfg.mlflow, run_id) if run_id else None
-        result = fit(net, ds, prepare, loss, train_cfg, folder, mlflow_handler_factory=mlflow,
+        result = fit(net, ds, prepare, loss, train_cfg, folder, mlflow_handler_factory=mlflow, sampler=sampler,
                      checkpoint_prefix="finetune", on_trainer=reseeded_each_epoch(aug, cfg.seed))
         meta = network_meta(result.network, ModelConfig(**_model_cfg(cfg)), cfg.preprocess, cfg.dataset, "finetune")
         meta.update(method=cfg.method, budget=budget, seed=cfg.seed)

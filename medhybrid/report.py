@@ -236,15 +236,23 @@ def _comparison_lines(cfg, tests: list[dict], score: str) -> list[str]:
 
 
 def _timing_lines(cfg) -> list[str]:
-    """The ablation's wall time over all its invocations (``timings.json``), when recorded."""
+    """The ablation's wall time over all its invocations (``timings.json``), when recorded, and its split per method
+    and stage (a pretraining shared by several methods is counted under the first that ran it)."""
     timings = Path(cfg.folder) / "timings.json"
     if not timings.is_file():
         return []
     inv = json.loads(timings.read_text())["invocations"]
     total = sum(i.get("wall_s", 0.0) for i in inv)
     devices = sorted({i["device"] for i in inv})
-    return ["", f"Wall time: {total / 60:.1f} min on {', '.join(devices)} over {len(inv)} invocation(s) "
-            "(`timings.json` in the ablation folder splits it by method and stage)."]
+    lines = ["", f"Wall time: {total / 60:.1f} min on {', '.join(devices)} over {len(inv)} invocation(s) "
+             "(`timings.json` in the ablation folder). Per method and stage, in minutes:", "",
+             "| method | pretraining | fine-tuning | evaluation | total |", "|---|---|---|---|---|"]
+    stages = ("pretrain_s", "train_s", "eval_s")
+    for m in cfg.methods:
+        t = [sum(i["methods"].get(m, {}).get(s, 0.0) for i in inv) / 60 for s in stages]
+        if any(t):
+            lines.append(f"| {m} | {t[0]:.1f} | {t[1]:.1f} | {t[2]:.1f} | {sum(t):.1f} |")
+    return lines
 
 
 def _plot(path: Path, cfg, table: dict, methods: list[str], budgets: list[int], tests: list[dict], best: str | None,

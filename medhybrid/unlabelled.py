@@ -137,10 +137,12 @@ def disk_cache_dir(cfg: UnlabelledConfig, channels: int, preprocess: Preprocess)
 class MixedDataset(torch.utils.data.Dataset):
     """Labelled items (indices ``0..len(labelled)-1``) followed by unlabelled ones, as plain tensors
     ``{"image", "label", "labelled"}``: an unlabelled item's label is all :data:`IGNORE_INDEX` and ``labelled`` is 0,
-    so a batch collates whatever mixes it and the mask loss can never see one of its pixels."""
+    so a batch collates whatever mixes it and the mask loss can never see one of its pixels. ``views`` name further
+    image keys an unlabelled item carries (a strongly augmented view, :mod:`medhybrid.semi`): a labelled item gets
+    its image under each of them, so every item has the same keys."""
 
-    def __init__(self, labelled, unlabelled):
-        self.labelled, self.unlabelled = labelled, unlabelled
+    def __init__(self, labelled, unlabelled, views: tuple[str, ...] = ()):
+        self.labelled, self.unlabelled, self.views = labelled, unlabelled, tuple(views)
 
     def __len__(self) -> int:
         return len(self.labelled) + len(self.unlabelled)
@@ -149,9 +151,13 @@ class MixedDataset(torch.utils.data.Dataset):
         n = len(self.labelled)
         if i < n:
             d = self.labelled[i]
-            return {"image": convert_to_tensor(d["image"]), "label": convert_to_tensor(d["label"]), "labelled": torch.tensor(1.0)}
-        image = convert_to_tensor(self.unlabelled[i - n]["image"])
-        return {"image": image, "label": torch.full((1, *image.shape[1:]), IGNORE_INDEX), "labelled": torch.tensor(0.0)}
+            image = convert_to_tensor(d["image"])
+            return {"image": image, "label": convert_to_tensor(d["label"]), "labelled": torch.tensor(1.0),
+                    **{v: image for v in self.views}}
+        d = self.unlabelled[i - n]
+        image = convert_to_tensor(d["image"])
+        return {"image": image, "label": torch.full((1, *image.shape[1:]), IGNORE_INDEX), "labelled": torch.tensor(0.0),
+                **{v: convert_to_tensor(d[v]) for v in self.views}}
 
 
 def batch_split(batch_size: int, share: float) -> tuple[int, int]:

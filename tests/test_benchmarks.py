@@ -323,3 +323,24 @@ def test_ray_ablation_benchmark_compares_the_same_runs(data):
             "finetune.schedule.max_iterations=2", "finetune.schedule.epochs=1"]
     out, wall = _run("ray_ablation.py", "--set", *tiny)
     check_ray(out, wall, tiny, runs=2 * 1 * 1)  # methods x budgets x seeds
+
+
+# ------------------------------------------------------------------------------------------ semi_cost.py
+def test_semi_cost_prints_each_algorithm_beside_plain_fine_tuning(data):
+    out, _ = _run("semi_cost.py", "--budgets", "2", "--iterations", "2", "--unlabelled-batch", "2")
+    rows = {line.split()[1]: line.split() for line in out.splitlines() if line.split()[:1] == ["2"]}
+    assert list(rows) == ["none", "mean-teacher", "fixmatch", "denoise"], out
+    assert rows["none"][3] == "2" and all(rows[a][3] == "4" for a in ("mean-teacher", "fixmatch", "denoise")), out
+    assert all(rows[a][4] == "2" for a in rows), out  # iterations
+    for a, r in rows.items():  # the ratio column is each s/iter over plain's, as printed
+        assert_quotient(Printed.of(r[6]), Printed.of(r[5]), Printed.of(rows["none"][5]), f"{a} x plain")
+
+
+# ------------------------------------------------------------------------------------------ bundle_semi.py
+def test_bundle_semi_scores_both_arms_on_the_held_back_images(data):
+    out, _ = _run("bundle_semi.py", "--labels", "1", "--heldout", "2", "--seeds", "0", "--bundles", "chest", "--iterations", "1")
+    (row,) = json.loads(out.strip().splitlines()[-1])
+    assert (row["labelled"], row["heldout"], row["unlabelled"]) == (1, 2, 97), row  # OpenIST's pool of 100
+    assert 0 < row["semi_dice"] <= 1 and 0 < row["labels-only_dice"] <= 1, row
+    line = next(x for x in out.splitlines() if x.startswith("chest seed 0:"))
+    assert f"difference {row['semi_dice'] - row['labels-only_dice']:+.4f}" in line, out

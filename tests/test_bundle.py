@@ -22,7 +22,7 @@ from conftest import DICOM, OPENIST, PH2, REPO_ROOT, isic_yaml, real_split
 from monai.bundle import ConfigParser, ckpt_export, verify_metadata, verify_net_in_out
 from PIL import Image
 
-from medhybrid.bundle import image_datalist, labelled_datalist, publish_weights, save_weights, sha256
+from medhybrid.bundle import image_datalist, labelled_datalist, publish_weights, save_weights, sha256, unlabelled_datalist
 from medhybrid.checkpoints import save_model
 from medhybrid.io import DataError, read_image
 from medhybrid.networks import EDMPrecond, ModelConfig, build_network
@@ -239,6 +239,34 @@ def test_train_fine_tunes_the_pretraining_and_publishes_the_weights(tmp_path):
     shutil.copy(PH2 / "images" / f"{test_id}.png", inputs)
     run_bundle(bundle, ["inference"], "--input_dir", str(inputs), "--output_dir", str(out))
     assert dice(np.asarray(Image.open(out / f"{test_id}_mask.png")), np.asarray(Image.open(PH2 / "masks" / f"{test_id}_lesion.png"))) > 0.7
+
+
+def test_train_reads_the_unlabelled_images_of_the_dataset_folder(tmp_path):
+    """A dataset folder whose images lack some masks, and an extra folder of images: train.json's semi-supervised
+    recipe reads both without masks beside the labelled pairs; ``semi_algorithm=none`` trains on the labels alone."""
+    bundle = copy_bundle(DERM, tmp_path)
+    pool = real_split(PH2)["pool"]
+    folder = tmp_path / "site"
+    (folder / "images").mkdir(parents=True)
+    (folder / "masks").mkdir()
+    for i in pool[:5]:
+        shutil.copy(PH2 / "images" / f"{i}.png", folder / "images")
+    for i in pool[:2]:  # two labelled, three not yet
+        shutil.copy(PH2 / "masks" / f"{i}_lesion.png", folder / "masks" / f"{i}.png")
+    archive = tmp_path / "archive"
+    archive.mkdir()
+    for i in pool[5:9]:
+        shutil.copy(PH2 / "images" / f"{i}.png", archive)
+    assert len(labelled_datalist(folder, None, 3, allow_unlabelled=True)) == 2
+    assert sorted(Path(d["image"]).stem for d in unlabelled_datalist(folder, None, archive)) == sorted(pool[2:9])
+    res = run_bundle(bundle, ["train"], "--dataset_dir", str(folder), "--unlabelled_dir", str(archive),
+                     "--min_iterations", "4", "--max_iterations", "4")
+    semi = json.loads((bundle / "configs" / "train.json").read_text())["semi_algorithm"]
+    assert f"semi-supervised fine-tuning ({semi}): 2 labelled, 7 unlabelled images" in res.stdout + res.stderr
+    assert sha256(bundle / "models" / "model.pt") != sha256(DERM / "models" / "model.pt")
+    plain = run_bundle(bundle, ["train"], "--dataset_dir", str(folder), "--semi_algorithm", "none",
+                       "--min_iterations", "4", "--max_iterations", "4")
+    assert "semi-supervised fine-tuning" not in plain.stdout + plain.stderr
 
 
 def test_multi_gpu_train_under_torchrun_with_gloo(tmp_path):

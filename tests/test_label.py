@@ -219,6 +219,9 @@ def test_label_server_serves_both_bundles(label_server, tmp_path):
     # training with the train task's own settings (pretrained.pt first), then the next inference serves the new weights
     assert r["train_request"]["model_filename"][0] == "pretrained.pt"
     assert r["train_status"]["status"] == "DONE", json.dumps(r["train_status"])[-3000:] + log.read_text()[-3000:]
+    # the two studies nobody labelled fed the bundle's semi-supervised recipe beside the three labels
+    semi = json.loads((DERM / "configs" / "train.json").read_text())["semi_algorithm"]
+    assert f"semi-supervised fine-tuning ({semi}): 3 labelled, 2 unlabelled images" in log.read_text()
     served = studies / ".medhybrid" / "bundles" / DERM.name / "models" / "model.pt"
     assert sha256(served) != sha256(DERM / "models" / "pretrained.pt")  # retrained in the served copy
     shipped = yaml.safe_load((DERM / "large_files.yml").read_text())["large_files"]

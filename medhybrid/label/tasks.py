@@ -8,8 +8,9 @@ that never give one study to two annotators at once.
   a 2D PNG mask transposed relative to medhybrid's readers and a DICOM study as NIfTI: a DICOM study gets a DICOM
   SEG referencing its UIDs, any other study a PNG of class indices.
 - :class:`MedhybridTrain` is MONAI Label's ``BundleTrainTask`` running the bundle's ``train.json``. Overridden: the
-  weights offered to start from list ``pretrained.pt`` (the hybrid pretraining) first, and the start is set on the
-  bundle's own ``CheckpointLoader`` instead of adding a second one that it would override.
+  weights offered to start from list ``pretrained.pt`` (the hybrid pretraining) first, the start is set on the
+  bundle's own ``CheckpointLoader`` instead of adding a second one that it would override, and the studies nobody
+  has labelled yet feed the bundle's semi-supervised recipe (``unlabelled_datalist``) beside the saved labels.
 - :class:`LeasedRandom`, :class:`LeasedFirst` and :class:`LeasedUncertainty` rank the unlabelled studies and hand
   out the first one not leased to another annotator (:class:`medhybrid.label.workspace.StudyLeases`).
 """
@@ -87,7 +88,14 @@ class MedhybridTrain(BundleTrainTask):
             clean = train_request(request, self.config(), device_map())
         except ValueError as e:
             raise MONAILabelException(MONAILabelError.INVALID_INPUT, str(e)) from e
+        self._unlabelled = unlabelled_studies(datastore)
         return super().__call__(clean, datastore)
+
+    def _update_overrides(self, overrides):
+        """The unlabelled studies, as the bundle's ``unlabelled_datalist`` (read without masks, never scored)."""
+        if "unlabelled_datalist" in self.bundle_config.config:
+            overrides["unlabelled_datalist"] = list(getattr(self, "_unlabelled", []))
+        return overrides
 
     def config(self) -> dict[str, Any]:
         c = super().config()
@@ -109,6 +117,12 @@ class MedhybridTrain(BundleTrainTask):
             loaders[0]["strict"] = True
         else:  # the chosen file is missing: the bundle's own starting point
             log.warning("%s not found: training starts from %s", model_pytorch, loaders[0].get("load_path"))
+
+
+def unlabelled_studies(datastore: Datastore) -> list[dict]:
+    """``[{"image": path}, ...]`` of the studies without a final label, for semi-supervised training."""
+    ids = sorted(datastore.get_unlabeled_images(DefaultLabelTag.FINAL.value))
+    return [{"image": datastore.get_image_uri(i)} for i in ids]
 
 
 # --------------------------------------------------------------------------------------------- strategies

@@ -1,0 +1,106 @@
+"""The bundles' semi-supervised recipe against labels-only training, as a site meets it: a dataset folder with a few
+labelled images and the rest without masks (what MONAI Label's train task hands the bundle: the saved labels and the
+unlabelled studies), scored on held-back labelled images that neither training sees.
+
+    .venv/bin/python benchmarks/bundle_semi.py [--labels 5] [--heldout 30] [--seeds 0 1 2] [--bundles dermoscopy chest]
+
+For each bundle and seed: ``--labels`` pool images with masks and the pool's other images without, less ``--heldout``
+pool images kept aside with their masks (all drawn with the seed; the target's test split is never read). The bundle's
+``train.json`` runs twice from its ``pretrained.pt`` through ``python -m monai.bundle run``: with its
+``semi_algorithm`` and with ``semi_algorithm=none``; ``evaluate.json`` then scores each on the held-back images at
+native resolution. Prints mean Dice per arm and the paired difference per seed, and a JSON line of every figure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+BUNDLES = {"dermoscopy": ("dermoscopy_lesion_segmentation", "ph2"), "chest": ("chest_xray_lung_segmentation", "openist")}
+
+
+def site_folder(folder: Path, pairs: list[dict], labelled: set[str]) -> Path:
+    """``images/`` with every pair's image, ``masks/<id>.png`` for the labelled ones only."""
+    (folder / "images").mkdir(parents=True)
+    (folder / "masks").mkdir()
+    for p in pairs:
+        shutil.copy(p["image"], folder / "images" / Path(p["image"]).name)
+        if p["id"] in labelled:
+            shutil.copy(p["label"], folder / "masks" / f"{Path(p['image']).stem}.png")
+    return folder
+
+
+def bundle_run(bundle: Path, configs: list[str], *args: str) -> float:
+    files = "[" + ",".join(f"'configs/{c}.json'" for c in configs) + "]"
+    cmd = [sys.executable, "-m", "monai.bundle", "run", "--config_file", files, "--meta_file", "configs/metadata.json",
+           "--logging_file", "configs/logging.conf", *args]
+    t = time.perf_counter()
+    res = subprocess.run(cmd, cwd=bundle, capture_output=True, text=True, env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
+    if res.returncode:
+        sys.exit(f"{' '.join(cmd)} failed:\n{res.stderr[-4000:]}")
+    return time.perf_counter() - t
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--labels", type=int, default=5)
+    ap.add_argument("--heldout", type=int, default=30)
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--bundles", nargs="+", default=list(BUNDLES), choices=list(BUNDLES))
+    ap.add_argument("--iterations", type=int, help="fixed training iterations (default: the bundle's schedule)")
+    args = ap.parse_args()
+
+    from medhybrid.config import load_dataset_spec
+    from medhybrid.datasets import few_shot_ids, load_pairs
+
+    figures = []
+    with tempfile.TemporaryDirectory(prefix="medhybrid-bundlesemi-") as tmp:
+        for name in args.bundles:
+            folder, dataset = BUNDLES[name]
+            pool = sorted(load_pairs(load_dataset_spec(dataset), "pool"), key=lambda p: p["id"])
+            for seed in args.seeds:
+                order = few_shot_ids([p["id"] for p in pool], len(pool), seed)
+                held, labelled = set(order[: args.heldout]), set(order[args.heldout : args.heldout + args.labels])
+                work = Path(tmp) / f"{name}-s{seed}"
+                site = site_folder(work / "site", [p for p in pool if p["id"] not in held], labelled)
+                heldout = site_folder(work / "heldout", [p for p in pool if p["id"] in held], held)
+                row = {"bundle": name, "seed": seed, "labelled": len(labelled), "unlabelled": len(pool) - len(held) - len(labelled),
+                       "heldout": len(held)}
+                for arm in ("semi", "labels-only"):
+                    bundle = work / arm / folder
+                    shutil.copytree(REPO / "bundles" / folder, bundle, ignore=shutil.ignore_patterns("eval", "runs"))
+                    extra = ["--iterations", str(args.iterations)] if args.iterations else []
+                    if arm == "labels-only":
+                        extra += ["--semi_algorithm", "none"]
+                    row[f"{arm}_train_s"] = bundle_run(bundle, ["train"], "--dataset_dir", str(site), *extra)
+                    out = work / arm / "eval"
+                    bundle_run(bundle, ["train", "evaluate"], "--dataset_dir", str(heldout), "--eval_split", "none",
+                               "--output_dir", str(out))
+                    metrics = {r[0]: float(r[1]) for r in csv.reader(open(out / "metrics.csv"))}
+                    row[f"{arm}_dice"] = metrics["val_mean_dice"]
+                row["algorithm"] = json.loads((REPO / "bundles" / folder / "configs" / "train.json").read_text())["semi_algorithm"]
+                figures.append(row)
+                print(f"{name} seed {seed}: {row['labelled']} labelled, {row['unlabelled']} unlabelled, {row['heldout']} "
+                      f"held out: {row['algorithm']} {row['semi_dice']:.4f} ({row['semi_train_s']:.0f} s), labels only "
+                      f"{row['labels-only_dice']:.4f} ({row['labels-only_train_s']:.0f} s), difference "
+                      f"{row['semi_dice'] - row['labels-only_dice']:+.4f}", flush=True)
+    for name in args.bundles:
+        rows = [r for r in figures if r["bundle"] == name]
+        diff = [r["semi_dice"] - r["labels-only_dice"] for r in rows]
+        print(f"{name}: mean held-out Dice semi {sum(r['semi_dice'] for r in rows) / len(rows):.4f}, labels only "
+              f"{sum(r['labels-only_dice'] for r in rows) / len(rows):.4f}, mean paired difference "
+              f"{sum(diff) / len(diff):+.4f} over {len(rows)} seeds ({sum(d > 0 for d in diff)} of {len(rows)} positive)")
+    print(json.dumps(figures))
+
+
+if __name__ == "__main__":
+    main()
