@@ -10,7 +10,8 @@ LR schedule, gradient clipping and augmentation, then score the target's test sp
 evaluation loop (``medhybrid.evaluate.evaluate``, which has no engine).
 The plain script leaves out what the tool adds: the per-epoch validation and preview of pretraining,
 checkpoints, MLflow runs, the data checks, the per-image CSV and overlays, and the report. Methods with
-the ``ddpm-features`` head are left out of both sides (their MLP ensemble has no plain counterpart here).
+the ``ddpm-features`` head and semi-supervised methods are left out of both sides (their MLP ensemble and their
+mixed batches have no plain counterpart here; ``benchmarks/semi_cost.py`` prices the latter).
 
 Each side runs in its own subprocess in a fresh temporary folder (MLflow in a SQLite store there). Prints
 seconds per method and stage, mean test Dice per method (a check that both did the same work), and the
@@ -42,7 +43,8 @@ def _config(args, out: Path):
     unknown = set(args.method or []) - set(cfg.methods)
     if unknown:
         sys.exit(f"no method {sorted(unknown)} in {args.config} (methods: {sorted(cfg.methods)})")
-    keep = [m for m in (args.method or cfg.methods) if cfg.methods[m].head == "finetune"]
+    keep = [m for m in (args.method or cfg.methods)
+            if cfg.methods[m].head == "finetune" and not cfg.methods[m].semi_supervised]
     # a kept method may reuse the pretraining of a left-out one: keep the order, drop the others
     return cfg.model_copy(update={"methods": {m: cfg.methods[m] for m in cfg.methods if m in keep}})
 

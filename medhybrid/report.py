@@ -89,6 +89,9 @@ def per_image_scores(cfg, rows: list[dict]) -> dict[tuple[str, int, int], dict[s
 POOLED_MAX_BUDGET = 10
 """The verdict's scope: budgets up to this many labels, where the choice of pretraining matters most."""
 
+FEWEST_MAX_BUDGET = 5
+"""A second pooled row (in the detail family): the fewest labels, where unlabelled images are meant to help most."""
+
 
 def paired_comparisons(rows: list[dict], scores: dict, reference: str, n_boot: int = 2000) -> list[dict]:
     """reference − baseline on the same images and labelled subsets: per budget, pooled over budgets ≤
@@ -109,7 +112,11 @@ def paired_comparisons(rows: list[dict], scores: dict, reference: str, n_boot: i
                 continue
             per_budget[b] = (seeds, diffs)
             out.append({"baseline": m, "budget": b, **_row(paired_bootstrap(diffs, n_boot), [float(np.mean(d)) for d in diffs])})
-        for label, bs in ((f"≤ {POOLED_MAX_BUDGET}", [b for b in per_budget if b <= POOLED_MAX_BUDGET]), ("all budgets", list(per_budget))):
+        pools = [(f"≤ {POOLED_MAX_BUDGET}", [b for b in per_budget if b <= POOLED_MAX_BUDGET]), ("all budgets", list(per_budget))]
+        fewest = [b for b in per_budget if b <= FEWEST_MAX_BUDGET]
+        if fewest != pools[0][1]:  # only when it pools other budgets than the verdict's row
+            pools.insert(1, (f"≤ {FEWEST_MAX_BUDGET}", fewest))
+        for label, bs in pools:
             common = sorted(set.intersection(*(set(per_budget[b][0]) for b in bs))) if len(bs) > 1 else []
             if not common:
                 continue
@@ -225,8 +232,8 @@ def _comparison_lines(cfg, tests: list[dict], score: str) -> list[str]:
              "same labelled subsets). 95 % CI: hierarchical bootstrap resampling seeds, then images within each seed "
              "(2000 replicates). p: paired t-test on the per-subset mean differences (the labelled subset is the unit), "
              f"Holm-corrected within two families: the {n_primary} '≤ {POOLED_MAX_BUDGET}' rows (the verdict's question, one "
-             f"per baseline) and the other {len(tests) - n_primary} rows. '≤ {POOLED_MAX_BUDGET}' and 'all budgets' pool "
-             "budgets (one seed draw shared by all budgets; each (budget, seed) one unit of the test). With few seeds the "
+             f"per baseline) and the other {len(tests) - n_primary} rows. '≤ {POOLED_MAX_BUDGET}', '≤ {FEWEST_MAX_BUDGET}' (where "
+             "shown) and 'all budgets' pool budgets (one seed draw shared by all budgets; each (budget, seed) one unit of the test). With few seeds the "
              "bootstrap sees few distinct subsets and its interval understates their spread; the test does not.", "",
              "| baseline | budget | seeds | images | mean diff | 95 % CI | p | p (Holm) |", "|---|---|---|---|---|---|---|---|"]
     for t in tests:
