@@ -17,7 +17,6 @@ from pathlib import Path
 
 import torch
 from monai.engines.utils import default_prepare_batch
-from monai.transforms import Compose
 from torch import nn
 
 from medhybrid import semi as S

@@ -232,9 +232,10 @@ def _comparison_lines(cfg, tests: list[dict], score: str) -> list[str]:
              "same labelled subsets). 95 % CI: hierarchical bootstrap resampling seeds, then images within each seed "
              "(2000 replicates). p: paired t-test on the per-subset mean differences (the labelled subset is the unit), "
              f"Holm-corrected within two families: the {n_primary} '≤ {POOLED_MAX_BUDGET}' rows (the verdict's question, one "
-             f"per baseline) and the other {len(tests) - n_primary} rows. '≤ {POOLED_MAX_BUDGET}', '≤ {FEWEST_MAX_BUDGET}' (where "
-             "shown) and 'all budgets' pool budgets (one seed draw shared by all budgets; each (budget, seed) one unit of the test). With few seeds the "
-             "bootstrap sees few distinct subsets and its interval understates their spread; the test does not.", "",
+             f"per baseline) and the other {len(tests) - n_primary} rows. '≤ {POOLED_MAX_BUDGET}', '≤ {FEWEST_MAX_BUDGET}' "
+             "(where shown) and 'all budgets' pool budgets (one seed draw shared by all budgets; each (budget, seed) one "
+             "unit of the test). With few seeds the bootstrap sees few distinct subsets and its interval understates their "
+             "spread; the test does not.", "",
              "| baseline | budget | seeds | images | mean diff | 95 % CI | p | p (Holm) |", "|---|---|---|---|---|---|---|---|"]
     for t in tests:
         lines.append(f"| {t['baseline']} | {t['budget']} | {t['seeds']} | {t['images']} | {t['mean_diff']:+.3f} | "

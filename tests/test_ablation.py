@@ -10,9 +10,19 @@ import numpy as np
 import pytest
 from conftest import mlflow_client, ph2_yaml
 
-from medhybrid.ablation import AblationConfig, pixel_features_config, pretrain_config, pretraining_of, run_ablation
-from medhybrid.config import ConfigError, validate
-from medhybrid.datasets import load_pairs
+from medhybrid.ablation import (
+    AblationConfig,
+    finetune_config,
+    pixel_features_config,
+    pretrain_config,
+    pretraining_of,
+    run_ablation,
+)
+from medhybrid.checkpoints import network_meta, save_model
+from medhybrid.config import ConfigError, Preprocess, validate
+from medhybrid.datasets import few_shot_pairs, load_pairs
+from medhybrid.finetune import unlabelled_items
+from medhybrid.networks import ModelConfig, build_network
 
 pytestmark = pytest.mark.usefixtures("workdir")
 
@@ -245,3 +255,26 @@ def test_ray_executor_gives_the_sequential_runs(workdir, mlflow_uri, mlflow_serv
     assert _dice_by_run(mlflow_server, out["parent_run_id"]) == dice_ray  # nothing re-run, no new child
     client = mlflow_client(mlflow_server)
     assert client.get_run(out["parent_run_id"]).info.status == "FINISHED"
+
+
+def test_semi_supervised_methods_never_train_on_a_development_or_test_image(workdir, mlflow_uri, isic_tiny):
+    """On pool-holdout, the development set is half the held-out pool: semi-supervised methods read the other half
+    (and the largest subset's other images) without masks, never a scored image and never a test image."""
+
+    cfg = _config(workdir, mlflow_uri, isic_tiny, {"supervised": {"pretrain": "supervised"},
+                  "supervised-fixmatch": {"pretrain": "supervised", "finetune": {"semi": {"algorithm": "fixmatch"}}}})
+    cfg = cfg.model_copy(update={"evaluate_on": "pool-holdout", "budgets": [1, 2]})
+    init = save_model(build_network(ModelConfig(**TINY_MODEL), 3), network_meta(
+        build_network(ModelConfig(**TINY_MODEL), 3), ModelConfig(**TINY_MODEL), Preprocess(resolution=32), cfg.source,
+        "supervised"), workdir / "init" / "model.pt")
+    pool = {p["id"] for p in load_pairs(cfg.target, "pool")}
+    test = {p["id"] for p in load_pairs(cfg.target, "test")}
+    for seed in (0, 1):
+        dev = {p["id"] for p in cfg.eval_pairs(seed)}
+        assert len(dev) == 3 and dev <= pool  # 8 pool images, 2 in the largest subset, 6 held out, half scored
+        semi = finetune_config(cfg, "supervised-fixmatch", init, 1, seed, None, None)
+        plain = finetune_config(cfg, "supervised", init, 1, seed, None, None)
+        assert set(semi.unlabelled_exclude) == dev and plain.unlabelled_exclude == [] and semi.semi.algorithm == "fixmatch"
+        labelled = [p["id"] for p in few_shot_pairs(semi.dataset, 1, seed)]
+        unl = {it["id"] for it in unlabelled_items(semi, labelled)}
+        assert len(unl) == 4 and not unl & (dev | test | set(labelled)) and unl <= pool

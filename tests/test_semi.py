@@ -16,8 +16,8 @@ from medhybrid import semi as S
 from medhybrid.batches import MixedBatchSampler
 from medhybrid.checkpoints import load_model
 from medhybrid.config import validate
-from medhybrid.finetune import FinetuneConfig, initial_network, run_finetuning, semi_training, unlabelled_items
 from medhybrid.datasets import few_shot_pairs
+from medhybrid.finetune import FinetuneConfig, initial_network, run_finetuning, semi_training, unlabelled_items
 from medhybrid.transforms import IGNORE_INDEX
 
 pytestmark = pytest.mark.usefixtures("workdir")
