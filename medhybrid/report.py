@@ -294,7 +294,7 @@ def _plot(path: Path, cfg, table: dict, methods: list[str], budgets: list[int], 
         ax2.errorbar(x, mu, yerr=err, marker="o", capsize=4, color="black")
         ax2.axhline(0, color="grey", lw=1)
         ax2.set_ylabel(f"{score} difference")
-        ax2.set_title(f"{cfg.reference} − {best} (95 % CI, hierarchical bootstrap)")
+        ax2.set_title(f"{cfg.reference} − {best}\n(95 % CI, hierarchical bootstrap)", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 
