@@ -68,22 +68,27 @@ def test_data_check_usage_errors(capsys):
 
 
 def test_shipped_ablation_profiles():
-    """quick: the decision-relevant methods, >= 3 seeds, budgets 1-20; standard: 5x its pretraining, 5 seeds and the
-    whole pool; compare: every method; pretrain-500 sits between quick and standard on the length curve."""
+    """quick: the decision-relevant methods (the semi-supervised one that won on the development sets its reference),
+    >= 3 seeds, budgets 1-10; standard: 5x its pretraining, 5 seeds and the whole pool; semi: every semi-supervised
+    method beside its start; compare: every method; pretrain-500 sits between quick and standard on the length curve."""
     from medhybrid.cli import load_ablation
     from medhybrid.report import pretraining_iterations
 
     for config in ("dermoscopy", "chest_xray"):
         quick, standard = load_ablation(config, "quick", []), load_ablation(config, "standard", [])
         compare, mid = load_ablation(config, "compare", []), load_ablation(config, "pretrain-500", [])
-        assert len(quick.seeds) >= 3 and quick.budgets == [1, 2, 5, 10, 20]
-        assert {"scratch", "supervised", "hybrid", "hybrid-target"} <= set(quick.methods) and quick.reference in quick.methods
+        semi = load_ablation(config, "semi", [])
+        assert len(quick.seeds) >= 3 and quick.budgets == [1, 2, 5, 10]
+        assert {"scratch", "supervised", "hybrid"} <= set(quick.methods) and quick.reference in quick.methods
+        assert quick.methods[quick.reference].semi_supervised and quick.methods[quick.reference].pretrain == "supervised"
+        assert {m for m, s in compare.methods.items() if s.semi_supervised} == {m for m, s in semi.methods.items() if s.semi_supervised}
+        assert set(quick.methods) <= set(semi.methods) and semi.budgets == quick.budgets
         assert standard.seeds == [0, 1, 2, 3, 4] and standard.budgets == [1, 2, 5, 10, 20, None]
         assert pretraining_iterations(standard) >= 5 * pretraining_iterations(quick)
         assert pretraining_iterations(quick) < pretraining_iterations(mid) < pretraining_iterations(standard)
         assert set(standard.methods) == set(quick.methods) and set(quick.methods) < set(compare.methods)
         assert standard.finetune == quick.finetune  # only the pretraining length differs
-        assert compare.methods["hybrid-target"] == quick.methods["hybrid-target"]
+        assert compare.methods["supervised-fixmatch"] == quick.methods["supervised-fixmatch"]
 
 
 def test_profiles_extend_and_select_methods(tmp_path):
