@@ -108,27 +108,23 @@ def semi_seams(algorithm: str, labelled, unlabelled, batch_size: int, iterations
                          "medhybrid model (medhybrid finetune); use mean-teacher or fixmatch")
     on = cfg.enabled and len(unlabelled) > 0
     kl, ku = (batch_size, cfg.unlabelled_batch) if on else (batch_size, 0)
-    views = (S.STRONG_KEY,) if on and cfg.algorithm == "fixmatch" else ()
-    seams = {"dataset": MixedDataset(labelled, unlabelled if on else [], views=views), "batch_size": kl + ku,
-             "per_batch": (kl, ku), "prepare_batch": default_prepare_batch, "loss": SegmentationLoss(mask_channels)}
+    seams = {"dataset": MixedDataset(labelled, unlabelled if on else [], views=cfg.views if on else ()),
+             "batch_size": kl + ku, "per_batch": (kl, ku), "prepare_batch": default_prepare_batch,
+             "loss": SegmentationLoss(mask_channels)}
     if not on:
         if cfg.enabled:
             log.warning("%s: no unlabelled image to learn from: training on the %d labelled ones alone", algorithm, len(labelled))
         seams["attach"] = lambda trainer: None
         return seams
-    w, ramp = cfg.unsupervised_weight, cfg.rampup_share
-    prepare = (S.MeanTeacherPrepareBatch(iterations, w, ramp, cfg.ema_decay, cfg.input_noise, 0, seed)
-               if cfg.algorithm == "mean-teacher" else S.FixMatchPrepareBatch(iterations, w, ramp, 0, seed))
+    prepare, loss = S.prepare_and_loss(cfg, iterations, 0, mask_channels, seed)
     log.info("semi-supervised fine-tuning (%s): %d labelled, %d unlabelled images", cfg.algorithm, len(labelled), len(unlabelled))
-    seams.update(prepare_batch=prepare, loss=S.SemiSupervisedLoss(cfg.algorithm, 0, mask_channels, cfg.threshold),
-                 attach=prepare.attach)
+    seams.update(prepare_batch=prepare, loss=loss, attach=prepare.attach)
     return seams
 
 
 def strong_views(algorithm: str, resolution: int, settings: dict | None = None) -> list:
     """The transforms that give an unlabelled item its strongly augmented view (FixMatch); none otherwise."""
-    cfg = S.SemiConfig(algorithm=algorithm, **(settings or {}))
-    return list(S.strong_augmentation(cfg.strong, resolution).transforms) if cfg.algorithm == "fixmatch" else []
+    return S.SemiConfig(algorithm=algorithm, **(settings or {})).strong_transforms(resolution)
 
 
 def save_weights(network: nn.Module, path: str | os.PathLike) -> Path | None:

@@ -19,6 +19,7 @@ from monai.data import CacheDataset
 from monai.transforms import Compose, RandAffined, RandFlipd, RandScaleIntensityd, RandShiftIntensityd
 from pydantic import Field
 
+from medhybrid import diffusion as D
 from medhybrid import runs, tracking
 from medhybrid import semi as S
 from medhybrid.batches import MixedBatchSampler, SegmentationPrepareBatch
@@ -147,25 +148,16 @@ def semi_training(cfg: FinetuneConfig, net: EDMPrecond, pairs: list[dict], unlab
     semi = cfg.semi
     labelled_ds, aug = training_dataset(cfg, pairs)
     weak = augmentation(cfg.augment, with_label=False)
-    tail = [*(weak.transforms if weak is not None else [])]
-    if semi.algorithm == "fixmatch":
-        tail += S.strong_augmentation(semi.strong, cfg.preprocess.resolution).transforms
+    tail = [*(weak.transforms if weak is not None else []), *semi.strong_transforms(cfg.preprocess.resolution)]
     u_aug = Compose(tail) if tail else None
     pre = preprocessing(cfg.dataset, cfg.preprocess, with_label=False)
     u_ds = CacheDataset(unlabelled, transform=Compose([*pre.transforms, *tail]), progress=False, copy_cache=True)
-    views = (S.STRONG_KEY,) if semi.algorithm == "fixmatch" else ()
-    ds = MixedDataset(labelled_ds, u_ds, views=views)
+    ds = MixedDataset(labelled_ds, u_ds, views=semi.views)
     kl, ku = semi.per_batch(train_cfg.batch_size)
     train_cfg = train_cfg.model_copy(update={"batch_size": kl + ku})
     sampler = MixedBatchSampler(len(pairs), len(unlabelled), (kl, ku), train_cfg.epoch_length, seed=cfg.seed)
-    total, w, ramp = train_cfg.iterations, semi.unsupervised_weight, semi.rampup_share
-    if semi.algorithm == "mean-teacher":
-        prepare = S.MeanTeacherPrepareBatch(total, w, ramp, semi.ema_decay, semi.input_noise, net.image_channels, cfg.seed)
-    elif semi.algorithm == "fixmatch":
-        prepare = S.FixMatchPrepareBatch(total, w, ramp, net.image_channels, cfg.seed)
-    else:
-        prepare = S.DenoisePrepareBatch(total, w, ramp, ModelConfig(**_model_cfg(cfg)).edm, cfg.seed)
-    loss = S.SemiSupervisedLoss(semi.algorithm, net.image_channels, net.mask_channels, semi.threshold, net.sigma_data)
+    edm = D.EDMParams(sigma_min=net.sigma_min, sigma_data=net.sigma_data)  # the network's own constants
+    prepare, loss = S.prepare_and_loss(semi, train_cfg.iterations, net.image_channels, net.mask_channels, cfg.seed, edm)
     return ds, sampler, prepare, loss, [a for a in (aug, u_aug) if a is not None], train_cfg
 
 

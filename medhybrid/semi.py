@@ -59,6 +59,7 @@ __all__ = [
     "StrongAugmentConfig",
     "confident_pseudo_label_loss",
     "consistency_loss",
+    "prepare_and_loss",
     "probabilities",
     "sigmoid_rampup",
     "strong_augmentation",
@@ -151,6 +152,16 @@ class SemiConfig(StrictModel):
     def per_batch(self, labelled: int) -> tuple[int, int]:
         """(labelled, unlabelled) rows of a batch with ``labelled`` labelled rows."""
         return labelled, self.unlabelled_batch
+
+    @property
+    def views(self) -> tuple[str, ...]:
+        """The further image keys an unlabelled item carries: FixMatch's strong view."""
+        return (STRONG_KEY,) if self.algorithm == "fixmatch" else ()
+
+    def strong_transforms(self, resolution: int) -> list:
+        """The transforms that add an unlabelled item's strong view (FixMatch), after its weak augmentation; none
+        for the other algorithms."""
+        return list(strong_augmentation(self.strong, resolution).transforms) if self.views else []
 
 
 def strong_augmentation(cfg: StrongAugmentConfig, resolution: int) -> Compose:
@@ -310,3 +321,17 @@ class SemiSupervisedLoss(nn.Module):
         w = float(target["weight"])
         self.terms = {"mask_loss": float(mask_loss.detach()), "unsupervised_loss": float(unsup.detach()), "unsupervised_weight": w}
         return mask_loss + w * unsup
+
+
+def prepare_and_loss(cfg: SemiConfig, total_iterations: int, image_channels: int, mask_channels: int = 1, seed: int = 0,
+                     edm: D.EDMParams = D.EDMParams()) -> tuple[_MixedPrepareBatch, SemiSupervisedLoss]:
+    """The prepare-batch seam and the loss of ``cfg.algorithm`` for a run of ``total_iterations``; ``image_channels``
+    is 0 for a network whose output is mask logits alone (a bundle's ``Segmenter``)."""
+    w, ramp = cfg.unsupervised_weight, cfg.rampup_share
+    if cfg.algorithm == "mean-teacher":
+        prepare = MeanTeacherPrepareBatch(total_iterations, w, ramp, cfg.ema_decay, cfg.input_noise, image_channels, seed)
+    elif cfg.algorithm == "fixmatch":
+        prepare = FixMatchPrepareBatch(total_iterations, w, ramp, image_channels, seed)
+    else:
+        prepare = DenoisePrepareBatch(total_iterations, w, ramp, edm, seed)
+    return prepare, SemiSupervisedLoss(cfg.algorithm, image_channels, mask_channels, cfg.threshold, edm.sigma_data)
