@@ -23,7 +23,6 @@ from __future__ import annotations
 import csv
 import logging
 import math
-import os
 from collections.abc import Sequence
 from pathlib import Path
 from types import SimpleNamespace
@@ -38,84 +37,17 @@ from scipy.stats import binomtest, spearmanr
 from medhybrid import io, runs, tracking
 from medhybrid.ablation import pretrain_config
 from medhybrid.checkpoints import load_model
-from medhybrid.config import NoiseLevels, Preprocess, StrictModel, deep_merge, dump_config, save_config, validate
+from medhybrid.config import Preprocess, StrictModel, deep_merge, dump_config, save_config, validate
 from medhybrid.datasets import few_shot_ids, load_pairs
 from medhybrid.evaluate import evaluate
 from medhybrid.fewshot import evaluate_few_shot_run
 from medhybrid.finetune import FinetuneConfig, run_finetuning
-from medhybrid.inference import Segmenter, _Prepare
-from medhybrid.networks import EDMPrecond, mask_classes
+from medhybrid.networks import EDMPrecond
 from medhybrid.pretrain import run_pretraining
+from medhybrid.quality import UncertaintyConfig, mask_dice, mask_disagreement, score_images  # noqa: F401 (re-exported)
 from medhybrid.transforms import preprocessing
 
 log = logging.getLogger("medhybrid")
-
-
-class UncertaintyConfig(StrictModel):
-    """Noise levels and draws of :func:`mask_disagreement`."""
-
-    sigmas: NoiseLevels = Field((0.05, 0.1, 0.2), description="noise levels the mask is re-predicted at")
-    repeats: int = Field(2, ge=1, description="noise draws per level")
-    seed: int = 0
-    batch_size: int = Field(16, ge=1)
-
-
-# --------------------------------------------------------------------------------------------- the score
-def mask_dice(a: torch.Tensor, b: torch.Tensor, num_classes: int) -> torch.Tensor:
-    """Per-image Dice between (B, H, W) class maps, averaged over foreground classes present in either;
-    1 where neither has any foreground (two empty masks agree)."""
-    out = torch.ones(a.shape[0], dtype=torch.float64)
-    per, seen = torch.zeros_like(out), torch.zeros_like(out)
-    for c in range(1, max(2, num_classes)):
-        pa, pb = (a == c).flatten(1), (b == c).flatten(1)
-        total = (pa.sum(1) + pb.sum(1)).double()
-        present = total > 0
-        inter = (pa & pb).sum(1).double()
-        per += torch.where(present, 2 * inter / total.clamp(min=1), torch.zeros_like(total))
-        seen += present.double()
-    return torch.where(seen > 0, per / seen.clamp(min=1), out)
-
-
-def _mask_logits(net: EDMPrecond, x: torch.Tensor, sigma: float) -> torch.Tensor:
-    """Mask logits of ``x`` fed at noise level ``sigma`` (a served :class:`medhybrid.inference.Segmenter`'s own forward
-    takes no sigma: the EDMPrecond forward it inherits does)."""
-    out = EDMPrecond.forward(net, x, sigma) if isinstance(net, Segmenter) else net(x, sigma)
-    return out[:, net.image_channels :]
-
-
-@torch.no_grad()
-def mask_disagreement(net: EDMPrecond, x: torch.Tensor, sigmas: Sequence[float] = (0.05, 0.1, 0.2), repeats: int = 2,
-                      generator: torch.Generator | None = None) -> torch.Tensor:
-    """u(x) for a batch of clean images ``x`` (B, C_img, H, W) in [-1, 1]: 1 - mean Dice between the mask of
-    ``x`` at sigma_min and the masks of ``x + sigma * eps`` at ``sigma``. Returns (B,) float64 on the CPU."""
-    dev = next(net.parameters()).device
-    x = x.to(dev).float()
-    k = net.mask_channels if net.mask_channels > 1 else 2
-    clean = mask_classes(net.segment(x)).cpu()
-    dice = torch.zeros(x.shape[0], dtype=torch.float64)
-    for sigma in sigmas:
-        for _ in range(repeats):
-            eps = torch.randn(x.shape, generator=generator).to(dev)
-            noisy = _mask_logits(net, x + sigma * eps, sigma)
-            dice += mask_dice(mask_classes(noisy).cpu(), clean, k)
-    return 1.0 - dice / (len(sigmas) * repeats)
-
-
-def score_images(net: EDMPrecond, images: Sequence[torch.Tensor], cfg: UncertaintyConfig | None = None) -> list[float]:
-    """u(x) for model-ready images (C, H, W), in order. The noise is drawn from one generator seeded with
-    ``cfg.seed``, so the same images in the same order get the same scores."""
-    cfg = cfg or UncertaintyConfig()
-    g = torch.Generator().manual_seed(cfg.seed)
-    was_training = net.training
-    net.eval()
-    scores: list[float] = []
-    try:
-        for start in range(0, len(images), cfg.batch_size):
-            x = torch.stack([torch.as_tensor(t).float() for t in images[start : start + cfg.batch_size]])
-            scores += mask_disagreement(net, x, cfg.sigmas, cfg.repeats, g).tolist()
-    finally:
-        net.train(was_training)
-    return scores
 
 
 @torch.no_grad()
@@ -155,13 +87,6 @@ def _pair_images(pairs: Sequence[dict], channels: int, preprocess: Preprocess) -
     """``{id: model-ready image}`` of dataset pairs (only their images are read)."""
     t = preprocessing(SimpleNamespace(channels=channels), preprocess, with_label=False)
     return {p["id"]: torch.as_tensor(t({"image": p["image"]})["image"]) for p in pairs}
-
-
-def score_files(net: EDMPrecond, meta: dict, files: Sequence[str | os.PathLike], cfg: UncertaintyConfig | None = None) -> list[float]:
-    """u for image files (PNG, JPEG, DICOM, NIfTI ...) under the model's own preprocessing (``meta`` of its
-    model.pt); raises :class:`medhybrid.io.DataError` naming a file that cannot be read."""
-    prepare = _Prepare(meta)
-    return score_images(net, [prepare(Path(f))[0] for f in files], cfg)
 
 
 def most_uncertain(scores: dict[str, float], n: int, exclude: Sequence[str] = ()) -> list[str]:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import glob
 import logging
 import os
+import pickle
 import re
 from pathlib import Path
 
@@ -48,20 +49,29 @@ def save_model(net: nn.Module, meta: dict, path: str | os.PathLike) -> Path:
     return atomic_save({"state_dict": {k: v.detach().cpu() for k, v in net.state_dict().items()}, "meta": meta}, path)
 
 
-def read_model_file(path: str | os.PathLike, map_location="cpu") -> dict:
+def read_model_file(path: str | os.PathLike, map_location="cpu", allow_bare: bool = False) -> dict:
     """The content of a model file (``{"state_dict", "meta"}``, or a DDPM-features head's ``{"ensemble", "meta"}``),
     tensors on ``map_location``, read with ``weights_only=True``: nothing in the file can run code. Raises
-    :class:`~medhybrid.io.DataError` naming the file when it is missing or is not a medhybrid model file."""
+    :class:`~medhybrid.io.DataError` naming the file when it is missing or is not a medhybrid model file.
+    ``allow_bare`` also accepts a plain state dict (a MONAI bundle's weights: ``{name: tensor}``)."""
     if not Path(path).is_file():
         raise DataError(path, "model file not found")
     try:
         content = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as e:
-        raise DataError(path, f"is not a model file torch can read with weights_only=True ({type(e).__name__}: {e})") from e
+    except pickle.UnpicklingError as e:
+        if "weights only" not in str(e).lower():  # not a pickle at all
+            raise DataError(path, "is not a model file (not a PyTorch file, or a damaged one)") from e
+        # a PyTorch file whose pickle names classes or functions: loading it could run code
+        raise DataError(path, "is a PyTorch file holding Python objects besides tensors and plain values; medhybrid "
+                        "only reads weights and metadata, so it does not open it (whole pickled models and "
+                        "training states of other tools are not model files)") from e
+    except Exception as e:  # torch's own text would suggest weights_only=False: never for a file of unknown origin
+        raise DataError(path, f"is not a model file (not a PyTorch file, or a damaged one: {type(e).__name__})") from e
+    if allow_bare and isinstance(content, dict) and content and all(isinstance(v, torch.Tensor) for v in content.values()):
+        return content
     if not isinstance(content, dict) or "meta" not in content:
-        raise DataError(path, "holds weights without medhybrid's metadata (a MONAI bundle's models/*.pt?): run a bundle "
-                        "with python -m monai.bundle run --config_file <bundle>/configs/inference.json, or pass the "
-                        "model.pt of a medhybrid pretraining or fine-tuning run")
+        raise DataError(path, "holds weights without medhybrid's metadata (a MONAI bundle's models/*.pt?): pass the "
+                        "bundle's folder instead, or the model.pt of a medhybrid pretraining or fine-tuning run")
     return content
 
 
@@ -69,8 +79,12 @@ def load_model(path: str | os.PathLike, map_location="cpu") -> tuple[EDMPrecond,
     """Rebuild the network saved by :func:`save_model`, with its metadata."""
     ckpt = read_model_file(path, map_location)
     meta = ckpt["meta"]
-    net = build_network(ModelConfig(**meta["model"]), meta["image_channels"], meta["num_classes"])
-    net.load_state_dict(ckpt["state_dict"])
+    try:
+        net = build_network(ModelConfig(**meta["model"]), meta["image_channels"], meta["num_classes"])
+        net.load_state_dict(ckpt["state_dict"])
+    except (KeyError, TypeError, ValueError, RuntimeError) as e:  # metadata or weights of another tool or version
+        raise DataError(path, f"has metadata or weights that do not describe a medhybrid network ({type(e).__name__}: "
+                        f"{str(e).splitlines()[0][:200]})") from e
     return net, meta
 
 

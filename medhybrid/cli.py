@@ -128,9 +128,10 @@ def _sample(args) -> int:
 
 
 def _infer(args) -> int:
-    written = infer_files(args.model, args.input, args.output, nifti=args.nifti, batch_size=args.batch_size, device=args.device)
-    print(f"{len(written)} mask(s) written to {args.output}")
-    return 0
+    res = infer_files(args.model, args.input, args.output, nifti=args.nifti, batch_size=args.batch_size,
+                      device=args.device, dicom_seg=args.dicom_seg)
+    print(f"{res.summary}; {len(res.written)} mask(s) in {args.output}; review order: {res.quality_csv}")
+    return 1 if res.failures else 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -215,8 +216,12 @@ def build_parser() -> argparse.ArgumentParser:
     inf.add_argument("--model", required=True, help="model.pt of a pretraining or fine-tuning run (a bundle's weights run "
                      "through the bundle: python -m monai.bundle run --config_file <bundle>/configs/inference.json)")
     inf.add_argument("--input", required=True, nargs="+", help="image files and/or folders of images")
-    inf.add_argument("--output", required=True, help="folder for <stem>_mask.png (0/255 binary, class index multi-class)")
+    inf.add_argument("--output", required=True, help="folder for <stem>_mask.png (0/255 binary, class index multi-class) "
+                     "and quality.csv (each image's mask area and uncertainty, least certain first); exit status 1 "
+                     "when a file could not be read (the others are segmented)")
     inf.add_argument("--nifti", action="store_true", help="also write <stem>_mask.nii.gz (class indices)")
+    inf.add_argument("--no-dicom-seg", dest="dicom_seg", action="store_false",
+                     help="no DICOM SEG beside the masks of DICOM inputs")
     inf.add_argument("--batch-size", type=int, default=8)
     inf.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ...")
     inf.set_defaults(func=_infer)

@@ -7,7 +7,9 @@ with SNOMED CT codes, so that OHIF and 3D Slicer load it over the image it was m
 
 from __future__ import annotations
 
+import logging
 import os
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -16,6 +18,8 @@ import numpy as np
 from pydicom.sr.coding import Code
 
 from medhybrid.io import DataError, atomic_write, open_dicom
+
+logging.getLogger("highdicom").setLevel(logging.WARNING)
 
 # SNOMED CT codes for the shipped tasks' segments; anything else is a generic "Tissue" of category "Tissue".
 SEGMENT_CODES: dict[str, tuple[Code, Code]] = {
@@ -78,6 +82,14 @@ def write_dicom_seg(mask: np.ndarray, source: str | os.PathLike, path: str | os.
 
 
 def _segmentation(src, stack: np.ndarray, names: list[str], algorithm: str, version: str) -> hd.seg.Segmentation:
+    # highdicom logs every module it copies (INFO) and warns about the source's own name formats: one line per mask
+    # is what a batch of hundreds should print
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        return _build(src, stack, names, algorithm, version)
+
+
+def _build(src, stack: np.ndarray, names: list[str], algorithm: str, version: str) -> hd.seg.Segmentation:
     return hd.seg.Segmentation(
         source_images=[src],
         pixel_array=stack,

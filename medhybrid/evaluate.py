@@ -1,7 +1,7 @@
 """Evaluation on the target's ``test`` split (or a development set of pool images), at each image's native resolution.
 
-The prediction is made at the model's resolution, mapped back to the original image (padding or
-crop undone, logits resized bilinearly) and compared with the original mask. Dice, IoU and HD95
+The masks are those of the inference pipeline (:mod:`medhybrid.inference`: the same preprocessing, the logits mapped
+back to the file's pixel grid by MONAI's ``Invertd``, then thresholded) and are compared with the original mask. Dice, IoU and HD95
 (``monai.metrics``) are computed per image with ignored pixels excluded; a per-image CSV and overlays
 of the best and worst cases are written.
 """
@@ -16,28 +16,17 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
+from monai.data import MetaTensor
 from monai.metrics import compute_dice, compute_hausdorff_distance, compute_iou
+from monai.transforms import Compose
 
 from medhybrid.config import DatasetSpec, Preprocess
 from medhybrid.datasets import load_pairs
+from medhybrid.inference import inference_postprocessing, inference_preprocessing
+from medhybrid.io import DataError
 from medhybrid.networks import EDMPrecond, mask_classes
-from medhybrid.transforms import IGNORE_INDEX, aspect_size, native_then_model, preprocessing
+from medhybrid.transforms import IGNORE_INDEX, LoadImage2Dd, MaskToLabeld, preprocessing
 from medhybrid.visualize import grid, overlay, save_png
-
-
-def restore_logits(logits: torch.Tensor, original_hw: tuple[int, int], size: int, aspect: str) -> torch.Tensor:
-    """Undo :class:`~medhybrid.transforms.ResizeAspect` on logits (B, K, size, size) -> (B, K, H, W)."""
-    h, w = (int(v) for v in original_hw)
-    ih, iw = aspect_size((h, w), size, aspect)
-    if aspect == "pad":
-        top, left = (size - ih) // 2, (size - iw) // 2
-        logits = logits[..., top : top + ih, left : left + iw]
-    elif aspect == "crop":
-        top, left = (ih - size) // 2, (iw - size) // 2
-        # the cropped-away border was never seen: extend the logits to the intermediate size by replication
-        logits = F.pad(logits, (left, iw - size - left, top, ih - size - top), mode="replicate")
-    return F.interpolate(logits.float(), size=(h, w), mode="bilinear", align_corners=False)
 
 
 def predict(net: EDMPrecond, image: torch.Tensor) -> torch.Tensor:
@@ -93,22 +82,27 @@ def evaluate(net: EDMPrecond, dataset: DatasetSpec, preprocess: Preprocess, spli
     pairs = pairs if pairs is not None else load_pairs(dataset, split)
     if not pairs:
         raise ValueError(f"dataset {dataset.name!r} has no {split!r} images to evaluate")
-    native, to_model = native_then_model(dataset, preprocess)
+    pre = inference_preprocessing(dataset.channels, preprocess)
+    post = inference_postprocessing(pre, net.mask_channels)
+    m = dataset.mask
+    read_label = Compose([LoadImage2Dd("label", label_keys="label"),
+                          MaskToLabeld("label", values=m.values, ignore=m.ignore, threshold=m.threshold, ref_key=None)])
     result = EvalResult(split)
     keep: list[tuple[float, dict, torch.Tensor, torch.Tensor]] = []
     for start in range(0, len(pairs), batch_size):
         chunk = pairs[start : start + batch_size]
-        decoded = [native({"image": p["image"], "label": p["label"]}) for p in chunk]
-        x = torch.stack([torch.as_tensor(to_model({"image": d["image"]})["image"]) for d in decoded])
-        logits = predict(net, x)
-        for p, d, lg, xm in zip(chunk, decoded, logits, x, strict=True):
-            lab = torch.as_tensor(d["label"])[0]
-            full = restore_logits(lg[None], tuple(lab.shape), preprocess.resolution, preprocess.aspect)[0]
-            pred = mask_classes(full[None])[0]
-            m = binary_metrics(pred, lab)
-            row = {"id": p["id"], **m}
+        items = [pre({"image": p["image"]}) for p in chunk]
+        logits = predict(net, torch.stack([d["image"] for d in items]))
+        for p, d, lg in zip(chunk, items, logits, strict=True):
+            pred = post({"pred": MetaTensor(lg), "image": d["image"]})["pred"][0]
+            lab = torch.as_tensor(read_label({"label": p["label"]})["label"])[0]
+            if tuple(lab.shape) != tuple(pred.shape):
+                raise DataError(p["label"], f"mask size {tuple(lab.shape)} (HxW) differs from image size "
+                                            f"{tuple(pred.shape)} of {p['image']}")
+            m_ = binary_metrics(pred, lab)
+            row = {"id": p["id"], **m_}
             result.rows.append(row)
-            keep.append((m["dice"], row, xm, mask_classes(lg[None])[0] > 0))
+            keep.append((m_["dice"], row, d["image"].as_tensor(), mask_classes(lg[None])[0] > 0))
     if out_dir is not None:
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)

@@ -14,8 +14,11 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import shutil
+import threading
+import warnings
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -79,10 +82,35 @@ def _value_range(arr: np.ndarray) -> tuple[float, float]:
     return float(np.min(arr)), float(np.max(arr))
 
 
-def read_pil(path: Path, role: str = "image") -> tuple[np.ndarray, dict]:
+def reduction_factor(shape: Sequence[int], reduce_to: int | None) -> int:
+    """The largest of 8, 4, 2 by which an image of ``shape`` (H, W, ...) can be shrunk while its short side stays at
+    least ``reduce_to`` pixels (1: decode at full size). 8 is the smallest scale JPEG decoders offer."""
+    if not reduce_to:
+        return 1
+    short = min(int(shape[0]), int(shape[1]))
+    return next((f for f in (8, 4, 2) if short // f >= reduce_to), 1)
+
+
+def _block_mean(arr: np.ndarray, f: int) -> np.ndarray:
+    """``arr`` (H, W[, C]) shrunk by ``f`` by averaging f x f blocks (the last H % f rows and W % f columns dropped),
+    as float32: the one full-size array is the decoded one, in its own dtype."""
+    h, w = arr.shape[0] // f, arr.shape[1] // f
+    blocks = arr[: h * f, : w * f].reshape(h, f, w, f, *arr.shape[2:])
+    return blocks.mean(axis=(1, 3), dtype=np.float32)
+
+
+def read_pil(path: Path, role: str = "image", reduce_to: int | None = None) -> tuple[np.ndarray, dict]:
+    """Decode a PNG/JPEG/BMP/TIFF file. With ``reduce_to`` (images only), a large image is decoded at reduced size
+    (:func:`reduction_factor`): a JPEG by its decoder's DCT scaling (draft mode, a fraction of the full decode's
+    work), other formats by Pillow's box reduction of the decoded 8-bit pixels; ``original_shape`` in the metadata
+    keeps the file's own (H, W)."""
     try:
         with Image.open(path) as im:
             mode, fmt = im.mode, im.format
+            full = (im.size[1], im.size[0])
+            f = reduction_factor(full, reduce_to) if role == "image" else 1
+            if f > 1 and fmt == "JPEG" and mode in ("L", "RGB"):
+                im.draft(mode, (-(-im.size[0] // f), -(-im.size[1] // f)))
             if role == "image":
                 if mode in ("P", "PA", "CMYK", "YCbCr", "LAB", "HSV", "RGBA"):
                     im = im.convert("RGB")
@@ -92,6 +120,8 @@ def read_pil(path: Path, role: str = "image") -> tuple[np.ndarray, dict]:
                 im = im.convert("L")
             elif mode == "RGBA":
                 im = im.convert("RGB")
+            if f > 1 and (im.size[1], im.size[0]) == full and im.mode in ("L", "RGB"):  # no draft: Pillow's box filter
+                im = im.reduce(f)
             arr = np.asarray(im)  # forces the full decode: truncated files fail here
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
         raise DataError(path, f"cannot decode image ({type(e).__name__}: {e})") from e
@@ -104,10 +134,49 @@ def read_pil(path: Path, role: str = "image") -> tuple[np.ndarray, dict]:
     vr = (0.0, 1.0) if arr.dtype == bool else _value_range(arr)
     if mode == "I" and arr.dtype == np.int32:
         vr = (float(arr.min()), float(arr.max()))
-    return arr, {"format": "pil", "pil_format": fmt or "", "mode": mode, "value_range": vr}
+    if f > 1 and arr.shape[:2] == full and arr.dtype != bool:  # 16-bit and float modes: averaged blocks
+        arr = _block_mean(arr, f)
+    meta_extra = {"original_shape": full} if arr.shape[:2] != full else {}
+    return arr, {"format": "pil", "pil_format": fmt or "", "mode": mode, "value_range": vr, **meta_extra}
 
 
-def read_dicom(path: Path, role: str = "image") -> tuple[np.ndarray, dict]:
+_reading = threading.local()
+
+
+class _WhileReading(logging.Filter):
+    """Drops pydicom's log records in a thread that is inside :func:`quiet_pydicom`."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not getattr(_reading, "depth", 0)
+
+
+for _name in ("pydicom", "pydicom.pixels.decoders.base"):  # a logger's filter does not see its children's records
+    logging.getLogger(_name).addFilter(_WhileReading())
+# pydicom also warns (UserWarning) what it logs about a damaged file; the reader's DataError names the problem
+warnings.filterwarnings("ignore", category=UserWarning, module=r"pydicom\.")
+
+
+@contextlib.contextmanager
+def quiet_pydicom() -> Iterator[None]:
+    """pydicom logs each failing decoder's traceback (and logs about damaged files) before raising: in this thread,
+    inside this context, those records are dropped, so that a bad file is one line of medhybrid's (:func:`one_line`)."""
+    _reading.depth = getattr(_reading, "depth", 0) + 1
+    try:
+        yield
+    finally:
+        _reading.depth -= 1
+
+
+def one_line(exc: BaseException, limit: int = 300) -> str:
+    """``Type: message`` of an exception on one line: pydicom puts stack traces and one line per decoder in its
+    messages; the first line of each decoder's reason is kept."""
+    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+    lines = [ln for ln in lines if not ln.startswith(("Traceback", "File ", "^"))][:4]
+    text = "; ".join(lines)
+    return f"{type(exc).__name__}: {text[:limit]}{'...' if len(text) > limit else ''}"
+
+
+def read_dicom(path: Path, role: str = "image", reduce_to: int | None = None) -> tuple[np.ndarray, dict]:
     """Decode a single-frame DICOM image.
 
     Applies the modality LUT (Rescale Slope/Intercept), inverts MONOCHROME1 so that higher values are
@@ -119,10 +188,11 @@ def read_dicom(path: Path, role: str = "image") -> tuple[np.ndarray, dict]:
     if "PixelData" not in ds and "FloatPixelData" not in ds and "DoubleFloatPixelData" not in ds:
         raise DataError(path, "DICOM file has no pixel data (no PixelData element)")
     try:
-        arr = ds.pixel_array
+        with quiet_pydicom():
+            arr = ds.pixel_array
     except Exception as e:  # decoders raise many types (missing plugin, truncated stream)
         syntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", "unknown")
-        raise DataError(path, f"cannot decode DICOM pixel data, transfer syntax {syntax} ({type(e).__name__}: {e})") from e
+        raise DataError(path, f"cannot decode DICOM pixel data, transfer syntax {syntax} ({one_line(e)})") from e
     frames = int(ds.get("NumberOfFrames", 1) or 1)
     if frames > 1:
         raise DataError(path, f"multi-frame DICOM ({frames} frames); medhybrid reads single 2D images")
@@ -160,6 +230,10 @@ def read_dicom(path: Path, role: str = "image") -> tuple[np.ndarray, dict]:
         # colour DICOM: pydicom converts YBR to RGB by default; planar configuration is handled there too
         arr = np.asarray(arr)
         meta["value_range"] = _value_range(arr)
+    f = reduction_factor(arr.shape, reduce_to) if role == "image" else 1
+    if f > 1:
+        meta["original_shape"] = arr.shape[:2]
+        arr = _block_mean(arr, f)
     return np.ascontiguousarray(arr), meta
 
 
@@ -197,17 +271,22 @@ def open_dicom(path: Path, stop_before_pixels: bool = False):
     """Read a DICOM dataset. A file without the Part 10 preamble or file meta header (older modalities, some PACS
     exports) is read as a bare dataset; its transfer syntax is then taken from how the elements are encoded, or from
     the codestream of encapsulated (compressed) pixel data."""
+    with quiet_pydicom():
+        return _open_dicom(path, stop_before_pixels)
+
+
+def _open_dicom(path: Path, stop_before_pixels: bool):
     try:
         ds = pydicom.dcmread(path, stop_before_pixels=stop_before_pixels)
     except InvalidDicomError as first:
         try:
             ds = pydicom.dcmread(path, force=True, stop_before_pixels=stop_before_pixels)
         except Exception as e:
-            raise DataError(path, f"not a readable DICOM file ({type(first).__name__}: {first})") from e
+            raise DataError(path, f"not a readable DICOM file ({one_line(first)})") from e
         if len(ds) == 0 or ("SOPClassUID" not in ds and "PixelData" not in ds and "Rows" not in ds):
-            raise DataError(path, f"not a readable DICOM file ({type(first).__name__}: {first})") from first
+            raise DataError(path, f"not a readable DICOM file ({one_line(first)})") from first
     except (OSError, EOFError, ValueError) as e:
-        raise DataError(path, f"not a readable DICOM file ({type(e).__name__}: {e})") from e
+        raise DataError(path, f"not a readable DICOM file ({one_line(e)})") from e
     meta = ds.file_meta if hasattr(ds, "file_meta") else pydicom.dataset.FileMetaDataset()
     if "TransferSyntaxUID" not in meta:
         implicit, little = getattr(ds, "original_encoding", (None, None))
@@ -220,7 +299,7 @@ def open_dicom(path: Path, stop_before_pixels: bool = False):
     return ds
 
 
-def read_nifti(path: Path, role: str = "image") -> tuple[np.ndarray, dict]:
+def read_nifti(path: Path, role: str = "image", reduce_to: int | None = None) -> tuple[np.ndarray, dict]:
     """Read a 2D NIfTI image. NIfTI stores (i, j) = (column, row) order, so the array is transposed
     to (row, column) to match what SimpleITK and the PNG readers return."""
     try:
@@ -239,7 +318,7 @@ def read_nifti(path: Path, role: str = "image") -> tuple[np.ndarray, dict]:
     return np.ascontiguousarray(arr), {"format": "nifti", "value_range": _value_range(arr)}
 
 
-def read_sitk(path: Path, role: str = "image") -> tuple[np.ndarray, dict]:
+def read_sitk(path: Path, role: str = "image", reduce_to: int | None = None) -> tuple[np.ndarray, dict]:
     try:
         img = sitk.ReadImage(str(path))
         arr = sitk.GetArrayFromImage(img)  # (rows, columns[, components]) for 2D
@@ -293,11 +372,13 @@ def reader_for(path: str | os.PathLike):
     return reader
 
 
-def read_image(path: str | os.PathLike, role: str = "image") -> tuple[np.ndarray, dict]:
+def read_image(path: str | os.PathLike, role: str = "image", reduce_to: int | None = None) -> tuple[np.ndarray, dict]:
     """Read one 2D image as ``(H, W)`` or ``(H, W, C)`` plus metadata, choosing the reader by suffix (a DICOM file
     is recognised by its content whatever its name).
 
-    ``role`` is ``"image"`` (palette/alpha images become RGB/grey) or ``"mask"`` (raw values kept).
+    ``role`` is ``"image"`` (palette/alpha images become RGB/grey) or ``"mask"`` (raw values kept). ``reduce_to``
+    lets the PIL and DICOM readers decode a large image at reduced size (never a mask): its short side stays at least
+    ``reduce_to`` pixels, and ``meta["original_shape"]`` is the file's own (H, W) (absent when not reduced).
     Raises :class:`DataError` naming the file for a missing, unreadable or unsupported file.
     """
     path = Path(path)
@@ -311,7 +392,7 @@ def read_image(path: str | os.PathLike, role: str = "image") -> tuple[np.ndarray
         raise DataError(path, "file not found")
     if path.stat().st_size == 0:
         raise DataError(path, "file is empty (0 bytes)")
-    arr, meta = reader(path, role)
+    arr, meta = reader(path, role, reduce_to)
     if arr.ndim not in (2, 3) or arr.size == 0:
         raise DataError(path, f"decoded to an array of shape {arr.shape}; expected a 2D image")
     meta["spatial_shape"] = np.asarray(arr.shape[:2])
@@ -344,9 +425,9 @@ class Image2DReader(ImageReader):
     Returns channel-last arrays in display order; use with ``LoadImage(..., ensure_channel_first=True)``.
     """
 
-    def __init__(self, role: str = "image"):
+    def __init__(self, role: str = "image", reduce_to: int | None = None):
         super().__init__()
-        self.role = role
+        self.role, self.reduce_to = role, reduce_to
 
     def verify_suffix(self, filename: Sequence[os.PathLike] | os.PathLike) -> bool:
         names = filename if isinstance(filename, (list, tuple)) else [filename]
@@ -356,7 +437,7 @@ class Image2DReader(ImageReader):
         names = data if isinstance(data, (list, tuple)) else [data]
         if len(names) != 1:
             raise ValueError(f"Image2DReader reads one file at a time, got {len(names)}")
-        return read_image(names[0], self.role)
+        return read_image(names[0], self.role, self.reduce_to)
 
     def get_data(self, img) -> tuple[np.ndarray, dict]:
         arr, meta = img
@@ -364,7 +445,20 @@ class Image2DReader(ImageReader):
         meta[MetaKeys.SPATIAL_SHAPE] = np.asarray(arr.shape[:2])
         meta[MetaKeys.ORIGINAL_CHANNEL_DIM] = -1 if arr.ndim == 3 else float("nan")
         meta["value_range"] = np.asarray(meta["value_range"], dtype=np.float64)
+        if "original_shape" in meta:
+            meta["original_shape"] = np.asarray(meta["original_shape"])
         return arr, meta
+
+
+def data_error(exc: BaseException) -> DataError | None:
+    """The :class:`DataError` behind ``exc``: itself, or the first one in its chain of causes (MONAI's ``Compose`` and
+    ``LoadImage`` wrap a reader's error in their own); None when there is none."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, DataError):
+            return seen
+        seen = seen.__cause__ or seen.__context__
+    return None
 
 
 # --------------------------------------------------------------------------------------------- writing

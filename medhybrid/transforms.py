@@ -17,20 +17,26 @@ from collections.abc import Hashable, Mapping, Sequence
 from pathlib import Path
 from typing import Literal
 
+import nibabel as nib
 import numpy as np
 import torch
+import torch.nn.functional as F
 from monai.config import KeysCollection
 from monai.data import MetaTensor
 from monai.transforms import (
     CenterSpatialCrop,
     Compose,
+    InvertibleTransform,
     LoadImage,
     MapTransform,
     Resize,
+    Resized,
     ScaleIntensityRange,
     SpatialPad,
+    SpatialPadd,
     Transform,
 )
+from monai.utils import TraceKeys
 from PIL import Image
 
 from medhybrid.io import DataError, Image2DReader, atomic_write, image_stem, is_dicom_file
@@ -88,17 +94,38 @@ class ToChannels(Transform):
         raise DataError(_filename(img), f"image has {c} channels; cannot convert to {self.channels}")
 
 
-class LoadImage2D(Transform):
+def _resize_back(img: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
+    """Bilinear resize of a channel-first (C, H, W) image or logits to ``size``, keeping a MetaTensor's metadata and
+    its remaining transform stack (an inverse step must not record itself)."""
+    x = img.as_tensor() if isinstance(img, MetaTensor) else torch.as_tensor(img)
+    out = F.interpolate(x[None].float(), size=tuple(int(v) for v in size), mode="bilinear", align_corners=False)[0]
+    return MetaTensor(out, meta=img.meta, applied_operations=img.applied_operations) if isinstance(img, MetaTensor) else out
+
+
+def _popped(transform: InvertibleTransform, img: torch.Tensor) -> dict | None:
+    """The transform record that ``transform`` pushed on ``img``, popped; None when the last record is another's (a
+    step that did nothing to this image, e.g. a small file decoded at full size, records nothing)."""
+    ops = img.applied_operations if isinstance(img, MetaTensor) else []
+    if not ops or ops[-1].get(TraceKeys.CLASS_NAME) != type(transform).__name__:
+        return None
+    return transform.pop_transform(img, check=False)
+
+
+class LoadImage2D(InvertibleTransform):
     """Load a 2D image file (any format of :mod:`medhybrid.io`) as a channel-first float32
     :class:`~monai.data.MetaTensor` in display orientation.
 
     Args:
         role: ``"image"`` or ``"mask"`` (mask values are kept raw).
         channels: for images, the number of channels to return (1 grey, 3 RGB); None keeps the file's.
+        reduce_to: decode a large image at reduced size, its short side kept at least this many pixels
+            (:func:`medhybrid.io.reduction_factor`: JPEG draft decoding, DICOM and other formats shrunk once after
+            decoding); None decodes every pixel. Invertible: :meth:`inverse` (and MONAI's ``Invertd``) resizes a
+            prediction on the reduced grid back to the file's own size.
     """
 
-    def __init__(self, role: str = "image", channels: int | None = None):
-        self.reader = Image2DReader(role)
+    def __init__(self, role: str = "image", channels: int | None = None, reduce_to: int | None = None):
+        self.reader = Image2DReader(role, reduce_to if role == "image" else None)
         with _quiet_decoder_probe():
             self.loader = LoadImage(reader=self.reader, image_only=True, ensure_channel_first=True)
         self.to_channels = ToChannels(channels) if channels else None
@@ -107,23 +134,38 @@ class LoadImage2D(Transform):
         # the reader is passed per call so that MONAI uses it alone: a reader given only at construction is
         # tried first, and on failure MONAI falls back to its default readers, hiding the DataError
         img = self.loader(filename, reader=self.reader)
-        return self.to_channels(img) if self.to_channels else img
+        img = self.to_channels(img) if self.to_channels else img
+        original = img.meta.get("original_shape") if isinstance(img, MetaTensor) else None
+        if original is not None:
+            self.push_transform(img, orig_size=tuple(int(v) for v in original))
+        return img
+
+    def inverse(self, data: torch.Tensor) -> torch.Tensor:
+        op = _popped(self, data)
+        return data if op is None else _resize_back(data, op[TraceKeys.ORIG_SIZE])
 
 
-class LoadImage2Dd(MapTransform):
-    """Dictionary form of :class:`LoadImage2D`; ``label_keys`` are loaded as masks."""
+class LoadImage2Dd(MapTransform, InvertibleTransform):
+    """Dictionary form of :class:`LoadImage2D`; ``label_keys`` are loaded as masks (never reduced)."""
 
     def __init__(self, keys: KeysCollection, label_keys: KeysCollection = (), channels: int | None = None,
-                 allow_missing_keys: bool = False):
+                 reduce_to: int | None = None, allow_missing_keys: bool = False):
         super().__init__(keys, allow_missing_keys)
         self.label_keys = set(label_keys if isinstance(label_keys, (list, tuple)) else [label_keys])
-        self.image_loader = LoadImage2D("image", channels)
+        self.image_loader = LoadImage2D("image", channels, reduce_to)
         self.mask_loader = LoadImage2D("mask")
 
     def __call__(self, data: Mapping[Hashable, object]) -> dict:
         d = dict(data)
         for key in self.key_iterator(d):
             d[key] = (self.mask_loader if key in self.label_keys else self.image_loader)(d[key])
+        return d
+
+    def inverse(self, data: Mapping[Hashable, torch.Tensor]) -> dict:
+        d = dict(data)
+        for key in self.keys:
+            if key in d and key not in self.label_keys:
+                d[key] = self.image_loader.inverse(d[key])
         return d
 
 
@@ -284,6 +326,73 @@ class ResizeAspect(Transform):
         return out
 
 
+class CropAspect(InvertibleTransform):
+    """The ``crop`` aspect as an invertible step of inference: :class:`ResizeAspect` (fit the short side, centre-crop
+    the long one) whose :meth:`inverse` maps a prediction back to the input's size: the cropped-away border, which
+    the network never saw, is filled by replicating the prediction's edge, then the whole is resized bilinearly.
+    (``stretch`` and ``pad`` are MONAI's own invertible ``Resized`` and ``SpatialPadd``: :func:`model_geometry`.)"""
+
+    def __init__(self, size: int):
+        self.size = int(size)
+        self.resize = ResizeAspect(size, "crop")
+
+    def __call__(self, img: torch.Tensor) -> torch.Tensor:
+        hw = tuple(int(v) for v in img.shape[1:])
+        out = self.resize(img)
+        if not isinstance(out, MetaTensor):
+            out = MetaTensor(out)
+        if isinstance(img, MetaTensor):
+            out.copy_meta_from(img)
+        self.push_transform(out, orig_size=hw)
+        return out
+
+    def inverse(self, data: torch.Tensor) -> torch.Tensor:
+        op = _popped(self, data)
+        if op is None:
+            return data
+        h, w = op[TraceKeys.ORIG_SIZE]
+        ih, iw = aspect_size((h, w), self.size, "crop")
+        top, left = (ih - self.size) // 2, (iw - self.size) // 2
+        x = data.as_tensor() if isinstance(data, MetaTensor) else data
+        x = F.pad(x[None].float(), (left, iw - self.size - left, top, ih - self.size - top), mode="replicate")[0]
+        x = MetaTensor(x, meta=data.meta, applied_operations=data.applied_operations) if isinstance(data, MetaTensor) else x
+        return _resize_back(x, (h, w))
+
+
+class CropAspectd(MapTransform, InvertibleTransform):
+    """Dictionary form of :class:`CropAspect`."""
+
+    def __init__(self, keys: KeysCollection, size: int, allow_missing_keys: bool = False):
+        super().__init__(keys, allow_missing_keys)
+        self.crop = CropAspect(size)
+
+    def __call__(self, data):
+        d = dict(data)
+        for key in self.key_iterator(d):
+            d[key] = self.crop(d[key])
+        return d
+
+    def inverse(self, data):
+        d = dict(data)
+        for key in self.keys:
+            if key in d:
+                d[key] = self.crop.inverse(d[key])
+        return d
+
+
+def model_geometry(keys: KeysCollection, size: int, aspect: Aspect) -> list:
+    """The invertible resize of inference for the image ``keys``: the same geometry as :class:`ResizeAspect`
+    (bilinear, anti-aliased when shrinking), as MONAI's ``Resized`` (``stretch``; ``pad``: fit the long side, then
+    ``SpatialPadd`` with -1, the black of [-1, 1]) or :class:`CropAspectd` (``crop``), so that ``Invertd`` maps a
+    prediction back through it."""
+    if aspect == "crop":
+        return [CropAspectd(keys, size)]
+    if aspect == "stretch":
+        return [Resized(keys, (size, size), mode="bilinear", align_corners=False, anti_aliasing=True)]
+    return [Resized(keys, size, size_mode="longest", mode="bilinear", align_corners=False, anti_aliasing=True),
+            SpatialPadd(keys, (size, size), mode="constant", value=-1.0)]
+
+
 class ResizeAspectd(MapTransform):
     """Dictionary form of :class:`ResizeAspect`; ``label_keys`` are resized as labels."""
 
@@ -303,9 +412,11 @@ class ResizeAspectd(MapTransform):
 # --------------------------------------------------------------------------------------------- writing
 class SaveMask2D(Transform):
     """Write a predicted (1, H, W) or (H, W) class-index mask of one 2D image into ``output_dir`` as
-    ``<stem><postfix>.png`` (uint8; a binary mask as 0 / 255 with ``binary_png``, else the class indices), and, with
-    ``dicom_seg``, for a DICOM source also ``<stem><seg_postfix>.dcm``: a DICOM SEG referencing the source
-    (:func:`medhybrid.dicom_seg.write_dicom_seg`, segments named by ``labels``). Files are replaced atomically.
+    ``<stem><postfix>.png`` (uint8; a binary mask as 0 / 255 with ``binary_png``, else the class indices); with
+    ``nifti`` also ``<stem><postfix>.nii.gz`` (the class indices as a 2D NIfTI that :func:`medhybrid.io.read_image`
+    reads back to the same array, identity affine); with ``dicom_seg``, for a DICOM source also
+    ``<stem><seg_postfix>.dcm``: a DICOM SEG referencing the source (:func:`medhybrid.dicom_seg.write_dicom_seg`,
+    segments named by ``labels``). Files are replaced atomically.
 
     ``source`` (the image file the mask was predicted on) names the outputs; by default the mask's own
     ``filename_or_obj``. Returns the mask unchanged; the paths written are in :attr:`written` and, for a
@@ -313,8 +424,8 @@ class SaveMask2D(Transform):
     """
 
     def __init__(self, output_dir: str, postfix: str = "_mask", binary_png: bool = True, dicom_seg: bool = False,
-                 labels: Mapping[str, int] | None = None, seg_postfix: str = "_seg"):
-        self.output_dir, self.postfix, self.binary_png = output_dir, postfix, binary_png
+                 labels: Mapping[str, int] | None = None, seg_postfix: str = "_seg", nifti: bool = False):
+        self.output_dir, self.postfix, self.binary_png, self.nifti = output_dir, postfix, binary_png, nifti
         self.dicom_seg, self.labels, self.seg_postfix = dicom_seg, dict(labels or {"foreground": 1}), seg_postfix
         self.written: list[str] = []
 
@@ -332,6 +443,12 @@ class SaveMask2D(Transform):
         with atomic_write(png) as tmp:
             Image.fromarray(arr * 255 if self.binary_png and arr.max(initial=0) <= 1 else arr, mode="L").save(tmp, format="PNG")
         written = [str(png)]
+        if self.nifti:
+            img = nib.Nifti1Image(np.ascontiguousarray(arr.T), affine=np.eye(4))  # NIfTI's first axis is the column
+            img.header.set_xyzt_units("mm")
+            with atomic_write(out_dir / f"{stem}{self.postfix}.nii.gz") as tmp:
+                nib.save(img, str(tmp))
+            written.append(str(out_dir / f"{stem}{self.postfix}.nii.gz"))
         if self.dicom_seg and is_dicom_file(source):
             from medhybrid.dicom_seg import write_dicom_seg  # highdicom: loaded only when a DICOM SEG is asked for
 
@@ -350,10 +467,10 @@ class SaveMask2Dd(MapTransform):
 
     def __init__(self, keys: KeysCollection, output_dir: str, source_key: str = "image", postfix: str = "_mask",
                  binary_png: bool = True, dicom_seg: bool = False, labels: Mapping[str, int] | None = None,
-                 seg_postfix: str = "_seg", allow_missing_keys: bool = False):
+                 seg_postfix: str = "_seg", nifti: bool = False, allow_missing_keys: bool = False):
         super().__init__(keys, allow_missing_keys)
         self.source_key = source_key
-        self.saver = SaveMask2D(output_dir, postfix, binary_png, dicom_seg, labels, seg_postfix)
+        self.saver = SaveMask2D(output_dir, postfix, binary_png, dicom_seg, labels, seg_postfix, nifti)
 
     def __call__(self, data):
         d = dict(data)
@@ -387,13 +504,6 @@ def preprocessing(dataset, preprocess, with_label: bool = True) -> Compose:
     return Compose(_reading(dataset, with_label) + _to_model(preprocess, with_label))
 
 
-def native_then_model(dataset, preprocess, with_label: bool = True) -> tuple[Compose, Compose]:
-    """:func:`preprocessing` in two parts, for predicting at each file's native size with every file decoded once:
-    reading (the image, and with ``with_label`` its mask as class indices checked against the image) and the
-    image's own model steps (intensity, resize). ``dataset`` needs ``channels`` (and ``mask`` with ``with_label``)."""
-    return Compose(_reading(dataset, with_label)), Compose(_to_model(preprocess, with_label=False))
-
-
 def image_array(img: torch.Tensor) -> np.ndarray:
     """Channel-first tensor -> HxW(xC) numpy array, for writing or display."""
     a = torch.as_tensor(img).detach().cpu().numpy()
@@ -405,4 +515,5 @@ LoadImage2DD = LoadImage2DDict = LoadImage2Dd
 MaskToLabelD = MaskToLabelDict = MaskToLabeld
 ScaleIntensity2DD = ScaleIntensity2DDict = ScaleIntensity2Dd
 ResizeAspectD = ResizeAspectDict = ResizeAspectd
+CropAspectD = CropAspectDict = CropAspectd
 SaveMask2DD = SaveMask2DDict = SaveMask2Dd

@@ -1,4 +1,4 @@
-"""medhybrid.active: mask disagreement across noise levels, and the uncertainty-vs-random labelling experiment."""
+"""medhybrid.active: the uncertainty-vs-random labelling experiment (the score itself: test_quality.py)."""
 
 from __future__ import annotations
 
@@ -14,74 +14,18 @@ from conftest import mlflow_client, ph2_yaml
 from medhybrid.ablation import AblationConfig
 from medhybrid.active import (
     ActiveLearningConfig,
-    UncertaintyConfig,
     density_weighted,
     embed_images,
     information_density,
-    mask_dice,
-    mask_disagreement,
     most_uncertain,
     run_active_learning,
-    score_files,
-    score_images,
 )
 from medhybrid.config import ConfigError, validate
 from medhybrid.datasets import few_shot_ids, load_pairs
-from medhybrid.inference import Segmenter
-from medhybrid.networks import EDMPrecond, build_network
+from medhybrid.networks import build_network
+from medhybrid.quality import UncertaintyConfig
 
 pytestmark = pytest.mark.usefixtures("workdir")
-
-
-class _Fixed(EDMPrecond):
-    """A stand-in network whose mask is ``x[:, 0] > threshold(sigma)``: noise-free masks agree with themselves."""
-
-    def __init__(self, react: float):
-        super().__init__(torch.nn.Conv2d(1, 1, 1), image_channels=1, mask_channels=1)
-        self.react = react
-
-    def forward(self, x, sigma=None, precondition=True):
-        s = self._sigma(x, sigma).view(-1, 1, 1)
-        return torch.cat([x, (x[:, :1] - self.react * s[:, None]) * 10], dim=1)
-
-
-def test_mask_dice_per_image_and_empty_masks_agree():
-    a = torch.zeros(3, 4, 4, dtype=torch.long)
-    b = a.clone()
-    a[0, :2] = 1
-    b[0, :1] = 1  # 4 of 8 and 4 px: Dice 2*4/12
-    a[1, :2] = 1  # image 1: prediction vs nothing -> 0
-    d = mask_dice(a, b, 2)
-    assert d.tolist() == pytest.approx([8 / 12, 0.0, 1.0])
-    c = torch.tensor([[[1, 2], [2, 0]]])
-    assert mask_dice(c, c, 3).item() == 1.0 and mask_dice(c, torch.zeros_like(c), 3).item() == 0.0
-
-
-def test_disagreement_is_zero_for_a_noise_blind_mask_and_grows_with_sensitivity():
-    x = torch.linspace(-1, 1, 32 * 32).reshape(1, 1, 32, 32).repeat(2, 1, 1, 1)  # half of each image is "lesion"
-    x[1] = x[1] * 0.5  # flatter intensities: the same noise moves more of its boundary
-    g = lambda: torch.Generator().manual_seed(0)  # noqa: E731
-    blind = mask_disagreement(_Fixed(0.0), x, (1e-6,), 2, g())
-    assert blind.tolist() == pytest.approx([0.0, 0.0], abs=1e-3)
-    low = mask_disagreement(_Fixed(0.0), x, (0.1,), 4, g())
-    high = mask_disagreement(_Fixed(3.0), x, (0.1,), 4, g())  # the mask also shifts with sigma
-    assert (high > low).all() and (low > 0).all() and (high <= 1).all()
-    assert low[1] > low[0]  # a fuzzier boundary is a less certain mask
-
-
-def test_scores_are_seeded_and_work_for_a_segmenter(ph2_pair):
-    torch.manual_seed(0)
-    net = build_network(TINY, 3, 2).eval()
-    imgs = [torch.rand(3, 32, 32) * 2 - 1 for _ in range(5)]
-    cfg = UncertaintyConfig(batch_size=2)
-    s1, s2 = score_images(net, imgs, cfg), score_images(net, imgs, cfg)
-    assert s1 == s2 and len(s1) == 5 and all(0 <= s <= 1 for s in s1)
-    seg = Segmenter.wrap(net)
-    assert score_images(seg, imgs, cfg) == s1  # the served Segmenter scores the same
-    meta = {"image_channels": 3, "preprocess": {"resolution": 32, "aspect": "pad"}}
-    assert len(score_files(seg, meta, [ph2_pair[0]] * 2)) == 2
-    with pytest.raises(ValueError, match="positive"):
-        UncertaintyConfig(sigmas=(0.0, 0.1))
 
 
 def test_information_density_is_low_for_an_outlier_and_weights_the_scores():

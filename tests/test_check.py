@@ -91,3 +91,24 @@ def test_shipped_datasets_check_clean(data):
         assert dict(report.file_channels) == {channels: count}, name
         assert report.empty_masks == 0, name
         assert (report.ignored_pixels > 0) == (name == "v7_covid"), name
+
+
+def test_pacs_folder_with_damaged_dicom_names_each_in_one_line_without_pydicom_tracebacks(data, tmp_path):
+    """Real DICOM (CR uncompressed, JPEG 2000, DX) beside a JPEG 2000 file with a damaged codestream header and one
+    cut short: pydicom's decoders log a traceback per failing plugin; the check prints one line per bad file only."""
+    import subprocess
+    import sys
+
+    for f in (data / "dicom").glob("*.dcm"):
+        (tmp_path / f.name).write_bytes(f.read_bytes())
+    j2k = bytearray((data / "dicom" / "RG1_J2KI.dcm").read_bytes())
+    at = j2k.find(b"\xff\x4f\xff\x51")
+    j2k[at + 4 : at + 60] = b"\xab" * 56
+    (tmp_path / "damaged.dcm").write_bytes(bytes(j2k))
+    (tmp_path / "cut.dcm").write_bytes(bytes(j2k[:5000]))
+    res = subprocess.run([sys.executable, "-m", "medhybrid.cli", "data", "check", str(tmp_path)], capture_output=True,
+                         text=True, timeout=300)
+    out = res.stdout + res.stderr
+    assert res.returncode == 1 and "Traceback" not in out and "pydicom" not in out, out[-3000:]
+    for name in ("damaged.dcm", "cut.dcm"):
+        assert sum(name in line for line in out.splitlines()) == 1, (name, out[-3000:])

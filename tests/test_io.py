@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from medhybrid.io import DataError, Image2DReader, atomic_write, file_suffix, read_image, write_json
+from medhybrid.io import DataError, Image2DReader, atomic_write, file_suffix, read_image, reduction_factor, write_json
 from medhybrid.transforms import LoadImage2D
 
 
@@ -494,3 +494,36 @@ def test_atomic_write_keeps_the_old_file_on_error(tmp_path):
         tmp.write_bytes(b"half")
         raise RuntimeError("killed mid-write")
     assert path.read_bytes() == b"one" and [p.name for p in path.parent.iterdir()] == ["mask.png"]
+
+
+# --------------------------------------------------------------------------------------------- reduced decoding
+def test_reduction_factor_keeps_the_short_side():
+    assert reduction_factor((3000, 4000), 512) == 4 and reduction_factor((3000, 4000), 256) == 8
+    assert reduction_factor((576, 768), 512) == 1 and reduction_factor((1024, 1024), 512) == 2
+    assert reduction_factor((3000, 4000), None) == 1
+
+
+@pytest.mark.parametrize("suffix", [".jpg", ".png"])
+def test_camera_size_image_decodes_reduced_and_keeps_its_size(ph2_pair, tmp_path, suffix):
+    """A 4000x3000 photograph (a PH2 image upscaled): JPEG by draft decoding, PNG by a box reduction, both to
+    1000x750 with the file's size kept as ``original_shape``; close to the full decode shrunk the same way. A mask is
+    never reduced."""
+    big = tmp_path / f"camera{suffix}"
+    Image.open(ph2_pair[0]).convert("RGB").resize((4000, 3000), Image.BICUBIC).save(big)
+    arr, meta = read_image(big, reduce_to=512)
+    assert arr.shape == (750, 1000, 3) and arr.dtype == np.uint8 and tuple(meta["original_shape"]) == (3000, 4000)
+    full, full_meta = read_image(big)
+    assert full.shape == (3000, 4000, 3) and "original_shape" not in full_meta
+    shrunk = full.reshape(750, 4, 1000, 4, 3).mean(axis=(1, 3))
+    assert np.abs(arr - shrunk).mean() < 2.0
+    assert read_image(big, role="mask", reduce_to=512)[0].shape[:2] == (3000, 4000)
+
+
+def test_large_dicom_is_averaged_once_after_decoding(data):
+    """The CR image (1955x1841, 15-bit MONOCHROME1): block means of the decoded values, the value range unchanged."""
+    arr, meta = read_image(data / "dicom" / "RG1_UNCI.dcm", reduce_to=512)
+    full, full_meta = read_image(data / "dicom" / "RG1_UNCI.dcm")
+    assert arr.shape == (full.shape[0] // 2, full.shape[1] // 2) and tuple(meta["original_shape"]) == full.shape
+    np.testing.assert_allclose(arr[10, 10], full[20:22, 20:22].mean(), rtol=1e-6)
+    assert tuple(meta["value_range"]) == tuple(full_meta["value_range"])
+

@@ -24,6 +24,7 @@ from medhybrid.transforms import (
     ToChannels,
     aspect_size,
     image_array,
+    model_geometry,
     preprocessing,
 )
 
@@ -344,3 +345,76 @@ def test_loading_is_quiet_about_gpu_dicom_decoders_without_changing_global_state
         LoadImage2D("image", 3)
         assert list(warnings.filters) == filters
     assert not [w for w in caught if "nvImageCodec" in str(w.message)] and probe.level == level
+
+# --------------------------------------------------------------------------------------------- inference geometry
+def restore_logits(logits: torch.Tensor, hw: tuple[int, int], size: int, aspect: str) -> torch.Tensor:
+    """Logits (B, K, size, size) mapped back to (B, K, H, W) by MONAI's Invertd through :func:`model_geometry`, as the
+    inference pipeline does."""
+    from monai.data import MetaTensor
+    from monai.transforms import Compose, Invertd
+
+    geometry = Compose(model_geometry("image", size, aspect))
+    image = geometry({"image": MetaTensor(torch.zeros(1, *hw))})["image"]
+    inv = Invertd("pred", transform=geometry, orig_keys="image", nearest_interp=False)
+    return torch.stack([torch.as_tensor(inv({"pred": MetaTensor(lg), "image": image})["pred"]) for lg in logits])
+
+
+def _rect_logits(size: int, rows: tuple[int, int], cols: tuple[int, int], outside: float = -10.0) -> torch.Tensor:
+    lg = torch.full((1, 1, size, size), outside)
+    lg[..., rows[0] : rows[1], cols[0] : cols[1]] = 10.0
+    return lg
+
+
+def _assert_rect(logits: torch.Tensor, rows: tuple[int, int], cols: tuple[int, int]) -> None:
+    """The positive logits form exactly the rectangle ``rows x cols`` (half-open), but for its four corner
+    pixels, which bilinear interpolation rounds off."""
+    pos = logits > 0
+    want = torch.zeros_like(pos)
+    want[rows[0] : rows[1], cols[0] : cols[1]] = True
+    assert not (pos & ~want).any(), "positive pixels outside the rectangle"
+    missing = (want & ~pos).nonzero().tolist()
+    corners = [[r, c] for r in (rows[0], rows[1] - 1) for c in (cols[0], cols[1] - 1)]
+    assert all(m in corners for m in missing), missing
+    assert pos[rows[0]].any() and pos[rows[1] - 1].any() and pos[:, cols[0]].any() and pos[:, cols[1] - 1].any()
+
+
+def test_restore_logits_pad():
+    """64x128 (HxW) at 32 px, pad: resized to 16x32, 8 rows of padding above and below. A rectangle at rows 4..8,
+    cols 8..16 of the content (rows 12..16 of the padded map) is rows 16..32, cols 32..64 at native size (x4)."""
+    lg = _rect_logits(32, (12, 16), (8, 16))
+    lg[..., :8, :] = 10.0  # the padding is cut off whatever it holds
+    lg[..., 24:, :] = 10.0
+    out = restore_logits(lg, (64, 128), 32, "pad")
+    assert out.shape == (1, 1, 64, 128)
+    _assert_rect(out[0, 0], (16, 32), (32, 64))
+
+
+def test_restore_logits_pad_portrait():
+    """128x64 (portrait): the padding is left and right."""
+    lg = _rect_logits(32, (8, 16), (12, 16))
+    lg[..., :, :8] = 10.0
+    out = restore_logits(lg, (128, 64), 32, "pad")
+    _assert_rect(out[0, 0], (32, 64), (16, 32))
+
+
+def test_restore_logits_crop():
+    """64x128 at 32 px, crop: resized to 32x64, cols 16..48 kept. Rows 8..16, cols 4..12 of the crop are rows
+    16..32, cols (16+4)*2..(16+12)*2 = 40..56 at native size; the cropped-away sides replicate the edge logits."""
+    out = restore_logits(_rect_logits(32, (8, 16), (4, 12)), (64, 128), 32, "crop")
+    assert out.shape == (1, 1, 64, 128)
+    _assert_rect(out[0, 0], (16, 32), (40, 56))
+    # a rectangle touching the crop's left edge extends over the unseen border
+    out = restore_logits(_rect_logits(32, (8, 16), (0, 4)), (64, 128), 32, "crop")
+    _assert_rect(out[0, 0], (16, 32), (0, 40))
+
+
+def test_restore_logits_stretch():
+    """48x96 stretched to 32x32: rows x1.5, cols x3."""
+    out = restore_logits(_rect_logits(32, (4, 8), (8, 16)), (48, 96), 32, "stretch")
+    assert out.shape == (1, 1, 48, 96)
+    _assert_rect(out[0, 0], (6, 12), (24, 48))
+
+
+def test_restore_logits_keeps_channels():
+    lg = torch.randn(2, 3, 32, 32)
+    assert restore_logits(lg, (40, 20), 32, "pad").shape == (2, 3, 40, 20)

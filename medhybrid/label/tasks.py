@@ -33,10 +33,11 @@ from monailabel.tasks.infer.bundle import BundleInferTask
 from monailabel.tasks.train.bundle import BundleTrainTask
 from monailabel.utils.others.generic import device_map
 
-from medhybrid.active import UncertaintyConfig, score_files
 from medhybrid.dicom_seg import write_dicom_seg
+from medhybrid.inference import score_files
 from medhybrid.io import DataError, is_dicom_file
 from medhybrid.label.workspace import BundleNetwork, StudyLeases, train_request
+from medhybrid.quality import UncertaintyConfig
 from medhybrid.transforms import SaveMask2D, SaveMask2Dd
 
 log = logging.getLogger("medhybrid")

@@ -24,9 +24,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from monai.bundle import ConfigParser
 
 from medhybrid.config import ConfigError
+from medhybrid.inference import bundle_segmenter
 from medhybrid.io import atomic_write, write_json
 
 log = logging.getLogger("medhybrid")
@@ -96,15 +96,11 @@ class BundleNetwork:
 
     def __init__(self, bundle: str | os.PathLike, device: str = "cpu"):
         self.bundle = check_bundle(bundle)
-        self.parser = ConfigParser()
-        self.parser.read_config(str(self.bundle / "configs" / "inference.json"))
-        self.parser["bundle_root"] = str(self.bundle)
         self.device = torch.device(pick_device(device))
-        self.meta = {"image_channels": int(self.parser["image_channels"]),
-                     "preprocess": {"resolution": int(self.parser["resolution"]), "aspect": "pad",
-                                    "intensity": str(self.parser["intensity"])}}
         self._lock = threading.Lock()
         self._cache: tuple[tuple, torch.nn.Module] | None = None
+        self.meta: dict = {}
+        self.get()
 
     @property
     def model_path(self) -> Path:
@@ -115,8 +111,7 @@ class BundleNetwork:
         key = (st.st_mtime_ns, st.st_size)
         with self._lock:
             if self._cache is None or self._cache[0] != key:
-                net = self.parser.get_parsed_content("network_def", instantiate=True, lazy=False)
-                net.load_state_dict(torch.load(self.model_path, map_location="cpu", weights_only=True), strict=True)
+                net, self.meta = bundle_segmenter(self.bundle)
                 self._cache = (key, net.to(self.device).eval())
             return self._cache[1]
 

@@ -1,0 +1,176 @@
+"""How sure the network is of a mask, from the images alone: the score that orders images for review (the quality
+CSV of every inference run, :class:`QualityReport`) and for labelling (:mod:`medhybrid.active`, MONAI Label's
+next-sample strategy).
+
+The network is conditioned on a noise level and learnt to predict masks from noised images. Its uncertainty about an
+image is how much the mask moves when the image is noised::
+
+    u(x) = 1 - mean_{sigma, r} Dice( m(x + sigma * eps_r; sigma), m(x; sigma_min) )
+
+with ``m`` the hard mask, ``eps_r`` seeded Gaussian noise and ``sigma`` a few small noise levels (images live in
+[-1, 1]). ``u`` is 0 when the mask does not move and near 1 when it falls apart; normalised by object size, so a
+large lesion is not "uncertain" for its long boundary alone.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from ignite.engine import Engine, Events
+from pydantic import Field
+from scipy.stats import spearmanr
+
+from medhybrid.config import NoiseLevels, StrictModel
+from medhybrid.io import atomic_write
+from medhybrid.networks import EDMPrecond, mask_classes
+
+__all__ = ["UncertaintyConfig", "mask_dice", "mask_disagreement", "score_images", "image_scores", "QualityReport",
+           "QUALITY_CSV"]
+
+QUALITY_CSV = "quality.csv"
+
+
+class UncertaintyConfig(StrictModel):
+    """Noise levels and draws of :func:`mask_disagreement`."""
+
+    sigmas: NoiseLevels = Field((0.05, 0.1, 0.2), description="noise levels the mask is re-predicted at")
+    repeats: int = Field(2, ge=1, description="noise draws per level")
+    seed: int = 0
+    batch_size: int = Field(16, ge=1)
+
+
+# --------------------------------------------------------------------------------------------- the score
+def mask_dice(a: torch.Tensor, b: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """Per-image Dice between (B, H, W) class maps, averaged over foreground classes present in either;
+    1 where neither has any foreground (two empty masks agree)."""
+    out = torch.ones(a.shape[0], dtype=torch.float64)
+    per, seen = torch.zeros_like(out), torch.zeros_like(out)
+    for c in range(1, max(2, num_classes)):
+        pa, pb = (a == c).flatten(1), (b == c).flatten(1)
+        total = (pa.sum(1) + pb.sum(1)).double()
+        present = total > 0
+        inter = (pa & pb).sum(1).double()
+        per += torch.where(present, 2 * inter / total.clamp(min=1), torch.zeros_like(total))
+        seen += present.double()
+    return torch.where(seen > 0, per / seen.clamp(min=1), out)
+
+
+def _mask_logits(net: EDMPrecond, x: torch.Tensor, sigma: float) -> torch.Tensor:
+    """Mask logits of ``x`` fed at noise level ``sigma`` (a served :class:`medhybrid.inference.Segmenter`'s own forward
+    takes no sigma: the EDMPrecond forward it inherits does)."""
+    out = net(x, sigma) if getattr(net, "forward_takes_sigma", True) else EDMPrecond.forward(net, x, sigma)
+    return out[:, net.image_channels :]
+
+
+@torch.no_grad()
+def mask_disagreement(net: EDMPrecond, x: torch.Tensor, sigmas: Sequence[float] = (0.05, 0.1, 0.2), repeats: int = 2,
+                      generator: torch.Generator | None = None) -> torch.Tensor:
+    """u(x) for a batch of clean images ``x`` (B, C_img, H, W) in [-1, 1]: 1 - mean Dice between the mask of
+    ``x`` at sigma_min and the masks of ``x + sigma * eps`` at ``sigma``. Returns (B,) float64 on the CPU."""
+    dev = next(net.parameters()).device
+    x = x.to(dev).float()
+    k = net.mask_channels if net.mask_channels > 1 else 2
+    clean = mask_classes(net.segment(x)).cpu()
+    dice = torch.zeros(x.shape[0], dtype=torch.float64)
+    for sigma in sigmas:
+        for _ in range(repeats):
+            eps = torch.randn(x.shape, generator=generator).to(dev)
+            noisy = _mask_logits(net, x + sigma * eps, sigma)
+            dice += mask_dice(mask_classes(noisy).cpu(), clean, k)
+    return 1.0 - dice / (len(sigmas) * repeats)
+
+
+def score_images(net: EDMPrecond, images: Sequence[torch.Tensor], cfg: UncertaintyConfig | None = None) -> list[float]:
+    """u(x) for model-ready images (C, H, W), in order. The noise is drawn from one generator seeded with
+    ``cfg.seed``, so the same images in the same order get the same scores."""
+    cfg = cfg or UncertaintyConfig()
+    g = torch.Generator().manual_seed(cfg.seed)
+    was_training = net.training
+    net.eval()
+    scores: list[float] = []
+    try:
+        for start in range(0, len(images), cfg.batch_size):
+            x = torch.stack([torch.as_tensor(t).float() for t in images[start : start + cfg.batch_size]])
+            scores += mask_disagreement(net, x, cfg.sigmas, cfg.repeats, g).tolist()
+    finally:
+        net.train(was_training)
+    return scores
+
+
+
+def image_scores(net: EDMPrecond, x: torch.Tensor, cfg: UncertaintyConfig | None = None) -> list[float]:
+    """u for each image of a batch (B, C, H, W), each from noise seeded by ``cfg.seed`` alone: an image gets the same
+    score whatever batch, order or folder it comes in (what a per-run CSV needs)."""
+    cfg = cfg or UncertaintyConfig()
+    was_training = net.training
+    net.eval()
+    try:
+        return [float(mask_disagreement(net, x[i : i + 1], cfg.sigmas, cfg.repeats,
+                                        torch.Generator().manual_seed(cfg.seed))[0]) for i in range(x.shape[0])]
+    finally:
+        net.train(was_training)
+
+
+class QualityReport:
+    """Ignite handler of an inference run: for every image, the mask's area fraction and the uncertainty ``u`` of the
+    network on it (:func:`image_scores`, on the batch the network saw), written at the end as ``quality.csv`` in
+    ``output_dir``, the least certain first, after the files that could not be read (``unreadable``, from a
+    :class:`medhybrid.inference.ImageStream` given as ``stream``).
+
+    Columns: ``image`` (the input file), ``mask`` (the mask written), ``area_fraction`` (foreground pixels / all
+    pixels), ``uncertainty`` (u in [0, 1]), ``status`` (``ok``, or ``unreadable: <reason>``)."""
+
+    def __init__(self, output_dir: str | Path, cfg: UncertaintyConfig | None = None, stream=None,
+                 image_key: str = "image", pred_key: str = "pred"):
+        self.output_dir, self.cfg, self.stream = Path(output_dir), cfg or UncertaintyConfig(), stream
+        self.image_key, self.pred_key = image_key, pred_key
+        self.rows: list[dict] = []
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.STARTED, lambda _: self.rows.clear())
+        engine.add_event_handler(Events.ITERATION_COMPLETED, self.iteration_completed)
+        engine.add_event_handler(Events.COMPLETED, lambda _: self.write())
+
+    def iteration_completed(self, engine: Engine) -> None:
+        # MONAI's engines hand the batch and the output to handlers decollated: one dict per image
+        items = engine.state.batch if isinstance(engine.state.batch, list) else [engine.state.batch]
+        outputs = engine.state.output if isinstance(engine.state.output, list) else [engine.state.output]
+        net = engine.network
+        x = torch.stack([torch.as_tensor(d[self.image_key]) for d in items]).to(next(net.parameters()).device).float()
+        scores = image_scores(net, x, self.cfg)
+        names = [getattr(d[self.image_key], "meta", {}).get("filename_or_obj", "") for d in items]
+        for name, u, out in zip(names, scores, outputs, strict=True):
+            pred = out[self.pred_key]
+            saved = getattr(pred, "meta", {}).get("saved_to") or [""]
+            self.rows.append({"image": str(name), "mask": str(saved[0]), "area_fraction": float((pred > 0).float().mean()),
+                              "uncertainty": u, "status": "ok"})
+
+    def write(self) -> Path:
+        """``quality.csv``: unreadable files first, then the least certain image first (ties by name)."""
+        bad = [{"image": p, "mask": "", "area_fraction": math.nan, "uncertainty": math.nan, "status": f"unreadable: {why}"}
+               for p, why in (getattr(self.stream, "failures", None) or [])]
+        rows = bad + sorted(self.rows, key=lambda r: (-r["uncertainty"], r["image"]))
+        path = self.output_dir / QUALITY_CSV
+        with atomic_write(path) as tmp, open(tmp, "w", newline="") as fh:
+            w = csv.DictWriter(fh, fieldnames=["image", "mask", "area_fraction", "uncertainty", "status"])
+            w.writeheader()
+            for r in rows:
+                w.writerow({**r, "area_fraction": _fmt(r["area_fraction"]), "uncertainty": _fmt(r["uncertainty"])})
+        return path
+
+
+def _fmt(v: float) -> str:
+    return "" if math.isnan(v) else f"{v:.4f}"
+
+
+def rank_correlation(a: Sequence[float], b: Sequence[float]) -> float:
+    """Spearman's rank correlation of two equally long sequences (NaN pairs dropped; NaN below 3 pairs)."""
+    pairs = [(x, y) for x, y in zip(a, b, strict=True) if not (math.isnan(x) or math.isnan(y))]
+    if len(pairs) < 3:
+        return math.nan
+    return float(spearmanr(np.array(pairs)[:, 0], np.array(pairs)[:, 1]).statistic)
