@@ -51,10 +51,10 @@ __all__ = ["Segmenter", "load_segmenter", "bundle_segmenter", "collect_inputs", 
 log = logging.getLogger("medhybrid")
 
 MASK_SUFFIX = "_mask"
-REDUCE_FACTOR = 8
+REDUCE_FACTOR = 4
 """A large image is decoded at reduced size, its short side kept at least this many times the network's resolution
-(512 pixels for a 64-pixel network): no shipped training or test image is reduced, a 12-megapixel photograph is
-decoded at a quarter of its size."""
+(256 pixels for a 64-pixel network): no shipped training or test image is reduced, a 12-megapixel photograph is
+decoded at an eighth of its size (500 x 375), a 2000-pixel radiograph at a quarter."""
 
 
 # --------------------------------------------------------------------------------------------- network
@@ -224,7 +224,7 @@ class InferenceResult:
 
 @torch.no_grad()
 def infer_files(model_path: str | os.PathLike, files: Sequence[str | os.PathLike], output_dir: str | os.PathLike,
-                nifti: bool = False, batch_size: int = 8, device: str | torch.device = "auto", dicom_seg: bool = True,
+                nifti: bool = False, batch_size: int = 1, device: str | torch.device = "auto", dicom_seg: bool = True,
                 uncertainty: UncertaintyConfig | None = None, reduce: bool = True) -> InferenceResult:
     """Segment ``files`` (image files and/or folders, :func:`collect_inputs`) with ``model_path`` through the
     pipeline above; write the masks and ``quality.csv`` into ``output_dir``. A file that cannot be read is skipped
@@ -253,7 +253,7 @@ def infer_files(model_path: str | os.PathLike, files: Sequence[str | os.PathLike
 
 
 def infer_folder(model_path: str | os.PathLike, input_dir: str | os.PathLike, output_dir: str | os.PathLike,
-                 nifti: bool = False, batch_size: int = 8, device: str | torch.device = "auto") -> InferenceResult:
+                 nifti: bool = False, batch_size: int = 1, device: str | torch.device = "auto") -> InferenceResult:
     """:func:`infer_files` on every supported image file in ``input_dir`` (sorted, not recursive)."""
     if not Path(input_dir).is_dir():
         raise DataError(input_dir, "not a folder")
@@ -286,7 +286,7 @@ class InferenceConfig(StrictModel):
     output_dir: Path
     nifti: bool = Field(False, description="also write <stem>_mask.nii.gz")
     dicom_seg: bool = Field(True, description="a DICOM SEG beside the mask of a DICOM input")
-    batch_size: int = Field(8, ge=1)
+    batch_size: int = Field(1, ge=1, description="images per network call (1: memory stays that of one image)")
     device: str = Field("auto", description="auto, cpu, cuda, cuda:1 ...")
 
 

@@ -344,3 +344,20 @@ def test_bundle_semi_scores_both_arms_on_the_held_back_images(data):
     assert 0 < row["semi_dice"] <= 1 and 0 < row["labels-only_dice"] <= 1, row
     line = next(x for x in out.splitlines() if x.startswith("chest seed 0:"))
     assert f"difference {row['semi_dice'] - row['labels-only_dice']:+.4f}" in line, out
+
+
+# ------------------------------------------------------------------------------------------ large_images.py
+def test_large_images_compares_both_pipelines_with_pillow_decoding(data, tmp_path):
+    out, wall = _run("large_images.py", "--images", "2", "--previous", "1", "--size", "1600x1200", "--workdir", str(tmp_path))
+    assert "large images: 2 JPEG 1600x1200" in out, out
+    per = field(out, rf"Pillow full decode: {_NUM} s \(({_NUM}) ms/image\)")
+    r = rows(out, ("previous", "new"))
+    assert r["previous"][0] == "1" and r["new"][0] == "2", out
+    for side, v in r.items():
+        wall_s, ms, times = Printed.of(v[1]), Printed.of(v[2]), Printed.of(v[3])
+        assert_quotient(ms, wall_s * 1000, Printed.exact(float(v[0])), f"{side} ms/image")
+        assert_quotient(times, ms, per, f"{side} x decode")
+        assert_fits(wall_s, wall, side)
+        assert_sensible_rss(Printed.of(v[4]), side)
+    dice = field(out, rf"Dice new vs previous on 1 images: mean ({_NUM})")
+    assert 0.9 <= dice.lo and dice.hi <= 1.0001, out

@@ -76,7 +76,10 @@ def test_an_image_scores_the_same_alone_or_in_a_batch():
     net = build_network(TINY, 3, 2).eval()
     x = torch.rand(3, 3, 32, 32) * 2 - 1
     together = image_scores(net, x)
-    assert image_scores(net, x[2:]) == together[2:] and image_scores(net, x.flip(0)) == together[::-1]
+    assert image_scores(net, x[2:]) == pytest.approx(together[2:], abs=1e-6)
+    assert image_scores(net, x.flip(0)) == pytest.approx(together[::-1], abs=1e-6)
+    alone = [float(mask_disagreement(net, x[i : i + 1], generator=torch.Generator().manual_seed(0))[0]) for i in range(3)]
+    assert together == pytest.approx(alone, abs=1e-6)
 
 
 def test_rank_correlation():
