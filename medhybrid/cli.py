@@ -222,7 +222,8 @@ def build_parser() -> argparse.ArgumentParser:
     inf.add_argument("--nifti", action="store_true", help="also write <stem>_mask.nii.gz (class indices)")
     inf.add_argument("--no-dicom-seg", dest="dicom_seg", action="store_false",
                      help="no DICOM SEG beside the masks of DICOM inputs")
-    inf.add_argument("--batch-size", type=int, default=1, help="images per network call; camera-size images hold their full-size masks per batch, so 1 keeps memory lowest")
+    inf.add_argument("--batch-size", type=int, default=1,
+                     help="images per network call; a batch holds its full-size masks, so 1 keeps memory lowest")
     inf.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ...")
     inf.set_defaults(func=_infer)
     return p
