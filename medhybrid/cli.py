@@ -24,6 +24,7 @@ from medhybrid.finetune import FinetuneConfig, run_finetuning
 from medhybrid.inference import infer_files
 from medhybrid.io import DataError
 from medhybrid.pretrain import PretrainConfig, run_pretraining
+from medhybrid.release import ReleaseConfig, choose_alpha
 from medhybrid.report import embed_in_readme, write_length_curve, write_report
 from medhybrid.sampling import sample_to_grid
 
@@ -134,6 +135,16 @@ def _infer(args) -> int:
     return 1 if res.failures else 0
 
 
+def _release(args) -> int:
+    cfg = validate(ReleaseConfig, {"bundle": args.bundle, "source": args.source, "source_split": args.source_split,
+                                   "target": args.target, "output_dir": args.out, "seed": args.seed,
+                                   "write_bundle": args.write, **({"alphas": args.alphas} if args.alphas else {})},
+                   source="medhybrid release")
+    report = choose_alpha(cfg)
+    print(f"chosen alpha {report['chosen_alpha']:.2f}: {Path(args.out) / 'release.md'}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="medhybrid", description="Label-efficient 2D medical image segmentation "
                                 "with hybrid diffusion pretraining (MONAI).")
@@ -226,6 +237,18 @@ def build_parser() -> argparse.ArgumentParser:
                      help="images per network call; a batch holds its full-size masks, so 1 keeps memory lowest")
     inf.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ...")
     inf.set_defaults(func=_infer)
+
+    rel = sub.add_parser("release", help="weights that keep what the pretraining knew: choose a bundle's WiSE-FT mixing "
+                         "weight on the source's validation split and a development half of the target's pool")
+    rel.add_argument("--bundle", required=True, help="bundle folder with models/pretrained.pt and models/model.pt")
+    rel.add_argument("--source", required=True, help="the pretraining's dataset, e.g. isic2018")
+    rel.add_argument("--source-split", default="val")
+    rel.add_argument("--target", required=True, help="the fine-tuning's dataset, e.g. ph2 (its pool is split in two)")
+    rel.add_argument("--alphas", type=float, nargs="+", help="mixing weights to score (default 0 0.25 0.5 0.75 1)")
+    rel.add_argument("--seed", type=int, default=0)
+    rel.add_argument("--out", required=True, help="folder for release.json, release.md and the chosen model.pt")
+    rel.add_argument("--write", action="store_true", help="also replace the bundle's models/model.pt")
+    rel.set_defaults(func=_release)
     return p
 
 
