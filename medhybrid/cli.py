@@ -138,7 +138,8 @@ def _infer(args) -> int:
 def _release(args) -> int:
     cfg = validate(ReleaseConfig, {"bundle": args.bundle, "source": args.source, "source_split": args.source_split,
                                    "target": args.target, "output_dir": args.out, "seed": args.seed,
-                                   "write_bundle": args.write, **({"alphas": args.alphas} if args.alphas else {})},
+                                   "write_bundle": args.write, "criterion": args.criterion, "tolerance": args.tolerance,
+                                   **({"alphas": args.alphas} if args.alphas else {})},
                    source="medhybrid release")
     report = choose_alpha(cfg)
     print(f"chosen alpha {report['chosen_alpha']:.2f}: {Path(args.out) / 'release.md'}")
@@ -245,6 +246,10 @@ def build_parser() -> argparse.ArgumentParser:
     rel.add_argument("--source-split", default="val")
     rel.add_argument("--target", required=True, help="the fine-tuning's dataset, e.g. ph2 (its pool is split in two)")
     rel.add_argument("--alphas", type=float, nargs="+", help="mixing weights to score (default 0 0.25 0.5 0.75 1)")
+    rel.add_argument("--criterion", choices=["target-tolerance", "mean"], default="target-tolerance",
+                     help="target-tolerance: the best source Dice within --tolerance of the best development Dice; "
+                          "mean: the best mean of both")
+    rel.add_argument("--tolerance", type=float, default=0.01)
     rel.add_argument("--seed", type=int, default=0)
     rel.add_argument("--out", required=True, help="folder for release.json, release.md and the chosen model.pt")
     rel.add_argument("--write", action="store_true", help="also replace the bundle's models/model.pt")

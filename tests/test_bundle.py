@@ -208,7 +208,8 @@ def test_chest_inference_on_real_pacs_dicom_and_jpeg(tmp_path):
     assert dice(np.asarray(Image.open(out / f"{sid}_mask.png")), truth) > 0.9
 
 
-def test_bundle_and_medhybrid_infer_write_the_same_masks_and_survive_bad_files(tmp_path, data):
+@pytest.mark.parametrize("which", [DERM, CHEST], ids=lambda b: b.name)
+def test_bundle_and_medhybrid_infer_write_the_same_masks_and_survive_bad_files(which, tmp_path, data):
     """One pipeline: the bundle run and ``medhybrid infer --model <bundle>`` on the same folder (PH2 PNGs, a
     camera-size JPEG, a DICOM, a truncated JPEG, a text file named .png, a DICOM cut short) write byte-identical masks
     for every good image; the bundle names each bad file in one line, ends with a summary and exit status 1, and
@@ -225,7 +226,7 @@ def test_bundle_and_medhybrid_infer_write_the_same_masks_and_survive_bad_files(t
     (inputs / "truncated.jpg").write_bytes((inputs / "camera.jpg").read_bytes()[:30000])
     (inputs / "notes.png").write_text("not an image")
     (inputs / "cut.dcm").write_bytes((DICOM / "RG1_UNCI.dcm").read_bytes()[:5000])
-    bundle = copy_bundle(DERM, tmp_path)
+    bundle = copy_bundle(which, tmp_path)
     res = run_bundle(bundle, ["inference"], "--input_dir", str(inputs), "--output_dir", str(tmp_path / "b"), check=False)
     log = res.stdout + res.stderr
     assert res.returncode == 1 and "Traceback" not in log, log[-3000:]
