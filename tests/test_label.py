@@ -77,7 +77,8 @@ def test_served_bundle_is_a_copy_that_keeps_what_it_learnt(tmp_path):
 def test_bundle_network_reloads_when_the_weights_change(tmp_path):
     served = served_bundle(CHEST, tmp_path / "work")
     bn = BundleNetwork(served, "cpu")
-    assert bn.meta == {"image_channels": 1, "preprocess": {"resolution": 64, "aspect": "pad", "intensity": "fixed"}}
+    assert bn.meta == {"image_channels": 1, "mask_channels": 1,
+                       "preprocess": {"resolution": 64, "aspect": "pad", "intensity": "fixed"}}
     net = bn.get()
     assert bn.get() is net
     state = {k: v * 0 for k, v in net.state_dict().items()}

@@ -47,8 +47,10 @@ class MedhybridInfer(BundleInferTask):
     """MONAI Label's bundle infer task; results are a DICOM SEG for DICOM studies and a PNG otherwise."""
 
     def __init__(self, path: str, conf: dict[str, str], **kwargs):
-        # the bundle's own mask writer is for `monai.bundle run`: the server writes through writer() below
-        super().__init__(path, conf, post_filter=[SaveImaged, SaveMask2Dd], load_strict=True, **kwargs)
+        # the bundle's own mask writer is for `monai.bundle run`: the server writes through writer() below; MONAI
+        # Label's own restore step is left out: the bundle's Invertd already maps the mask to the study's pixel grid
+        # (a large study is read at reduced size, which that step would take for the study's size)
+        super().__init__(path, conf, post_filter=[SaveImaged, SaveMask2Dd], load_strict=True, add_post_restore=False, **kwargs)
         if self.valid:
             self.labels = {str(k): int(v) for k, v in self.bundle_config.get("labels", {"foreground": 1}).items()}
             self.version = self.version or "0"
