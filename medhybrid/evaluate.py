@@ -9,6 +9,7 @@ of the best and worst cases are written.
 from __future__ import annotations
 
 import csv
+import logging
 import math
 import os
 from dataclasses import dataclass, field
@@ -23,10 +24,12 @@ from monai.transforms import Compose
 from medhybrid.config import DatasetSpec, Preprocess
 from medhybrid.datasets import load_pairs
 from medhybrid.inference import inference_postprocessing, inference_preprocessing
-from medhybrid.io import DataError
+from medhybrid.io import DataError, data_error
 from medhybrid.networks import EDMPrecond, mask_classes
 from medhybrid.transforms import IGNORE_INDEX, LoadImage2Dd, MaskToLabeld, preprocessing
 from medhybrid.visualize import grid, overlay, save_png
+
+log = logging.getLogger("medhybrid")
 
 
 def predict(net: EDMPrecond, image: torch.Tensor) -> torch.Tensor:
@@ -58,6 +61,8 @@ class EvalResult:
     """The name of the evaluated set, the prefix of the :attr:`summary` keys: ``test``, or ``dev`` for a development
     set that is not the test split."""
     rows: list[dict] = field(default_factory=list)
+    failures: list[tuple[str, str]] = field(default_factory=list)
+    """(file, reason) of every pair that could not be read: logged in one line each and left out of the means."""
     csv: Path | None = None
     overlays: list[Path] = field(default_factory=list)
 
@@ -90,12 +95,25 @@ def evaluate(net: EDMPrecond, dataset: DatasetSpec, preprocess: Preprocess, spli
     result = EvalResult(split)
     keep: list[tuple[float, dict, torch.Tensor, torch.Tensor]] = []
     for start in range(0, len(pairs), batch_size):
-        chunk = pairs[start : start + batch_size]
-        items = [pre({"image": p["image"]}) for p in chunk]
+        chunk, items, labels = [], [], []
+        for p in pairs[start : start + batch_size]:
+            try:
+                item = pre({"image": p["image"]})
+                lab = torch.as_tensor(read_label({"label": p["label"]})["label"])[0]
+            except Exception as e:  # one line naming the file; the other images are still scored
+                found = data_error(e)
+                reason = f"{found}" if found is not None else f"{p['image']}: cannot be read ({type(e).__name__}: {e})"
+                result.failures.append((p["image"], reason))
+                log.error("evaluation skipped %s", reason)
+                continue
+            chunk.append(p)
+            items.append(item)
+            labels.append(lab)
+        if not chunk:
+            continue
         logits = predict(net, torch.stack([d["image"] for d in items]))
-        for p, d, lg in zip(chunk, items, logits, strict=True):
+        for p, d, lg, lab in zip(chunk, items, logits, labels, strict=True):
             pred = post({"pred": MetaTensor(lg), "image": d["image"]})["pred"][0]
-            lab = torch.as_tensor(read_label({"label": p["label"]})["label"])[0]
             if tuple(lab.shape) != tuple(pred.shape):
                 raise DataError(p["label"], f"mask size {tuple(lab.shape)} (HxW) differs from image size "
                                             f"{tuple(pred.shape)} of {p['image']}")
@@ -103,6 +121,9 @@ def evaluate(net: EDMPrecond, dataset: DatasetSpec, preprocess: Preprocess, spli
             row = {"id": p["id"], **m_}
             result.rows.append(row)
             keep.append((m_["dice"], row, d["image"].as_tensor(), mask_classes(lg[None])[0] > 0))
+    if result.failures:
+        log.error("evaluation: %d of %d image(s) scored, %d could not be read (named above)", len(result.rows), len(pairs),
+                  len(result.failures))
     if out_dir is not None:
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)

@@ -256,6 +256,26 @@ def test_evaluate_reproduces_the_model_card(bundle, tmp_path):
     assert len(rows) == len(split["test"]) and {Path(r["filename"]).stem for r in rows} == set(split["test"])
 
 
+def test_evaluate_scores_every_readable_pair_and_names_the_unreadable_one(tmp_path):
+    data = tmp_path / "data"
+    (data / "images").mkdir(parents=True)
+    (data / "masks").mkdir()
+    ids = real_split(PH2)["test"][:3]
+    for i in ids:
+        shutil.copy(PH2 / "images" / f"{i}.png", data / "images" / f"{i}.png")
+        shutil.copy(PH2 / "masks" / f"{i}_lesion.png", data / "masks" / f"{i}.png")
+    broken = data / "images" / f"{ids[0]}.png"
+    broken.write_bytes(broken.read_bytes()[:600])
+    work = copy_bundle(DERM, tmp_path)
+    res = run_bundle(work, ["train", "evaluate"], "--dataset_dir", str(data), "--output_dir", str(tmp_path / "eval"),
+                     check=False)
+    log = res.stdout + res.stderr
+    assert res.returncode == 1 and "Traceback" not in log, log[-3000:]
+    assert sum(f"skipped {broken}:" in line for line in log.splitlines()) == 1, log[-3000:]
+    rows = list(csv.DictReader(open(tmp_path / "eval" / "val_mean_dice_raw.csv")))
+    assert sorted(Path(r["filename"]).stem for r in rows) == sorted(ids[1:])
+
+
 # --------------------------------------------------------------------------------------------- training
 def test_train_fine_tunes_the_pretraining_and_publishes_the_weights(tmp_path):
     bundle = copy_bundle(DERM, tmp_path)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -141,3 +142,15 @@ def test_evaluate_empty_split(ph2_tiny):
     spec = load_dataset_spec(ph2_tiny)
     with pytest.raises(ValueError, match="has no 'val' images"):
         evaluate(_Stub(lambda x: x[:, :1]), spec, Preprocess(resolution=32), "val")
+
+
+def test_an_unreadable_pair_is_named_and_the_others_are_scored(ph2_tiny, tmp_path, caplog):
+    spec = load_dataset_spec(ph2_tiny)
+    pairs = load_pairs(spec, "test")
+    bad = tmp_path / "broken.png"
+    bad.write_bytes(Path(pairs[0]["image"]).read_bytes()[:500])
+    with caplog.at_level("ERROR", logger="medhybrid"):
+        res = evaluate(_Stub(lambda x: torch.full_like(x[:, :1], 5.0)), spec, Preprocess(resolution=32), "test",
+                       pairs=[{**pairs[0], "id": "broken", "image": str(bad)}, *pairs])
+    assert len(res.rows) == len(pairs) and [Path(f).name for f, _ in res.failures] == ["broken.png"]
+    assert sum("broken.png" in r.getMessage() for r in caplog.records) == 1
