@@ -143,7 +143,8 @@ def test_ablation_runs_records_reports_and_resumes(workdir, mlflow_uri, isic_tin
 
     # wall time per invocation, method and stage; the report states the total
     inv = json.loads((folder / "timings.json").read_text())["invocations"]
-    assert len(inv) == 2 and inv[0]["wall_s"] > inv[1]["wall_s"] > 0
+    assert len(inv) == 2  # the stages of an invocation happen inside its wall time (no timing compared across runs)
+    assert all(i["wall_s"] >= sum(sum(m.values()) for m in i["methods"].values()) > 0 for i in inv)
     assert set(inv[0]["methods"]) == set(methods) and inv[0]["methods"]["diffusion"]["pretrain_s"] > 0
     assert set(inv[1]["methods"]["scratch"]) == {"pretrain_s", "train_s", "eval_s"}  # the one re-evaluated run
     assert "Wall time:" in again["report"]["markdown"].read_text()

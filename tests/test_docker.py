@@ -41,6 +41,7 @@ DOCKER = REPO_ROOT / "docker"
 DOCKERFILES = sorted(p for p in DOCKER.glob("Dockerfile*") if p.suffix != ".dockerignore")
 COMPOSE = DOCKER / "compose.yaml"
 README = REPO_ROOT / "README.md"
+SCALING = REPO_ROOT / "docs" / "scaling.md"  # the README's reference page on Docker
 DOCKER_README = DOCKER / "README.md"
 PYPROJECT = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())
 REQ_LINE = re.compile(r"^\s*([A-Za-z0-9][A-Za-z0-9._-]*)(?:\[[^\]]*\])?==([\w.+!-]+)")
@@ -671,7 +672,7 @@ def _check_doc(text: str, where: str, images: dict[str, Path]) -> int:
 
 
 def test_documented_docker_commands_work():
-    docs = {p: p.read_text() for p in (README, DOCKER_README, COMPOSE, *DOCKERFILES)}
+    docs = {p: p.read_text() for p in (README, SCALING, DOCKER_README, COMPOSE, *DOCKERFILES)}
     images = _built_images(list(docs.values()))
     for path in DOCKERFILES:  # each Dockerfile's header builds that Dockerfile
         for argv in _doc_commands(docs[path]):
@@ -682,7 +683,8 @@ def test_documented_docker_commands_work():
 
 
 def test_documented_default_commands_are_the_images():
-    """docker/README.md's table states each image's default command; README.md names the medhybrid ones."""
+    """docker/README.md's table states each image's default command; the docs (README.md, docs/scaling.md) name the
+    medhybrid ones."""
     rows = {}
     for line in DOCKER_README.read_text().splitlines():
         cells = [c.strip() for c in line.strip().strip("|").split("|")]
@@ -690,11 +692,11 @@ def test_documented_default_commands_are_the_images():
         if m:
             rows[m.group(1)] = re.search(r"`([^`]+)`", cells[2]).group(1)
     assert set(rows) == {p.name for p in DOCKERFILES}, f"docker/README.md's table lists {sorted(rows)}"
-    readme = README.read_text()
+    readme = README.read_text() + SCALING.read_text()
     for path in DOCKERFILES:
         argv = command(path)
         documented = shlex.split(rows[path.name])
         assert argv[: len(documented)] == documented, f"{path.name} runs {argv}; docker/README.md says {documented}"
         if argv[0] in PYPROJECT["project"]["scripts"]:
             assert documented == argv, f"{path.name}: docker/README.md says {documented}, the image runs {argv}"
-            assert " ".join(argv) in readme, f"{path.name} runs `{' '.join(argv)}`, which README.md does not mention"
+            assert " ".join(argv) in readme, f"{path.name} runs `{' '.join(argv)}`, which the docs do not mention"

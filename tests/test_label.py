@@ -14,6 +14,7 @@ import json
 import os
 import shutil
 import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -230,3 +231,37 @@ def test_label_server_serves_both_bundles(label_server, tmp_path):
     after = {sid: _dice(np.asarray(Image.open(r["after"][sid]["file"])), _truth(sid)) for sid in ids[:3]}
     print(f"Dice against the saved labels: before training {before}, after {after}")
     assert np.mean(list(after.values())) > np.mean(list(before.values())), (before, after)
+
+
+def _medhybrid_imports(module: str, seen: set[str] | None = None) -> set[str]:
+    """Every medhybrid module ``module`` imports, directly or through others (read from the source, module level and
+    function bodies alike)."""
+    import ast
+
+    seen = set() if seen is None else seen
+    path = REPO_ROOT / (module.replace(".", "/") + ".py")
+    if not path.is_file():
+        path = REPO_ROOT / module.replace(".", "/") / "__init__.py"
+    for node in ast.walk(ast.parse(path.read_text())):
+        names = [a.name for a in node.names] if isinstance(node, ast.Import) else (
+            [node.module] if isinstance(node, ast.ImportFrom) and node.module and node.level == 0 else [])
+        for name in names:
+            if name.startswith("medhybrid") and name not in seen:
+                seen.add(name)
+                _medhybrid_imports(name, seen)
+    return seen
+
+
+def test_the_annotation_app_imports_inference_and_scoring_only():
+    """The MONAI Label app stands on the inference pipeline and the scoring module: nothing of the experiment stack
+    (ablation, pretraining, fine-tuning, active-learning experiments, reports, plots) and not Ray."""
+    used = set()
+    for m in ("medhybrid.label.main", "medhybrid.label.tasks", "medhybrid.label.workspace"):
+        used |= _medhybrid_imports(m)
+    assert {"medhybrid.inference", "medhybrid.quality"} <= used
+    stack = {"medhybrid.ablation", "medhybrid.pretrain", "medhybrid.finetune", "medhybrid.active", "medhybrid.report",
+             "medhybrid.visualize", "medhybrid.pixel_features", "medhybrid.fewshot", "medhybrid.semi", "medhybrid.tracking"}
+    assert not used & stack, sorted(used & stack)
+    code = "import sys, medhybrid.label.workspace, medhybrid.inference, medhybrid.quality; print('ray' in sys.modules)"
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert res.stdout.strip() == "False", res.stderr[-2000:]

@@ -255,6 +255,29 @@ def _cli_env() -> dict:
     return env
 
 
+def _descendants(pid: int) -> list[int]:
+    """The PIDs of every process ``pid`` started, children first-level then theirs (Linux ``/proc``)."""
+    found: list[int] = []
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        try:
+            children = [int(c) for c in (task / "children").read_text().split()]
+        except OSError:
+            continue
+        for c in children:
+            found += [c, *_descendants(c)]
+    return found
+
+
+def _kill_tree(proc: subprocess.Popen) -> None:
+    """SIGKILL the process this test started and everything it started, by PID (the ranks that torchrun starts each
+    in a session of their own included); never by a name pattern, which could match a stranger's process."""
+    for pid in [*_descendants(proc.pid), proc.pid]:  # listed before any dies, so none is re-parented unseen
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
 def _kill_at_first_checkpoint(cmd: list[str], cwd: Path, folder: Path, kill, timeout: float = 300) -> subprocess.Popen:
     """Start ``cmd`` and ``kill(proc)`` it as soon as ``folder/checkpoints`` holds a checkpoint; return it, ended."""
     proc = subprocess.Popen(cmd, cwd=cwd, env=_cli_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
@@ -398,7 +421,7 @@ def test_torchrun_pretraining_writes_one_run_and_resumes_after_kill(isic_tiny, w
     killed = workdir / "killed"
     # the launcher and both ranks (torchrun starts each rank in a session of its own)
     _kill_at_first_checkpoint(_torchrun(conf, killed, mlflow_uri), workdir, killed,
-                              lambda p: subprocess.run(["pkill", "-KILL", "-f", f"output_dir={killed}"], check=False))
+                              _kill_tree)
     time.sleep(1)
     run_id = json.loads((killed / "state.json").read_text())["mlflow_run_id"]
     assert not (killed / "model.pt").exists() and json.loads((killed / "state.json").read_text())["status"] == "running"
