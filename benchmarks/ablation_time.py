@@ -36,7 +36,7 @@ STAGES = ("pretrain_s", "train_s", "eval_s")
 
 
 def _config(args, out: Path):
-    from medhybrid.cli import load_ablation
+    from medhybrid.ablation import load_ablation
 
     cfg = load_ablation(args.config, args.profile, [*args.overrides, f"output_dir={out / 'ablation'}",
                                                     f"mlflow.tracking_uri=sqlite:///{out / 'mlflow.db'}"])

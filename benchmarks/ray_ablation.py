@@ -36,7 +36,7 @@ def overhead(config: str, profile: str, sets: list[str], workers: int, n: int = 
     """Seconds to start a local Ray instance and the median round trip of an empty task given the ablation config."""
     import ray
 
-    from medhybrid.cli import load_ablation
+    from medhybrid.ablation import load_ablation
 
     cfg = load_ablation(config, profile, sets)
     t = time.perf_counter()

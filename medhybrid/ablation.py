@@ -23,7 +23,19 @@ from pydantic import Field, model_validator
 
 from medhybrid import runs, tracking
 from medhybrid.checkpoints import load_model, read_model_file
-from medhybrid.config import DatasetRef, Preprocess, StrictModel, deep_merge, dump_config, save_config, validate
+from medhybrid.config import (
+    ConfigError,
+    DatasetRef,
+    Preprocess,
+    StrictModel,
+    apply_overrides,
+    deep_merge,
+    dump_config,
+    find_config,
+    read_yaml,
+    save_config,
+    validate,
+)
 from medhybrid.datasets import few_shot_ids, load_pairs
 from medhybrid.fewshot import evaluate_few_shot_run
 from medhybrid.finetune import FinetuneConfig, run_finetuning
@@ -447,3 +459,32 @@ def run_ablation(cfg: AblationConfig) -> dict:
             tracking.log_artifact(cfg.mlflow, parent, p, "report")
         tracking.finish_run(cfg.mlflow, parent, "FAILED" if failures else "FINISHED")
     return {"report": report, "failures": failures, "parent_run_id": parent}
+
+
+def load_ablation(path: str, profile: str, overrides: list[str]):
+    """An ablation config with one of its ``profiles`` (quick, standard, full) merged over the shared part. A profile's
+    ``methods`` may be a list of names: it then runs that selection of the methods defined at the top level."""
+    p = find_config(path, "ablation")
+    data = read_yaml(p)
+    profiles = data.pop("profiles", {}) or {}
+    defined = data.get("methods") or DEFAULT_METHODS
+    data = deep_merge(data, _profile(profiles, profile, p))
+    data.setdefault("name", f"{p.stem}-{profile}")
+    data = apply_overrides(data, overrides)
+    if isinstance(data.get("methods"), list):  # a profile (or methods=[a,b]) runs a selection of the defined methods
+        unknown = [m for m in data["methods"] if m not in defined]
+        if unknown:
+            raise ConfigError(f"{p} [{profile}]: methods {unknown} are not defined (defined: {sorted(defined)})")
+        data["methods"] = {m: defined[m] for m in data["methods"]}
+    return validate(AblationConfig, data, source=f"{p} [{profile}]", context={"base_dir": p.parent})
+
+
+def _profile(profiles: dict, name: str, path: Path, seen: tuple[str, ...] = ()) -> dict:
+    """Profile ``name``, with the profile it ``extends`` (if any) merged under it."""
+    if name not in profiles:
+        raise ConfigError(f"{path}: no profile {name!r} (profiles: {sorted(profiles)})")
+    if name in seen:
+        raise ConfigError(f"{path}: profiles extend each other in a loop: {' -> '.join((*seen, name))}")
+    prof = dict(profiles[name])
+    base = prof.pop("extends", None)
+    return deep_merge(_profile(profiles, base, path, (*seen, name)), prof) if base else prof

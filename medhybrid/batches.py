@@ -16,6 +16,7 @@ from monai.engines import PrepareBatch
 from monai.utils import CommonKeys as Keys
 
 from medhybrid import diffusion as D
+from medhybrid.modes import get_mode
 
 
 def as_plain_tensor(x) -> torch.Tensor:
@@ -50,6 +51,7 @@ class CorruptionPrepareBatch(PrepareBatch):
                  mask_weight: float = 1.0, seg_fraction: float = 0.0, seg_sigma_max: float = 0.1,
                  weighting: str = "all", mdm_patch: int = 8):
         self.mode, self.edm, self.seed, self.rank = mode, edm, seed, rank
+        self.corruption = get_mode(mode)
         self.mask_weight, self.seg_fraction, self.seg_sigma_max = mask_weight, seg_fraction, seg_sigma_max
         self.weighting, self.mdm_patch = weighting, mdm_patch
         self.step = 0
@@ -58,12 +60,13 @@ class CorruptionPrepareBatch(PrepareBatch):
         """Keep :attr:`step` equal to the engine's iteration (set before each batch is prepared)."""
         engine.add_event_handler(Events.ITERATION_STARTED, lambda e: setattr(self, "step", e.state.iteration))
 
-    def sigmas(self, n: int, g: torch.Generator, labelled: torch.Tensor | None = None) -> torch.Tensor:
-        """EDM's log-normal sigmas; in hybrid mode the first ``seg_fraction`` of the labelled samples (all samples
-        when ``labelled`` is None) take the low band instead."""
+    def sigmas(self, n: int, g: torch.Generator, labelled: torch.Tensor | None = None, low_band: bool | None = None) -> torch.Tensor:
+        """EDM's log-normal sigmas; with ``low_band`` (default: in hybrid mode) the first ``seg_fraction`` of the
+        labelled samples (all samples when ``labelled`` is None) take the low band instead."""
         e = self.edm
         sigma = D.sample_sigma_lognormal(n, e.p_mean, e.p_std, generator=g)
-        if self.mode == "hybrid" and self.seg_fraction > 0:
+        low_band = self.mode == "hybrid" if low_band is None else low_band
+        if low_band and self.seg_fraction > 0:
             idx = torch.arange(n) if labelled is None else torch.nonzero(labelled.cpu() > 0).flatten()
             k = int(round(self.seg_fraction * len(idx)))
             sigma[idx[:k]] = D.sample_sigma_loguniform(k, e.sigma_min, self.seg_sigma_max, generator=g)
@@ -87,26 +90,9 @@ class CorruptionPrepareBatch(PrepareBatch):
         labelled = batchdata.get("labelled")
         labelled = None if labelled is None else as_plain_tensor(labelled).float().flatten()
         g = step_generator(self.seed, self.step, self.rank)
-        b = x0.shape[0]
-        net_kwargs: dict = {}
-        if self.mode in ("hybrid", "diffusion"):
-            sigma = self.sigmas(b, g, labelled)
-            noise = torch.randn(x0.shape, generator=g)
-            sigma = sigma.to(x0.device)
-            x = x0 + sigma.view(-1, 1, 1, 1) * noise.to(x0.device)
-        elif self.mode == "mdm":
-            ratio = torch.rand(b, generator=g)
-            m = D.patch_mask(tuple(x0.shape), ratio, self.mdm_patch, generator=g).to(x0.device)
-            x = x0 * (1 - m)
-            sigma = D.mdm_sigma(ratio, self.edm).to(x0.device)
-            net_kwargs["precondition"] = False
-        else:  # supervised: the clean image at sigma_min
-            sigma = torch.full((b,), self.edm.sigma_min, device=x0.device)
-            x = x0
-        net_kwargs["sigma"] = sigma
-        targets = {"image": x0, "label": label, "sigma": sigma}
-        if self.mode == "hybrid":
-            targets["mask_weight"] = self.mask_weights(sigma, labelled)
+        x, sigma, net_kwargs, extra = self.corruption.corrupt(self, x0, labelled, g)
+        net_kwargs = {**net_kwargs, "sigma": sigma}
+        targets = {"image": x0, "label": label, "sigma": sigma, **extra}
         if labelled is not None:
             targets["labelled"] = labelled.to(x0.device)
         return x, targets, (), net_kwargs
@@ -129,6 +115,7 @@ class LevelsPrepareBatch(PrepareBatch):
 
     def __init__(self, mode: str, levels: Sequence[float], edm: D.EDMParams = D.EDMParams(), seed: int = 1234, mdm_patch: int = 8):
         self.mode, self.levels, self.edm, self.seed, self.mdm_patch = mode, list(levels), edm, seed, mdm_patch
+        self.corruption = get_mode(mode)
         self.batch_index = 0
 
     def attach(self, engine: Engine) -> None:
@@ -141,16 +128,8 @@ class LevelsPrepareBatch(PrepareBatch):
         g = step_generator(self.seed, self.batch_index)
         lv = torch.tensor(self.levels, dtype=torch.float32).repeat_interleave(b)
         x0r = x0.repeat(n, 1, 1, 1)
-        kw: dict = {}
-        if self.mode == "mdm":
-            m = D.patch_mask(tuple(x0r.shape), lv, self.mdm_patch, generator=g).to(x0.device)
-            x = x0r * (1 - m)
-            sigma = D.mdm_sigma(lv, self.edm).to(x0.device)
-            kw["precondition"] = False
-        else:
-            sigma = lv.to(x0.device)
-            x = x0r + sigma.view(-1, 1, 1, 1) * torch.randn(x0r.shape, generator=g).to(x0.device)
-        kw["sigma"] = sigma
+        x, sigma, kw = self.corruption.at_levels(x0r, lv, g, self.edm, self.mdm_patch)
+        kw = {**kw, "sigma": sigma}
         return x, {"image": x0r, "level_index": torch.arange(n).repeat_interleave(b).to(x0.device)}, (), kw
 
 

@@ -5,8 +5,8 @@
   rebuild the network and preprocess its inputs;
 - a *training checkpoint* (``checkpoints/<prefix>_<iteration>.pt``) is Ignite's, written atomically by the engine
   (:func:`medhybrid.engines.fit`); :func:`latest_checkpoint` finds the one a run resumes from;
-- :func:`transfer_weights` copies weights between networks by name and shape, loud about what it skips (nnU-Net's
-  ``load_pretrained_weights``).
+- :func:`transfer_weights` copies weights between networks by name and shape (MONAI's ``copy_model_state``): only the
+  output head may differ, named in the log; anything else fails (nnU-Net's ``load_pretrained_weights``).
 """
 
 from __future__ import annotations
@@ -16,9 +16,11 @@ import logging
 import os
 import pickle
 import re
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
+from monai.networks.utils import copy_model_state
 from torch import nn
 
 from medhybrid.config import DatasetSpec, Preprocess, dump_config
@@ -98,26 +100,34 @@ def latest_checkpoint(folder: str | os.PathLike) -> Path | None:
     return max(found)[1] if found else None
 
 
-def transfer_weights(net: nn.Module, state_dict: dict[str, torch.Tensor], source: str = "checkpoint") -> dict:
-    """Copy every tensor whose name and shape match (nnU-Net style); log loudly what is skipped or missing.
+HEAD = ("backbone.out.2.conv.",)
+"""The network's output convolution: its shape follows the image and mask channels, so a checkpoint of another number
+of classes differs there and only there."""
 
-    Returns ``{"loaded": [...], "skipped": {name: reason}, "missing": [...]}``.
-    """
+
+def transfer_weights(net: nn.Module, state_dict: dict[str, torch.Tensor], source: str = "checkpoint",
+                     head: Sequence[str] = HEAD) -> dict:
+    """Copy ``state_dict`` into ``net`` by name and shape (MONAI's ``copy_model_state``), as nnU-Net's
+    ``load_pretrained_weights`` does: only the tensors under ``head`` may differ (a checkpoint of another number of
+    classes); they are named in the log and keep their initial values. Any other mismatch (a tensor the network lacks
+    or the checkpoint lacks, a shape that differs outside the head) raises :class:`~medhybrid.io.DataError` naming
+    every one of them: it means another architecture, not another task.
+
+    Returns ``{"loaded": [...], "skipped": {name: reason}, "missing": [...]}``."""
     own = net.state_dict()
-    loaded, skipped = [], {}
-    for k, v in state_dict.items():
-        if k not in own:
-            skipped[k] = "not in the network"
-        elif own[k].shape != v.shape:
-            skipped[k] = f"shape {tuple(v.shape)} in {source}, {tuple(own[k].shape)} in the network"
-        else:
-            own[k] = v
-            loaded.append(k)
+    skipped = {k: "not in the network" if k not in own else
+               f"shape {tuple(v.shape)} in {source}, {tuple(own[k].shape)} in the network"
+               for k, v in state_dict.items() if k not in own or own[k].shape != v.shape}
     missing = [k for k in own if k not in state_dict]
-    net.load_state_dict(own)
+    bad = [f"{k} ({why})" for k, why in skipped.items() if not k.startswith(tuple(head))]
+    bad += [f"{k} (not in {source})" for k in missing if not k.startswith(tuple(head))]
+    if bad:
+        shown = "; ".join(bad[:8]) + (f"; and {len(bad) - 8} more" if len(bad) > 8 else "")
+        raise DataError(source, f"does not fit the network outside its output head ({len(bad)} tensor(s)): {shown}")
+    _, loaded, _ = copy_model_state(net, {k: v for k, v in state_dict.items() if k not in skipped}, inplace=True)
     for k, why in skipped.items():
-        log.warning("weight transfer from %s: SKIPPED %s (%s)", source, k, why)
+        log.warning("weight transfer from %s: SKIPPED %s (%s): the output head, initialised for this task", source, k, why)
     for k in missing:
-        log.warning("weight transfer from %s: MISSING %s (left at its initial value)", source, k)
+        log.warning("weight transfer from %s: MISSING %s (the output head, left at its initial value)", source, k)
     log.info("weight transfer from %s: %d tensors loaded, %d skipped, %d missing", source, len(loaded), len(skipped), len(missing))
-    return {"loaded": loaded, "skipped": skipped, "missing": missing}
+    return {"loaded": list(loaded), "skipped": skipped, "missing": missing}

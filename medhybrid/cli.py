@@ -14,11 +14,11 @@ import sys
 from pathlib import Path
 
 from medhybrid import runs
-from medhybrid.ablation import DEFAULT_METHODS, AblationConfig, run_ablation
+from medhybrid.ablation import load_ablation, run_ablation
 from medhybrid.active import ActiveLearningConfig, run_active_learning
 from medhybrid.check import check_dataset
 from medhybrid.checkpoints import load_model
-from medhybrid.config import ConfigError, apply_overrides, deep_merge, find_config, load_config, load_dataset_spec, read_yaml, validate
+from medhybrid.config import ConfigError, apply_overrides, load_config, load_dataset_spec, validate
 from medhybrid.evaluate import evaluate
 from medhybrid.finetune import FinetuneConfig, run_finetuning
 from medhybrid.inference import infer_files
@@ -44,35 +44,6 @@ def _pretrain(args) -> int:
     result = run_pretraining(cfg)
     print(f"pretraining done: checkpoint {result.checkpoint}  mlflow run {result.run_id}")
     return 0
-
-
-def load_ablation(path: str, profile: str, overrides: list[str]):
-    """An ablation config with one of its ``profiles`` (quick, standard, full) merged over the shared part. A profile's
-    ``methods`` may be a list of names: it then runs that selection of the methods defined at the top level."""
-    p = find_config(path, "ablation")
-    data = read_yaml(p)
-    profiles = data.pop("profiles", {}) or {}
-    defined = data.get("methods") or DEFAULT_METHODS
-    data = deep_merge(data, _profile(profiles, profile, p))
-    data.setdefault("name", f"{p.stem}-{profile}")
-    data = apply_overrides(data, overrides)
-    if isinstance(data.get("methods"), list):  # a profile (or methods=[a,b]) runs a selection of the defined methods
-        unknown = [m for m in data["methods"] if m not in defined]
-        if unknown:
-            raise ConfigError(f"{p} [{profile}]: methods {unknown} are not defined (defined: {sorted(defined)})")
-        data["methods"] = {m: defined[m] for m in data["methods"]}
-    return validate(AblationConfig, data, source=f"{p} [{profile}]", context={"base_dir": p.parent})
-
-
-def _profile(profiles: dict, name: str, path: Path, seen: tuple[str, ...] = ()) -> dict:
-    """Profile ``name``, with the profile it ``extends`` (if any) merged under it."""
-    if name not in profiles:
-        raise ConfigError(f"{path}: no profile {name!r} (profiles: {sorted(profiles)})")
-    if name in seen:
-        raise ConfigError(f"{path}: profiles extend each other in a loop: {' -> '.join((*seen, name))}")
-    prof = dict(profiles[name])
-    base = prof.pop("extends", None)
-    return deep_merge(_profile(profiles, base, path, (*seen, name)), prof) if base else prof
 
 
 def _ablate(args) -> int:

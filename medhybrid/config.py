@@ -29,6 +29,7 @@ from pydantic import (
     model_validator,
 )
 
+from medhybrid.datasets import discover_pairs
 from medhybrid.io import atomic_write, file_channels, read_image
 
 PACKAGED_CONFIGS = Path(__file__).parent / "configs"
@@ -309,8 +310,6 @@ def _csv_columns(path: Path) -> list[str]:
 def _infer_channels(data: dict, source: str, base_dir) -> int | None:
     """The channel count the dataset's image files agree on (1 grey, 3 RGB), read from their headers; None when no
     file could be read (validation then asks for ``channels``). Raises :class:`ConfigError` when they disagree."""
-    from medhybrid.datasets import discover_pairs  # datasets builds on this module's DatasetSpec
-
     try:  # any channel count validates the rest of the spec; the files are what decides it
         spec = validate(DatasetSpec, {**data, "channels": 1}, source=source, context={"base_dir": base_dir})
     except ConfigError:

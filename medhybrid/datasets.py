@@ -10,11 +10,14 @@ import csv
 import json
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
-from medhybrid.config import DatasetSpec
 from medhybrid.io import SUPPORTED_SUFFIXES, DataError, file_suffix, reader_for
+
+if TYPE_CHECKING:  # annotations only: config builds on this module (channel inference), never the reverse
+    from medhybrid.config import DatasetSpec
 
 DECATHLON_SPLITS = {"training": "train", "validation": "val", "test": "test"}
 

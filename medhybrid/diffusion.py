@@ -125,3 +125,9 @@ def mdm_sigma(ratio: torch.Tensor, params: EDMParams = EDMParams()) -> torch.Ten
     sigma_max, so MDM's ratio embedding spans the same c_noise range as the diffusion modes and
     ratio -> 0 (clean image) meets the sigma_min at which every model is fine-tuned."""
     return (math.log(params.sigma_min) + ratio * (math.log(params.sigma_max) - math.log(params.sigma_min))).exp()
+
+
+def denoising_loss(denoised: torch.Tensor, clean: torch.Tensor, sigma: torch.Tensor, sigma_data: float = 0.5) -> torch.Tensor:
+    """EDM eq. 2 with Table 1's weight: lambda(sigma) * mean ||D(x; sigma) - x_0||^2, per sample (B,)."""
+    err = (denoised.float() - clean.float()).square().flatten(1).mean(1)
+    return loss_weight(sigma.float(), sigma_data) * err

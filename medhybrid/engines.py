@@ -21,6 +21,7 @@ from ignite.handlers import Checkpoint, DiskSaver, EMAHandler, ProgressBar
 from monai.engines import SupervisedTrainer
 from monai.engines.utils import IterationEvents
 from monai.handlers import LrScheduleHandler, ValidationHandler
+from monai.inferers import SimpleInferer
 from monai.optimizers import WarmupCosineSchedule
 from pydantic import Field
 from torch import nn
@@ -28,7 +29,6 @@ from torch import nn
 from medhybrid.batches import EpochSeededSampler
 from medhybrid.checkpoints import latest_checkpoint
 from medhybrid.config import StrictModel
-from medhybrid.inferers import ConditionedInferer
 from medhybrid.threads import ThreadPolicy
 
 log = logging.getLogger("medhybrid")
@@ -191,7 +191,7 @@ def _trainer(model, device, cfg: TrainConfig, loader, optimizer, scheduler, loss
     return SupervisedTrainer(
         device=device, max_epochs=cfg.epochs, epoch_length=cfg.epoch_length, train_data_loader=loader,
         network=model, optimizer=optimizer, loss_function=loss_function, prepare_batch=prepare_batch,
-        inferer=ConditionedInferer(), amp=cuda and cfg.amp, amp_kwargs={"dtype": torch.bfloat16} if cuda else None,
+        inferer=SimpleInferer(), amp=cuda and cfg.amp, amp_kwargs={"dtype": torch.bfloat16} if cuda else None,
         decollate=False, train_handlers=handlers, compile=cfg.compile,
     )
 

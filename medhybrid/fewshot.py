@@ -5,7 +5,7 @@
    starting checkpoint, the folder and the MLflow child run;
 2. :func:`claim_few_shot_run`: the run's identity (:func:`few_shot_hash`) claims its folder, or finds it finished;
 3. :func:`open_few_shot_run`: resolved ``config.yaml``, ``subset.json``, ``state.json`` and the MLflow run;
-4. the method trains (and closes the run with :func:`medhybrid.runs.close_run`);
+4. the method trains (and closes the run with :meth:`medhybrid.runs.Run.finish`);
 5. :func:`evaluate_few_shot_run`: the score on the target's test split (or a development set), recorded once.
 """
 
@@ -17,7 +17,7 @@ from typing import ClassVar
 from pydantic import Field, field_validator, model_validator
 
 from medhybrid import runs, tracking
-from medhybrid.config import DatasetRef, DatasetSpec, StrictModel, dump_config, save_config
+from medhybrid.config import DatasetRef, DatasetSpec, StrictModel, dump_config
 from medhybrid.evaluate import evaluate
 from medhybrid.io import write_json
 from medhybrid.runs import config_hash
@@ -87,13 +87,9 @@ def few_shot_hash(cfg: FewShotRunConfig) -> str:
     return config_hash(cfg, exclude=FEW_SHOT_UNHASHED + unset)
 
 
-def claim_few_shot_run(cfg: FewShotRunConfig) -> tuple[str, dict | None]:
-    """Claim ``cfg.folder`` for this run (:func:`medhybrid.runs.claim_folder`): its config hash, and its
-    ``state.json`` when the run already finished with its ``model.pt`` (None: train, or resume, it)."""
-    h = few_shot_hash(cfg)
-    state = runs.claim_folder(cfg.folder, h)
-    done = state.get("status") == "finished" and (cfg.folder / "model.pt").is_file()
-    return h, state if done else None
+def claim_few_shot_run(cfg: FewShotRunConfig) -> runs.Run:
+    """Claim ``cfg.folder`` for this run (:class:`medhybrid.runs.Run`; ``run.finished``: nothing left to do)."""
+    return runs.Run.claim(cfg.folder, few_shot_hash(cfg), cfg.mlflow)
 
 
 def require_channels(meta: dict, cfg: FewShotRunConfig) -> None:
@@ -103,20 +99,16 @@ def require_channels(meta: dict, cfg: FewShotRunConfig) -> None:
                          f"{cfg.dataset.name!r} has {cfg.dataset.channels}")
 
 
-def open_few_shot_run(cfg: FewShotRunConfig, run_hash: str, ids: list[str]) -> str | None:
-    """Start (or reopen) a few-shot run in ``cfg.folder``: resolved ``config.yaml``, ``subset.json`` (the
-    labelled ids), ``state.json`` and an MLflow child run tagged method, budget, seed and domain.
-    Returns the MLflow run id (None with MLflow off)."""
-    folder, budget = cfg.folder, len(ids)
-    save_config(cfg, folder / "config.yaml")
-    write_json(folder / "subset.json", {"budget": budget, "seed": cfg.seed, "ids": ids}, indent=1)
-    runs.write_state(folder, config_hash=run_hash, status="running", ids=ids)
-    if not cfg.mlflow.enabled:
-        return None
+def open_few_shot_run(cfg: FewShotRunConfig, run: runs.Run, ids: list[str]) -> str | None:
+    """Start (or reopen) a few-shot run: ``subset.json`` (the labelled ids) beside :meth:`medhybrid.runs.Run.start`'s
+    config, state and MLflow child run tagged method, budget, seed and domain. Returns the MLflow run id (None with
+    MLflow off)."""
+    budget = len(ids)
+    write_json(cfg.folder / "subset.json", {"budget": budget, "seed": cfg.seed, "ids": ids}, indent=1)
     tags = {"medhybrid.stage": "finetune", "method": cfg.method, "budget": str(budget), "seed": str(cfg.seed),
             "domain": cfg.dataset.name, **cfg.tags}
-    return runs.open_run(cfg.mlflow, folder, cfg.mlflow.run_name or f"finetune-{cfg.method}-b{budget}-s{cfg.seed}",
-                         params=dump_config(cfg), tags=tags, parent_run_id=cfg.parent_run_id)
+    return run.start(cfg, cfg.mlflow.run_name or f"finetune-{cfg.method}-b{budget}-s{cfg.seed}", params=dump_config(cfg),
+                     tags=tags, parent_run_id=cfg.parent_run_id, ids=ids)
 
 
 def evaluate_few_shot_run(mlflow: MLflowConfig, folder: Path, run_id: str | None, net, dataset, preprocess,

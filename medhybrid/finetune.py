@@ -174,8 +174,9 @@ def run_finetuning(cfg: FinetuneConfig) -> FinetuneResult:
     """Fine-tune (or resume, or return the finished run of) ``cfg``. Writes ``model.pt``,
     ``config.yaml``, ``subset.json`` (the ids used) and one MLflow run."""
     folder, model_path = cfg.folder, cfg.folder / "model.pt"
-    h, done = claim_few_shot_run(cfg)
-    if done is not None:
+    run = claim_few_shot_run(cfg)
+    if run.finished:
+        done = run.state
         return FinetuneResult(folder, model_path, done.get("mlflow_run_id"), done.get("ids", []), done.get("transfer", {}))
 
     pairs = few_shot_pairs(cfg.dataset, cfg.budget, cfg.seed, ids=cfg.ids)  # pool only; raises on a budget larger than the pool
@@ -187,8 +188,8 @@ def run_finetuning(cfg: FinetuneConfig) -> FinetuneResult:
     epochs = min(cfg.schedule.epochs, iterations)
     train_cfg = cfg.train.model_copy(update={"epochs": epochs, "epoch_length": max(1, iterations // epochs),
                                              "batch_size": min(cfg.train.batch_size, max(2, budget)), "seed": cfg.seed})
-    run_id = open_few_shot_run(cfg, h, ids)
-    with runs.failing_marks(cfg.mlflow, folder, run_id):
+    run_id = open_few_shot_run(cfg, run, ids)
+    with run.running():
         net, transfer = initial_network(cfg)
         runs.write_state(folder, transfer={"loaded": len(transfer["loaded"]), "skipped": sorted(transfer["skipped"]),
                                            "missing": transfer["missing"]})
@@ -213,7 +214,7 @@ def run_finetuning(cfg: FinetuneConfig) -> FinetuneResult:
         meta = network_meta(result.network, ModelConfig(**_model_cfg(cfg)), cfg.preprocess, cfg.dataset, "finetune")
         meta.update(method=cfg.method, budget=budget, seed=cfg.seed)
         save_model(result.network, meta, model_path)
-    runs.close_run(cfg.mlflow, folder, run_id, [folder / "config.yaml", folder / "subset.json"])
+    run.finish([folder / "config.yaml", folder / "subset.json"])
     return FinetuneResult(folder, model_path, run_id, ids, transfer)
 
 

@@ -34,13 +34,14 @@ from monai.engines import SupervisedEvaluator
 from monai.inferers import SimpleInferer
 from monai.transforms import AsDiscreted, Compose, EnsureTyped, Invertd
 from pydantic import Field
+from torch import nn
 from torch.utils.data import IterableDataset
 
 from medhybrid.checkpoints import load_model, read_model_file
 from medhybrid.config import Preprocess, StrictModel
 from medhybrid.engines import resolve_device
 from medhybrid.io import SUPPORTED_SUFFIXES, DataError, data_error, file_suffix, image_stem
-from medhybrid.networks import EDMPrecond
+from medhybrid.networks import EDMPrecond, edm_output
 from medhybrid.quality import QualityReport, UncertaintyConfig, score_images
 from medhybrid.transforms import LoadImage2Dd, SaveMask2Dd, ScaleIntensity2Dd, model_geometry
 
@@ -58,21 +59,29 @@ decoded at an eighth of its size (500 x 375), a 2000-pixel radiograph at a quart
 
 
 # --------------------------------------------------------------------------------------------- network
-class Segmenter(EDMPrecond):
-    """:class:`~medhybrid.networks.EDMPrecond` whose ``forward(x)`` is :meth:`EDMPrecond.segment`: clean
-    images (B, C_img, H, W) in [-1, 1] -> mask logits (B, C_mask, H, W), fed at ``sigma_min``.
+class Segmenter(nn.Module):
+    """The served network: ``forward(x)`` maps clean images (B, C_img, H, W) in [-1, 1] to mask logits
+    (B, C_mask, H, W), fed at ``sigma_min``; single-input and single-output, as ``monai.bundle`` checks and TorchScript
+    export expect. It holds the same backbone and settings as :class:`~medhybrid.networks.EDMPrecond` (the same
+    state-dict keys, so a ``model.pt`` loads into it unchanged) and the same preconditioning
+    (:func:`~medhybrid.networks.edm_output`); :meth:`denoise` gives the whole output at any noise level."""
 
-    Same parameters and state-dict keys as the EDMPrecond, so a ``model.pt`` loads into it unchanged;
-    single-input and single-output, as ``monai.bundle`` checks and TorchScript export expect.
-    """
+    def __init__(self, backbone: nn.Module, image_channels: int, mask_channels: int, sigma_data: float = 0.5,
+                 sigma_min: float = 0.002, noise_embed_scale: float = 250.0):
+        super().__init__()
+        self.backbone = backbone
+        self.image_channels, self.mask_channels = image_channels, mask_channels
+        self.sigma_data, self.sigma_min, self.noise_embed_scale = sigma_data, sigma_min, noise_embed_scale
 
-    forward_takes_sigma = False
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
-        return EDMPrecond.forward(self, x, None)[:, self.image_channels :]
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return edm_output(self, x, None)[:, self.image_channels :]
 
     def segment(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward(x)
+
+    def denoise(self, x: torch.Tensor, sigma: torch.Tensor | float | None = None, precondition: bool = True) -> torch.Tensor:
+        """The whole output (image, then mask channels) at noise level ``sigma``."""
+        return edm_output(self, x, sigma, precondition)
 
     @classmethod
     def wrap(cls, net: EDMPrecond) -> Segmenter:

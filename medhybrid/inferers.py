@@ -1,19 +1,14 @@
-"""MONAI inferers for the network's two output groups (image channels, then mask logits)."""
+"""The inferer of the network's mask output (MONAI's ``SimpleInferer`` serves the full output: image, then mask)."""
 
 from __future__ import annotations
 
 import torch
-from monai.inferers import Inferer
+from monai.inferers import SimpleInferer
+
+__all__ = ["SegmentationInferer"]
 
 
-class ConditionedInferer(Inferer):
-    """Calls ``network(inputs, **conditioning)``: the full (image + mask) output."""
-
-    def __call__(self, inputs: torch.Tensor, network, *args, **kwargs):
-        return network(inputs, *args, **kwargs)
-
-
-class SegmentationInferer(Inferer):
+class SegmentationInferer(SimpleInferer):
     """Mask logits of the clean image at sigma_min: the channels after the first ``image_channels``."""
 
     def __init__(self, image_channels: int):

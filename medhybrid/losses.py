@@ -14,14 +14,9 @@ import torch.nn.functional as F
 from monai.losses import MaskedDiceLoss, SSIMLoss
 from torch import nn
 
-from medhybrid import diffusion as D
+from medhybrid.diffusion import denoising_loss  # noqa: F401 (EDM eq. 2; kept here for its users)
+from medhybrid.modes import get_mode
 from medhybrid.transforms import IGNORE_INDEX
-
-
-def denoising_loss(denoised: torch.Tensor, clean: torch.Tensor, sigma: torch.Tensor, sigma_data: float = 0.5) -> torch.Tensor:
-    """EDM eq. 2 with Table 1's weight: lambda(sigma) * mean ||D(x; sigma) - x_0||^2, per sample (B,)."""
-    err = (denoised.float() - clean.float()).square().flatten(1).mean(1)
-    return D.loss_weight(sigma.float(), sigma_data) * err
 
 
 class SegmentationLoss(nn.Module):
@@ -53,18 +48,16 @@ class SegmentationLoss(nn.Module):
 
 
 class PretrainLoss(nn.Module):
-    """The objective of every pretraining mode, as one loss over a target dict.
-
-    - ``hybrid``: ``denoise_weight * lambda(sigma) ||D - x_0||^2 + mask_weight(sigma) * seg(mask logits)``
-    - ``supervised``: ``seg`` at sigma_min; ``diffusion``: the EDM term only
-    - ``mdm``: ``1 - SSIM(F_img, x_0)`` (Pan et al. 2023), from the patch-masked image
-    The per-sample weights come in the target dict, so the mode's noise-level policy lives in the
-    prepare-batch seam. The last batch's terms are kept in :attr:`terms` for logging.
+    """The objective of a pretraining mode (:mod:`medhybrid.modes`: ``mode.objective``) as one loss over a target dict,
+    averaged over the batch. It holds the loss modules the modes use (``seg``: :class:`SegmentationLoss`, ``ssim``:
+    MONAI's ``SSIMLoss`` for MDM) and ``sigma_data``. The per-sample weights come in the target dict, so the mode's
+    noise-level policy lives in the prepare-batch seam. The last batch's terms are kept in :attr:`terms` for logging.
     """
 
     def __init__(self, mode: str, mask_channels: int = 1, sigma_data: float = 0.5):
         super().__init__()
         self.mode = mode
+        self.objective = get_mode(mode)
         self.sigma_data = sigma_data
         self.seg = SegmentationLoss(mask_channels)
         self.ssim = SSIMLoss(spatial_dims=2, data_range=2.0, win_size=7, reduction="none")
@@ -73,23 +66,7 @@ class PretrainLoss(nn.Module):
     def forward(self, pred: torch.Tensor, target: dict) -> torch.Tensor:
         x0 = target["image"]
         c = x0.shape[1]
-        img, logits = pred[:, :c], pred[:, c:]
-        total = torch.zeros(x0.shape[0], device=x0.device)
-        terms = {}
-        if self.mode == "mdm":
-            ssim = self.ssim(img.float(), x0.float()).flatten(1).mean(1)
-            total = total + ssim
-            terms["ssim_loss"] = ssim.mean()
-        if self.mode in ("hybrid", "diffusion"):
-            den = denoising_loss(img, x0, target["sigma"], self.sigma_data) * target.get("denoise_weight", 1.0)
-            total = total + den
-            terms["denoise_loss"] = den.mean()
-        if self.mode in ("hybrid", "supervised"):
-            w = target.get("mask_weight")
-            seg = self.seg(logits, target["label"])
-            lab = target.get("labelled")  # batches mixing in unlabelled images: their mask term is 0, not averaged in
-            terms["mask_loss"] = seg.mean() if lab is None else (seg * lab).sum() / lab.sum().clamp(min=1)
-            total = total + (seg if w is None else w * seg)
+        total, terms = self.objective.objective(self, pred[:, :c], pred[:, c:], x0, target)
         self.terms = {k: float(v.detach()) for k, v in terms.items()}
         return total.mean()
 

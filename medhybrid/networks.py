@@ -82,21 +82,36 @@ class EDMPrecond(nn.Module):
         With ``precondition=False`` (MDM) the image channels are F's raw output, and the input is scaled
         as a clean image (c_in(sigma_min)); the conditioning still follows ``sigma``.
         """
-        sigma = self._sigma(x, sigma)
-        s = sigma.view(-1, 1, 1, 1)
-        in_scale = D.c_in(s if precondition else torch.full_like(s, self.sigma_min), self.sigma_data)
-        t = D.c_noise(sigma) * self.noise_embed_scale
-        f = self.backbone(in_scale * x, timesteps=t)
-        f_img, f_mask = f[:, : self.image_channels], f[:, self.image_channels :]
-        if precondition:
-            img = D.c_skip(s, self.sigma_data) * x + D.c_out(s, self.sigma_data) * f_img.float()  # eq. 7
-        else:
-            img = f_img
-        return torch.cat([img.to(f.dtype), f_mask], dim=1)
+        return edm_output(self, x, sigma, precondition)
+
+    def denoise(self, x: torch.Tensor, sigma: torch.Tensor | float | None = None, precondition: bool = True) -> torch.Tensor:
+        """The whole output (image, then mask channels) at noise level ``sigma``: :meth:`forward`."""
+        return self.forward(x, sigma, precondition)
 
     def segment(self, x: torch.Tensor) -> torch.Tensor:
         """Mask logits for clean images, fed at sigma_min."""
         return self.forward(x, None)[:, self.image_channels :]
+
+
+def edm_output(net: nn.Module, x: torch.Tensor, sigma: torch.Tensor | float | None = None,
+               precondition: bool = True) -> torch.Tensor:
+    """EDM's preconditioning (Karras et al. 2022, eq. 7) around ``net.backbone``: the output (B, C_img + C_mask, H, W)
+    of a module with EDMPrecond's attributes (``backbone``, ``image_channels``, ``sigma_data``, ``sigma_min``,
+    ``noise_embed_scale``) for the image ``x`` at noise level ``sigma`` (None: sigma_min)."""
+    if sigma is None:
+        sigma = net.sigma_min
+    sigma = torch.as_tensor(sigma, dtype=torch.float32, device=x.device)
+    sigma = sigma.expand(x.shape[0]) if sigma.ndim == 0 else sigma.reshape(-1)
+    s = sigma.view(-1, 1, 1, 1)
+    in_scale = D.c_in(s if precondition else torch.full_like(s, net.sigma_min), net.sigma_data)
+    t = D.c_noise(sigma) * net.noise_embed_scale
+    f = net.backbone(in_scale * x, timesteps=t)
+    f_img, f_mask = f[:, : net.image_channels], f[:, net.image_channels :]
+    if precondition:
+        img = D.c_skip(s, net.sigma_data) * x + D.c_out(s, net.sigma_data) * f_img.float()  # eq. 7
+    else:
+        img = f_img
+    return torch.cat([img.to(f.dtype), f_mask], dim=1)
 
 
 def build_network(cfg: ModelConfig, image_channels: int, num_classes: int = 2) -> EDMPrecond:

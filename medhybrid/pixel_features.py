@@ -34,7 +34,7 @@ from monai.data import Dataset
 from pydantic import Field
 from torch import nn
 
-from medhybrid import runs, tracking
+from medhybrid import tracking
 from medhybrid.checkpoints import atomic_save, load_model, read_model_file
 from medhybrid.config import NoiseLevels, Preprocess, StrictModel, dump_config
 from medhybrid.datasets import few_shot_pairs
@@ -300,8 +300,9 @@ def run_pixel_features(cfg: PixelFeaturesConfig) -> PixelFeaturesResult:
     ``config.yaml``, ``subset.json`` and one MLflow run (tagged like a fine-tune)."""
 
     folder, model_path = cfg.folder, cfg.folder / "model.pt"
-    h, done = claim_few_shot_run(cfg)
-    if done is not None:
+    run = claim_few_shot_run(cfg)
+    if run.finished:
+        done = run.state
         return PixelFeaturesResult(folder, model_path, done.get("mlflow_run_id"), done.get("ids", []), done.get("stats", {}))
 
     net, meta = load_model(cfg.init)
@@ -309,8 +310,8 @@ def run_pixel_features(cfg: PixelFeaturesConfig) -> PixelFeaturesResult:
     preprocess = Preprocess(**meta["preprocess"])
     pairs = few_shot_pairs(cfg.dataset, cfg.budget, cfg.seed, ids=cfg.ids)
     ids = [p["id"] for p in pairs]
-    run_id = open_few_shot_run(cfg, h, ids)
-    with runs.failing_marks(cfg.mlflow, folder, run_id):
+    run_id = open_few_shot_run(cfg, run, ids)
+    with run.running():
         t0 = time.perf_counter()
         data = list(Dataset(pairs, transform=preprocessing(cfg.dataset, preprocess)))
         images = torch.stack([torch.as_tensor(d["image"]) for d in data])
@@ -334,7 +335,7 @@ def run_pixel_features(cfg: PixelFeaturesConfig) -> PixelFeaturesResult:
         save_feature_segmenter(FeatureSegmenter(ext, ens, net.mask_channels), out_meta, model_path)
         if run_id:
             tracking.log_metrics(cfg.mlflow, run_id, {f"pixel_{k}": float(v) for k, v in stats.items()}, step=0)
-    runs.close_run(cfg.mlflow, folder, run_id, [folder / "config.yaml", folder / "subset.json"], stats=stats)
+    run.finish([folder / "config.yaml", folder / "subset.json"], stats=stats)
     return PixelFeaturesResult(folder, model_path, run_id, ids, stats)
 
 

@@ -31,20 +31,21 @@ import torch
 from monai.data import CacheDataset
 from monai.engines import SupervisedEvaluator
 from monai.handlers import MeanDice
+from monai.inferers import SimpleInferer
 from pydantic import Field, field_validator, model_validator
 from torch import nn
 
-from medhybrid import diffusion as D
 from medhybrid import runs, tracking
 from medhybrid.batches import CorruptionPrepareBatch, LevelsPrepareBatch, MixedBatchSampler, SegmentationPrepareBatch
 from medhybrid.check import require_valid
 from medhybrid.checkpoints import network_meta, save_model
-from medhybrid.config import DatasetRef, DatasetSpec, Preprocess, StrictModel, dump_config, save_config
+from medhybrid.config import DatasetRef, DatasetSpec, Preprocess, StrictModel, dump_config
 from medhybrid.datasets import load_pairs
 from medhybrid.engines import TrainConfig, fit
-from medhybrid.inferers import ConditionedInferer, SegmentationInferer
+from medhybrid.inferers import SegmentationInferer
 from medhybrid.losses import PretrainLoss
 from medhybrid.metrics import PerLevelMSE, dice_output_transform
+from medhybrid.modes import get_mode, levels_of, mode_names
 from medhybrid.networks import EDMPrecond, ModelConfig, build_network, mask_classes
 from medhybrid.runs import config_hash
 from medhybrid.tracking import MLflowConfig
@@ -60,8 +61,8 @@ from medhybrid.visualize import grid, overlay, save_png, to_uint8
 
 log = logging.getLogger("medhybrid")
 
-MODES = ("hybrid", "supervised", "diffusion", "mdm", "none")
-Mode = Literal["hybrid", "supervised", "diffusion", "mdm", "none"]
+MODES = mode_names()
+"""The registered pretraining modes (:mod:`medhybrid.modes`)."""
 
 
 class HybridConfig(StrictModel):
@@ -80,7 +81,8 @@ class MDMConfig(StrictModel):
 
 
 class PretrainConfig(StrictModel):
-    mode: Mode = "hybrid"
+    mode: str = Field("hybrid", description="a registered pretraining mode (medhybrid.modes): hybrid, supervised, "
+                      "diffusion, mdm or none")
     dataset: DatasetRef | None = Field(description="the labelled source domain (train/val splits); null: diffusion or "
                                        "mdm from the unlabelled images alone")
     unlabelled: UnlabelledConfig | None = Field(None, exclude_if=lambda v: v is None,
@@ -97,6 +99,12 @@ class PretrainConfig(StrictModel):
     val_levels: tuple[float, ...] = Field((0.05, 0.2, 0.5, 1.0, 2.0), description="noise sigmas (MDM: mask ratios "
                                           "are derived) at which unlabelled modes report validation loss")
 
+    @field_validator("mode")
+    @classmethod
+    def _known_mode(cls, v: str) -> str:
+        get_mode(v)
+        return v
+
     @field_validator("dataset")
     @classmethod
     def _source(cls, v: DatasetSpec | None) -> DatasetSpec | None:
@@ -112,11 +120,12 @@ class PretrainConfig(StrictModel):
     def _data(self):
         if self.unlabelled is not None and not self.unlabelled.sources:
             self.unlabelled = None  # shared settings without sources (an ablation's common part): nothing to mix in
-        if self.unlabelled is not None and self.mode not in ("hybrid", "diffusion", "mdm"):
+        can = [m for m in MODES if get_mode(m).reads_unlabelled]
+        if self.unlabelled is not None and not get_mode(self.mode).reads_unlabelled:
             raise ValueError(f"mode {self.mode!r} cannot use unlabelled images (they have no masks); "
-                             "hybrid, diffusion and mdm can")
+                             f"{', '.join(can[:-1])} and {can[-1]} can")
         if self.dataset is None:
-            if self.unlabelled is None or self.mode not in ("diffusion", "mdm"):
+            if self.unlabelled is None or not get_mode(self.mode).unlabelled_only:
                 raise ValueError(f"dataset: null needs unlabelled.sources and mode diffusion or mdm (got {self.mode!r}); "
                                  f"{self.mode} pretraining needs a labelled source dataset")
         elif self.unlabelled is not None and self.unlabelled.share >= 1:
@@ -238,15 +247,16 @@ def validation(cfg: PretrainConfig, val_ds, eval_net: nn.Module, device: torch.d
     (``val_dice``) for the modes that learn masks, else the reconstruction error at fixed corruption levels
     (``val_recon_mse``: noise sigmas, or MDM mask ratios)."""
     loader = torch.utils.data.DataLoader(val_ds, batch_size=cfg.train.batch_size, shuffle=False)
-    if cfg.mode in ("hybrid", "supervised"):
+    mode = get_mode(cfg.mode)
+    if mode.learns_masks:
         metric = {"val_dice": MeanDice(include_background=True, output_transform=dice_output_transform)}
         return SupervisedEvaluator(device=device, val_data_loader=loader, network=eval_net,
                                    prepare_batch=SegmentationPrepareBatch(), inferer=SegmentationInferer(cfg.channels),
                                    key_val_metric=metric, decollate=False)
-    levels = list(cfg.val_levels) if cfg.mode != "mdm" else [0.25, 0.5, 0.75]
+    levels = levels_of(mode, cfg.val_levels)
     lp = LevelsPrepareBatch(cfg.mode, levels, cfg.model.edm, mdm_patch=cfg.mdm.patch_size)
     ev = SupervisedEvaluator(device=device, val_data_loader=loader, network=eval_net, prepare_batch=lp,
-                             inferer=ConditionedInferer(),
+                             inferer=SimpleInferer(),
                              key_val_metric={"val_recon_mse": PerLevelMSE(levels, cfg.channels)}, decollate=False)
     lp.attach(ev)
     return ev
@@ -286,14 +296,8 @@ def preview(cfg: PretrainConfig, net: EDMPrecond, val_ds, epoch: int, n: int = 6
     items = [val_ds[i] for i in range(min(n, len(val_ds)))]
     x0 = torch.stack([torch.as_tensor(d["image"]) for d in items]).float().to(device)
     lab = torch.stack([torch.as_tensor(d["label"]) for d in items]).to(device) if "label" in items[0] else None
-    g = torch.Generator().manual_seed(0)
-    if cfg.mode == "mdm":
-        ratio = torch.full((len(items),), 0.5)
-        m = D.patch_mask(tuple(x0.shape), ratio, cfg.mdm.patch_size, generator=g).to(device)
-        xin, sig, kw = x0 * (1 - m), D.mdm_sigma(ratio, cfg.model.edm).to(device), {"precondition": False}
-    else:
-        sig = torch.full((len(items),), 0.5, device=device)
-        xin, kw = x0 + sig.view(-1, 1, 1, 1) * torch.randn(x0.shape, generator=g).to(device), {}
+    g = torch.Generator().manual_seed(0)  # sigma 0.5, or half the patches masked
+    xin, sig, kw = get_mode(cfg.mode).at_levels(x0, torch.full((len(items),), 0.5), g, cfg.model.edm, cfg.mdm.patch_size)
     recon = net(xin, sig, **kw)[:, : net.image_channels]
     fg = mask_classes(net.segment(x0)) > 0
     rows = [[to_uint8(x) for x in x0], [to_uint8(x) for x in xin], [to_uint8(x) for x in recon],
@@ -313,15 +317,13 @@ def _torchrun_worker(local_rank: int, cfg: PretrainConfig, out: list) -> None:
     whether there is anything left to do, and alone writes checkpoints, ``model.pt`` and MLflow."""
     folder, model_path, rank = cfg.folder, cfg.folder / "model.pt", idist.get_rank()
     decision = None
+    run = None
     if rank == 0:
-        h = config_hash(cfg)
-        state = runs.claim_folder(folder, h)
-        if state.get("status") == "finished" and model_path.is_file():
-            decision = {"done": True, "run_id": state.get("mlflow_run_id"), "metrics": state.get("metrics", {})}
+        run = runs.Run.claim(folder, config_hash(cfg), cfg.mlflow)
+        if run.finished:
+            decision = {"done": True, "run_id": run.run_id, "metrics": run.state.get("metrics", {})}
         else:
-            save_config(cfg, folder / "config.yaml")
-            runs.write_state(folder, config_hash=h, status="running", mode=cfg.mode, dataset=cfg.data_name)
-            decision = {"done": False, "run_id": _open_pretrain_run(cfg) if cfg.mlflow.enabled else None}
+            decision = {"done": False, "run_id": _start_pretrain_run(cfg, run)}
         decision = json.dumps(decision)
     decision = json.loads(idist.broadcast(decision, src=0, safe_mode=True))
     run_id = decision["run_id"]
@@ -333,18 +335,18 @@ def _torchrun_worker(local_rank: int, cfg: PretrainConfig, out: list) -> None:
         _worker(local_rank, cfg, None)
         idist.barrier()
         return
-    with runs.failing_marks(cfg.mlflow, folder, run_id):
+    with run.running():
         metrics = _worker(local_rank, cfg, run_id)
-    runs.close_run(cfg.mlflow, folder, run_id, [folder / "config.yaml", model_path], metrics=metrics)
+    run.finish([folder / "config.yaml", model_path], metrics=metrics)
     idist.barrier()
     out.append(PretrainResult(folder, model_path, run_id, metrics))
 
 
-def _open_pretrain_run(cfg: PretrainConfig) -> str:
+def _start_pretrain_run(cfg: PretrainConfig, run: runs.Run) -> str | None:
     tags = {"medhybrid.stage": "pretrain", "medhybrid.mode": cfg.mode, "medhybrid.dataset": cfg.data_name}
     if cfg.unlabelled is not None:
         tags["medhybrid.unlabelled"] = ",".join(s.name for s in cfg.unlabelled.sources)
-    return runs.open_run(cfg.mlflow, cfg.folder, cfg.run_name, params=dump_config(cfg), tags=tags)
+    return run.start(cfg, cfg.run_name, params=dump_config(cfg), tags=tags, mode=cfg.mode, dataset=cfg.data_name)
 
 
 def run_pretraining(cfg: PretrainConfig) -> PretrainResult:
@@ -352,7 +354,7 @@ def run_pretraining(cfg: PretrainConfig) -> PretrainResult:
 
     Started by ``torchrun`` (:func:`launched_by_torchrun`), each process trains its shard and this returns on every
     rank once rank 0 has written the run (``train.nproc`` is then ignored: torchrun decides the processes)."""
-    if launched_by_torchrun() and cfg.mode != "none":
+    if launched_by_torchrun() and get_mode(cfg.mode).trains:
         out: list = []
         backend = cfg.train.backend or ("nccl" if torch.cuda.is_available() else "gloo")
         with idist.Parallel(backend=backend) as parallel:  # the rendezvous torchrun's environment describes
@@ -360,17 +362,14 @@ def run_pretraining(cfg: PretrainConfig) -> PretrainResult:
         return out[0] if out else PretrainResult(cfg.folder, cfg.folder / "model.pt", None, {})
 
     folder = cfg.folder
-    h = config_hash(cfg)
-    state = runs.claim_folder(folder, h)
+    run = runs.Run.claim(folder, config_hash(cfg), cfg.mlflow)
     model_path = folder / "model.pt"
-    if state.get("status") == "finished" and model_path.is_file():
+    if run.finished:
         log.info("%s: already finished, nothing to do", folder)
-        return PretrainResult(folder, model_path, state.get("mlflow_run_id"), state.get("metrics", {}))
-    save_config(cfg, folder / "config.yaml")
-    runs.write_state(folder, config_hash=h, status="running", mode=cfg.mode, dataset=cfg.data_name)
-    run_id = _open_pretrain_run(cfg) if cfg.mlflow.enabled else None
-    with runs.failing_marks(cfg.mlflow, folder, run_id):
-        if cfg.mode == "none":
+        return PretrainResult(folder, model_path, run.run_id, run.state.get("metrics", {}))
+    run_id = _start_pretrain_run(cfg, run)
+    with run.running():
+        if not get_mode(cfg.mode).trains:
             torch.manual_seed(cfg.train.seed)
             net = build_network(cfg.model, cfg.channels, cfg.classes)
             save_model(net, pretrain_meta(net, cfg), model_path)
@@ -384,5 +383,5 @@ def run_pretraining(cfg: PretrainConfig) -> PretrainResult:
             metrics = runs.read_state(folder).get("metrics", {})
         else:
             metrics = _worker(0, cfg, run_id)
-    runs.close_run(cfg.mlflow, folder, run_id, [folder / "config.yaml", model_path], metrics=metrics)
+    run.finish([folder / "config.yaml", model_path], metrics=metrics)
     return PretrainResult(folder, model_path, run_id, metrics)

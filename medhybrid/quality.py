@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from ignite.engine import Engine, Events
+from monai.metrics import compute_dice
 from pydantic import Field
 from scipy.stats import spearmanr
 
@@ -46,25 +47,21 @@ class UncertaintyConfig(StrictModel):
 
 # --------------------------------------------------------------------------------------------- the score
 def mask_dice(a: torch.Tensor, b: torch.Tensor, num_classes: int) -> torch.Tensor:
-    """Per-image Dice between (B, H, W) class maps, averaged over foreground classes present in either;
-    1 where neither has any foreground (two empty masks agree)."""
-    out = torch.ones(a.shape[0], dtype=torch.float64)
-    per, seen = torch.zeros_like(out), torch.zeros_like(out)
-    for c in range(1, max(2, num_classes)):
-        pa, pb = (a == c).flatten(1), (b == c).flatten(1)
-        total = (pa.sum(1) + pb.sum(1)).double()
-        present = total > 0
-        inter = (pa & pb).sum(1).double()
-        per += torch.where(present, 2 * inter / total.clamp(min=1), torch.zeros_like(total))
-        seen += present.double()
-    return torch.where(seen > 0, per / seen.clamp(min=1), out)
+    """Per-image Dice between (B, H, W) class maps (MONAI's ``compute_dice`` per foreground class, in float64), averaged
+    over the foreground classes present in either; 1 where neither has any foreground (two empty masks agree)."""
+    k = max(2, num_classes)
+    onehot = [torch.stack([(m == c) for c in range(k)], dim=1).double() for m in (a, b)]
+    per = compute_dice(onehot[0], onehot[1], include_background=False, ignore_empty=False)  # (B, k - 1)
+    present = torch.stack([((a == c) | (b == c)).flatten(1).any(1) for c in range(1, k)], dim=1)
+    seen = present.sum(1)
+    mean = torch.where(present, per, torch.zeros_like(per)).sum(1) / seen.clamp(min=1)
+    return torch.where(seen > 0, mean, torch.ones_like(mean))
 
 
 def _mask_logits(net: EDMPrecond, x: torch.Tensor, sigma: float) -> torch.Tensor:
-    """Mask logits of ``x`` fed at noise level ``sigma`` (a served :class:`medhybrid.inference.Segmenter`'s own forward
-    takes no sigma: the EDMPrecond forward it inherits does)."""
-    out = net(x, sigma) if getattr(net, "forward_takes_sigma", True) else EDMPrecond.forward(net, x, sigma)
-    return out[:, net.image_channels :]
+    """Mask logits of ``x`` fed at noise level ``sigma`` (``denoise``: the whole output of an EDMPrecond or a served
+    :class:`medhybrid.inference.Segmenter`)."""
+    return net.denoise(x, sigma)[:, net.image_channels :]
 
 
 @torch.no_grad()

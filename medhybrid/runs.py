@@ -19,7 +19,7 @@ from typing import Any
 from mlflow.entities import Param, RunTag
 
 from medhybrid import tracking
-from medhybrid.config import ConfigError, StrictModel, dump_config
+from medhybrid.config import ConfigError, StrictModel, dump_config, save_config
 from medhybrid.engines import EXECUTION_ONLY as TRAIN_EXECUTION_ONLY
 from medhybrid.io import write_json
 from medhybrid.tracking import MLflowConfig
@@ -122,3 +122,47 @@ def close_run(cfg: MLflowConfig, folder: Path, run_id: str | None, artifacts: li
             tracking.log_artifact(cfg, run_id, a)
         tracking.finish_run(cfg, run_id)
     write_state(folder, status="finished", **state)
+
+
+class Run:
+    """The one lifecycle of every run (pretraining, fine-tuning, DDPM-features head) in its folder::
+
+        run = Run.claim(folder, run_hash, cfg.mlflow)     # refuses a folder holding another configuration
+        if run.finished:                                  # finished, with its model.pt: nothing to do
+            return ...run.state...
+        run.start(cfg, run_name, params, tags)            # config.yaml, state.json "running", the MLflow run
+        with run.running():                               # any exception (a kill) marks both failed, and propagates
+            ...train, write model.pt...
+        run.finish(artifacts, metrics=...)                # artifacts logged, both marked finished
+
+    Re-running the same configuration resumes into the same folder and MLflow run."""
+
+    def __init__(self, folder: Path, run_hash: str, mlflow: MLflowConfig, state: dict):
+        self.folder, self.run_hash, self.mlflow, self.state = Path(folder), run_hash, mlflow, state
+        self.run_id: str | None = state.get("mlflow_run_id")
+
+    @classmethod
+    def claim(cls, folder: Path, run_hash: str, mlflow: MLflowConfig) -> Run:
+        return cls(folder, run_hash, mlflow, claim_folder(folder, run_hash))
+
+    @property
+    def finished(self) -> bool:
+        return self.state.get("status") == "finished" and (self.folder / "model.pt").is_file()
+
+    def start(self, cfg: StrictModel, run_name: str, params: Mapping[str, Any] | None = None,
+              tags: Mapping[str, str] | None = None, parent_run_id: str | None = None, **state) -> str | None:
+        """Write the resolved ``config.yaml`` and ``state.json`` (running, with ``state``), then open (or reopen) the
+        MLflow run when tracking is on. Returns the MLflow run id (None with MLflow off)."""
+        save_config(cfg, self.folder / "config.yaml")
+        write_state(self.folder, config_hash=self.run_hash, status="running", **state)
+        self.run_id = open_run(self.mlflow, self.folder, run_name, params=params, tags=tags,
+                               parent_run_id=parent_run_id) if self.mlflow.enabled else None
+        return self.run_id
+
+    def running(self):
+        """:func:`failing_marks` for this run."""
+        return failing_marks(self.mlflow, self.folder, self.run_id)
+
+    def finish(self, artifacts: list[Path], **state) -> None:
+        """:func:`close_run` for this run."""
+        close_run(self.mlflow, self.folder, self.run_id, artifacts, **state)

@@ -47,7 +47,8 @@ from torch import nn
 from medhybrid import diffusion as D
 from medhybrid.batches import as_plain_tensor, step_generator
 from medhybrid.config import StrictModel
-from medhybrid.losses import SegmentationLoss, denoising_loss
+from medhybrid.diffusion import denoising_loss
+from medhybrid.losses import SegmentationLoss
 
 __all__ = [
     "STRONG_KEY",

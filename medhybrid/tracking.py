@@ -72,16 +72,29 @@ def flatten(d: Mapping, prefix: str = "") -> dict[str, Any]:
     return out
 
 
+class RunHandler(MLFlowHandler):
+    """MONAI's ``MLFlowHandler`` bound to one existing MLflow run, given by id. MONAI's own handler finds its run by
+    name (or makes one), which could pick another folder's unfinished run of the same name: a run folder owns exactly
+    one MLflow run (:mod:`medhybrid.runs`), so the handler is told which."""
+
+    def __init__(self, run_id: str, **kwargs):
+        super().__init__(**kwargs)
+        self.run_id = run_id
+
+    def start(self, engine) -> None:
+        if not self.cur_run:
+            self.cur_run = self.client.get_run(self.run_id)
+        super().start(engine)
+
+
 def engine_handler(cfg: MLflowConfig, run_id: str, evaluator: bool = False) -> MLFlowHandler:
     """MONAI's ``MLFlowHandler`` writing into the existing run ``run_id``: a trainer's loss every ``cfg.log_every``
     iterations and its epoch metrics, or (``evaluator``) an evaluator's metrics. With no ``global_epoch_transform``:
     MONAI's ``ValidationHandler`` runs the evaluator with the trainer's epoch as its own, so validation metrics are logged
     at the epoch they belong to. The run stays open (its owner finishes it)."""
-    h = MLFlowHandler(tracking_uri=tracking_uri(cfg), experiment_name=cfg.experiment,
+    return RunHandler(run_id, tracking_uri=tracking_uri(cfg), experiment_name=cfg.experiment,
                       iteration_log=False if evaluator else (lambda e, it: it % cfg.log_every == 0),
                       output_transform=lambda o: {"loss": o["loss"].item()}, close_on_complete=False)
-    h.cur_run = client(cfg).get_run(run_id)
-    return h
 
 
 def finish_run(cfg: MLflowConfig, run_id: str, status: str = "FINISHED") -> None:

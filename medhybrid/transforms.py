@@ -31,7 +31,9 @@ from monai.transforms import (
     MapTransform,
     Resize,
     Resized,
+    ScaleIntensity,
     ScaleIntensityRange,
+    ScaleIntensityRangePercentiles,
     SpatialPad,
     SpatialPadd,
     Transform,
@@ -247,12 +249,15 @@ class MaskToLabeld(MapTransform):
 
 # --------------------------------------------------------------------------------------------- intensity
 class ScaleIntensity2D(Transform):
-    """Scale intensities to ``[-1, 1]`` (MONAI's ``ScaleIntensityRange``, clipped) from a range chosen by ``mode``:
+    """Scale intensities to ``[-1, 1]`` (MONAI's intensity transforms, clipped) from a range chosen by ``mode``:
 
     - ``fixed``: by the range the file's format allows (``value_range`` from the reader: 0..255 for
       8-bit files, the Bits Stored range after rescale for DICOM). Keeps the scanner's scale.
-    - ``minmax``: by the image's own min and max.
-    - ``percentile``: by the image's ``lower``/``upper`` percentiles, clipped (robust to hot pixels).
+    - ``minmax``: by the image's own min and max (``ScaleIntensity``).
+    - ``percentile``: by the image's ``lower``/``upper`` percentiles, clipped (``ScaleIntensityRangePercentiles``;
+      robust to hot pixels).
+
+    Under ``minmax`` and ``percentile`` a constant image maps to -1 everywhere.
     """
 
     def __init__(self, mode: Intensity = "fixed", lower: float = 0.5, upper: float = 99.5):
@@ -262,15 +267,14 @@ class ScaleIntensity2D(Transform):
         x = img.float()
         if self.mode == "fixed" and isinstance(img, MetaTensor) and "value_range" in img.meta:
             lo, hi = (float(v) for v in torch.as_tensor(img.meta["value_range"]).flatten()[:2])
-        elif self.mode == "percentile":
-            q = torch.quantile(x.flatten()[:: max(1, x.numel() // 1_000_000)].float(),
-                               torch.tensor([self.lower / 100, self.upper / 100]))
-            lo, hi = float(q[0]), float(q[1])
-        else:
-            lo, hi = float(x.min()), float(x.max())
-        if hi <= lo:  # an empty range (a constant image): every pixel at its lower end, -1
-            return (x - lo).clamp(0.0, 1.0) * 2.0 - 1.0
-        return ScaleIntensityRange(lo, hi, b_min=-1.0, b_max=1.0, clip=True)(x)
+            if hi <= lo:
+                return (x - lo).clamp(0.0, 1.0) * 2.0 - 1.0
+            return ScaleIntensityRange(lo, hi, b_min=-1.0, b_max=1.0, clip=True)(x)
+        if bool(x.max() <= x.min()):  # a constant image has no range of its own: every pixel at the lower end, -1
+            return x * 0.0 - 1.0
+        if self.mode == "percentile":
+            return ScaleIntensityRangePercentiles(self.lower, self.upper, b_min=-1.0, b_max=1.0, clip=True)(x)
+        return ScaleIntensity(minv=-1.0, maxv=1.0)(x)
 
 
 class ScaleIntensity2Dd(MapTransform):

@@ -24,8 +24,9 @@ from PIL import Image
 
 from medhybrid.bundle import image_datalist, labelled_datalist, publish_weights, save_weights, sha256, unlabelled_datalist
 from medhybrid.checkpoints import save_model
+from medhybrid.inference import Segmenter
 from medhybrid.io import DataError, read_image
-from medhybrid.networks import EDMPrecond, ModelConfig, build_network
+from medhybrid.networks import ModelConfig, build_network
 
 pytestmark = [
     pytest.mark.filterwarnings("ignore:parsing config_file:UserWarning"),  # MONAI's notice that configs run code
@@ -107,7 +108,7 @@ def test_model_zoo_layout_and_weights_match_their_checksums(bundle):
     net = parser.get_parsed_content("network_def")
     for e in listed:  # plain state dicts of network_def, loadable without pickled code
         net.load_state_dict(torch.load(bundle / e["path"], map_location="cpu", weights_only=True), strict=True)
-    assert isinstance(net, EDMPrecond) and type(net.backbone).__name__ == "DiffusionModelUNet"  # the preconditioning wrapper
+    assert isinstance(net, Segmenter) and type(net.backbone).__name__ == "DiffusionModelUNet"  # the preconditioning wrapper
 
 
 @pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning")

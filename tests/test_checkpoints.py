@@ -8,6 +8,7 @@ from conftest import TINY_UNET as TINY
 
 from medhybrid.checkpoints import atomic_save, latest_checkpoint, load_model, network_meta, read_model_file, save_model, transfer_weights
 from medhybrid.config import Preprocess
+from medhybrid.io import DataError
 from medhybrid.networks import ModelConfig, build_network
 
 pytestmark = pytest.mark.usefixtures("workdir")
@@ -26,28 +27,40 @@ def test_atomic_save_and_latest_checkpoint(tmp_path):
 
 # --------------------------------------------------------------------------------------------- weight transfer
 def test_transfer_weights_by_name_and_shape():
+    """A 3-class checkpoint into a binary network: everything but the output convolution is copied; the head keeps its
+    initial values and is reported."""
     torch.manual_seed(0)
     src = build_network(TINY, 3, num_classes=3)  # 3-class head: 3 + 3 output channels
     torch.manual_seed(1)
     dst = build_network(TINY, 3, num_classes=2)  # binary head: 3 + 1
     before = {k: v.clone() for k, v in dst.state_dict().items()}
     sd = dict(src.state_dict())
-    sd["extra.weight"] = torch.zeros(2)
-    dropped = "backbone.time_embed.0.bias"
-    del sd[dropped]
     report = transfer_weights(dst, sd, "src.pt")
-
     after = dst.state_dict()
     head = {k for k, v in src.state_dict().items() if v.shape != after[k].shape}
     assert head and all(k.startswith("backbone.out") for k in head)  # only the output convolution differs
-    assert set(report["skipped"]) == head | {"extra.weight"}
-    assert report["skipped"]["extra.weight"] == "not in the network"
+    assert set(report["skipped"]) == head and report["missing"] == []
     for k in head:
         assert report["skipped"][k] == f"shape {tuple(sd[k].shape)} in src.pt, {tuple(after[k].shape)} in the network"
         assert torch.equal(after[k], before[k])  # left at its initial value
-    assert report["missing"] == [dropped] and torch.equal(after[dropped], before[dropped])
-    assert set(report["loaded"]) == set(sd) - head - {"extra.weight"}
+    assert set(report["loaded"]) == set(sd) - head
     assert all(torch.equal(after[k], sd[k]) for k in report["loaded"])
+
+
+def test_transfer_weights_fails_on_anything_but_the_head():
+    """A tensor the network lacks, or one the checkpoint lacks, outside the head: another architecture, refused,
+    with every offending name; the network is left untouched."""
+    dst = build_network(TINY, 3, num_classes=2)
+    before = {k: v.clone() for k, v in dst.state_dict().items()}
+    sd = dict(build_network(TINY, 3, num_classes=2).state_dict())
+    sd["extra.weight"] = torch.zeros(2)
+    del sd["backbone.time_embed.0.bias"]
+    with pytest.raises(DataError, match=r"src\.pt: does not fit the network outside its output head \(2 tensor"):
+        transfer_weights(dst, sd, "src.pt")
+    assert all(torch.equal(v, before[k]) for k, v in dst.state_dict().items())
+    other = build_network(TINY.model_copy(update={"channels": (16, 32, 64)}), 3, 2).state_dict()
+    with pytest.raises(DataError, match="shape"):
+        transfer_weights(dst, other, "wide.pt")
 
 
 def test_transfer_weights_logs_what_is_skipped(caplog):

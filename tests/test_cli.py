@@ -71,7 +71,7 @@ def test_shipped_ablation_profiles():
     """quick: the decision-relevant methods (the semi-supervised one that won on the development sets its reference),
     >= 3 seeds, budgets 1-10; standard: 5x its pretraining, 5 seeds and the whole pool; semi: every semi-supervised
     method beside its start; compare: every method; pretrain-500 sits between quick and standard on the length curve."""
-    from medhybrid.cli import load_ablation
+    from medhybrid.ablation import load_ablation
     from medhybrid.report import pretraining_iterations
 
     for config in ("dermoscopy", "chest_xray"):
@@ -92,7 +92,7 @@ def test_shipped_ablation_profiles():
 
 
 def test_profiles_extend_and_select_methods(tmp_path):
-    from medhybrid.cli import load_ablation
+    from medhybrid.ablation import load_ablation
     from medhybrid.config import ConfigError
 
     path = tmp_path / "abl.yaml"

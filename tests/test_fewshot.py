@@ -35,17 +35,18 @@ def test_folder_lifecycle(ph2_tiny, workdir):
     """Open writes the resolved config, the subset and the state; a folder of another configuration is refused; a
     finished run with its model file is found, not redone."""
     cfg = _cfg(ph2_tiny, workdir)
-    h, done = claim_few_shot_run(cfg)
-    assert done is None
-    assert open_few_shot_run(cfg, h, ["a", "b"]) is None  # MLflow off: no run id
+    run = claim_few_shot_run(cfg)
+    assert not run.finished
+    assert open_few_shot_run(cfg, run, ["a", "b"]) is None  # MLflow off: no run id
     assert json.loads((cfg.folder / "subset.json").read_text()) == {"budget": 2, "seed": 0, "ids": ["a", "b"]}
     assert (cfg.folder / "config.yaml").is_file() and runs.read_state(cfg.folder)["status"] == "running"
     with pytest.raises(ConfigError, match="different configuration"):
         claim_few_shot_run(cfg.model_copy(update={"seed": 3}))
-    runs.close_run(cfg.mlflow, cfg.folder, None, [])
-    assert claim_few_shot_run(cfg)[1] is None  # finished, but no model.pt: train it again
+    run.finish([])
+    assert not claim_few_shot_run(cfg).finished  # finished, but no model.pt: train it again
     (cfg.folder / "model.pt").write_bytes(b"")
-    assert claim_few_shot_run(cfg)[1]["status"] == "finished"
+    again = claim_few_shot_run(cfg)
+    assert again.finished and again.state["status"] == "finished" and again.state["ids"] == ["a", "b"]
 
 
 def test_scores_name_the_set_they_come_from(ph2_tiny, workdir):

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import torch
+from monai.inferers import SimpleInferer
 
 from medhybrid import diffusion as D
-from medhybrid.inferers import ConditionedInferer, SegmentationInferer
+from medhybrid.inferers import SegmentationInferer
 
 EDM = D.EDMParams()
 
@@ -16,7 +17,7 @@ def test_inferers():
             return torch.cat([x * (2 if precondition else 3), torch.full_like(x[:, :1], float(sigma or 0))], 1)
 
     x = torch.ones(2, 3, 4, 4)
-    out = ConditionedInferer()(x, Net(), sigma=0.5, precondition=False)
+    out = SimpleInferer()(x, Net(), sigma=0.5, precondition=False)
     assert out.shape == (2, 4, 4, 4) and out[:, :3].eq(3).all() and out[:, 3].eq(0.5).all()
     seg = SegmentationInferer(3)(x, Net())
     assert seg.shape == (2, 1, 4, 4) and seg.eq(0).all()

@@ -88,7 +88,7 @@ def test_wheel_ships_the_configs(installed):
 CHECK_CONFIGS = """
 import json, os, sys
 import medhybrid
-from medhybrid.cli import load_ablation
+from medhybrid.ablation import load_ablation
 from medhybrid.config import ConfigError, config_dir, load_config, load_dataset_spec
 from medhybrid.finetune import FinetuneConfig
 from medhybrid.pretrain import PretrainConfig
@@ -185,3 +185,39 @@ def test_import_leaves_warning_filters_and_logging_handlers_alone():
             "assert warnings.filters == before, [f for f in warnings.filters if f not in before]\n"
             "assert logging.getLogger().handlers == handlers\n")
     _run([sys.executable, "-c", code], "import medhybrid", env=_env())
+
+
+def _runtime_imports(path: Path) -> set[str]:
+    """The medhybrid modules a source file imports when it runs (``if TYPE_CHECKING:`` blocks left out)."""
+    import ast
+
+    tree = ast.parse(path.read_text())
+    typing_only = {id(n) for node in ast.walk(tree) if isinstance(node, ast.If) and getattr(node.test, "id", "") == "TYPE_CHECKING"
+                   for n in ast.walk(node)}
+    found = set()
+    for node in ast.walk(tree):
+        if id(node) in typing_only:
+            continue
+        if isinstance(node, ast.Import):
+            found |= {a.name for a in node.names if a.name.startswith("medhybrid")}
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and (node.module or "").startswith("medhybrid"):
+            found.add(node.module)
+    return found
+
+
+def test_no_module_imports_one_that_imports_it_back():
+    """The package's import graph has no cycle (function-level imports included)."""
+    root = REPO_ROOT / "medhybrid"
+    graph = {}
+    for p in root.rglob("*.py"):
+        name = ".".join(("medhybrid", *p.relative_to(root).with_suffix("").parts)).removesuffix(".__init__")
+        graph[name] = _runtime_imports(p)
+
+    def reach(m: str, seen: set[str]) -> set[str]:
+        for d in graph.get(m, ()):
+            if d not in seen:
+                seen.add(d)
+                reach(d, seen)
+        return seen
+
+    assert [m for m in sorted(graph) if m in reach(m, set())] == []
