@@ -22,7 +22,7 @@ import torch
 from pydantic import Field, model_validator
 
 from medhybrid import runs, tracking
-from medhybrid.checkpoints import load_model, read_model_file
+from medhybrid.checkpoints import load_model, model_meta
 from medhybrid.config import (
     ConfigError,
     DatasetRef,
@@ -177,7 +177,7 @@ def pretrain_config(cfg: AblationConfig, method: str):
 
 def finetune_config(cfg: AblationConfig, method: str, init: Path, budget: int | None, seed: int, parent: str | None,
                     pretrain_run: str | None):
-    meta = read_model_file(init)["meta"]
+    meta = model_meta(init)
     spec = cfg.methods[method]
     data = deep_merge(deep_merge(cfg.finetune, spec.finetune), _few_shot_fields(cfg, method, budget, seed, parent, pretrain_run))
     data.update(init=str(init) if spec.pretrain != "none" else None, preprocess=meta["preprocess"], model=meta["model"])
@@ -488,3 +488,7 @@ def _profile(profiles: dict, name: str, path: Path, seen: tuple[str, ...] = ()) 
     prof = dict(profiles[name])
     base = prof.pop("extends", None)
     return deep_merge(_profile(profiles, base, path, (*seen, name)), prof) if base else prof
+
+__all__ = ["AblationConfig", "DEFAULT_METHODS", "finetune_config", "finetune_step", "load_ablation", "MethodSpec",
+           "pixel_features_config", "pretrain_config", "pretrain_step", "pretraining_of", "RayConfig",
+           "run_ablation", "TaskResources"]

@@ -189,3 +189,6 @@ class MixedBatchSampler(EpochSeededSampler):
         unl = self.draw(g, self.sizes[1], batches * ku).view(batches, ku) + nl
         order = torch.cat([lab, unl], dim=1)[self.rank :: self.world_size]
         return iter(order.flatten().tolist())
+
+__all__ = ["as_plain_tensor", "CorruptionPrepareBatch", "EpochSeededSampler", "LevelsPrepareBatch",
+           "MixedBatchSampler", "SegmentationPrepareBatch", "step_generator"]

@@ -132,3 +132,5 @@ def require_valid(spec: DatasetSpec, splits: Sequence[str] | None = None, images
         raise DataError(None, f"dataset {spec.name!r} failed its check:\n" + "\n".join(
             f"  {p}" for p in report.problems[:20]) + (f"\n  ... {len(report.problems) - 20} more" if len(report.problems) > 20 else ""))
     return report
+
+__all__ = ["check_dataset", "CheckReport", "require_valid"]

@@ -77,6 +77,19 @@ def read_model_file(path: str | os.PathLike, map_location="cpu", allow_bare: boo
     return content
 
 
+_META_CACHE: dict[tuple[str, int, int], dict] = {}
+
+
+def model_meta(path: str | os.PathLike) -> dict:
+    """The ``meta`` of a model file, read once per version of the file (keyed by path, size and modification time):
+    an ablation asks every fine-tune's checkpoint for it."""
+    st = Path(path).stat()
+    key = (str(Path(path).resolve()), st.st_size, st.st_mtime_ns)
+    if key not in _META_CACHE:
+        _META_CACHE[key] = read_model_file(path)["meta"]
+    return _META_CACHE[key]
+
+
 def load_model(path: str | os.PathLike, map_location="cpu") -> tuple[EDMPrecond, dict]:
     """Rebuild the network saved by :func:`save_model`, with its metadata."""
     ckpt = read_model_file(path, map_location)
@@ -131,3 +144,6 @@ def transfer_weights(net: nn.Module, state_dict: dict[str, torch.Tensor], source
         log.warning("weight transfer from %s: MISSING %s (the output head, left at its initial value)", source, k)
     log.info("weight transfer from %s: %d tensors loaded, %d skipped, %d missing", source, len(loaded), len(skipped), len(missing))
     return {"loaded": list(loaded), "skipped": skipped, "missing": missing}
+
+__all__ = ["_META_CACHE", "atomic_save", "HEAD", "latest_checkpoint", "load_model", "model_meta", "network_meta",
+           "read_model_file", "save_model", "transfer_weights"]

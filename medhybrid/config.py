@@ -430,3 +430,8 @@ def save_config(cfg: BaseModel, path: str | os.PathLike) -> Path:
     with atomic_write(path) as tmp:
         tmp.write_text(yaml.safe_dump(dump_config(cfg), sort_keys=False))
     return Path(path)
+
+__all__ = ["apply_overrides", "config_dir", "CONFIG_DIR_ENV", "ConfigError", "DATA_ROOT_ENV", "DatasetSpec",
+           "deep_merge", "dump_config", "expand_env", "find_config", "format_validation_error", "load_config",
+           "load_dataset_spec", "M", "MaskSpec", "PACKAGED_CONFIGS", "parse_override", "Preprocess", "read_yaml",
+           "save_config", "StrictModel", "validate"]

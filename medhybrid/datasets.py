@@ -249,3 +249,5 @@ def few_shot_pairs(spec: DatasetSpec, budget: int | None, seed: int, pool_split:
         raise ValueError(f"{exclude_split!r} images {sorted(leaked)[:5]} would enter a training subset")
     by_id = {p["id"]: p for p in pool}
     return [by_id[i] for i in ids]
+
+__all__ = ["DECATHLON_SPLITS", "discover_pairs", "few_shot_ids", "few_shot_pairs", "load_pairs", "select_split"]

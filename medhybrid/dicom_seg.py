@@ -105,3 +105,5 @@ def _build(src, stack: np.ndarray, names: list[str], algorithm: str, version: st
         device_serial_number="0",
         series_description=f"{algorithm} segmentation",
     )
+
+__all__ = ["SEGMENT_CODES", "segment_description", "write_dicom_seg"]

@@ -131,3 +131,6 @@ def denoising_loss(denoised: torch.Tensor, clean: torch.Tensor, sigma: torch.Ten
     """EDM eq. 2 with Table 1's weight: lambda(sigma) * mean ||D(x; sigma) - x_0||^2, per sample (B,)."""
     err = (denoised.float() - clean.float()).square().flatten(1).mean(1)
     return loss_weight(sigma.float(), sigma_data) * err
+
+__all__ = ["c_in", "c_noise", "c_out", "c_skip", "denoising_loss", "EDMParams", "heun_sample", "loss_weight",
+           "mdm_sigma", "patch_mask", "sample_sigma_lognormal", "sample_sigma_loguniform", "sampling_sigmas"]

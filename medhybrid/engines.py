@@ -270,3 +270,5 @@ class GradientClipping:
         if getattr(engine, "scaler", None) is not None and engine.amp:
             engine.scaler.unscale_(engine.optimizer)
         torch.nn.utils.clip_grad_norm_(engine.network.parameters(), self.max_norm)
+
+__all__ = ["EXECUTION_ONLY", "fit", "FitResult", "GradientClipping", "resolve_device", "TrainConfig", "unwrap"]

@@ -148,3 +148,5 @@ def _overlays(keep, pairs: list[dict], dataset, preprocess, out: Path, n: int) -
             tiles.append(overlay(x, pm, reference=lab > 0))
         paths.append(save_png(grid([tiles]), out / f"{tag}_{n}.png", upscale=2))
     return paths
+
+__all__ = ["binary_metrics", "EvalResult", "evaluate", "predict"]

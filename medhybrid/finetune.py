@@ -24,7 +24,7 @@ from medhybrid import runs, tracking
 from medhybrid import semi as S
 from medhybrid.batches import MixedBatchSampler, SegmentationPrepareBatch
 from medhybrid.check import require_valid
-from medhybrid.checkpoints import network_meta, read_model_file, save_model, transfer_weights
+from medhybrid.checkpoints import model_meta, network_meta, read_model_file, save_model, transfer_weights
 from medhybrid.config import Preprocess, StrictModel, dump_config
 from medhybrid.datasets import few_shot_pairs, load_pairs
 from medhybrid.engines import TrainConfig, fit
@@ -221,4 +221,8 @@ def run_finetuning(cfg: FinetuneConfig) -> FinetuneResult:
 def _model_cfg(cfg: FinetuneConfig) -> dict:
     if cfg.init is None:
         return dump_config(cfg.model)
-    return read_model_file(cfg.init)["meta"]["model"]
+    return model_meta(cfg.init)["model"]
+
+__all__ = ["augmentation", "AugmentConfig", "FinetuneConfig", "FinetuneResult", "FinetuneSchedule",
+           "initial_network", "reseeded_each_epoch", "run_finetuning", "semi_training", "training_dataset",
+           "unlabelled_items"]

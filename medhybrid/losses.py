@@ -86,3 +86,5 @@ class FinetuneLoss(nn.Module):
         seg = self.seg(pred[:, self.image_channels :], label).mean()
         self.terms = {"mask_loss": float(seg.detach())}
         return seg
+
+__all__ = ["FinetuneLoss", "PretrainLoss", "SegmentationLoss"]

@@ -195,3 +195,6 @@ class LeasedUncertainty(_Leased):
                         self._scores[keys[i]] = float("nan")
             scores = {i: self._scores[keys[i]] for i in ids}
         return sorted((i for i in ids if not math.isnan(scores[i])), key=lambda i: -scores[i])
+
+__all__ = ["LeasedFirst", "LeasedRandom", "LeasedUncertainty", "MedhybridInfer", "MedhybridTrain",
+           "unlabelled_studies"]

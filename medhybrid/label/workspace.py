@@ -210,3 +210,6 @@ def train_request(request: dict[str, Any], defaults: dict[str, Any],
                 raise ValueError(f"{key} {v!r}: a plain string")
             out[key] = v
     return out
+
+__all__ = ["BUNDLE_FILES", "BundleNetwork", "check_bundle", "pick_device", "served_bundle", "StudyLeases",
+           "train_request"]
