@@ -265,8 +265,8 @@ def check_contention(out: str, wall: float, budget: int, iters: int, competitors
 
 def test_cpu_contention_alone_and_beside_a_busy_process(data):
     """Both thread settings run alone and beside a busy process; on two cores the policy gives one up to it."""
-    out, wall = _run("cpu_contention.py", "--budget", "2", "--iters", "6", env={"OMP_NUM_THREADS": "2"})
-    check_contention(out, wall, budget=2, iters=6)
+    out, wall = _run("cpu_contention.py", "--budget", "2", "--iters", "3", env={"OMP_NUM_THREADS": "2"})
+    check_contention(out, wall, budget=2, iters=3)
 
 
 # ------------------------------------------------------------------------------------------ finetune_cost.py
@@ -317,8 +317,11 @@ def check_ray(out: str, wall: float, sets: list[str], runs: int, workers: int = 
 
 @pytest.mark.slow
 @pytest.mark.distributed
-def test_ray_ablation_benchmark_compares_the_same_runs(data):
-    tiny = ["methods=[scratch,supervised]", "budgets=[2]", "seeds=[0]", "pretrain.train.epochs=1", "pretrain.train.epoch_length=2",
+def test_ray_ablation_benchmark_compares_the_same_runs(data, tmp_path):
+    from conftest import ph2_yaml
+
+    target = ph2_yaml(tmp_path, n_pool=6, n_test=3)  # a small test split: the smoke is about the runner, not Dice
+    tiny = [f"target={target}", "methods=[scratch,supervised]", "budgets=[2]", "seeds=[0]", "pretrain.train.epochs=1", "pretrain.train.epoch_length=2",
             "pretrain.train.batch_size=4", "pretrain.model.channels=[16,32,32]", "finetune.schedule.min_iterations=2",
             "finetune.schedule.max_iterations=2", "finetune.schedule.epochs=1"]
     out, wall = _run("ray_ablation.py", "--set", *tiny)
