@@ -110,7 +110,7 @@ def read_pil(path: Path, role: str = "image", reduce_to: int | None = None) -> t
             full = (im.size[1], im.size[0])
             f = reduction_factor(full, reduce_to) if role == "image" else 1
             if f > 1 and fmt == "JPEG" and mode in ("L", "RGB"):
-                im.draft(mode, (-(-im.size[0] // f), -(-im.size[1] // f)))
+                im.draft(mode, (im.size[0] // f, im.size[1] // f))  # Pillow picks the scale from these floors
             if role == "image":
                 if mode in ("P", "PA", "CMYK", "YCbCr", "LAB", "HSV", "RGBA"):
                     im = im.convert("RGB")

@@ -214,18 +214,20 @@ def test_a_bundle_folder_is_a_model(tmp_path, ph2_pair):
 
 
 def test_camera_size_jpeg_is_decoded_reduced_and_masked_at_full_size(model_pt, tmp_path, ph2_pair):
-    """A 4000x3000 JPEG (a PH2 image upscaled) is decoded at a quarter of its size; its mask has the file's size and
-    matches the mask of a full decode (the old path) within Dice 0.98."""
+    """A 2000x1500 JPEG (a PH2 image upscaled) is decoded at a quarter of its size (the 32-pixel model's short side
+    stays >= 128); its mask has the file's size and matches the mask of a full decode within Dice 0.98."""
     from medhybrid.inference import inference_preprocessing, load_segmenter
 
     big = tmp_path / "camera.jpg"
-    Image.open(ph2_pair[0]).convert("RGB").resize((4000, 3000), Image.BICUBIC).save(big, quality=92)
+    Image.open(ph2_pair[0]).convert("RGB").resize((2000, 1500), Image.BICUBIC).save(big, quality=92)
     res = infer_files(model_pt, [big], tmp_path / "out")
     mask = _mask(res.written[0]) > 0
-    assert mask.shape == (3000, 4000)
+    assert mask.shape == (1500, 2000)
     _, meta = load_segmenter(model_pt)
     pre = inference_preprocessing(3, Preprocess(**meta["preprocess"]))
-    assert tuple(pre({"image": str(big)})["image"].applied_operations[0]["orig_size"]) == (3000, 4000)
+    read = pre.transforms[0]({"image": str(big)})["image"]
+    assert tuple(read.shape[1:]) == (188, 250)  # 4 x 32 = 128 <= 187: eighth-size draft decoding (rounded up)
+    assert tuple(pre({"image": str(big)})["image"].applied_operations[0]["orig_size"]) == (1500, 2000)
     full = _mask(infer_files(model_pt, [big], tmp_path / "full", reduce=False).written[0]) > 0
     assert 0.05 < full.mean() < 0.95
     assert 2 * (mask & full).sum() / (mask.sum() + full.sum()) > 0.98

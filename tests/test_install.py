@@ -168,8 +168,8 @@ def test_installed_cli_segments_images(installed, tiny_model, tmp_path):
     out = tmp_path / "masks"
     res = _run([installed["medhybrid"], "infer", "--model", tiny_model, "--input", *inputs, "--output", out, "--device", "cpu"],
                "medhybrid infer", cwd=installed["work"], env=_env())
-    assert f"{len(IMAGES)} mask(s) written" in res.stdout, res.stdout
-    assert sorted(p.name for p in out.iterdir()) == [f"{i}_mask.png" for i in IMAGES]
+    assert f"{len(IMAGES)} of {len(IMAGES)} image(s) segmented; {len(IMAGES)} mask(s)" in res.stdout, res.stdout
+    assert sorted(p.name for p in out.iterdir()) == sorted([f"{i}_mask.png" for i in IMAGES] + ["quality.csv"])
     for sid, image in zip(IMAGES, inputs, strict=True):
         with Image.open(image) as im, Image.open(out / f"{sid}_mask.png") as m:
             assert m.size == im.size and m.mode == "L", (sid, m.size, im.size, m.mode)
