@@ -489,6 +489,7 @@ def _profile(profiles: dict, name: str, path: Path, seen: tuple[str, ...] = ()) 
     base = prof.pop("extends", None)
     return deep_merge(_profile(profiles, base, path, (*seen, name)), prof) if base else prof
 
+
 __all__ = ["AblationConfig", "DEFAULT_METHODS", "finetune_config", "finetune_step", "load_ablation", "MethodSpec",
            "pixel_features_config", "pretrain_config", "pretrain_step", "pretraining_of", "RayConfig",
            "run_ablation", "TaskResources"]

@@ -327,5 +327,6 @@ def _sign_test(diffs: Sequence[float]) -> float:
     pos, neg = sum(d > 0 for d in diffs), sum(d < 0 for d in diffs)
     return float(binomtest(pos, pos + neg).pvalue) if pos + neg else 1.0
 
+
 __all__ = ["ActiveLearningConfig", "density_weighted", "embed_images", "information_density", "most_uncertain",
            "run_active_learning", "score_error_correlation", "write_active_report"]

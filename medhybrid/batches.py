@@ -190,5 +190,6 @@ class MixedBatchSampler(EpochSeededSampler):
         order = torch.cat([lab, unl], dim=1)[self.rank :: self.world_size]
         return iter(order.flatten().tolist())
 
+
 __all__ = ["as_plain_tensor", "CorruptionPrepareBatch", "EpochSeededSampler", "LevelsPrepareBatch",
            "MixedBatchSampler", "SegmentationPrepareBatch", "step_generator"]

@@ -159,5 +159,6 @@ def sha256(path: str | os.PathLike) -> str:
             h.update(block)
     return h.hexdigest()
 
+
 __all__ = ["image_datalist", "labelled_datalist", "publish_weights", "save_weights", "semi_seams", "sha256",
            "strong_views", "unlabelled_datalist"]

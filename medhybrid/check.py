@@ -133,4 +133,5 @@ def require_valid(spec: DatasetSpec, splits: Sequence[str] | None = None, images
             f"  {p}" for p in report.problems[:20]) + (f"\n  ... {len(report.problems) - 20} more" if len(report.problems) > 20 else ""))
     return report
 
+
 __all__ = ["check_dataset", "CheckReport", "require_valid"]

@@ -145,5 +145,6 @@ def transfer_weights(net: nn.Module, state_dict: dict[str, torch.Tensor], source
     log.info("weight transfer from %s: %d tensors loaded, %d skipped, %d missing", source, len(loaded), len(skipped), len(missing))
     return {"loaded": list(loaded), "skipped": skipped, "missing": missing}
 
+
 __all__ = ["_META_CACHE", "atomic_save", "HEAD", "latest_checkpoint", "load_model", "model_meta", "network_meta",
            "read_model_file", "save_model", "transfer_weights"]

@@ -250,4 +250,5 @@ def main(argv: list[str] | None = None) -> int:
 if __name__ == "__main__":
     sys.exit(main())
 
+
 __all__ = ["build_parser", "main"]

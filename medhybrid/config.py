@@ -431,6 +431,7 @@ def save_config(cfg: BaseModel, path: str | os.PathLike) -> Path:
         tmp.write_text(yaml.safe_dump(dump_config(cfg), sort_keys=False))
     return Path(path)
 
+
 __all__ = ["apply_overrides", "config_dir", "CONFIG_DIR_ENV", "ConfigError", "DATA_ROOT_ENV", "DatasetSpec",
            "deep_merge", "dump_config", "expand_env", "find_config", "format_validation_error", "load_config",
            "load_dataset_spec", "M", "MaskSpec", "PACKAGED_CONFIGS", "parse_override", "Preprocess", "read_yaml",

@@ -250,4 +250,5 @@ def few_shot_pairs(spec: DatasetSpec, budget: int | None, seed: int, pool_split:
     by_id = {p["id"]: p for p in pool}
     return [by_id[i] for i in ids]
 
+
 __all__ = ["DECATHLON_SPLITS", "discover_pairs", "few_shot_ids", "few_shot_pairs", "load_pairs", "select_split"]

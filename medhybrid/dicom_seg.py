@@ -106,4 +106,5 @@ def _build(src, stack: np.ndarray, names: list[str], algorithm: str, version: st
         series_description=f"{algorithm} segmentation",
     )
 
+
 __all__ = ["SEGMENT_CODES", "segment_description", "write_dicom_seg"]

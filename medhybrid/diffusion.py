@@ -132,5 +132,6 @@ def denoising_loss(denoised: torch.Tensor, clean: torch.Tensor, sigma: torch.Ten
     err = (denoised.float() - clean.float()).square().flatten(1).mean(1)
     return loss_weight(sigma.float(), sigma_data) * err
 
+
 __all__ = ["c_in", "c_noise", "c_out", "c_skip", "denoising_loss", "EDMParams", "heun_sample", "loss_weight",
            "mdm_sigma", "patch_mask", "sample_sigma_lognormal", "sample_sigma_loguniform", "sampling_sigmas"]

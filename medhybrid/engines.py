@@ -271,4 +271,5 @@ class GradientClipping:
             engine.scaler.unscale_(engine.optimizer)
         torch.nn.utils.clip_grad_norm_(engine.network.parameters(), self.max_norm)
 
+
 __all__ = ["EXECUTION_ONLY", "fit", "FitResult", "GradientClipping", "resolve_device", "TrainConfig", "unwrap"]

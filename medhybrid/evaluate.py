@@ -149,4 +149,5 @@ def _overlays(keep, pairs: list[dict], dataset, preprocess, out: Path, n: int) -
         paths.append(save_png(grid([tiles]), out / f"{tag}_{n}.png", upscale=2))
     return paths
 
+
 __all__ = ["binary_metrics", "EvalResult", "evaluate", "predict"]

@@ -123,5 +123,6 @@ def evaluate_few_shot_run(mlflow: MLflowConfig, folder: Path, run_id: str | None
     runs.write_state(folder, evaluated=True, scored_on=ev.split, scores=ev.summary)
     return ev.summary
 
+
 __all__ = ["claim_few_shot_run", "evaluate_few_shot_run", "few_shot_hash", "FEW_SHOT_UNHASHED", "FewShotRunConfig",
            "open_few_shot_run", "require_channels"]

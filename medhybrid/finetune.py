@@ -223,6 +223,7 @@ def _model_cfg(cfg: FinetuneConfig) -> dict:
         return dump_config(cfg.model)
     return model_meta(cfg.init)["model"]
 
+
 __all__ = ["augmentation", "AugmentConfig", "FinetuneConfig", "FinetuneResult", "FinetuneSchedule",
            "initial_network", "reseeded_each_epoch", "run_finetuning", "semi_training", "training_dataset",
            "unlabelled_items"]

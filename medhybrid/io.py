@@ -487,6 +487,7 @@ def write_json(path: str | os.PathLike, data: Any, indent: int = 2, allow_nan: b
         tmp.write_text(json.dumps(data, indent=indent, allow_nan=allow_nan))
     return Path(path)
 
+
 __all__ = ["atomic_write", "data_error", "DataError", "DICOM_SUFFIXES", "encapsulated_syntax", "file_channels",
            "file_suffix", "Image2DReader", "image_stem", "is_dicom_file", "NIFTI_SUFFIXES", "one_line", "open_dicom",
            "PIL_SUFFIXES", "quiet_pydicom", "read_dicom", "read_image", "read_nifti", "read_pil", "read_sitk",

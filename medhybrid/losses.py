@@ -87,4 +87,5 @@ class FinetuneLoss(nn.Module):
         self.terms = {"mask_loss": float(seg.detach())}
         return seg
 
+
 __all__ = ["FinetuneLoss", "PretrainLoss", "SegmentationLoss"]

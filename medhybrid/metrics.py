@@ -75,4 +75,5 @@ class PerLevelMSE(Metric):
         for lv, v in self.per_level.items():
             engine.state.metrics[f"{name}_{lv:g}"] = v
 
+
 __all__ = ["dice_output_transform", "label_to_onehot", "logits_to_onehot", "masked_prediction", "PerLevelMSE"]

@@ -129,4 +129,5 @@ def build_network(cfg: ModelConfig, image_channels: int, num_classes: int = 2) -
     )
     return EDMPrecond(backbone, image_channels, mask_ch, cfg.sigma_data, cfg.sigma_min, cfg.noise_embed_scale)
 
+
 __all__ = ["build_network", "edm_output", "EDMPrecond", "mask_channels_for", "mask_classes", "ModelConfig"]

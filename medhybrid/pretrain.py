@@ -386,6 +386,7 @@ def run_pretraining(cfg: PretrainConfig) -> PretrainResult:
     run.finish([folder / "config.yaml", model_path], metrics=metrics)
     return PretrainResult(folder, model_path, run_id, metrics)
 
+
 __all__ = ["_SOURCE_CACHE", "_UNLABELLED_CACHE", "corruption", "free_port", "HybridConfig", "launched_by_torchrun",
            "MDMConfig", "MODES", "pretrain_meta", "PretrainConfig", "PretrainResult", "preview", "run_pretraining",
            "source_datasets", "training_data", "validation"]

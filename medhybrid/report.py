@@ -438,6 +438,7 @@ def _plot_curve(path: Path, points: list[dict], names: list[str], baseline: str,
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 
+
 __all__ = ["best_baseline", "collect_results", "embed_in_readme", "FEWEST_MAX_BUDGET", "paired_comparisons",
            "per_image_scores", "POOLED_MAX_BUDGET", "pretraining_iterations", "summary_table", "write_length_curve",
            "write_report"]

@@ -167,5 +167,6 @@ class Run:
         """:func:`close_run` for this run."""
         close_run(self.mlflow, self.folder, self.run_id, artifacts, **state)
 
+
 __all__ = ["claim_folder", "close_run", "config_hash", "EXECUTION_ONLY", "failing_marks", "open_run", "read_state",
            "Run", "scores", "write_state"]

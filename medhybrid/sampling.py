@@ -56,4 +56,5 @@ def sample_to_grid(checkpoint: str | os.PathLike, out: str | os.PathLike, num: i
             rows.append([overlay(images[i], fg[i]) for i in idx])
     return save_png(grid(rows), out, upscale=2)
 
+
 __all__ = ["sample_pairs", "sample_to_grid"]

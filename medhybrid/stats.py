@@ -117,5 +117,6 @@ def verdict(result: PairedResult, alpha: float = 0.05, adjusted_p: float | None 
         return "loses to"
     return "ties"
 
+
 __all__ = ["bootstrap_replicates", "holm", "paired_bootstrap", "paired_differences", "PairedResult",
            "pooled_bootstrap", "seed_t_test", "summarise", "verdict"]

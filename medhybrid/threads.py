@@ -117,4 +117,5 @@ class ThreadPolicy:
     def _restore(self, engine) -> None:
         torch.set_num_threads(self.most)
 
+
 __all__ = ["cores_available", "OtherLoad", "ThreadPolicy", "threads_for"]

@@ -109,5 +109,6 @@ def log_metrics(cfg: MLflowConfig, run_id: str, metrics: Mapping[str, float], st
 def log_artifact(cfg: MLflowConfig, run_id: str, path: str | os.PathLike, artifact_path: str | None = None) -> None:
     client(cfg).log_artifact(run_id, str(path), artifact_path)
 
+
 __all__ = ["client", "engine_handler", "experiment_id", "finish_run", "flatten", "log_artifact", "log_metrics",
            "MLflowConfig", "RunHandler", "tracking_uri"]

@@ -524,6 +524,7 @@ ResizeAspectD = ResizeAspectDict = ResizeAspectd
 CropAspectD = CropAspectDict = CropAspectd
 SaveMask2DD = SaveMask2DDict = SaveMask2Dd
 
+
 __all__ = ["aspect_size", "CropAspect", "CropAspectd", "IGNORE_INDEX", "image_array", "LoadImage2D", "LoadImage2Dd",
            "MaskToLabel", "MaskToLabeld", "model_geometry", "preprocessing", "ResizeAspect", "ResizeAspectd",
            "SaveMask2D", "SaveMask2Dd", "ScaleIntensity2D", "ScaleIntensity2Dd", "ToChannels"]

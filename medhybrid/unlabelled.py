@@ -167,5 +167,6 @@ def batch_split(batch_size: int, share: float) -> tuple[int, int]:
         k = min(max(k, 1), batch_size - 1)
     return batch_size - k, k
 
+
 __all__ = ["batch_split", "check_sources", "disk_cache_dir", "EXECUTION_ONLY", "HELD_OUT_SPLITS", "MixedDataset",
            "source_items", "unlabelled_dataset", "UnlabelledConfig", "UnlabelledSource"]

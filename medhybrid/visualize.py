@@ -53,4 +53,5 @@ def save_png(arr: np.ndarray, path: str | os.PathLike, upscale: int = 1) -> Path
         im.save(tmp, format="PNG")
     return Path(path)
 
+
 __all__ = ["grid", "overlay", "save_png", "to_uint8"]

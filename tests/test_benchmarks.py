@@ -321,7 +321,8 @@ def test_ray_ablation_benchmark_compares_the_same_runs(data, tmp_path):
     from conftest import ph2_yaml
 
     target = ph2_yaml(tmp_path, n_pool=6, n_test=3)  # a small test split: the smoke is about the runner, not Dice
-    tiny = [f"target={target}", "methods=[scratch,supervised]", "budgets=[2]", "seeds=[0]", "pretrain.train.epochs=1", "pretrain.train.epoch_length=2",
+    tiny = [f"target={target}", "methods=[scratch,supervised]", "budgets=[2]", "seeds=[0]", "pretrain.train.epochs=1",
+            "pretrain.train.epoch_length=2",
             "pretrain.train.batch_size=4", "pretrain.model.channels=[16,32,32]", "finetune.schedule.min_iterations=2",
             "finetune.schedule.max_iterations=2", "finetune.schedule.epochs=1"]
     out, wall = _run("ray_ablation.py", "--set", *tiny)

@@ -196,5 +196,6 @@ class LeasedUncertainty(_Leased):
             scores = {i: self._scores[keys[i]] for i in ids}
         return sorted((i for i in ids if not math.isnan(scores[i])), key=lambda i: -scores[i])
 
+
 __all__ = ["LeasedFirst", "LeasedRandom", "LeasedUncertainty", "MedhybridInfer", "MedhybridTrain",
            "unlabelled_studies"]

@@ -211,5 +211,6 @@ def train_request(request: dict[str, Any], defaults: dict[str, Any],
             out[key] = v
     return out
 
+
 __all__ = ["BUNDLE_FILES", "BundleNetwork", "check_bundle", "pick_device", "served_bundle", "StudyLeases",
            "train_request"]
