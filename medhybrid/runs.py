@@ -10,8 +10,12 @@ never merge.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
 import json
+import os
+import socket
+import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -124,6 +128,53 @@ def close_run(cfg: MLflowConfig, folder: Path, run_id: str | None, artifacts: li
     write_state(folder, status="finished", **state)
 
 
+class FolderInUse(ConfigError):
+    """Another process holds the run folder's lock."""
+
+
+class RunLock:
+    """An exclusive lock on a run folder (``<folder>/.lock``, ``fcntl.flock``), naming its holder: PID, host and start
+    time are written into the file. The operating system drops the lock when the holder's process ends, however it
+    ends (a kill included), so a lock never outlives its run; nothing has to clean it up."""
+
+    def __init__(self, folder: Path):
+        self.path = Path(folder) / ".lock"
+        self._fh = None
+
+    def acquire(self) -> None:
+        """Take the lock, or raise :class:`FolderInUse` at once naming the holder (no waiting)."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fh = open(self.path, "a+")
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            fh.seek(0)
+            try:
+                who = json.loads(fh.read() or "{}")
+            except ValueError:
+                who = {}
+            fh.close()
+            raise FolderInUse(f"{self.path.parent} is in use by process {who.get('pid', '?')} on {who.get('host', '?')} "
+                              f"(started {who.get('started', '?')}): one run per folder at a time; wait for it to end, "
+                              "or stop that process, then run again (it resumes)") from None
+        fh.seek(0)
+        fh.truncate()
+        fh.write(json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
+                             "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}))
+        fh.flush()
+        self._fh = fh
+
+    def release(self) -> None:
+        if self._fh is not None:
+            fcntl.flock(self._fh, fcntl.LOCK_UN)
+            self._fh.close()
+            self._fh = None
+
+    @property
+    def held(self) -> bool:
+        return self._fh is not None
+
+
 class Run:
     """The one lifecycle of every run (pretraining, fine-tuning, DDPM-features head) in its folder::
 
@@ -135,15 +186,31 @@ class Run:
             ...train, write model.pt...
         run.finish(artifacts, metrics=...)                # artifacts logged, both marked finished
 
-    Re-running the same configuration resumes into the same folder and MLflow run."""
+    Re-running the same configuration resumes into the same folder and MLflow run. From claim to finish the run holds
+    the folder's :class:`RunLock`: a second process claiming the same folder (the same command started twice, two
+    ablations with one output folder) stops at once with :class:`FolderInUse`, naming the holder."""
 
-    def __init__(self, folder: Path, run_hash: str, mlflow: MLflowConfig, state: dict):
+    def __init__(self, folder: Path, run_hash: str, mlflow: MLflowConfig, state: dict, lock: RunLock | None = None):
         self.folder, self.run_hash, self.mlflow, self.state = Path(folder), run_hash, mlflow, state
         self.run_id: str | None = state.get("mlflow_run_id")
+        self.lock = lock
 
     @classmethod
     def claim(cls, folder: Path, run_hash: str, mlflow: MLflowConfig) -> Run:
-        return cls(folder, run_hash, mlflow, claim_folder(folder, run_hash))
+        lock = RunLock(folder)
+        lock.acquire()
+        try:
+            run = cls(folder, run_hash, mlflow, claim_folder(folder, run_hash), lock)
+        except BaseException:
+            lock.release()
+            raise
+        if run.finished:  # nothing to do: the folder is free again
+            lock.release()
+        return run
+
+    def __del__(self):
+        if getattr(self, "lock", None) is not None:
+            self.lock.release()
 
     @property
     def finished(self) -> bool:
@@ -159,14 +226,25 @@ class Run:
                                parent_run_id=parent_run_id) if self.mlflow.enabled else None
         return self.run_id
 
+    @contextlib.contextmanager
     def running(self):
-        """:func:`failing_marks` for this run."""
-        return failing_marks(self.mlflow, self.folder, self.run_id)
+        """:func:`failing_marks` for this run; on a failure the folder's lock is released too."""
+        try:
+            with failing_marks(self.mlflow, self.folder, self.run_id):
+                yield
+        except BaseException:
+            if self.lock is not None:
+                self.lock.release()
+            raise
 
     def finish(self, artifacts: list[Path], **state) -> None:
-        """:func:`close_run` for this run."""
-        close_run(self.mlflow, self.folder, self.run_id, artifacts, **state)
+        """:func:`close_run` for this run, then the folder's lock is released."""
+        try:
+            close_run(self.mlflow, self.folder, self.run_id, artifacts, **state)
+        finally:
+            if self.lock is not None:
+                self.lock.release()
 
 
 __all__ = ["claim_folder", "close_run", "config_hash", "EXECUTION_ONLY", "failing_marks", "open_run", "read_state",
-           "Run", "scores", "write_state"]
+           "Run", "RunLock", "FolderInUse", "scores", "write_state"]

@@ -40,9 +40,11 @@ def test_folder_lifecycle(ph2_tiny, workdir):
     assert open_few_shot_run(cfg, run, ["a", "b"]) is None  # MLflow off: no run id
     assert json.loads((cfg.folder / "subset.json").read_text()) == {"budget": 2, "seed": 0, "ids": ["a", "b"]}
     assert (cfg.folder / "config.yaml").is_file() and runs.read_state(cfg.folder)["status"] == "running"
+    with pytest.raises(runs.FolderInUse, match="in use by process"):  # the run holds its folder until it ends
+        claim_few_shot_run(cfg)
+    run.finish([])
     with pytest.raises(ConfigError, match="different configuration"):
         claim_few_shot_run(cfg.model_copy(update={"seed": 3}))
-    run.finish([])
     assert not claim_few_shot_run(cfg).finished  # finished, but no model.pt: train it again
     (cfg.folder / "model.pt").write_bytes(b"")
     again = claim_few_shot_run(cfg)

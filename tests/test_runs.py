@@ -70,3 +70,42 @@ def test_scores_of_a_run_folder():
     assert runs.scores({"status": "finished"}) == (None, {})
     assert runs.scores({"evaluated": True, "scored_on": "dev", "scores": {"dev_dice": 0.7}}) == ("dev", {"dev_dice": 0.7})
     assert runs.scores({"evaluated": True, "test": {"test_dice": 0.8}}) == ("test", {"test_dice": 0.8})
+
+
+def test_a_folder_in_use_by_another_process_is_refused_naming_it(tmp_path):
+    """A real second process holds the run folder: claiming it fails at once, naming that process; once the holder is
+    killed (by its PID) the operating system has dropped the lock, and the claim succeeds (nothing to clean up)."""
+    import subprocess
+    import sys
+    import time
+
+    from medhybrid.runs import FolderInUse, Run
+    from medhybrid.tracking import MLflowConfig
+
+    folder = tmp_path / "run"
+    code = ("import sys, time; from pathlib import Path; from medhybrid.runs import Run; from medhybrid.tracking import "
+            "MLflowConfig; r = Run.claim(Path(sys.argv[1]), 'h', MLflowConfig(enabled=False)); print('held', flush=True); "
+            "time.sleep(120)")
+    holder = subprocess.Popen([sys.executable, "-c", code, str(folder)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(FolderInUse, match=rf"in use by process {holder.pid} on "):
+            Run.claim(folder, "h", MLflowConfig(enabled=False))
+    finally:
+        holder.kill()
+        holder.wait()
+    time.sleep(0.1)
+    run = Run.claim(folder, "h", MLflowConfig(enabled=False))
+    assert run.lock.held and not run.finished
+    run.finish([])
+    assert not run.lock.held and Run.claim(folder, "h", MLflowConfig(enabled=False)).finished is False  # no model.pt
+
+
+def test_the_lock_is_released_when_a_run_fails(tmp_path):
+    from medhybrid.runs import Run
+    from medhybrid.tracking import MLflowConfig
+
+    run = Run.claim(tmp_path / "run", "h", MLflowConfig(enabled=False))
+    with pytest.raises(RuntimeError), run.running():
+        raise RuntimeError("boom")
+    assert not run.lock.held and Run.claim(tmp_path / "run", "h", MLflowConfig(enabled=False)).lock.held
