@@ -1,6 +1,6 @@
 """Inference latency per image: ``medhybrid.inference.infer_files`` (read, preprocess, predict, restore the
-native size, write the PNG mask) side by side with a plain PyTorch loop doing the same steps by hand, on
-the same network and the same real PH2 test images, in one run.
+native size, write the PNG mask; then also with its quality CSV) side by side with a plain PyTorch loop doing the same
+steps by hand, on the same network and the same real PH2 test images, in one run.
 
     .venv/bin/python benchmarks/inference_latency.py [--images 16] [--res 64] [--batch 8]
 
@@ -49,10 +49,14 @@ def main() -> None:
         model = save_model(net, network_meta(net, model_cfg, Preprocess(resolution=args.res, aspect="stretch"), spec, "none"),
                            Path(tmp) / "model.pt")
         infer_files(model, files[:2], Path(tmp) / "warm", batch_size=args.batch, device=str(device))  # warm-up
-        with PeakRSS() as mem_m:
+        with PeakRSS() as mem_m:  # the same work as the plain loop: masks only
             t0 = time.perf_counter()
-            infer_files(model, files, Path(tmp) / "medhybrid", batch_size=args.batch, device=str(device))
+            infer_files(model, files, Path(tmp) / "medhybrid", batch_size=args.batch, device=str(device), quality=False)
             t_m = time.perf_counter() - t0
+        with PeakRSS() as mem_q:  # and with the quality CSV (uncertainty: 4 more network passes per image)
+            t0 = time.perf_counter()
+            infer_files(model, files, Path(tmp) / "quality", batch_size=args.batch, device=str(device))
+            t_q = time.perf_counter() - t0
 
         # the plain loop: PIL -> [-1, 1] -> stretch to res -> segment -> back to native size -> PNG
         net = net.to(device).eval()
@@ -75,7 +79,8 @@ def main() -> None:
     print(f"{'':10s} {'ms/image':>10s} {'peak RSS MB':>12s}")
     print(f"{'plain':10s} {1000 * t_p / n:10.1f} {mem_p.peak:12.0f}")
     print(f"{'medhybrid':10s} {1000 * t_m / n:10.1f} {mem_m.peak:12.0f}")
-    print(f"ratio medhybrid/plain: latency {t_m / t_p:.3f}")
+    print(f"{'+quality':10s} {1000 * t_q / n:10.1f} {mem_q.peak:12.0f}")
+    print(f"ratio medhybrid/plain: latency {t_m / t_p:.3f}; with the quality CSV {t_q / t_p:.3f}")
 
 
 if __name__ == "__main__":

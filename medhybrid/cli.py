@@ -101,8 +101,9 @@ def _sample(args) -> int:
 
 def _infer(args) -> int:
     res = infer_files(args.model, args.input, args.output, nifti=args.nifti, batch_size=args.batch_size,
-                      device=args.device, dicom_seg=args.dicom_seg)
-    print(f"{res.summary}; {len(res.written)} mask(s) in {args.output}; review order: {res.quality_csv}")
+                      device=args.device, dicom_seg=args.dicom_seg, quality=args.quality)
+    review = f"; review order: {res.quality_csv}" if res.quality_csv else ""
+    print(f"{res.summary}; {len(res.written)} mask(s) in {args.output}{review}")
     return 1 if res.failures else 0
 
 
@@ -203,6 +204,8 @@ def build_parser() -> argparse.ArgumentParser:
                      "and quality.csv (each image's mask area and uncertainty, least certain first); exit status 1 "
                      "when a file could not be read (the others are segmented)")
     inf.add_argument("--nifti", action="store_true", help="also write <stem>_mask.nii.gz (class indices)")
+    inf.add_argument("--no-quality", dest="quality", action="store_false",
+                     help="no quality.csv (its uncertainty score runs the network 4 more times per image)")
     inf.add_argument("--no-dicom-seg", dest="dicom_seg", action="store_false",
                      help="no DICOM SEG beside the masks of DICOM inputs")
     inf.add_argument("--batch-size", type=int, default=1,

@@ -234,12 +234,13 @@ class InferenceResult:
 @torch.no_grad()
 def infer_files(model_path: str | os.PathLike, files: Sequence[str | os.PathLike], output_dir: str | os.PathLike,
                 nifti: bool = False, batch_size: int = 1, device: str | torch.device = "auto", dicom_seg: bool = True,
-                uncertainty: UncertaintyConfig | None = None, reduce: bool = True) -> InferenceResult:
+                uncertainty: UncertaintyConfig | None = None, reduce: bool = True, quality: bool = True) -> InferenceResult:
     """Segment ``files`` (image files and/or folders, :func:`collect_inputs`) with ``model_path`` through the
     pipeline above; write the masks and ``quality.csv`` into ``output_dir``. A file that cannot be read is skipped
     and reported (:attr:`InferenceResult.failures`); a model file that is not a model raises
     :class:`~medhybrid.io.DataError` before any image is read. ``reduce=False`` decodes every pixel of large images
-    (see :data:`REDUCE_FACTOR`)."""
+    (see :data:`REDUCE_FACTOR`). ``quality=False`` skips ``quality.csv`` (its uncertainty score runs the network
+    4 more times per image)."""
     files = collect_inputs(list(files))
     net, meta = load_segmenter(model_path, device)
     pre = inference_preprocessing(int(meta["image_channels"]), Preprocess(**meta.get("preprocess", {})), reduce)
@@ -247,16 +248,16 @@ def infer_files(model_path: str | os.PathLike, files: Sequence[str | os.PathLike
     out.mkdir(parents=True, exist_ok=True)
     writer = mask_writer(out, net.mask_channels, nifti=nifti, dicom_seg=dicom_seg)
     stream = ImageStream([{"image": str(f)} for f in files], pre)
-    quality = QualityReport(out, uncertainty, stream=stream)
+    report = QualityReport(out, uncertainty, stream=stream) if quality else None
     dev = next(net.parameters()).device
     evaluator = SupervisedEvaluator(device=dev, val_data_loader=DataLoader(stream, batch_size=batch_size, num_workers=0),
                                     network=net, inferer=SimpleInferer(),
                                     postprocessing=inference_postprocessing(pre, net.mask_channels, writer),
-                                    val_handlers=[quality], amp=False)
+                                    val_handlers=[report] if report else [], amp=False)
     evaluator.run()
     by_source = {Path(w).name: Path(w) for w in writer.saver.written if str(w).endswith(".png")}
     written = [by_source[n] for f in files if (n := f"{image_stem(f)}{MASK_SUFFIX}.png") in by_source]
-    result = InferenceResult(written, list(stream.failures), out / "quality.csv", stream.summary())
+    result = InferenceResult(written, list(stream.failures), out / "quality.csv" if quality else None, stream.summary())
     log.info(result.summary)
     return result
 

@@ -140,14 +140,15 @@ def test_training_throughput_side_by_side(data, mode):
 # ------------------------------------------------------------------------------------------ inference_latency.py
 def check_latency(out: str, wall: float, images: int, res: int, batch: int) -> None:
     assert f"{images} PH2 test images" in out and f", {res} px, batch {batch}," in out, out
-    r = rows(out, ("plain", "medhybrid"))
-    assert set(r) == {"plain", "medhybrid"}, out
+    r = rows(out, ("plain", "medhybrid", "+quality"))
+    assert set(r) == {"plain", "medhybrid", "+quality"}, out
     ms = {k: Printed.of(v[0]) for k, v in r.items()}
     for k, v in r.items():
         assert ms[k].hi > 0, out
         assert_sensible_rss(Printed.of(v[1]), k)
-    assert_fits(total(ms[k] * (images / 1000) for k in r), wall, "ms/image x images, both loops")
+    assert_fits(total(ms[k] * (images / 1000) for k in r), wall, "ms/image x images, all three")
     assert_quotient(field(out, rf"latency ({_NUM})"), ms["medhybrid"], ms["plain"], "latency")
+    assert_quotient(field(out, rf"with the quality CSV ({_NUM})"), ms["+quality"], ms["plain"], "latency with quality")
 
 
 def test_inference_latency_side_by_side(data):
