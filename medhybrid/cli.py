@@ -22,7 +22,7 @@ from medhybrid.config import ConfigError, apply_overrides, load_config, load_dat
 from medhybrid.evaluate import evaluate
 from medhybrid.finetune import FinetuneConfig, run_finetuning
 from medhybrid.inference import infer_files
-from medhybrid.io import DataError
+from medhybrid.io import DataError, data_error
 from medhybrid.pretrain import PretrainConfig, run_pretraining
 from medhybrid.release import ReleaseConfig, choose_alpha
 from medhybrid.report import embed_in_readme, write_length_curve, write_report
@@ -241,9 +241,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except RuntimeError as e:  # MONAI's Compose wraps a transform's error: report the file-level cause
-        cause = e
-        while cause is not None and not isinstance(cause, DataError):
-            cause = cause.__cause__
+        cause = data_error(e)
         if cause is None:
             raise
         print(f"error: {cause}", file=sys.stderr)

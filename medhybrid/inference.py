@@ -42,7 +42,7 @@ from medhybrid.config import Preprocess, StrictModel
 from medhybrid.engines import resolve_device
 from medhybrid.io import SUPPORTED_SUFFIXES, DataError, data_error, file_suffix, image_stem
 from medhybrid.networks import EDMPrecond, edm_output
-from medhybrid.quality import QualityReport, UncertaintyConfig, score_images
+from medhybrid.quality import QUALITY_CSV, QualityReport, UncertaintyConfig, score_images
 from medhybrid.transforms import LoadImage2Dd, SaveMask2Dd, ScaleIntensity2Dd, model_geometry
 
 __all__ = ["Segmenter", "load_segmenter", "bundle_segmenter", "collect_inputs", "inference_preprocessing", "inference_postprocessing",
@@ -257,7 +257,7 @@ def infer_files(model_path: str | os.PathLike, files: Sequence[str | os.PathLike
     evaluator.run()
     by_source = {Path(w).name: Path(w) for w in writer.saver.written if str(w).endswith(".png")}
     written = [by_source[n] for f in files if (n := f"{image_stem(f)}{MASK_SUFFIX}.png") in by_source]
-    result = InferenceResult(written, list(stream.failures), out / "quality.csv" if quality else None, stream.summary())
+    result = InferenceResult(written, list(stream.failures), out / QUALITY_CSV if quality else None, stream.summary())
     log.info(result.summary)
     return result
 

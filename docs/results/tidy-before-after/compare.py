@@ -1,4 +1,4 @@
-"""Before/after the code reorganisation: the same quick ablation (6 methods, budget 2, seed 0, 2 pretraining epochs, one thread)."""
+"""Before/after a code reorganisation: the same small ablation (its methods, budget 2, seed 0, 2 pretraining epochs, one thread)."""
 import csv
 import sys
 from pathlib import Path
