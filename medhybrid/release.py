@@ -146,16 +146,17 @@ def choose_alpha(cfg: ReleaseConfig) -> dict:
     alpha = best["alpha"]
 
     test = load_pairs(target, "test")
-    final = {}
+    final, per_image = {}, {}
     for name, a in (("released", 1.0), ("chosen", alpha), ("pretrained", 0.0)):
         net.load_state_dict(interpolate_weights(pretrained, released, a))
         s, _ = _score(net, source, preprocess, source_pairs, "dev")
         t, rows = _score(net, target, preprocess, test, "test")
         final[name] = {"alpha": a, "source_val_dice": s, "target_test_dice": t}
-        if name == "chosen":
-            weights = out / "model.pt"
-            save_weights(net, weights)
-            per_image = {r["id"]: r["dice"] for r in rows}
+        per_image[name] = {r["id"]: r["dice"] for r in rows}
+    chosen = interpolate_weights(pretrained, released, alpha)
+    net.load_state_dict(chosen)
+    weights = save_weights(net, out / "model.pt")
+    per_image = per_image["chosen"]
     # the quality CSV of the chosen weights on the test images: does the uncertainty rank the worst masks first?
     with tempfile.TemporaryDirectory(dir=out) as tmp:
         tmp_bundle = _bundle_with(bundle, weights, Path(tmp))
@@ -174,13 +175,8 @@ def choose_alpha(cfg: ReleaseConfig) -> dict:
     write_json(out / "release.json", report)
     (out / "release.md").write_text(_markdown(report))
     if cfg.write_bundle:
-        save_weights(_loaded(net, weights), bundle / "models" / "model.pt")
+        save_weights(net, bundle / "models" / "model.pt")  # net holds the chosen weights
     return report
-
-
-def _loaded(net, weights: Path):
-    net.load_state_dict(read_model_file(weights, allow_bare=True))
-    return net
 
 
 def _bundle_with(bundle: Path, weights: Path, folder: Path) -> Path:
