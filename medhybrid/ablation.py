@@ -39,7 +39,7 @@ from medhybrid.config import (
 from medhybrid.datasets import few_shot_ids, load_pairs
 from medhybrid.fewshot import evaluate_few_shot_run
 from medhybrid.finetune import FinetuneConfig, run_finetuning
-from medhybrid.io import write_json
+from medhybrid.io import disk_full, write_json
 from medhybrid.pixel_features import PixelFeaturesConfig, load_feature_segmenter, run_pixel_features
 from medhybrid.pretrain import PretrainConfig, run_pretraining
 from medhybrid.report import write_report
@@ -286,6 +286,8 @@ def _run_sequential(cfg: AblationConfig, parent: str | None, clock: _Timings, fa
             with clock(method, "pretrain_s"):
                 pre = pretrain_step(cfg, method)
         except Exception as e:
+            if disk_full(e):  # every later run would fail the same way
+                raise
             _record_failure(cfg, failures, f"pretrain {method}", e, traceback.format_exc())
             continue
         for budget in cfg.budgets:
@@ -293,6 +295,8 @@ def _run_sequential(cfg: AblationConfig, parent: str | None, clock: _Timings, fa
                 try:
                     out = finetune_step(cfg, method, pre, budget, seed, parent)
                 except Exception as e:
+                    if disk_full(e):
+                        raise
                     _record_failure(cfg, failures, f"{method} b{'all' if budget is None else budget} s{seed}", e,
                                     traceback.format_exc())
                     continue
@@ -439,25 +443,23 @@ def run_ablation(cfg: AblationConfig) -> dict:
     tasks (:func:`_run_on_ray`). Both skip finished runs, record failures without stopping, and give the same runs."""
     folder = cfg.folder
     folder.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, folder / "config.yaml")
-    parent = None
-    if cfg.mlflow.enabled:
-        parent = runs.open_run(cfg.mlflow, folder, cfg.mlflow.run_name or f"ablation-{cfg.name}",
-                               params={"methods": ",".join(cfg.methods), "budgets": str(cfg.budgets),
-                                       "seeds": str(cfg.seeds), "source": cfg.source.name, "target": cfg.target.name},
-                               tags={"medhybrid.stage": "ablation", "domain": cfg.target.name, "ablation": cfg.name})
-    failures: list[str] = []
-    clock = _Timings(folder)
-    clock.entry["executor"] = cfg.executor
-    (_run_on_ray if cfg.executor == "ray" else _run_sequential)(cfg, parent, clock, failures)
-    wall = clock.save()
-    if parent:
-        tracking.log_metrics(cfg.mlflow, parent, {"wall_s": wall}, step=len(clock.history) - 1)
-    report = write_report(cfg, folder / "report", parent_run_id=parent)
-    if parent:
-        for p in report.values():
-            tracking.log_artifact(cfg.mlflow, parent, p, "report")
-        tracking.finish_run(cfg.mlflow, parent, "FAILED" if failures else "FINISHED")
+    with runs.experiment(folder, cfg.mlflow, cfg.mlflow.run_name or f"ablation-{cfg.name}",
+                         params={"methods": ",".join(cfg.methods), "budgets": str(cfg.budgets), "seeds": str(cfg.seeds),
+                                 "source": cfg.source.name, "target": cfg.target.name},
+                         tags={"medhybrid.stage": "ablation", "domain": cfg.target.name, "ablation": cfg.name}) as parent:
+        save_config(cfg, folder / "config.yaml")
+        failures: list[str] = []
+        clock = _Timings(folder)
+        clock.entry["executor"] = cfg.executor
+        (_run_on_ray if cfg.executor == "ray" else _run_sequential)(cfg, parent, clock, failures)
+        wall = clock.save()
+        if parent:
+            tracking.log_metrics(cfg.mlflow, parent, {"wall_s": wall}, step=len(clock.history) - 1)
+        report = write_report(cfg, folder / "report", parent_run_id=parent)
+        if parent:
+            for p in report.values():
+                tracking.log_artifact(cfg.mlflow, parent, p, "report")
+            tracking.finish_run(cfg.mlflow, parent, "FAILED" if failures else "FINISHED")
     return {"report": report, "failures": failures, "parent_run_id": parent}
 
 

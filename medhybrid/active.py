@@ -144,32 +144,30 @@ def run_active_learning(abl, cfg: ActiveLearningConfig) -> dict:
     pool, dev = _held_out(pool, cfg)
     if cfg.budgets[-1] > len(pool):
         raise ValueError(f"budget {cfg.budgets[-1]} is larger than the pool of {abl.target.name!r} ({len(pool)} images)")
-    parent = None
-    if abl.mlflow.enabled:
-        parent = runs.open_run(abl.mlflow, folder, f"active-learning-{abl.name}-{cfg.method}",
-                               params={"budgets": str(cfg.budgets), "seeds": str(cfg.seeds), "strategies": ",".join(cfg.strategies),
-                                       "sigmas": str(cfg.uncertainty.sigmas), "repeats": cfg.uncertainty.repeats},
-                               tags={"medhybrid.stage": "active-learning", "domain": abl.target.name, "ablation": abl.name})
-    rows: list[dict] = []
-    for seed in cfg.seeds:
-        for strategy in cfg.strategies:
-            selected: list[str] = []
-            net = init_net
-            for budget in cfg.budgets:
-                if strategy == "random":
-                    selected, rho = few_shot_ids([p["id"] for p in pool], budget, seed), math.nan
-                else:
-                    selected, rho = _next_round(net, strategy, selected, budget, pool, images, preprocess, abl.target, cfg,
-                                                folder / strategy / f"b{budget}-s{seed}")
-                net, dice = _finetune_and_test(abl, cfg, pre, meta, folder, strategy, budget, seed, selected, parent, dev)
-                rows.append({"strategy": strategy, "budget": budget, "seed": seed, "dice": dice, "ids": " ".join(selected),
-                             "score_error_rho": rho})
-                log.info("active learning %s: %s b%d s%d %s dice %.4f", abl.name, strategy, budget, seed, cfg.scored_on, dice)
-    paths = write_active_report(rows, folder, abl.target.name, cfg)
-    if parent:
-        for p in paths.values():
-            tracking.log_artifact(abl.mlflow, parent, p, "report")
-        tracking.finish_run(abl.mlflow, parent)
+    with runs.experiment(folder, abl.mlflow, f"active-learning-{abl.name}-{cfg.method}",
+                         params={"budgets": str(cfg.budgets), "seeds": str(cfg.seeds), "strategies": ",".join(cfg.strategies),
+                                 "sigmas": str(cfg.uncertainty.sigmas), "repeats": cfg.uncertainty.repeats},
+                         tags={"medhybrid.stage": "active-learning", "domain": abl.target.name, "ablation": abl.name}) as parent:
+        rows: list[dict] = []
+        for seed in cfg.seeds:
+            for strategy in cfg.strategies:
+                selected: list[str] = []
+                net = init_net
+                for budget in cfg.budgets:
+                    if strategy == "random":
+                        selected, rho = few_shot_ids([p["id"] for p in pool], budget, seed), math.nan
+                    else:
+                        selected, rho = _next_round(net, strategy, selected, budget, pool, images, preprocess, abl.target, cfg,
+                                                    folder / strategy / f"b{budget}-s{seed}")
+                    net, dice = _finetune_and_test(abl, cfg, pre, meta, folder, strategy, budget, seed, selected, parent, dev)
+                    rows.append({"strategy": strategy, "budget": budget, "seed": seed, "dice": dice, "ids": " ".join(selected),
+                                 "score_error_rho": rho})
+                    log.info("active learning %s: %s b%d s%d %s dice %.4f", abl.name, strategy, budget, seed, cfg.scored_on, dice)
+        paths = write_active_report(rows, folder, abl.target.name, cfg)
+        if parent:
+            for p in paths.values():
+                tracking.log_artifact(abl.mlflow, parent, p, "report")
+            tracking.finish_run(abl.mlflow, parent)
     return {**paths, "rows": rows, "parent_run_id": parent}
 
 

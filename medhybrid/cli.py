@@ -4,25 +4,28 @@
     medhybrid pretrain --config <yaml|name> [key=value ...]
     medhybrid sample --checkpoint <ckpt> [--num N] [--steps S] [--out grid.png]
     medhybrid infer --model <model.pt> --input <folder|files ...> --output <folder> [--nifti]
+    medhybrid sync <run folder> ...
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from pathlib import Path
 
-from medhybrid import runs
+from medhybrid import runs, tracking
 from medhybrid.ablation import load_ablation, run_ablation
 from medhybrid.active import ActiveLearningConfig, run_active_learning
 from medhybrid.check import check_dataset
 from medhybrid.checkpoints import load_model
 from medhybrid.config import ConfigError, apply_overrides, load_config, load_dataset_spec, validate
+from medhybrid.engines import DiskFull, RunStopped
 from medhybrid.evaluate import evaluate
 from medhybrid.finetune import FinetuneConfig, run_finetuning
 from medhybrid.inference import infer_files
-from medhybrid.io import DataError, data_error
+from medhybrid.io import DataError, data_error, disk_full
 from medhybrid.pretrain import PretrainConfig, run_pretraining
 from medhybrid.release import ReleaseConfig, choose_alpha
 from medhybrid.report import embed_in_readme, write_length_curve, write_report
@@ -107,6 +110,19 @@ def _infer(args) -> int:
     return 1 if res.failures else 0
 
 
+def _sync(args) -> int:
+    left = {}
+    for folder in args.folders:
+        if not Path(folder).is_dir():
+            raise FileNotFoundError(f"{folder}: no such run folder")
+        left.update(tracking.sync(folder))
+    waiting = {f: n for f, n in left.items() if n}
+    print(f"synced {len(left) - len(waiting)} of {len(left)} run folder(s) with MLflow records waiting")
+    for f, n in waiting.items():
+        print(f"  {f}: {n} record(s) still waiting (tracking store unreachable)")
+    return 1 if waiting else 0
+
+
 def _release(args) -> int:
     cfg = validate(ReleaseConfig, {"bundle": args.bundle, "source": args.source, "source_split": args.source_split,
                                    "target": args.target, "output_dir": args.out, "seed": args.seed,
@@ -122,6 +138,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="medhybrid", description="Label-efficient 2D medical image segmentation "
                                 "with hybrid diffusion pretraining (MONAI).")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    p.add_argument("--wait", action="store_true", help="when a run folder is in use by another process, wait for it to "
+                   "end instead of stopping")
     sub = p.add_subparsers(dest="command", required=True)
 
     data = sub.add_parser("data", help="dataset tools").add_subparsers(dest="data_command", required=True)
@@ -187,6 +205,11 @@ def build_parser() -> argparse.ArgumentParser:
     cv.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
     cv.set_defaults(func=_curve)
 
+    syn = sub.add_parser("sync", help="send the MLflow records that runs kept while their tracking server was down "
+                         "(mlflow-outbox.jsonl) to their MLflow runs; a run folder, or an ablation folder with its runs")
+    syn.add_argument("folders", nargs="+")
+    syn.set_defaults(func=_sync)
+
     smp = sub.add_parser("sample", help="draw joint image+mask samples from a hybrid (or diffusion) checkpoint")
     smp.add_argument("--checkpoint", required=True)
     smp.add_argument("--out", default="samples.png")
@@ -235,15 +258,24 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.wait:
+        os.environ["MEDHYBRID_WAIT_FOR_FOLDER"] = "1"  # read by every run folder's lock, in this process and its workers
     try:
         return int(args.func(args) or 0)
+    except RunStopped as e:
+        print(f"medhybrid: {e}", file=sys.stderr)
+        return 128 + e.signum
     except (ConfigError, DataError, ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    except RuntimeError as e:  # MONAI's Compose wraps a transform's error: report the file-level cause
-        cause = data_error(e)
-        if cause is None:
+    except Exception as e:
+        full = disk_full(e)  # a checkpoint or a mask that did not fit: the files written before it are intact
+        cause = None if full else data_error(e)  # MONAI's Compose wraps a reader's error: report the file-level cause
+        if full is None and cause is None:
             raise
+        if cause is None:
+            cause = full.strerror if isinstance(full, DiskFull) else (
+                f"no space left on device writing {full.filename}: free some space and run the same command again")
         print(f"error: {cause}", file=sys.stderr)
         return 2
 

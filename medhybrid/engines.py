@@ -6,8 +6,13 @@ written here: :func:`fit` assembles the trainer from small builders and runs it.
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import logging
+import shutil
+import signal
 import sys
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -139,6 +144,7 @@ def fit(
     if ema:
         to_save["ema_model"] = ema.ema_model
     resumed_from = _resume(to_save, trainer, folder, device, cfg.iterations)
+    trainer.data_loader.skip = resumed_from % cfg.epoch_length  # resumed mid-epoch: the epoch's batches go on from there
     _attach_loss_summary(trainer, evaluator, loss_function, cfg, rank)
     if evaluator is not None and on_validated is not None and rank == 0:
         evaluator.add_event_handler(Events.COMPLETED, lambda e: on_validated(trainer, e, unwrap(eval_net)))
@@ -146,13 +152,18 @@ def fit(
         _attach_reporting(trainer, evaluator, cfg, mlflow_handler_factory)
     # checkpoint last, after the epoch's summary and MLflow logging: a run killed once its checkpoint exists has
     # recorded everything up to it, so the resumed run (which starts after it) leaves no gap in the metrics
-    trainer.add_event_handler(Events.EPOCH_COMPLETED(every=cfg.checkpoint_every) | Events.COMPLETED,
-                              _checkpointer(to_save, folder, checkpoint_prefix))
+    checkpointer = _checkpointer(to_save, folder, checkpoint_prefix)
+    trainer.add_event_handler(Events.EPOCH_COMPLETED(every=cfg.checkpoint_every) | Events.COMPLETED, checkpointer)
+    stop = GracefulStop(checkpointer)
+    stop.attach(trainer)
 
     t0 = time.time()
     if resumed_from < cfg.iterations:
-        trainer.run()
+        with stop.installed():
+            trainer.run()
     log.info("trained %d iterations in %.1f s", trainer.state.iteration - resumed_from, time.time() - t0)
+    if stop.signum is not None:
+        raise RunStopped(stop.signum, trainer.state.iteration, latest_checkpoint(folder))
     metrics = dict(evaluator.state.metrics) if evaluator is not None and evaluator.state.epoch else {}
     keep = unwrap(ema.ema_model) if ema else unwrap(model)
     return FitResult(network=keep, metrics=metrics, iterations=trainer.state.iteration, resumed_from=resumed_from)
@@ -167,8 +178,23 @@ def _placed(network: nn.Module, device: torch.device, cfg: TrainConfig, world: i
     return network, (idist.auto_model(network, sync_bn=False) if world > 1 else network)
 
 
+class ResumingLoader(torch.utils.data.DataLoader):
+    """A ``DataLoader`` whose next pass starts ``skip`` batches in. A run resumed in the middle of an epoch draws, and
+    drops, the batches it had already trained on: the epoch's batches and augmentation draws then go on exactly as in
+    the uninterrupted run (both are seeded at the start of the epoch, before the first batch is drawn)."""
+
+    skip = 0
+
+    def __iter__(self):
+        it = super().__iter__()
+        for _ in range(self.skip):
+            next(it)
+        self.skip = 0
+        return it
+
+
 def _loader(train_ds, sampler, cfg: TrainConfig, device: torch.device) -> torch.utils.data.DataLoader:
-    return torch.utils.data.DataLoader(train_ds, batch_size=cfg.batch_size, sampler=sampler, num_workers=cfg.num_workers,
+    return ResumingLoader(train_ds, batch_size=cfg.batch_size, sampler=sampler, num_workers=cfg.num_workers,
                                        pin_memory=device.type == "cuda", drop_last=True, persistent_workers=cfg.num_workers > 0)
 
 
@@ -217,10 +243,95 @@ def _resume(to_save: dict, trainer, folder: Path, device: torch.device, iteratio
     return trainer.state.iteration
 
 
+class DiskFull(OSError):
+    """A checkpoint write that ran out of disk space; the previous checkpoint is intact."""
+
+
+class CheckpointSaver(DiskSaver):
+    """Ignite's atomic ``DiskSaver``; a write that runs out of space (``ENOSPC``, or PyTorch's own writer failing on a
+    disk with less free space than the checkpoint needs) raises :class:`DiskFull` in one line. The partial file is
+    removed by ``DiskSaver`` and older checkpoints are kept, so the run resumes from the last one once there is room."""
+
+    def __call__(self, checkpoint, filename: str, metadata=None) -> None:
+        try:
+            super().__call__(checkpoint, filename, metadata)
+        except (OSError, RuntimeError) as e:
+            full = isinstance(e, OSError) and e.errno == errno.ENOSPC
+            if not full and isinstance(e, RuntimeError) and "write" in str(e):
+                full = shutil.disk_usage(self.dirname).free < 64 * 2**20
+            if not full:
+                raise
+            raise DiskFull(errno.ENOSPC, f"no space left on device writing checkpoint {Path(self.dirname) / filename}; the "
+                                         "previous checkpoint is intact: free some space and run the same command to resume",
+                           str(Path(self.dirname) / filename)) from e
+
+
+class RunStopped(BaseException):
+    """A run stopped on request (SIGTERM or SIGINT) after writing a checkpoint: the same command resumes it. Like
+    ``KeyboardInterrupt`` it is not an ``Exception``: an ablation stops with it instead of going on to the next run."""
+
+    def __init__(self, signum: int, iteration: int, checkpoint: Path | None):
+        self.signum, self.iteration, self.checkpoint = signum, iteration, checkpoint
+        super().__init__(f"stopped by {signal.Signals(signum).name} at iteration {iteration}, checkpoint {checkpoint}: "
+                         "run the same command to resume")
+
+
+class GracefulStop:
+    """SIGTERM or SIGINT while a trainer runs (a scheduler's pre-emption, Ctrl-C) asks for a stop: at the end of the
+    current iteration (or, at the end of an epoch, after its validation and logging) the checkpointer writes a
+    checkpoint and the trainer terminates; :func:`fit` then raises :class:`RunStopped`. A second signal interrupts at
+    once. When several processes train together, they stop at the same iteration (the request is all-reduced)."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self, checkpointer: Checkpoint):
+        self.checkpointer = checkpointer
+        self.signum: int | None = None
+
+    def attach(self, engine) -> None:
+        engine.add_event_handler(Events.ITERATION_COMPLETED, self._at_iteration)
+        engine.add_event_handler(Events.EPOCH_COMPLETED, self._stop_if_asked)
+
+    def _asked(self) -> bool:
+        if idist.get_world_size() > 1:
+            flag = torch.tensor([self.signum or 0], device=idist.device())
+            self.signum = int(idist.all_reduce(flag, op="MAX").item()) or None
+        return self.signum is not None
+
+    def _at_iteration(self, engine) -> None:
+        if engine.state.iteration % engine.state.epoch_length:  # at an epoch's end: after its handlers
+            self._stop_if_asked(engine)
+
+    def _stop_if_asked(self, engine) -> None:
+        if self._asked():
+            self.checkpointer(engine)
+            engine.terminate(skip_completed=True)
+
+    def _handle(self, signum, frame) -> None:
+        if self.signum is not None:
+            raise KeyboardInterrupt
+        self.signum = signum
+        log.warning("%s received: writing a checkpoint after this iteration, then stopping (send it again to stop at once)",
+                    signal.Signals(signum).name)
+
+    @contextlib.contextmanager
+    def installed(self):
+        """The signal handlers, for the body (only the main thread may install them; elsewhere nothing changes)."""
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+        previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
+        try:
+            yield
+        finally:
+            for s, h in previous.items():
+                signal.signal(s, h)
+
+
 def _checkpointer(to_save: dict, folder: Path, prefix: str) -> Checkpoint:
     """Ignite's ``Checkpoint`` of ``to_save`` in ``folder/checkpoints`` (atomic writes, the last two kept), named by
     iteration."""
-    return Checkpoint(to_save, DiskSaver(str(Path(folder) / "checkpoints"), require_empty=False, atomic=True, create_dir=True),
+    return Checkpoint(to_save, CheckpointSaver(str(Path(folder) / "checkpoints"), require_empty=False, atomic=True, create_dir=True),
                       filename_prefix=prefix, n_saved=2, global_step_transform=lambda e, _: e.state.iteration)
 
 
@@ -272,4 +383,5 @@ class GradientClipping:
         torch.nn.utils.clip_grad_norm_(engine.network.parameters(), self.max_norm)
 
 
-__all__ = ["EXECUTION_ONLY", "fit", "FitResult", "GradientClipping", "resolve_device", "TrainConfig", "unwrap"]
+__all__ = ["CheckpointSaver", "DiskFull", "EXECUTION_ONLY", "fit", "FitResult", "GracefulStop", "GradientClipping",
+           "resolve_device", "ResumingLoader", "RunStopped", "TrainConfig", "unwrap"]

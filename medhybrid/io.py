@@ -13,6 +13,7 @@ DICOM modality LUT), which intensity normalisation uses.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import logging
 import os
@@ -461,6 +462,17 @@ def data_error(exc: BaseException) -> DataError | None:
     return None
 
 
+def disk_full(exc: BaseException) -> OSError | None:
+    """The out-of-space error (``ENOSPC``) behind ``exc``: itself or one in its chain of causes; None when there is
+    none. A full disk stops a whole command (an ablation does not go on to its next run)."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, OSError) and seen.errno == errno.ENOSPC:
+            return seen
+        seen = seen.__cause__ or seen.__context__
+    return None
+
+
 # --------------------------------------------------------------------------------------------- writing
 @contextlib.contextmanager
 def atomic_write(path: str | os.PathLike) -> Iterator[Path]:
@@ -488,7 +500,7 @@ def write_json(path: str | os.PathLike, data: Any, indent: int = 2, allow_nan: b
     return Path(path)
 
 
-__all__ = ["atomic_write", "data_error", "DataError", "DICOM_SUFFIXES", "encapsulated_syntax", "file_channels",
+__all__ = ["atomic_write", "data_error", "DataError", "disk_full", "DICOM_SUFFIXES", "encapsulated_syntax", "file_channels",
            "file_suffix", "Image2DReader", "image_stem", "is_dicom_file", "NIFTI_SUFFIXES", "one_line", "open_dicom",
            "PIL_SUFFIXES", "quiet_pydicom", "read_dicom", "read_image", "read_nifti", "read_pil", "read_sitk",
            "reader_for", "reduction_factor", "SITK_SUFFIXES", "SUPPORTED_SUFFIXES", "write_json"]

@@ -31,10 +31,21 @@ from medhybrid.stats import holm, paired_bootstrap, paired_differences, pooled_b
 
 def collect_results(cfg, parent_run_id: str | None) -> list[dict]:
     """One row per finished, evaluated fine-tune: method, budget, seed, its ``dice``, ``iou`` and ``hd95`` on the set
-    the ablation scores on (``cfg.scored_on``), run id and folder."""
+    the ablation scores on (``cfg.scored_on``), run id and folder. Read from the run folders' ``state.json`` (which
+    hold every score, whether or not the tracking server got it); from the parent's MLflow runs when the folders are
+    not here (a report rebuilt on another machine)."""
     rows = []
     on = cfg.scored_on
-    if parent_run_id:
+    for st in sorted(Path(cfg.folder / "finetune").glob("*/*/state.json")):
+        s = json.loads(st.read_text())
+        scored_on, summary = runs.scores(s)
+        if scored_on != on:
+            continue
+        method, sd = st.parent.parent.name, st.parent.name.split("-")[1]
+        scores = {k: summary.get(f"{on}_{k}", math.nan) for k in ("dice", "iou", "hd95")}
+        rows.append({"method": method, "budget": len(s.get("ids", [])), "seed": int(sd[1:]), **scores,
+                     "run_id": s.get("mlflow_run_id", ""), "folder": str(st.parent)})
+    if not rows and parent_run_id:
         c = tracking.client(cfg.mlflow)
         children = c.search_runs([tracking.experiment_id(cfg.mlflow)],
                                  filter_string=f"tags.mlflow.parentRunId = '{parent_run_id}'", max_results=10000)
@@ -46,18 +57,13 @@ def collect_results(cfg, parent_run_id: str | None) -> list[dict]:
                          "dice": m[f"{on}_dice"], "iou": m.get(f"{on}_iou", math.nan),
                          "hd95": m.get(f"{on}_hd95", math.nan), "run_id": r.info.run_id,
                          "folder": t.get("medhybrid.folder", "")})
-    else:
-        for st in sorted(Path(cfg.folder / "finetune").glob("*/*/state.json")):
-            s = json.loads(st.read_text())
-            scored_on, summary = runs.scores(s)
-            if scored_on != on:
-                continue
-            method, sd = st.parent.parent.name, st.parent.name.split("-")[1]
-            scores = {k: summary.get(f"{on}_{k}", math.nan) for k in ("dice", "iou", "hd95")}
-            rows.append({"method": method, "budget": len(s.get("ids", [])), "seed": int(sd[1:]), **scores, "run_id": "",
-                         "folder": str(st.parent)})
     order = {m: i for i, m in enumerate(cfg.methods)}
     return sorted(rows, key=lambda r: (order.get(r["method"], 99), r["budget"], r["seed"]))
+
+
+def unsynced(folder: Path) -> list[Path]:
+    """Run folders under ``folder`` whose MLflow records still wait in their outbox (``medhybrid sync`` sends them)."""
+    return sorted(p.parent for p in Path(folder).rglob(tracking.OUTBOX))
 
 
 def summary_table(rows: list[dict]) -> dict[tuple[str, int], tuple[float, float, int]]:
@@ -192,8 +198,12 @@ def _results_lines(cfg, rows: list[dict], table: dict, methods: list[str], budge
              (f"Test Dice on `{cfg.target.name}` test split" if cfg.evaluate_on == "test" else
               f"Development Dice on `{cfg.target.name}` pool images outside each seed's largest subset (not the test split)")
              + f" (mean ± std over seeds {cfg.seeds}), "
-             f"from {len(rows)} MLflow fine-tune runs" + (f" under parent run `{parent_run_id}`." if parent_run_id else "."), "",
-             "| method | " + " | ".join(str(b) for b in budgets) + " |", "|---|" + "---|" * len(budgets)]
+             f"from {len(rows)} fine-tune runs" + (f" (MLflow parent run `{parent_run_id}`)." if parent_run_id else "."), ""]
+    waiting = unsynced(cfg.folder)
+    if waiting:
+        lines += [f"Not yet in MLflow (the tracking server was unreachable; `medhybrid sync {cfg.folder}` sends them): "
+                  + ", ".join(f"`{p.relative_to(cfg.folder) if p != cfg.folder else '.'}`" for p in waiting) + ".", ""]
+    lines += ["| method | " + " | ".join(str(b) for b in budgets) + " |", "|---|" + "---|" * len(budgets)]
     for m in methods:
         cells = []
         for b in budgets:

@@ -13,6 +13,7 @@ import contextlib
 import fcntl
 import hashlib
 import json
+import logging
 import os
 import socket
 import time
@@ -20,14 +21,17 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from mlflow.entities import Param, RunTag
+from mlflow.entities import Param
 
 from medhybrid import tracking
 from medhybrid.config import ConfigError, StrictModel, dump_config, save_config
 from medhybrid.engines import EXECUTION_ONLY as TRAIN_EXECUTION_ONLY
+from medhybrid.engines import RunStopped
 from medhybrid.io import write_json
 from medhybrid.tracking import MLflowConfig
 from medhybrid.unlabelled import EXECUTION_ONLY as UNLABELLED_EXECUTION_ONLY
+
+log = logging.getLogger("medhybrid")
 
 EXECUTION_ONLY = {"train": TRAIN_EXECUTION_ONLY, "unlabelled": UNLABELLED_EXECUTION_ONLY}
 """Per config section, the fields that decide how a run executes (threads, progress, caches), not what it computes."""
@@ -85,33 +89,50 @@ def claim_folder(folder: Path, run_hash: str) -> dict:
 def open_run(cfg: MLflowConfig, folder: Path, run_name: str, params: Mapping[str, Any] | None = None,
              tags: Mapping[str, str] | None = None, parent_run_id: str | None = None) -> str:
     """The MLflow run of the run in ``folder``: reopened if ``state.json`` names one, else created
-    (with ``params`` and ``tags``) and recorded there."""
-    c = tracking.client(cfg)
+    (with ``params`` and ``tags``) and recorded there. Records the folder kept during an earlier outage are sent first.
+    An unreachable tracking store at the start of a command stops it here, in one line
+    (:class:`~medhybrid.tracking.TrackingUnavailable`), before anything trains; once the command has reached it, an
+    outage opens the run later (:func:`~medhybrid.tracking.open_run_later`) and training goes on."""
+    online = tracking.reachable(cfg)
     state = read_state(folder)
     run_id = state.get("mlflow_run_id")
     if run_id:
-        c.update_run(run_id, status="RUNNING")
+        tracking.bind(run_id, folder)
+        tracking.flush(cfg, folder)
+        tracking.reopen_run(cfg, run_id)
         return run_id
     all_tags = dict(tags or {})
     if parent_run_id:
         all_tags["mlflow.parentRunId"] = parent_run_id
+    all_tags["medhybrid.folder"] = str(Path(folder).resolve())
+    if not online:  # an outage during a command that started with its store: the run is created once it answers
+        run_id = tracking.open_run_later(cfg, folder, run_name, all_tags, params)
+        write_state(folder, mlflow_run_id=run_id, mlflow_tracking_uri=tracking.tracking_uri(cfg))
+        return run_id
+    c = tracking.client(cfg)
     run = c.create_run(tracking.experiment_id(cfg), run_name=run_name, tags=all_tags)
     run_id = run.info.run_id
     if params:
         flat = [Param(k, str(v)[:6000]) for k, v in tracking.flatten(params).items()]
         for i in range(0, len(flat), 100):
             c.log_batch(run_id, params=flat[i : i + 100])
-    c.log_batch(run_id, tags=[RunTag("medhybrid.folder", str(Path(folder).resolve()))])
     write_state(folder, mlflow_run_id=run_id, mlflow_tracking_uri=tracking.tracking_uri(cfg))
+    tracking.bind(run_id, folder)
     return run_id
 
 
 @contextlib.contextmanager
 def failing_marks(cfg: MLflowConfig, folder: Path, run_id: str | None):
     """On any exception in the body (a kill included): the MLflow run ends FAILED and the folder's state
-    says ``failed``; the exception propagates. Re-running the same config resumes the same run."""
+    says ``failed``; after a graceful stop (:class:`~medhybrid.engines.RunStopped`: SIGTERM, SIGINT) it ends KILLED and
+    the state says ``stopped``. The exception propagates. Re-running the same config resumes the same run."""
     try:
         yield
+    except RunStopped:
+        if run_id:
+            tracking.finish_run(cfg, run_id, "KILLED")
+        write_state(folder, status="stopped")
+        raise
     except BaseException:
         if run_id:
             tracking.finish_run(cfg, run_id, "FAILED")
@@ -125,6 +146,9 @@ def close_run(cfg: MLflowConfig, folder: Path, run_id: str | None, artifacts: li
         for a in artifacts:
             tracking.log_artifact(cfg, run_id, a)
         tracking.finish_run(cfg, run_id)
+        if tracking.flush(cfg, folder):
+            log.warning("%s: finished, but %d MLflow records wait in %s: run `medhybrid sync %s` once the tracking server "
+                        "answers", folder, tracking.pending(folder), Path(folder) / tracking.OUTBOX, folder)
     write_state(folder, status="finished", **state)
 
 
@@ -141,8 +165,11 @@ class RunLock:
         self.path = Path(folder) / ".lock"
         self._fh = None
 
-    def acquire(self) -> None:
-        """Take the lock, or raise :class:`FolderInUse` at once naming the holder (no waiting)."""
+    def acquire(self, wait: bool | None = None) -> None:
+        """Take the lock, or raise :class:`FolderInUse` at once naming the holder; with ``wait`` (default: the
+        ``MEDHYBRID_WAIT_FOR_FOLDER`` environment variable, set by ``medhybrid --wait``) block until the holder ends."""
+        if wait is None:
+            wait = os.environ.get("MEDHYBRID_WAIT_FOR_FOLDER", "") not in ("", "0")
         self.path.parent.mkdir(parents=True, exist_ok=True)
         fh = open(self.path, "a+")
         try:
@@ -153,10 +180,19 @@ class RunLock:
                 who = json.loads(fh.read() or "{}")
             except ValueError:
                 who = {}
+            if wait:
+                log.info("%s is in use by process %s on %s: waiting for it to end", self.path.parent, who.get("pid", "?"),
+                         who.get("host", "?"))
+                fcntl.flock(fh, fcntl.LOCK_EX)
+                self._hold(fh)
+                return
             fh.close()
             raise FolderInUse(f"{self.path.parent} is in use by process {who.get('pid', '?')} on {who.get('host', '?')} "
                               f"(started {who.get('started', '?')}): one run per folder at a time; wait for it to end, "
-                              "or stop that process, then run again (it resumes)") from None
+                              "or stop that process, then run again (it resumes), or pass --wait") from None
+        self._hold(fh)
+
+    def _hold(self, fh) -> None:
         fh.seek(0)
         fh.truncate()
         fh.write(json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
@@ -166,13 +202,30 @@ class RunLock:
 
     def release(self) -> None:
         if self._fh is not None:
-            fcntl.flock(self._fh, fcntl.LOCK_UN)
-            self._fh.close()
+            if not self._fh.closed:
+                fcntl.flock(self._fh, fcntl.LOCK_UN)
+                self._fh.close()
             self._fh = None
 
     @property
     def held(self) -> bool:
         return self._fh is not None
+
+
+@contextlib.contextmanager
+def experiment(folder: Path, mlflow: MLflowConfig, run_name: str, params: Mapping[str, Any] | None = None,
+               tags: Mapping[str, str] | None = None):
+    """The lifecycle of an experiment's own folder (an ablation, an active-learning run), which holds runs rather than a
+    model: the folder's :class:`RunLock` for the whole body, its MLflow parent run opened (yielded; None with MLflow
+    off) and marked FAILED, or KILLED after a graceful stop, when the body raises. The body finishes the run."""
+    lock = RunLock(folder)
+    lock.acquire()
+    try:
+        parent = open_run(mlflow, folder, run_name, params=params, tags=tags) if mlflow.enabled else None
+        with failing_marks(mlflow, folder, parent):
+            yield parent
+    finally:
+        lock.release()
 
 
 class Run:
@@ -220,10 +273,15 @@ class Run:
               tags: Mapping[str, str] | None = None, parent_run_id: str | None = None, **state) -> str | None:
         """Write the resolved ``config.yaml`` and ``state.json`` (running, with ``state``), then open (or reopen) the
         MLflow run when tracking is on. Returns the MLflow run id (None with MLflow off)."""
-        save_config(cfg, self.folder / "config.yaml")
-        write_state(self.folder, config_hash=self.run_hash, status="running", **state)
-        self.run_id = open_run(self.mlflow, self.folder, run_name, params=params, tags=tags,
-                               parent_run_id=parent_run_id) if self.mlflow.enabled else None
+        try:
+            save_config(cfg, self.folder / "config.yaml")
+            write_state(self.folder, config_hash=self.run_hash, status="running", **state)
+            self.run_id = open_run(self.mlflow, self.folder, run_name, params=params, tags=tags,
+                                   parent_run_id=parent_run_id) if self.mlflow.enabled else None
+        except BaseException:
+            if self.lock is not None:
+                self.lock.release()
+            raise
         return self.run_id
 
     @contextlib.contextmanager
@@ -246,5 +304,5 @@ class Run:
                 self.lock.release()
 
 
-__all__ = ["claim_folder", "close_run", "config_hash", "EXECUTION_ONLY", "failing_marks", "open_run", "read_state",
+__all__ = ["claim_folder", "close_run", "config_hash", "EXECUTION_ONLY", "experiment", "failing_marks", "open_run", "read_state",
            "Run", "RunLock", "FolderInUse", "scores", "write_state"]

@@ -279,3 +279,44 @@ def test_semi_supervised_methods_never_train_on_a_development_or_test_image(work
         labelled = [p["id"] for p in few_shot_pairs(semi.dataset, 1, seed)]
         unl = {it["id"] for it in unlabelled_items(semi, labelled)}
         assert len(unl) == 4 and not unl & (dev | test | set(labelled)) and unl <= pool
+
+
+@pytest.mark.slow
+def test_two_ablations_started_together_on_one_folder(workdir, mlflow_uri, isic_tiny):
+    """The same ``medhybrid ablate`` twice at once: one runs the ablation, the other stops at once in one line, and
+    every (method, budget, seed) is fine-tuned once, in one MLflow run each under one parent."""
+    import subprocess
+    import sys
+
+    import yaml
+    from conftest import REPO_ROOT
+
+    target = ph2_yaml(workdir / "datasets", n_pool=6, n_test=2)
+    conf = workdir / "tiny.yaml"
+    conf.write_text(yaml.safe_dump({
+        "source": str(isic_tiny), "target": str(target), "methods": {"scratch": {"pretrain": "none"}},
+        "reference": "scratch", "budgets": [2], "seeds": [0],
+        "pretrain": {"preprocess": {"resolution": 32}, "model": {"channels": [16, 32, 32], "attention_levels": [False] * 3}},
+        "finetune": {"train": {"batch_size": 2, "warmup_iterations": 0, "device": "cpu", "progress": False, "check_data": False},
+                     "schedule": {"per_label": 1, "min_iterations": 40, "max_iterations": 40, "epochs": 1}},
+        "mlflow": {"tracking_uri": mlflow_uri}, "output_dir": str(workdir / "abl"), "profiles": {"tiny": {}}}))
+    env = dict(__import__("os").environ, PYTHONPATH=str(REPO_ROOT))
+    cmd = [sys.executable, "-m", "medhybrid.cli", "ablate", "--config", str(conf), "--profile", "tiny"]
+    procs = [subprocess.Popen(cmd, cwd=workdir, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for _ in range(2)]
+    results = []
+    for p in procs:
+        out, err = p.communicate(timeout=600)
+        results.append((p.pid, p.returncode, out, err))
+    ok = [r for r in results if r[1] == 0]
+    refused = [r for r in results if r[1] != 0]
+    assert len(ok) == 1 and len(refused) == 1, [(r[1], r[3][-2000:]) for r in results]
+    assert "Traceback" not in refused[0][3]
+    (line,) = [x for x in refused[0][3].splitlines() if x.startswith("error:")]
+    assert f"in use by process {ok[0][0]} on " in line
+    c = mlflow_client(mlflow_uri)
+    all_runs = c.search_runs([e.experiment_id for e in c.search_experiments()])
+    parents = [r for r in all_runs if r.data.tags.get("medhybrid.stage") == "ablation"]
+    children = [r for r in all_runs if r.data.tags.get("medhybrid.stage") == "finetune"]
+    assert len(parents) == 1 and len(children) == 1
+    assert children[0].data.tags["mlflow.parentRunId"] == parents[0].info.run_id

@@ -111,3 +111,31 @@ def test_profiles_extend_and_select_methods(tmp_path):
         load_ablation(str(path), "loop1", [])
     with pytest.raises(ConfigError, match="no profile 'nope'"):
         load_ablation(str(path), "nope", [])
+
+
+def test_a_full_disk_is_one_line(capsys, isic_tiny, workdir, mlflow_uri, monkeypatch):
+    """No traceback reaches the user: a checkpoint write that finds the disk full is one ``error:`` line (exit 2)."""
+    import errno
+
+    import torch
+    from conftest import TINY_NET, TINY_TRAIN
+
+    real_save = torch.save
+    writes = []
+
+    def save(obj, f, *a, **kw):
+        writes.append(f)
+        if len(writes) == 2:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_save(obj, f, *a, **kw)
+
+    monkeypatch.setattr(torch, "save", save)
+    out = workdir / "pre"
+    conf = workdir / "pretrain.yaml"
+    conf.write_text(f"dataset: {isic_tiny}\nmode: supervised\n")
+    code = main(["pretrain", "--config", str(conf), f"output_dir={out}", f"mlflow.tracking_uri={mlflow_uri}",
+                 *TINY_NET, *TINY_TRAIN, "train.checkpoint_every=1"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and err == [f"error: no space left on device writing checkpoint {out / 'checkpoints'}/pretrain_checkpoint_8.pt; "
+                                 "the previous checkpoint is intact: free some space and run the same command to resume"]
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["pretrain_checkpoint_4.pt"]

@@ -208,3 +208,59 @@ def test_gradient_clipping():
 
     GradientClipping(0.5)(FakeEngine())
     assert norm() == pytest.approx(0.5, rel=1e-4)
+
+
+# --------------------------------------------------------------------------------------------- faults
+def test_sigterm_mid_epoch_checkpoints_that_iteration_and_resumes_exactly(tmp_path):
+    """A real SIGTERM to this process during iteration 3 (the middle of epoch 2): the run writes a checkpoint at
+    iteration 3 and raises RunStopped; resumed, it draws the rest of epoch 2's batches and ends bit for bit where an
+    uninterrupted run ends."""
+    import os
+    import signal
+
+    from ignite.engine import Events
+
+    from medhybrid.engines import RunStopped
+
+    full = _fit(tmp_path / "full", _cfg(checkpoint_every=1))
+
+    def stop_at_3(trainer):
+        trainer.add_event_handler(Events.ITERATION_COMPLETED(once=3), lambda e: os.kill(os.getpid(), signal.SIGTERM))
+
+    before = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(RunStopped) as stop:
+        _fit(tmp_path / "stopped", _cfg(checkpoint_every=1), on_trainer=stop_at_3)
+    assert signal.getsignal(signal.SIGTERM) is before  # the handler is only installed while training
+    assert stop.value.signum == signal.SIGTERM and stop.value.iteration == 3
+    assert stop.value.checkpoint == tmp_path / "stopped" / "checkpoints" / "train_checkpoint_3.pt"
+    resumed = _fit(tmp_path / "stopped", _cfg(checkpoint_every=1), seed=123)
+    assert resumed.resumed_from == 3 and resumed.iterations == 6
+    assert _same_weights(resumed.network, full.network)
+
+
+def test_a_full_disk_at_a_checkpoint_stops_in_one_line_and_keeps_the_previous_one(tmp_path, monkeypatch):
+    """ENOSPC on the second checkpoint write (simulated: the write gets some bytes out, then the disk is full): the run
+    stops with DiskFull naming the file, no partial file is left, and the first checkpoint loads and resumes."""
+    import errno
+
+    from medhybrid.engines import DiskFull
+
+    real_save = torch.save
+    writes = []
+
+    def save(obj, f, *a, **kw):
+        writes.append(f)
+        if len(writes) == 2:
+            f.write(b"partial")
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_save(obj, f, *a, **kw)
+
+    monkeypatch.setattr(torch, "save", save)
+    folder = tmp_path / "full-disk"
+    with pytest.raises(DiskFull, match=r"no space left on device writing checkpoint .*train_checkpoint_4\.pt; the previous "
+                                       r"checkpoint is intact"):
+        _fit(folder, _cfg(checkpoint_every=1))
+    assert [p.name for p in (folder / "checkpoints").iterdir()] == ["train_checkpoint_2.pt"]
+    assert torch.load(folder / "checkpoints" / "train_checkpoint_2.pt", weights_only=True)["trainer"]["iteration"] == 2
+    monkeypatch.setattr(torch, "save", real_save)
+    assert _fit(folder, _cfg(checkpoint_every=1)).resumed_from == 2

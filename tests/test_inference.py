@@ -184,6 +184,36 @@ def test_cli_exits_1_with_a_summary_and_no_traceback(model_pt, tmp_path, capsys,
     assert (tmp_path / "out" / "IMD002_mask.png").is_file()
 
 
+def test_a_full_disk_stops_inference_in_one_line_and_leaves_no_partial_mask(model_pt, tmp_path, capsys, ph2_pair,
+                                                                            monkeypatch):
+    """A mask write that finds the disk full (simulated on the second mask) stops the command at once, one ``error:``
+    line, exit 2: it does not go on image after image. The first mask is whole; nothing half-written is left."""
+    import errno
+
+    from PIL import Image
+
+    src = tmp_path / "in"
+    src.mkdir()
+    for name in ("a.png", "b.png", "c.png"):
+        (src / name).write_bytes(ph2_pair[0].read_bytes())
+    real_save = Image.Image.save
+    saves = []
+
+    def save(self, fp, *a, **kw):
+        saves.append(fp)
+        if len(saves) == 2:
+            raise OSError(errno.ENOSPC, "No space left on device", str(fp))
+        return real_save(self, fp, *a, **kw)
+
+    monkeypatch.setattr(Image.Image, "save", save)
+    out = tmp_path / "out"
+    assert main(["infer", "--model", str(model_pt), "--input", str(src), "--output", str(out), "--no-quality"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: no space left on device writing ") and "b_mask.png" in err[0], err
+    assert sorted(p.name for p in out.iterdir()) == ["a_mask.png"]
+    assert _mask(out / "a_mask.png").shape == (287, 384)
+
+
 @pytest.mark.parametrize("kind", ["garbage", "pickled object", "foreign weights", "bundle weights"])
 def test_a_model_file_that_is_not_a_model_is_one_line_without_weights_only_advice(kind, model_pt, tmp_path, capsys, ph2_pair):
     path = tmp_path / "model.pt"

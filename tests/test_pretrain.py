@@ -299,45 +299,60 @@ def _kill_at_first_checkpoint(cmd: list[str], cwd: Path, folder: Path, kill, tim
 
 
 @pytest.mark.slow
-def test_resume_after_kill_matches_uninterrupted_run(isic_tiny, workdir, mlflow_uri):
-    """``medhybrid pretrain`` killed (SIGKILL) after its first checkpoint and run again ends with the weights of an
-    uninterrupted run, bit for bit, in the same MLflow run."""
+def test_sigterm_mid_epoch_stops_gracefully_and_resumes_to_the_uninterrupted_weights(isic_tiny, workdir, mlflow_uri):
+    """``medhybrid pretrain`` sent SIGTERM (a scheduler's pre-emption) in the middle of an epoch: it writes a checkpoint
+    at that iteration, marks its MLflow run KILLED and exits in one line; run again, it resumes there and ends with the
+    weights of an uninterrupted run, bit for bit, in the same MLflow run, every epoch's loss logged once.
+    (``kill -9`` at a checkpoint: the torchrun test below.)"""
     conf = workdir / "pretrain.yaml"
     data = apply_overrides({"dataset": str(isic_tiny), "mode": "hybrid"},
-                           [*TINY_NET, *TINY_TRAIN, "train.epochs=6", "train.epoch_length=3"])
+                           [*TINY_NET, *TINY_TRAIN, "train.epochs=3", "train.epoch_length=16"])
     conf.write_text(yaml.safe_dump(data))
 
-    killed = workdir / "killed"
-    proc = _kill_at_first_checkpoint(_cli(conf, killed, mlflow_uri), workdir, killed, lambda p: p.send_signal(signal.SIGKILL))
-    assert proc.returncode == -signal.SIGKILL
-    state = json.loads((killed / "state.json").read_text())
-    assert state["status"] == "running" and not (killed / "model.pt").exists()  # killed mid-run
+    stopped = workdir / "stopped"
+    proc = subprocess.Popen(_cli(conf, stopped, mlflow_uri), cwd=workdir, env=_cli_env(), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 300
+        while not list((stopped / "checkpoints").glob("*.pt")):  # epoch 1 done: the next iterations are mid-epoch
+            assert proc.poll() is None and time.time() < deadline, proc.stderr.read()[-3000:]
+            time.sleep(0.02)
+        proc.send_signal(signal.SIGTERM)
+        _, stderr = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 128 + signal.SIGTERM, stderr[-3000:]
+    assert "Traceback" not in stderr
+    (line,) = [x for x in stderr.splitlines() if x.startswith("medhybrid: ")]
+    at = max(int(p.stem.rsplit("_", 1)[1]) for p in (stopped / "checkpoints").glob("*.pt"))
+    assert line.startswith(f"medhybrid: stopped by SIGTERM at iteration {at}, checkpoint ") and 16 < at < 48, line
+    state = json.loads((stopped / "state.json").read_text())
+    assert state["status"] == "stopped" and not (stopped / "model.pt").exists()
     run_id = state["mlflow_run_id"]
     c = mlflow_client(mlflow_uri)
-    assert c.get_run(run_id).info.status == "RUNNING"
-    stopped_at = max(int(p.stem.rsplit("_", 1)[1]) for p in (killed / "checkpoints").glob("*.pt"))
-    assert stopped_at < 18
+    assert c.get_run(run_id).info.status == "KILLED"
 
-    resumed = subprocess.run(_cli(conf, killed, mlflow_uri), cwd=workdir, env=_cli_env(), capture_output=True, text=True, timeout=300)
+    resumed = subprocess.run(_cli(conf, stopped, mlflow_uri), cwd=workdir, env=_cli_env(), capture_output=True, text=True,
+                             timeout=300)
     assert resumed.returncode == 0, resumed.stderr
-    assert f"resuming from {killed / 'checkpoints'}" in resumed.stderr
+    assert f"resuming from {stopped / 'checkpoints'}" in resumed.stderr and f"(iteration {at} of 48)" in resumed.stderr
     assert f"mlflow run {run_id}" in resumed.stdout
 
     straight = workdir / "straight"
     full = subprocess.run(_cli(conf, straight, mlflow_uri), cwd=workdir, env=_cli_env(), capture_output=True, text=True, timeout=300)
     assert full.returncode == 0, full.stderr
 
-    a = torch.load(killed / "model.pt", weights_only=True)["state_dict"]
+    a = torch.load(stopped / "model.pt", weights_only=True)["state_dict"]
     b = torch.load(straight / "model.pt", weights_only=True)["state_dict"]
     assert _same_weights(a, b)  # bit for bit
-    assert json.loads((killed / "state.json").read_text())["status"] == "finished"
+    assert json.loads((stopped / "state.json").read_text())["status"] == "finished"
 
-    # one MLflow run for the killed-and-resumed folder, finished, with every epoch's loss
-    runs = [r for r in _runs(c) if r.data.tags.get("medhybrid.folder") == str(killed.resolve())]
+    runs = [r for r in _runs(c) if r.data.tags.get("medhybrid.folder") == str(stopped.resolve())]
     assert [r.info.run_id for r in runs] == [run_id]
-    run = c.get_run(run_id)
-    assert run.info.status == "FINISHED"
-    assert {s for s, _ in _history(c, run_id, "train_loss")} == set(range(1, 7))
+    assert c.get_run(run_id).info.status == "FINISHED"
+    assert sorted(s for s, _ in _history(c, run_id, "train_loss")) == [1, 2, 3]
     assert len(_runs(c)) == 2  # and one for the uninterrupted run
 
 

@@ -116,3 +116,18 @@ def test_a_profile_reports_only_its_methods(tmp_path):
     assert {r["method"] for r in csv.DictReader(open(paths["results"]))} == {"supervised", "hybrid"}
     md = paths["markdown"].read_text()
     assert "| mdm |" not in md and "**Verdict at ≤ 10 labels: `hybrid` " in md and "best other method, `supervised`" in md
+
+
+def test_the_report_names_runs_whose_mlflow_records_still_wait(tmp_path):
+    """A run folder with an outbox (records kept while the tracking server was down) is named in the report, with
+    the command that sends them; a synced ablation says nothing."""
+    from medhybrid import tracking
+    from medhybrid.report import write_report
+
+    cfg = _fake_ablation(tmp_path, "abl", 200, {"supervised": 0.0, "hybrid": 0.02})
+    assert "Not yet in MLflow" not in write_report(cfg, tmp_path / "r1")["markdown"].read_text()
+    waiting = next((cfg.folder / "finetune" / "hybrid").iterdir())
+    tracking.Outbox(waiting).append({"op": "update_run", "run_id": "r", "status": "RUNNING"})
+    md = write_report(cfg, tmp_path / "r2")["markdown"].read_text()
+    assert f"Not yet in MLflow (the tracking server was unreachable; `medhybrid sync {cfg.folder}` sends them): " \
+           f"`finetune/hybrid/{waiting.name}`." in md

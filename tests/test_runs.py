@@ -109,3 +109,62 @@ def test_the_lock_is_released_when_a_run_fails(tmp_path):
     with pytest.raises(RuntimeError), run.running():
         raise RuntimeError("boom")
     assert not run.lock.held and Run.claim(tmp_path / "run", "h", MLflowConfig(enabled=False)).lock.held
+
+
+# --------------------------------------------------------------------------------------------- two processes, one folder
+def _cli_env() -> dict:
+    import os
+
+    from conftest import REPO_ROOT
+
+    env = dict(os.environ, PYTHONPATH=str(REPO_ROOT), OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
+    env.pop("MLFLOW_TRACKING_URI", None)
+    return env
+
+
+def _together(cmd: list[str], cwd, n: int = 2) -> list:
+    """``n`` copies of ``cmd`` started at the same moment (as a shell loop that launched twice): their results."""
+    import subprocess
+
+    procs = [subprocess.Popen(cmd, cwd=cwd, env=_cli_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for _ in range(n)]
+    out = []
+    for p in procs:
+        stdout, stderr = p.communicate(timeout=600)
+        out.append((p.returncode, stdout, stderr, p.pid))
+    return out
+
+
+@pytest.mark.slow
+def test_two_finetunes_started_together_on_a_fresh_store_one_trains_one_is_refused(workdir, ph2_tiny):
+    """The same ``medhybrid finetune`` twice at once, in a project with no MLflow store yet: the store is created once
+    (no schema race), exactly one process trains, the other stops at once in one line naming the first, and the store
+    holds one MLflow run."""
+    import sys
+
+    import yaml
+
+    db = workdir / "fresh" / "mlflow.db"
+    assert not db.exists()
+    conf = workdir / "ft.yaml"
+    conf.write_text(yaml.safe_dump({
+        "dataset": str(ph2_tiny), "budget": 2, "seed": 0, "method": "twice", "preprocess": {"resolution": 32},
+        "model": {"channels": [16, 32, 32], "attention_levels": [False, False, False]},
+        "train": {"batch_size": 2, "warmup_iterations": 0, "device": "cpu", "check_data": False, "progress": False},
+        "schedule": {"per_label": 1, "min_iterations": 40, "max_iterations": 40, "epochs": 2}}))
+    cmd = [sys.executable, "-m", "medhybrid.cli", "finetune", "--config", str(conf), f"output_dir={workdir / 'ft'}",
+           f"mlflow.tracking_uri=sqlite:///{db}"]
+    results = _together(cmd, workdir)
+    ok = [r for r in results if r[0] == 0]
+    refused = [r for r in results if r[0] != 0]
+    assert len(ok) == 1 and len(refused) == 1, [(r[0], r[2][-2000:]) for r in results]
+    code, _, stderr, _ = refused[0]
+    assert code == 2 and "Traceback" not in stderr
+    (line,) = [x for x in stderr.splitlines() if x.startswith("error:")]
+    assert f"in use by process {ok[0][3]} on " in line
+    assert "fine-tuned on 2 labelled images" in ok[0][1]
+    state = json.loads((workdir / "ft" / "state.json").read_text())
+    assert state["status"] == "finished"
+    runs_ = mlflow_client(f"sqlite:///{db}").search_runs([e.experiment_id for e in
+                                                          mlflow_client(f"sqlite:///{db}").search_experiments()])
+    assert [r.info.run_id for r in runs_] == [state["mlflow_run_id"]] and runs_[0].info.status == "FINISHED"
