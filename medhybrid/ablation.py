@@ -37,9 +37,11 @@ from medhybrid.config import (
     validate,
 )
 from medhybrid.datasets import few_shot_ids, load_pairs
+from medhybrid.evaluate import evaluate
 from medhybrid.fewshot import evaluate_few_shot_run
 from medhybrid.finetune import FinetuneConfig, run_finetuning
 from medhybrid.io import disk_full, write_json
+from medhybrid.modes import get_mode
 from medhybrid.pixel_features import PixelFeaturesConfig, load_feature_segmenter, run_pixel_features
 from medhybrid.pretrain import PretrainConfig, run_pretraining
 from medhybrid.report import write_report
@@ -105,6 +107,9 @@ class AblationConfig(StrictModel):
     budgets: list[int | None] = Field(default_factory=lambda: [1, 2, 5, 10, 20, 50, None],
                                       description="labelled images; null = the whole pool")
     seeds: list[int] = Field(default_factory=lambda: [0, 1, 2])
+    seeds_at: dict[int, list[int]] = Field(default_factory=dict, description="budget -> its own seeds (labelled subsets), "
+                                           "e.g. more at 1 and 2 labels, where the subset drawn moves Dice most and a "
+                                           "fine-tune costs least; other budgets use seeds")
     output_dir: Path | None = None
     pretrain: dict[str, Any] = Field(default_factory=dict, description="shared PretrainConfig fields")
     finetune: dict[str, Any] = Field(default_factory=dict, description="shared FinetuneConfig fields")
@@ -127,6 +132,10 @@ class AblationConfig(StrictModel):
         if self.evaluate_on == "pool-holdout" and None in self.budgets:
             raise ValueError("evaluate_on=pool-holdout needs finite budgets: the whole pool leaves nothing held out")
         return self
+
+    def seeds_for(self, budget: int | None) -> list[int]:
+        """The seeds (labelled subsets) drawn at ``budget``."""
+        return self.seeds_at.get(budget, self.seeds) if budget is not None else self.seeds
 
     @property
     def scored_on(self) -> str:
@@ -240,8 +249,36 @@ class _Timings:
 
 
 def pretrain_step(cfg: AblationConfig, method: str):
-    """One method's pretraining (or the finished one): :func:`medhybrid.pretrain.run_pretraining`."""
-    return run_pretraining(pretrain_config(cfg, method))
+    """One method's pretraining (or the finished one): :func:`medhybrid.pretrain.run_pretraining`, then its zero-shot
+    score (:func:`zero_shot_step`)."""
+    pre = run_pretraining(pretrain_config(cfg, method))
+    zero_shot_step(cfg, method, pre)
+    return pre
+
+
+def zero_shot_step(cfg: AblationConfig, method: str, pre) -> dict | None:
+    """Budget 0: a pretraining that learned masks (supervised, hybrid; not diffusion, mdm or none) scored on the set
+    every fine-tune is scored on, before any fine-tuning, so a report separates what transfers from what fine-tuning
+    adds. Once per pretraining: ``<ablation>/zero-shot/<pretraining>/`` (``state.json``, ``eval/per_image.csv``), the
+    summary also logged to the pretraining's MLflow run (``zero_shot_test_dice`` ...). None for other pretrainings."""
+    spec = cfg.methods[method]
+    if not get_mode(spec.pretrain).learns_masks or spec.target_images == "only":
+        return None
+    folder = cfg.folder / "zero-shot" / pretraining_of(cfg, method)
+    st = runs.read_state(folder)
+    scored_on, scores = runs.scores(st)
+    if scored_on == cfg.scored_on:
+        return scores
+    net, meta = load_model(pre.checkpoint)
+    pairs = cfg.eval_pairs(cfg.seeds[0])
+    ev = evaluate(net, cfg.target, Preprocess(**meta["preprocess"]), "test" if pairs is None else "dev",
+                  out_dir=folder / "eval", pairs=pairs)
+    if pre.run_id:
+        tracking.log_metrics(cfg.mlflow, pre.run_id, {f"zero_shot_{k}": v for k, v in ev.summary.items()}, step=0)
+    runs.write_state(folder, pretraining=str(pre.checkpoint), evaluated=True, scored_on=ev.split, scores=ev.summary)
+    log.info("ablation %s: %s before fine-tuning: %s dice %.4f", cfg.name, pretraining_of(cfg, method), ev.split,
+             ev.summary[f"{ev.split}_dice"])
+    return ev.summary
 
 
 def finetune_step(cfg: AblationConfig, method: str, pre, budget: int | None, seed: int, parent: str | None) -> dict:
@@ -291,7 +328,7 @@ def _run_sequential(cfg: AblationConfig, parent: str | None, clock: _Timings, fa
             _record_failure(cfg, failures, f"pretrain {method}", e, traceback.format_exc())
             continue
         for budget in cfg.budgets:
-            for seed in cfg.seeds:
+            for seed in cfg.seeds_for(budget):
                 try:
                     out = finetune_step(cfg, method, pre, budget, seed, parent)
                 except Exception as e:
@@ -397,7 +434,7 @@ def _submit(ray, cfg: AblationConfig, cwd: str, parent: str | None) -> tuple[dic
     for key, methods in sharing.items():
         for method in methods:
             for budget in cfg.budgets:
-                for seed in cfg.seeds:
+                for seed in cfg.seeds_for(budget):
                     ref = ft_task.remote(cwd, cfg, method, pre_refs[key], budget, seed, parent)
                     pending[ref] = ("finetune", key, method, f"{method} b{'all' if budget is None else budget} s{seed}")
     return sharing, pre_refs, pending
@@ -493,5 +530,5 @@ def _profile(profiles: dict, name: str, path: Path, seen: tuple[str, ...] = ()) 
 
 
 __all__ = ["AblationConfig", "DEFAULT_METHODS", "finetune_config", "finetune_step", "load_ablation", "MethodSpec",
-           "pixel_features_config", "pretrain_config", "pretrain_step", "pretraining_of", "RayConfig",
+           "pixel_features_config", "pretrain_config", "pretrain_step", "pretraining_of", "RayConfig", "zero_shot_step",
            "run_ablation", "TaskResources"]

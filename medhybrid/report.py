@@ -61,6 +61,36 @@ def collect_results(cfg, parent_run_id: str | None) -> list[dict]:
     return sorted(rows, key=lambda r: (order.get(r["method"], 99), r["budget"], r["seed"]))
 
 
+def zero_shot_scores(cfg) -> dict[str, tuple[list[str], float]]:
+    """Budget 0 (:func:`medhybrid.ablation.zero_shot_step`): per pretraining that has a scored zero-shot folder, the
+    methods of ``cfg`` that start from it and its Dice on the set the ablation scores on."""
+    from medhybrid.ablation import pretraining_of
+
+    out: dict[str, tuple[list[str], float]] = {}
+    for method in cfg.methods:
+        key = pretraining_of(cfg, method)
+        scored_on, scores = runs.scores(runs.read_state(cfg.folder / "zero-shot" / key))
+        if scored_on == cfg.scored_on and f"{scored_on}_dice" in scores:
+            out.setdefault(key, ([], scores[f"{scored_on}_dice"]))[0].append(method)
+    return out
+
+
+def _zero_shot_lines(cfg, table: dict) -> list[str]:
+    """The pretrainings' own mask heads before any fine-tuning, beside what their fewest-label fine-tune reaches."""
+    zs = zero_shot_scores(cfg)
+    if not zs:
+        return []
+    lines = ["", f"**Before fine-tuning (budget 0).** Dice of each pretraining's own mask head on the same "
+             f"{'test' if cfg.scored_on == 'test' else 'development'} images, with no target label: what transfers as it "
+             "is; the table above adds what fine-tuning on a few labels brings.", "",
+             "| pretraining (methods using it) | budget 0 | fewest labels, fine-tuned |", "|---|---|---|"]
+    for key, (methods, dice) in zs.items():
+        tuned = sorted((b, mu) for (m, b), (mu, _, _) in table.items() if m == key and b)
+        after = f"{tuned[0][1]:.3f} at {tuned[0][0]}" if tuned else "–"
+        lines.append(f"| {key} ({', '.join(methods)}) | {dice:.3f} | {after} |")
+    return lines
+
+
 def unsynced(folder: Path) -> list[Path]:
     """Run folders under ``folder`` whose MLflow records still wait in their outbox (``medhybrid sync`` sends them)."""
     return sorted(p.parent for p in Path(folder).rglob(tracking.OUTBOX))
@@ -166,11 +196,13 @@ def write_report(cfg, out_dir: Path, parent_run_id: str | None = None) -> dict[s
     _write_tables(out_dir, cfg.scored_on, rows, table, methods)
 
     has_ref = any(r["method"] == cfg.reference for r in rows)
-    tests = paired_comparisons(rows, per_image_scores(cfg, rows), cfg.reference) if has_ref else []
+    scores = per_image_scores(cfg, rows)
+    tests = paired_comparisons(rows, scores, cfg.reference) if has_ref else []
     best_other = best_baseline(table, cfg.reference) if has_ref else None
     score = "test Dice" if cfg.evaluate_on == "test" else "development Dice"
     _plot(out_dir / "dice_vs_labels.png", cfg, table, methods, budgets, tests, best_other, score)
-    lines = (_results_lines(cfg, rows, table, methods, budgets, parent_run_id) + _verdict_lines(cfg, tests, best_other, score)
+    lines = (_results_lines(cfg, rows, table, methods, budgets, parent_run_id) + _zero_shot_lines(cfg, table)
+             + _verdict_lines(cfg, tests, best_other, score) + _pretext_lines(cfg, rows, scores, out_dir, score)
              + _comparison_lines(cfg, tests, score) + _timing_lines(cfg) + ["", "![Dice against labels](dice_vs_labels.png)", ""])
     (out_dir / "report.md").write_text("\n".join(lines))
     return {"markdown": out_dir / "report.md", "plot": out_dir / "dice_vs_labels.png",
@@ -197,7 +229,9 @@ def _results_lines(cfg, rows: list[dict], table: dict, methods: list[str], budge
     lines = [f"# Ablation `{cfg.name}`: {cfg.source.name} → {cfg.target.name}", "",
              (f"Test Dice on `{cfg.target.name}` test split" if cfg.evaluate_on == "test" else
               f"Development Dice on `{cfg.target.name}` pool images outside each seed's largest subset (not the test split)")
-             + f" (mean ± std over seeds {cfg.seeds}), "
+             + f" (mean ± std over seeds {cfg.seeds}"
+             + "".join(f"; {len(v)} seeds at {b} label{'s' if b != 1 else ''}" for b, v in sorted(cfg.seeds_at.items()))
+             + "), "
              f"from {len(rows)} fine-tune runs" + (f" (MLflow parent run `{parent_run_id}`)." if parent_run_id else "."), ""]
     waiting = unsynced(cfg.folder)
     if waiting:
@@ -231,6 +265,62 @@ def _verdict_lines(cfg, tests: list[dict], best_other: str | None, score: str) -
             f"{row['ci_high']:+.3f}], p = {_p(row['p_holm'])} (paired t-test over labelled subsets, Holm), "
             f"{row['seeds']} seeds, {row['images']} paired image scores. A verdict other than a tie "
             "needs both the interval to exclude 0 and the corrected test to reject."]
+
+
+GENERATIVE = ("diffusion", "mdm")
+"""Pretrainings with no mask objective: whether they beat a random start says whether the generative pretext task
+learned anything that transfers."""
+
+
+def _pretext_lines(cfg, rows: list[dict], scores: dict, out_dir: Path, score: str) -> list[str]:
+    """Did the generative pretext task learn anything transferable? Each generative-only method (``diffusion``,
+    ``mdm``) that the ablation ran against ``scratch``, paired, at ≤ POOLED_MAX_BUDGET labels. When none beats scratch
+    (its interval above 0), the hybrid's claim (its generative half adds to supervised pretraining) cannot be tested at
+    this scale, and the line says so. Samples of the diffusion pretraining (``medhybrid sample``) show what it learned."""
+    ran = {r["method"] for r in rows}
+    generative = [m for m in cfg.methods if m in ran and cfg.methods[m].pretrain in GENERATIVE and cfg.methods[m].head != "ddpm-features"]
+    if "scratch" not in ran or not generative:
+        return []
+    learned, parts = False, []
+    for m in generative:
+        vs = [t for t in paired_comparisons(rows, scores, m) if t["baseline"] == "scratch"]
+        small = [t for t in vs if isinstance(t["budget"], int) and t["budget"] <= POOLED_MAX_BUDGET]
+        row = next((t for t in vs if t["budget"] == f"≤ {POOLED_MAX_BUDGET}"), small[0] if len(small) == 1 else None)
+        if row is None:  # (a single small budget is its own pool)
+            continue
+        learned |= row["ci_low"] > 0
+        parts.append(f"`{m}` − `scratch` {row['mean_diff']:+.3f} [{row['ci_low']:+.3f}, {row['ci_high']:+.3f}], "
+                     f"p = {_p(row['p_value'])}")
+    if not parts:
+        return []
+    answer = ("yes: generative pretraining beats a random start, so the hybrid's comparison with supervised pretraining "
+              "tests its claim" if learned else
+              "no: generative pretraining is no better than a random start here, so comparing the hybrid with supervised "
+              "pretraining cannot test the hybrid's claim at this scale (its generative half has nothing to add); it "
+              "takes a scale where diffusion pretraining beats scratch")
+    lines = ["", f"**Did the generative pretext task learn anything transferable? {answer[0].upper() + answer[1:]}.** "
+             f"{score} at ≤ {POOLED_MAX_BUDGET} labels, paired: " + "; ".join(parts) + "."]
+    grid = _samples(cfg, out_dir)
+    if grid is not None:
+        lines += ["", f"Samples of the `{cfg.methods[grid[0]].pretrain}` pretraining (`medhybrid sample`, 18 steps):", "",
+                  f"![samples]({grid[1].name})"]
+    return lines
+
+
+def _samples(cfg, out_dir: Path) -> tuple[str, Path] | None:
+    """A grid of samples from the ablation's diffusion (else hybrid) pretraining, drawn once into the report folder."""
+    from medhybrid.ablation import pretraining_of
+    from medhybrid.sampling import sample_to_grid
+
+    for mode in ("diffusion", "hybrid"):
+        method = next((m for m, s in cfg.methods.items() if s.pretrain == mode and s.target_images == "none"), None)
+        ckpt = cfg.folder / "pretrain" / pretraining_of(cfg, method) / "model.pt" if method else None
+        if ckpt is not None and ckpt.is_file():
+            grid = out_dir / f"samples-{mode}.png"
+            if not grid.is_file():
+                sample_to_grid(ckpt, grid, num=16, steps=18, seed=0)
+            return method, grid
+    return None
 
 
 def _comparison_lines(cfg, tests: list[dict], score: str) -> list[str]:

@@ -123,6 +123,18 @@ def test_ablation_runs_records_reports_and_resumes(workdir, mlflow_uri, isic_tin
     diff = np.mean([np.mean([per_image("diffusion", s)[i] - per_image("scratch", s)[i] for i in per_image("scratch", s)])
                     for s in ("0", "1")])
     assert f"| scratch | 2 | 2 | 8 | {diff:+.3f} |" in md
+    # did the generative pretext task learn anything? diffusion against scratch, paired, with its samples
+    d = next(line for line in md.splitlines() if line.startswith("**Did the generative pretext task learn anything"))
+    assert f"`diffusion` − `scratch` {diff:+.3f} [" in d and ("Yes: " in d or "No: " in d and "cannot test the hybrid" in d)
+    assert "![samples](samples-diffusion.png)" in md and (folder / "report" / "samples-diffusion.png").is_file()
+    # budget 0: a pretraining that learned masks (supervised, here under "broken") is scored before any fine-tuning,
+    # once, and only that one
+    assert sorted(p.name for p in (folder / "zero-shot").iterdir()) == ["broken"]
+    zs = json.loads((folder / "zero-shot" / "broken" / "state.json").read_text())
+    assert zs["scored_on"] == "test" and 0 <= zs["scores"]["test_dice"] <= 1
+    assert f"| broken (broken) | {zs['scores']['test_dice']:.3f} | – |" in md
+    broken_pre = json.loads((folder / "pretrain" / "broken" / "state.json").read_text())["mlflow_run_id"]
+    assert client.get_run(broken_pre).data.metrics["zero_shot_test_dice"] == pytest.approx(zs["scores"]["test_dice"])
     arts = {a.path for a in client.list_artifacts(parent, "report")}
     assert {"report/report.md", "report/dice_vs_labels.png", "report/summary.csv", "report/results.csv"} <= arts
 
@@ -320,3 +332,19 @@ def test_two_ablations_started_together_on_one_folder(workdir, mlflow_uri, isic_
     children = [r for r in all_runs if r.data.tags.get("medhybrid.stage") == "finetune"]
     assert len(parents) == 1 and len(children) == 1
     assert children[0].data.tags["mlflow.parentRunId"] == parents[0].info.run_id
+
+
+def test_more_subsets_where_the_subset_moves_dice_most(workdir, mlflow_uri, isic_tiny):
+    """``seeds_at`` gives a budget its own seeds: the standard profiles draw 10 labelled subsets at 1 and 2 labels and
+    5 elsewhere; the sequential runner fine-tunes exactly those (method, budget, seed)."""
+    from medhybrid.ablation import load_ablation
+
+    for domain in ("dermoscopy", "chest_xray"):
+        std = load_ablation(domain, "standard", [])
+        assert [len(std.seeds_for(b)) for b in std.budgets] == [10, 10, 5, 5, 5, 5]
+    cfg = _config(workdir, mlflow_uri, isic_tiny, {"scratch": {"pretrain": "none"}}, seeds=(0,))
+    cfg = cfg.model_copy(update={"budgets": [1, 2], "seeds_at": {1: [0, 1, 2]},
+                                 "finetune": {**cfg.finetune, "schedule": {"per_label": 1, "min_iterations": 1,
+                                                                           "max_iterations": 1, "epochs": 1}}})
+    run_ablation(cfg)
+    assert sorted(p.name for p in (cfg.folder / "finetune" / "scratch").iterdir()) == ["b1-s0", "b1-s1", "b1-s2", "b2-s0"]
