@@ -53,8 +53,8 @@ from medhybrid.transforms import preprocessing
 from medhybrid.unlabelled import (
     MixedDataset,
     UnlabelledConfig,
-    batch_split,
     check_sources,
+    mixed_batch,
     unlabelled_dataset,
 )
 from medhybrid.visualize import grid, overlay, save_png, to_uint8
@@ -200,7 +200,7 @@ def training_data(cfg: PretrainConfig, rank: int = 0, world_size: int = 1):
     unl = _UNLABELLED_CACHE[key]
     if cfg.dataset is not None:
         train_ds, val_ds = source_datasets(cfg)
-        per_batch = batch_split(cfg.train.batch_size, cfg.unlabelled.share)
+        per_batch = mixed_batch(cfg.train.batch_size, cfg.unlabelled.share, cfg.unlabelled.beside)
     else:
         train_ds, per_batch = [], (0, cfg.train.batch_size)
         val_ds = torch.utils.data.Subset(unl, range(min(len(unl), cfg.train.val_max_images or len(unl))))
@@ -275,7 +275,10 @@ def _worker(local_rank: int, cfg: PretrainConfig, run_id: str | None) -> dict:
         if run_id:
             tracking.log_artifact(cfg.mlflow, run_id, path, "previews")
 
-    result = fit(net, train_ds, corruption(cfg, rank), loss, cfg.train, cfg.folder,
+    train_cfg = cfg.train
+    if sampler is not None and sum(sampler.per_batch) != train_cfg.batch_size:  # unlabelled images beside a full batch
+        train_cfg = train_cfg.model_copy(update={"batch_size": sum(sampler.per_batch)})
+    result = fit(net, train_ds, corruption(cfg, rank), loss, train_cfg, cfg.folder,
                  make_evaluator=functools.partial(validation, cfg, val_ds),
                  mlflow_handler_factory=functools.partial(tracking.engine_handler, cfg.mlflow, run_id) if (run_id and rank == 0) else None,
                  on_validated=on_validated, checkpoint_prefix="pretrain", sampler=sampler)

@@ -73,6 +73,10 @@ class UnlabelledConfig(StrictModel):
         default_factory=list, description="image-only datasets (a folder, a CSV of images) or {dataset, splits}")
     share: float = Field(0.5, gt=0, le=1, description="share of each batch drawn from the unlabelled images (1 when "
                          "there is no labelled dataset)")
+    beside: bool = Field(False, description="false: the unlabelled images take `share` of a batch of train.batch_size, "
+                         "so each batch holds fewer labelled images than a run without them; true: they come beside a full "
+                         "labelled batch of train.batch_size (the batch grows to batch_size / (1 - share)), so the run sees "
+                         "as many labelled images as one without them")
     cache: Literal["auto", "memory", "disk"] = Field(
         "auto", description="memory: decode every image into RAM once; disk: preprocessed arrays cached under cache_dir "
         "(sets larger than memory); auto: memory up to memory_limit_mb of arrays, else disk")
@@ -168,5 +172,13 @@ def batch_split(batch_size: int, share: float) -> tuple[int, int]:
     return batch_size - k, k
 
 
-__all__ = ["batch_split", "check_sources", "disk_cache_dir", "EXECUTION_ONLY", "HELD_OUT_SPLITS", "MixedDataset",
+def mixed_batch(batch_size: int, share: float, beside: bool) -> tuple[int, int]:
+    """(labelled, unlabelled) samples per batch: the unlabelled ``share`` of ``batch_size`` (:func:`batch_split`), or,
+    ``beside``, ``batch_size`` labelled ones and as many unlabelled ones as make them ``share`` of the grown batch."""
+    if not beside or share >= 1:
+        return batch_split(batch_size, share)
+    return batch_size, max(1, int(round(batch_size * share / (1 - share))))
+
+
+__all__ = ["batch_split", "mixed_batch", "check_sources", "disk_cache_dir", "EXECUTION_ONLY", "HELD_OUT_SPLITS", "MixedDataset",
            "source_items", "unlabelled_dataset", "UnlabelledConfig", "UnlabelledSource"]

@@ -22,6 +22,7 @@ from medhybrid.unlabelled import (
     UnlabelledConfig,
     UnlabelledSource,
     batch_split,
+    mixed_batch,
     source_items,
     unlabelled_dataset,
 )
@@ -141,6 +142,8 @@ def test_batch_split():
     assert batch_split(16, 0.25) == (12, 4)
     assert batch_split(4, 0.01) == (3, 1)  # a share above 0 always brings one image
     assert batch_split(4, 1.0) == (0, 4)
+    assert mixed_batch(16, 0.5, beside=False) == (8, 8) and mixed_batch(16, 0.5, beside=True) == (16, 16)
+    assert mixed_batch(16, 0.25, beside=True) == (16, 5) and mixed_batch(4, 1.0, beside=True) == (0, 4)
 
 
 def test_mixed_batches_hold_the_share_and_ranks_never_repeat_an_index():
@@ -236,7 +239,11 @@ def test_cli_pretrains_from_a_folder_of_unlabelled_images_alone(mode, pacs, work
     assert "train_loss" in run.data.metrics
 
 
-def test_hybrid_with_the_target_pool_never_gives_an_unlabelled_image_a_mask_loss(isic_tiny, workdir, mlflow_uri, monkeypatch):
+@pytest.mark.parametrize("beside", [False, True])
+def test_hybrid_with_the_target_pool_never_gives_an_unlabelled_image_a_mask_loss(beside, isic_tiny, workdir, mlflow_uri,
+                                                                              monkeypatch):
+    """At share 0.25 of a batch of 4: 3 labelled and 1 unlabelled image; ``beside``, a full labelled batch of 4 and
+    1 unlabelled image beside it (as many masks seen as without the target's images). Never a mask loss on one."""
     target = ph2_yaml(workdir / "datasets", n_pool=8, n_test=4)
     seen: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
     original = CorruptionPrepareBatch.__call__
@@ -249,14 +256,16 @@ def test_hybrid_with_the_target_pool_never_gives_an_unlabelled_image_a_mask_loss
     monkeypatch.setattr(CorruptionPrepareBatch, "__call__", record)
     out = workdir / "hybrid-target"
     rc = main(_pretrain_argv(mlflow_uri, "mode=hybrid", f"dataset={isic_tiny}",
-                             f"unlabelled={{sources: [{{dataset: {target}, splits: [pool]}}], share: 0.25}}", f"output_dir={out}"))
+                             f"unlabelled={{sources: [{{dataset: {target}, splits: [pool]}}], share: 0.25, beside: {beside}}}",
+                             f"output_dir={out}"))
     assert rc == 0
     assert len(seen) == 16  # 4 epochs x 4 iterations
+    n = 4 if beside else 3
     pool = {Path(p).stem for p in real_split(PH2)["pool"][:8]}
     assert len(pool) == 8
     for labelled, weight, _ in seen:
-        assert labelled.tolist() == [1.0, 1.0, 1.0, 0.0]  # batch 4 at share 0.25: 3 labelled, 1 unlabelled
-        assert float(weight[3]) == 0.0 and bool((weight[:3] > 0).all())
+        assert labelled.tolist() == [1.0] * n + [0.0]
+        assert float(weight[n]) == 0.0 and bool((weight[:n] > 0).all())
     ckpt = torch.load(out / "model.pt", weights_only=True)
     assert ckpt["meta"]["dataset"] == "isic_tiny+ph2_tiny-pool" and ckpt["meta"]["num_classes"] == 2
     state = json.loads((out / "state.json").read_text())
