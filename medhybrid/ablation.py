@@ -42,6 +42,7 @@ from medhybrid.fewshot import evaluate_few_shot_run
 from medhybrid.finetune import FinetuneConfig, run_finetuning
 from medhybrid.io import disk_full, write_json
 from medhybrid.modes import get_mode
+from medhybrid.nnunet import NnunetConfig, run_nnunet
 from medhybrid.pixel_features import PixelFeaturesConfig, load_feature_segmenter, run_pixel_features
 from medhybrid.pretrain import PretrainConfig, run_pretraining
 from medhybrid.report import write_report
@@ -66,10 +67,17 @@ class MethodSpec(StrictModel):
         "none", description="the target's pool images, without their masks, in pretraining (never its test images): "
         "add = beside the labelled source at unlabelled.share of each batch; only = the pool alone (diffusion, mdm: "
         "self-pretraining on the target, as in Pan et al. 2023)")
-    head: Literal["finetune", "ddpm-features"] = Field("finetune", description="finetune: the whole network on the "
-                                                       "few labels; ddpm-features: frozen decoder features + MLP ensemble")
+    head: Literal["finetune", "ddpm-features", "nnunet"] = Field(
+        "finetune", description="finetune: the whole network on the few labels; ddpm-features: frozen decoder features + "
+        "MLP ensemble; nnunet: nnU-Net v2 trained on the few labels (its own network and schedule; pretrain must be none)")
     finetune: dict[str, Any] = Field(default_factory=dict, description="fine-tuning config overrides for this method "
                                      "(semi: {algorithm: fixmatch} fine-tunes semi-supervised on the pool's other images)")
+
+    @model_validator(mode="after")
+    def _nnunet_from_scratch(self):
+        if self.head == "nnunet" and self.pretrain != "none":
+            raise ValueError(f"head nnunet trains nnU-Net's own network from scratch: pretrain must be none, not {self.pretrain!r}")
+        return self
 
     @property
     def semi_supervised(self) -> bool:
@@ -115,6 +123,8 @@ class AblationConfig(StrictModel):
     finetune: dict[str, Any] = Field(default_factory=dict, description="shared FinetuneConfig fields")
     pixel_features: dict[str, Any] = Field(default_factory=dict, description="shared PixelFeaturesConfig fields "
                                            "(features, ensemble) of ddpm-features methods")
+    nnunet: dict[str, Any] = Field(default_factory=dict, description="shared NnunetConfig fields (trainer, configuration, "
+                                   "device) of nnunet methods; resolution defaults to the pretraining's")
     mlflow: MLflowConfig = Field(default_factory=MLflowConfig)
     reference: str = Field("hybrid", description="method compared against each baseline in the report")
     executor: Literal["sequential", "ray"] = Field("sequential", description="sequential: every run in this process, "
@@ -194,6 +204,19 @@ def finetune_config(cfg: AblationConfig, method: str, init: Path, budget: int | 
     if dev is not None and spec.semi_supervised:  # a development image is scored, never trained on, not even unlabelled
         data["unlabelled_exclude"] = sorted(p["id"] for p in dev)
     return validate(FinetuneConfig, data, source=f"ablation {cfg.name} finetune {method} b{budget or 'all'} s{seed}")
+
+
+def nnunet_config(cfg: AblationConfig, method: str, budget: int | None, seed: int, parent: str | None) -> NnunetConfig:
+    """The nnU-Net run of ``method`` on the subset (budget, seed): the same subset, folder layout and MLflow child run as
+    every fine-tune, its images exported at the pretraining's resolution (what the other networks see)."""
+    pre = validate(PretrainConfig, {**cfg.pretrain, "dataset": cfg.source.model_dump(), "mode": "none"},
+                   source=f"ablation {cfg.name} pretrain")
+    data = deep_merge({"resolution": pre.preprocess.resolution, **cfg.nnunet},
+                      _few_shot_fields(cfg, method, budget, seed, parent, None))
+    dev = cfg.eval_pairs(seed)
+    if dev is not None:
+        data["eval_ids"] = [p["id"] for p in dev]
+    return validate(NnunetConfig, data, source=f"ablation {cfg.name} {method} b{budget or 'all'} s{seed}")
 
 
 def _few_shot_fields(cfg: AblationConfig, method: str, budget: int | None, seed: int, parent: str | None,
@@ -286,6 +309,8 @@ def finetune_step(cfg: AblationConfig, method: str, pre, budget: int | None, see
     a finished and evaluated run is skipped. Returns ``{"tag", "skipped", "dice", "train_s", "eval_s"}``, ``dice`` on
     the set :attr:`AblationConfig.scored_on` names."""
     tag = f"{method} b{'all' if budget is None else budget} s{seed}"
+    if cfg.methods[method].head == "nnunet":
+        return _nnunet_step(cfg, method, budget, seed, parent, tag)
     features = cfg.methods[method].head == "ddpm-features"
     make = pixel_features_config if features else finetune_config
     fcfg = make(cfg, method, pre.checkpoint, budget, seed, parent, pre.run_id)
@@ -308,6 +333,19 @@ def finetune_step(cfg: AblationConfig, method: str, pre, budget: int | None, see
     log.info("ablation %s: %s %s dice %.4f", cfg.name, tag, cfg.scored_on, dice)
     return {"tag": tag, "skipped": False, "dice": dice, "train_s": t1 - t0,
             "eval_s": time.perf_counter() - t1}
+
+
+def _nnunet_step(cfg: AblationConfig, method: str, budget: int | None, seed: int, parent: str | None, tag: str) -> dict:
+    """:func:`finetune_step` for nnU-Net: it trains, predicts and is scored in :func:`medhybrid.nnunet.run_nnunet`."""
+    ncfg = nnunet_config(cfg, method, budget, seed, parent)
+    st = runs.read_state(ncfg.folder)
+    if st.get("status") == "finished" and runs.scores(st)[0] == cfg.scored_on:
+        log.info("ablation %s: %s already done, skipped", cfg.name, tag)
+        return {"tag": tag, "skipped": True}
+    res = run_nnunet(ncfg)
+    dice = runs.scores(runs.read_state(ncfg.folder))[1][f"{cfg.scored_on}_dice"]
+    log.info("ablation %s: %s %s dice %.4f", cfg.name, tag, cfg.scored_on, dice)
+    return {"tag": tag, "skipped": False, "dice": dice, "train_s": res.train_s, "eval_s": 0.0}
 
 
 def _record_failure(cfg: AblationConfig, failures: list[str], tag: str, e: BaseException, trace: str) -> None:

@@ -89,9 +89,7 @@ def evaluate(net: EDMPrecond, dataset: DatasetSpec, preprocess: Preprocess, spli
         raise ValueError(f"dataset {dataset.name!r} has no {split!r} images to evaluate")
     pre = inference_preprocessing(dataset.channels, preprocess)
     post = inference_postprocessing(pre, net.mask_channels)
-    m = dataset.mask
-    read_label = Compose([LoadImage2Dd("label", label_keys="label"),
-                          MaskToLabeld("label", values=m.values, ignore=m.ignore, threshold=m.threshold, ref_key=None)])
+    labels = read_label(dataset)
     result = EvalResult(split)
     keep: list[tuple[float, dict, torch.Tensor, torch.Tensor]] = []
     for start in range(0, len(pairs), batch_size):
@@ -99,7 +97,7 @@ def evaluate(net: EDMPrecond, dataset: DatasetSpec, preprocess: Preprocess, spli
         for p in pairs[start : start + batch_size]:
             try:
                 item = pre({"image": p["image"]})
-                lab = torch.as_tensor(read_label({"label": p["label"]})["label"])[0]
+                lab = torch.as_tensor(labels({"label": p["label"]})["label"])[0]
             except Exception as e:  # one line naming the file; the other images are still scored
                 found = data_error(e)
                 reason = f"{found}" if found is not None else f"{p['image']}: cannot be read ({type(e).__name__}: {e})"
@@ -125,15 +123,45 @@ def evaluate(net: EDMPrecond, dataset: DatasetSpec, preprocess: Preprocess, spli
         log.error("evaluation: %d of %d image(s) scored, %d could not be read (named above)", len(result.rows), len(pairs),
                   len(result.failures))
     if out_dir is not None:
-        out = Path(out_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        result.csv = out / "per_image.csv"
-        with open(result.csv, "w", newline="") as fh:
-            w = csv.DictWriter(fh, fieldnames=["id", "dice", "iou", "hd95"])
-            w.writeheader()
-            w.writerows(result.rows)
-        result.overlays = _overlays(keep, pairs, dataset, preprocess, out, n_overlays)
+        _write_csv(result, Path(out_dir))
+        result.overlays = _overlays(keep, pairs, dataset, preprocess, Path(out_dir), n_overlays)
     return result
+
+
+def read_label(dataset: DatasetSpec) -> Compose:
+    """``{"label": path}`` -> the mask as a class map (1, H, W) at native resolution, ignored pixels IGNORE_INDEX."""
+    m = dataset.mask
+    return Compose([LoadImage2Dd("label", label_keys="label"),
+                    MaskToLabeld("label", values=m.values, ignore=m.ignore, threshold=m.threshold, ref_key=None)])
+
+
+def score_masks(masks: dict[str, torch.Tensor], dataset: DatasetSpec, split: str, pairs: list[dict],
+                out_dir: str | os.PathLike | None = None) -> EvalResult:
+    """Score masks another tool predicted (``masks``: pool or test id -> (H, W) class map at the image's native size)
+    against ``pairs``' masks with the metrics :func:`evaluate` uses; ``per_image.csv`` under ``out_dir``. A pair without
+    a mask, or with one of another size, raises :class:`~medhybrid.io.DataError`."""
+    labels = read_label(dataset)
+    result = EvalResult(split)
+    for p in pairs:
+        if p["id"] not in masks:
+            raise DataError(p["image"], "has no predicted mask to score")
+        lab = torch.as_tensor(labels({"label": p["label"]})["label"])[0]
+        pred = torch.as_tensor(masks[p["id"]])
+        if tuple(lab.shape) != tuple(pred.shape):
+            raise DataError(p["label"], f"mask size {tuple(lab.shape)} (HxW) differs from the predicted {tuple(pred.shape)}")
+        result.rows.append({"id": p["id"], **binary_metrics(pred, lab)})
+    if out_dir is not None:
+        _write_csv(result, Path(out_dir))
+    return result
+
+
+def _write_csv(result: EvalResult, out: Path) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    result.csv = out / "per_image.csv"
+    with open(result.csv, "w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=["id", "dice", "iou", "hd95"])
+        w.writeheader()
+        w.writerows(result.rows)
 
 
 def _overlays(keep, pairs: list[dict], dataset, preprocess, out: Path, n: int) -> list[Path]:
@@ -150,4 +178,4 @@ def _overlays(keep, pairs: list[dict], dataset, preprocess, out: Path, n: int) -
     return paths
 
 
-__all__ = ["binary_metrics", "EvalResult", "evaluate", "predict"]
+__all__ = ["binary_metrics", "EvalResult", "evaluate", "predict", "read_label", "score_masks"]

@@ -43,6 +43,8 @@ class FewShotRunConfig(StrictModel):
 
     runs_subdir: ClassVar[str] = "finetune"
     what: ClassVar[str] = "few-shot fine-tuning"
+    product: ClassVar[str] = "model.pt"
+    """What a finished run of this kind leaves in its folder (:meth:`medhybrid.runs.Run.claim`)."""
 
     @field_validator("dataset")
     @classmethod
@@ -89,7 +91,7 @@ def few_shot_hash(cfg: FewShotRunConfig) -> str:
 
 def claim_few_shot_run(cfg: FewShotRunConfig) -> runs.Run:
     """Claim ``cfg.folder`` for this run (:class:`medhybrid.runs.Run`; ``run.finished``: nothing left to do)."""
-    return runs.Run.claim(cfg.folder, few_shot_hash(cfg), cfg.mlflow)
+    return runs.Run.claim(cfg.folder, few_shot_hash(cfg), cfg.mlflow, cfg.product)
 
 
 def require_channels(meta: dict, cfg: FewShotRunConfig) -> None:
@@ -117,6 +119,12 @@ def evaluate_few_shot_run(mlflow: MLflowConfig, folder: Path, run_id: str | None
     per-image CSV and overlays in ``folder/eval``, the summary logged to its MLflow run and kept in ``state.json``
     (``evaluated``, ``scored_on``, ``scores``) so a resumed experiment does not score it again. Returns the summary."""
     ev = evaluate(net, dataset, preprocess, "test" if pairs is None else "dev", out_dir=folder / "eval", pairs=pairs)
+    return record_scores(mlflow, folder, run_id, ev)
+
+
+def record_scores(mlflow: MLflowConfig, folder: Path, run_id: str | None, ev) -> dict[str, float]:
+    """Keep an evaluation of the run in ``folder``: its summary logged to the MLflow run with the per-image CSV, and in
+    ``state.json`` (``evaluated``, ``scored_on``, ``scores``). Returns the summary."""
     if run_id:
         tracking.log_metrics(mlflow, run_id, ev.summary, step=0)
         tracking.log_artifact(mlflow, run_id, ev.csv, "eval")
@@ -124,5 +132,5 @@ def evaluate_few_shot_run(mlflow: MLflowConfig, folder: Path, run_id: str | None
     return ev.summary
 
 
-__all__ = ["claim_few_shot_run", "evaluate_few_shot_run", "few_shot_hash", "FEW_SHOT_UNHASHED", "FewShotRunConfig",
+__all__ = ["claim_few_shot_run", "evaluate_few_shot_run", "record_scores", "few_shot_hash", "FEW_SHOT_UNHASHED", "FewShotRunConfig",
            "open_few_shot_run", "require_channels"]

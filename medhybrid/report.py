@@ -61,6 +61,25 @@ def collect_results(cfg, parent_run_id: str | None) -> list[dict]:
     return sorted(rows, key=lambda r: (order.get(r["method"], 99), r["budget"], r["seed"]))
 
 
+def _nnunet_lines(cfg, rows: list[dict]) -> list[str]:
+    """What the nnunet rows ran: nnU-Net's version, configuration, trainer (a shortened schedule says so) and size."""
+    ran = sorted({r["method"] for r in rows if cfg.methods.get(r["method"]) and cfg.methods[r["method"]].head == "nnunet"})
+    if not ran:
+        return []
+    from importlib.metadata import version
+
+    from medhybrid.ablation import nnunet_config
+
+    n = nnunet_config(cfg, ran[0], 2, cfg.seeds[0], None)
+    short = "" if n.trainer == "nnUNetTrainer" else (
+        " — a shortened schedule, not nnU-Net's default 1000 epochs of 250 iterations: these rows are nnU-Net's pipeline "
+        "(planning, augmentation, network) at this profile's compute, not its full-length result")
+    return ["", f"`{'`, `'.join(ran)}`: nnU-Net v2 ({version('nnunetv2')}), `{n.configuration}` configuration planned by "
+            f"nnU-Net on the labelled subset, trained from scratch on all its cases (fold `all`) with `{n.trainer}`{short}; "
+            f"images exported at {n.resolution} px on the longer side (the other methods' input size), predictions "
+            "resized to each image's native grid and scored like every other method."]
+
+
 def zero_shot_scores(cfg) -> dict[str, tuple[list[str], float]]:
     """Budget 0 (:func:`medhybrid.ablation.zero_shot_step`): per pretraining that has a scored zero-shot folder, the
     methods of ``cfg`` that start from it and its Dice on the set the ablation scores on."""
@@ -201,7 +220,8 @@ def write_report(cfg, out_dir: Path, parent_run_id: str | None = None) -> dict[s
     best_other = best_baseline(table, cfg.reference) if has_ref else None
     score = "test Dice" if cfg.evaluate_on == "test" else "development Dice"
     _plot(out_dir / "dice_vs_labels.png", cfg, table, methods, budgets, tests, best_other, score)
-    lines = (_results_lines(cfg, rows, table, methods, budgets, parent_run_id) + _zero_shot_lines(cfg, table)
+    lines = (_results_lines(cfg, rows, table, methods, budgets, parent_run_id) + _nnunet_lines(cfg, rows)
+             + _zero_shot_lines(cfg, table)
              + _verdict_lines(cfg, tests, best_other, score) + _pretext_lines(cfg, rows, scores, out_dir, score)
              + _comparison_lines(cfg, tests, score) + _timing_lines(cfg) + ["", "![Dice against labels](dice_vs_labels.png)", ""])
     (out_dir / "report.md").write_text("\n".join(lines))

@@ -243,17 +243,21 @@ class Run:
     the folder's :class:`RunLock`: a second process claiming the same folder (the same command started twice, two
     ablations with one output folder) stops at once with :class:`FolderInUse`, naming the holder."""
 
-    def __init__(self, folder: Path, run_hash: str, mlflow: MLflowConfig, state: dict, lock: RunLock | None = None):
+    def __init__(self, folder: Path, run_hash: str, mlflow: MLflowConfig, state: dict, lock: RunLock | None = None,
+                 product: str = "model.pt"):
         self.folder, self.run_hash, self.mlflow, self.state = Path(folder), run_hash, mlflow, state
         self.run_id: str | None = state.get("mlflow_run_id")
         self.lock = lock
+        self.product = product
 
     @classmethod
-    def claim(cls, folder: Path, run_hash: str, mlflow: MLflowConfig) -> Run:
+    def claim(cls, folder: Path, run_hash: str, mlflow: MLflowConfig, product: str = "model.pt") -> Run:
+        """Claim ``folder`` (lock it, refuse another configuration). ``product``: the file, relative to the folder, whose
+        presence beside a finished state means there is nothing left to do (``model.pt`` for a trained network)."""
         lock = RunLock(folder)
         lock.acquire()
         try:
-            run = cls(folder, run_hash, mlflow, claim_folder(folder, run_hash), lock)
+            run = cls(folder, run_hash, mlflow, claim_folder(folder, run_hash), lock, product)
         except BaseException:
             lock.release()
             raise
@@ -267,7 +271,7 @@ class Run:
 
     @property
     def finished(self) -> bool:
-        return self.state.get("status") == "finished" and (self.folder / "model.pt").is_file()
+        return self.state.get("status") == "finished" and (self.folder / self.product).is_file()
 
     def start(self, cfg: StrictModel, run_name: str, params: Mapping[str, Any] | None = None,
               tags: Mapping[str, str] | None = None, parent_run_id: str | None = None, **state) -> str | None:

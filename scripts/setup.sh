@@ -6,7 +6,7 @@ cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3.11}
 command -v "$PY" >/dev/null 2>&1 || PY=python3
 stamp=.venv/.medhybrid-installed
-want=$(sha256sum pyproject.toml | cut -d' ' -f1)
+want=$(cat pyproject.toml scripts/nnunet-requirements.txt | sha256sum | cut -d' ' -f1)
 if [ -x .venv/bin/python ] && [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
   exit 0
 fi
@@ -17,5 +17,7 @@ fi
 # finds it already satisfied.
 .venv/bin/python -m pip install --quiet "torch==2.13.0"
 .venv/bin/python -m pip install --quiet -e ".[dev,ray]"
+# nnU-Net v2 for the `nnunet` ablation method: its own pins, without the packages it lists but never imports here
+.venv/bin/python -m pip install --quiet --no-deps -r scripts/nnunet-requirements.txt
 echo "$want" > "$stamp"
 echo "medhybrid installed in .venv"
