@@ -89,7 +89,7 @@ def evaluate(net: EDMPrecond, dataset: DatasetSpec, preprocess: Preprocess, spli
         raise ValueError(f"dataset {dataset.name!r} has no {split!r} images to evaluate")
     pre = inference_preprocessing(dataset.channels, preprocess)
     post = inference_postprocessing(pre, net.mask_channels)
-    labels = read_label(dataset)
+    label_of = read_label(dataset)
     result = EvalResult(split)
     keep: list[tuple[float, dict, torch.Tensor, torch.Tensor]] = []
     for start in range(0, len(pairs), batch_size):
@@ -97,7 +97,7 @@ def evaluate(net: EDMPrecond, dataset: DatasetSpec, preprocess: Preprocess, spli
         for p in pairs[start : start + batch_size]:
             try:
                 item = pre({"image": p["image"]})
-                lab = torch.as_tensor(labels({"label": p["label"]})["label"])[0]
+                lab = torch.as_tensor(label_of({"label": p["label"]})["label"])[0]
             except Exception as e:  # one line naming the file; the other images are still scored
                 found = data_error(e)
                 reason = f"{found}" if found is not None else f"{p['image']}: cannot be read ({type(e).__name__}: {e})"
@@ -140,12 +140,12 @@ def score_masks(masks: dict[str, torch.Tensor], dataset: DatasetSpec, split: str
     """Score masks another tool predicted (``masks``: pool or test id -> (H, W) class map at the image's native size)
     against ``pairs``' masks with the metrics :func:`evaluate` uses; ``per_image.csv`` under ``out_dir``. A pair without
     a mask, or with one of another size, raises :class:`~medhybrid.io.DataError`."""
-    labels = read_label(dataset)
+    label_of = read_label(dataset)
     result = EvalResult(split)
     for p in pairs:
         if p["id"] not in masks:
             raise DataError(p["image"], "has no predicted mask to score")
-        lab = torch.as_tensor(labels({"label": p["label"]})["label"])[0]
+        lab = torch.as_tensor(label_of({"label": p["label"]})["label"])[0]
         pred = torch.as_tensor(masks[p["id"]])
         if tuple(lab.shape) != tuple(pred.shape):
             raise DataError(p["label"], f"mask size {tuple(lab.shape)} (HxW) differs from the predicted {tuple(pred.shape)}")

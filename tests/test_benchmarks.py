@@ -366,3 +366,38 @@ def test_large_images_compares_both_pipelines_with_pillow_decoding(data, tmp_pat
         assert_sensible_rss(Printed.of(v[4]), side)
     dice = field(out, rf"Dice new vs previous on 1 images: mean ({_NUM})")
     assert 0.9 <= dice.lo and dice.hi <= 1.0001, out
+
+
+# ------------------------------------------------------------------------------------------ gpu_check.sh
+@pytest.mark.slow
+def test_gpu_check_runs_every_step_at_toy_sizes(data, tmp_path):
+    """``benchmarks/gpu_check.sh --smoke`` on the CPU: the throughput table with its ratio to fp32 (the compile variant
+    left out), then the shortened full ablation of scratch, supervised, diffusion, hybrid and nnU-Net to its report, on
+    real ISIC and PH2 images (a few of each)."""
+    from conftest import isic_yaml, ph2_yaml
+
+    env = {**os.environ, "OUT": str(tmp_path / "out"), "SMOKE_SOURCE": str(isic_yaml(tmp_path / "ds", n_train=8, n_val=2)),
+           "SMOKE_TARGET": str(ph2_yaml(tmp_path / "ds", n_pool=6, n_test=2)),
+           "NNUNET_TRAINER": "nnunet_trainers.nnUNetTrainer_40iterations",
+           "PYTHONPATH": os.pathsep.join([str(REPO_ROOT / "tests"), os.environ.get("PYTHONPATH", "")]),
+           "PY": sys.executable}
+    t = time.perf_counter()
+    out = subprocess.run(["bash", str(BENCH / "gpu_check.sh"), "--smoke"], capture_output=True, text=True, timeout=900,
+                         cwd=REPO_ROOT, env=env)
+    wall = time.perf_counter() - t
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    text = out.stdout
+    r = rows(text, ("fp32", "bf16+channels-last"))
+    assert list(r) == ["fp32", "bf16+channels-last"] and "bf16+channels-last+compile" not in text
+    ips = {k: Printed.of(v[0]) for k, v in r.items()}
+    assert_quotient(field(text, rf"ratio bf16\+channels-last/fp32: throughput ({_NUM})"), ips["bf16+channels-last"],
+                    ips["fp32"], "throughput ratio")
+    for k, v in r.items():
+        assert_sensible_rss(Printed.of(v[1]), k)
+    assert_fits(total(Printed.of(v[3]) for v in r.values()), wall, "timed iterations")
+    report = (tmp_path / "out" / "ablation" / "report" / "report.md").read_text()
+    for m in ("scratch", "supervised", "diffusion", "hybrid", "nnunet"):
+        assert f"| {m} |" in report, report
+    assert "**Did the generative pretext task learn anything transferable?" in report
+    assert "**Before fine-tuning (budget 0).**" in report and "| supervised (supervised) |" in report
+    assert "gpu_check: " in text and "no GPU" in text
