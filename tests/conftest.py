@@ -396,6 +396,14 @@ def pretrain_cfg(workdir, mlflow_uri):
     return make
 
 
+def cli_env(**extra: str) -> dict:
+    """The environment of a ``python -m medhybrid.cli`` child process: this checkout importable, the suite's thread
+    count, no tracking URI leaking in from the environment; ``extra`` on top."""
+    env = dict(os.environ, PYTHONPATH=str(REPO_ROOT), OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"), **extra)
+    env.pop("MLFLOW_TRACKING_URI", None)
+    return env
+
+
 def mlflow_client(uri: str):
     import mlflow
 

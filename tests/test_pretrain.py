@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from conftest import ISIC, REPO_ROOT, TINY_NET, TINY_TRAIN, artifact_paths, mlflow_client, write_dataset_yaml
+from conftest import ISIC, TINY_NET, TINY_TRAIN, artifact_paths, cli_env, mlflow_client, write_dataset_yaml
 from PIL import Image
 
 from medhybrid.checkpoints import load_model
@@ -249,12 +249,6 @@ def _cli(config: Path, out: Path, mlflow_uri: str) -> list[str]:
             f"mlflow.tracking_uri={mlflow_uri}"]
 
 
-def _cli_env() -> dict:
-    env = dict(os.environ, PYTHONPATH=str(REPO_ROOT), OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
-    env.pop("MLFLOW_TRACKING_URI", None)
-    return env
-
-
 def _descendants(pid: int) -> list[int]:
     """The PIDs of every process ``pid`` started, children first-level then theirs (Linux ``/proc``)."""
     found: list[int] = []
@@ -280,7 +274,7 @@ def _kill_tree(proc: subprocess.Popen) -> None:
 
 def _kill_at_first_checkpoint(cmd: list[str], cwd: Path, folder: Path, kill, timeout: float = 300) -> subprocess.Popen:
     """Start ``cmd`` and ``kill(proc)`` it as soon as ``folder/checkpoints`` holds a checkpoint; return it, ended."""
-    proc = subprocess.Popen(cmd, cwd=cwd, env=_cli_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(cmd, cwd=cwd, env=cli_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
         deadline = time.time() + timeout
         while not list((folder / "checkpoints").glob("*.pt")):
@@ -310,7 +304,7 @@ def test_sigterm_mid_epoch_stops_gracefully_and_resumes_to_the_uninterrupted_wei
     conf.write_text(yaml.safe_dump(data))
 
     stopped = workdir / "stopped"
-    proc = subprocess.Popen(_cli(conf, stopped, mlflow_uri), cwd=workdir, env=_cli_env(), stdout=subprocess.DEVNULL,
+    proc = subprocess.Popen(_cli(conf, stopped, mlflow_uri), cwd=workdir, env=cli_env(), stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.time() + 300
@@ -334,14 +328,14 @@ def test_sigterm_mid_epoch_stops_gracefully_and_resumes_to_the_uninterrupted_wei
     c = mlflow_client(mlflow_uri)
     assert c.get_run(run_id).info.status == "KILLED"
 
-    resumed = subprocess.run(_cli(conf, stopped, mlflow_uri), cwd=workdir, env=_cli_env(), capture_output=True, text=True,
+    resumed = subprocess.run(_cli(conf, stopped, mlflow_uri), cwd=workdir, env=cli_env(), capture_output=True, text=True,
                              timeout=300)
     assert resumed.returncode == 0, resumed.stderr
     assert f"resuming from {stopped / 'checkpoints'}" in resumed.stderr and f"(iteration {at} of 48)" in resumed.stderr
     assert f"mlflow run {run_id}" in resumed.stdout
 
     straight = workdir / "straight"
-    full = subprocess.run(_cli(conf, straight, mlflow_uri), cwd=workdir, env=_cli_env(), capture_output=True, text=True, timeout=300)
+    full = subprocess.run(_cli(conf, straight, mlflow_uri), cwd=workdir, env=cli_env(), capture_output=True, text=True, timeout=300)
     assert full.returncode == 0, full.stderr
 
     a = torch.load(stopped / "model.pt", weights_only=True)["state_dict"]
@@ -422,7 +416,7 @@ def test_torchrun_pretraining_writes_one_run_and_resumes_after_kill(isic_tiny, w
     conf.write_text(yaml.safe_dump(data))
 
     straight = workdir / "straight"
-    full = subprocess.run(_torchrun(conf, straight, mlflow_uri), cwd=workdir, env=_cli_env(), capture_output=True, text=True,
+    full = subprocess.run(_torchrun(conf, straight, mlflow_uri), cwd=workdir, env=cli_env(), capture_output=True, text=True,
                           timeout=600)
     assert full.returncode == 0, full.stderr[-4000:]
     state = json.loads((straight / "state.json").read_text())
@@ -440,7 +434,7 @@ def test_torchrun_pretraining_writes_one_run_and_resumes_after_kill(isic_tiny, w
     time.sleep(1)
     run_id = json.loads((killed / "state.json").read_text())["mlflow_run_id"]
     assert not (killed / "model.pt").exists() and json.loads((killed / "state.json").read_text())["status"] == "running"
-    resumed = subprocess.run(_torchrun(conf, killed, mlflow_uri), cwd=workdir, env=_cli_env(), capture_output=True, text=True,
+    resumed = subprocess.run(_torchrun(conf, killed, mlflow_uri), cwd=workdir, env=cli_env(), capture_output=True, text=True,
                              timeout=600)
     assert resumed.returncode == 0, resumed.stderr[-4000:]
     assert f"resuming from {killed / 'checkpoints'}" in resumed.stderr and f"mlflow run {run_id}" in resumed.stdout, resumed.stderr[-3000:]
@@ -450,6 +444,6 @@ def test_torchrun_pretraining_writes_one_run_and_resumes_after_kill(isic_tiny, w
     runs = [r for r in _runs(c) if r.data.tags.get("medhybrid.folder") == str(killed.resolve())]
     assert [r.info.run_id for r in runs] == [run_id] and c.get_run(run_id).info.status == "FINISHED"
 
-    again = subprocess.run(_torchrun(conf, killed, mlflow_uri), cwd=workdir, env=_cli_env(), capture_output=True, text=True,
+    again = subprocess.run(_torchrun(conf, killed, mlflow_uri), cwd=workdir, env=cli_env(), capture_output=True, text=True,
                            timeout=600)
     assert again.returncode == 0 and "already finished" in again.stderr and len(_runs(c)) == 2

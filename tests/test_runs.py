@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from conftest import mlflow_client
+from conftest import cli_env, mlflow_client
 
 from medhybrid import runs, tracking
 from medhybrid.tracking import MLflowConfig
@@ -112,21 +112,11 @@ def test_the_lock_is_released_when_a_run_fails(tmp_path):
 
 
 # --------------------------------------------------------------------------------------------- two processes, one folder
-def _cli_env() -> dict:
-    import os
-
-    from conftest import REPO_ROOT
-
-    env = dict(os.environ, PYTHONPATH=str(REPO_ROOT), OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
-    env.pop("MLFLOW_TRACKING_URI", None)
-    return env
-
-
 def _together(cmd: list[str], cwd, n: int = 2) -> list:
     """``n`` copies of ``cmd`` started at the same moment (as a shell loop that launched twice): their results."""
     import subprocess
 
-    procs = [subprocess.Popen(cmd, cwd=cwd, env=_cli_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    procs = [subprocess.Popen(cmd, cwd=cwd, env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
              for _ in range(n)]
     out = []
     for p in procs:

@@ -162,7 +162,7 @@ def test_a_pretraining_outlives_its_tracking_server(workdir, isic_tiny, mlflow_t
     import time
 
     import yaml
-    from conftest import REPO_ROOT, TINY_NET, TINY_TRAIN
+    from conftest import TINY_NET, TINY_TRAIN, cli_env
 
     from medhybrid.config import apply_overrides
 
@@ -176,8 +176,7 @@ def test_a_pretraining_outlives_its_tracking_server(workdir, isic_tiny, mlflow_t
     conf.write_text(yaml.safe_dump(apply_overrides({"dataset": str(isic_tiny), "mode": "hybrid"},
                                                    [*TINY_NET, *TINY_TRAIN, "train.epochs=4", "train.epoch_length=8"])))
     out = workdir / "pre"
-    env = dict(os.environ, PYTHONPATH=str(REPO_ROOT), MEDHYBRID_TRACKING_RETRY_S="600")
-    env.pop("MLFLOW_TRACKING_URI", None)
+    env = cli_env(MEDHYBRID_TRACKING_RETRY_S="600")
     cmd = [sys.executable, "-m", "medhybrid.cli", "pretrain", "--config", str(conf), f"output_dir={out}",
            f"mlflow.tracking_uri={uri}"]
     with _server(store, port, folder) as server:
