@@ -171,13 +171,22 @@ class AblationConfig(StrictModel):
     def folder(self) -> Path:
         return Path(self.output_dir or Path("runs") / "ablation" / self.name)
 
+    def pretraining_of(self, method: str) -> str:
+        """The method whose pretraining ``method`` reuses: the first one with the same mode and overrides
+        (``ddpm-features`` shares the ``diffusion`` network rather than training its own copy)."""
+        spec = self.methods[method]
+        same = (spec.pretrain, spec.overrides, spec.target_images)
+        return next(m for m, s in self.methods.items() if (s.pretrain, s.overrides, s.target_images) == same)
+
+    @property
+    def resolution(self) -> int:
+        """The pretrainings' input size (``pretrain.preprocess.resolution``, else its default)."""
+        return int((self.pretrain.get("preprocess") or {}).get("resolution") or Preprocess().resolution)
+
 
 def pretraining_of(cfg: AblationConfig, method: str) -> str:
-    """The method whose pretraining ``method`` reuses: the first one with the same mode and overrides
-    (``ddpm-features`` shares the ``diffusion`` network rather than training its own copy)."""
-    spec = cfg.methods[method]
-    same = (spec.pretrain, spec.overrides, spec.target_images)
-    return next(m for m, s in cfg.methods.items() if (s.pretrain, s.overrides, s.target_images) == same)
+    """:meth:`AblationConfig.pretraining_of`."""
+    return cfg.pretraining_of(method)
 
 
 def pretrain_config(cfg: AblationConfig, method: str):
@@ -209,9 +218,7 @@ def finetune_config(cfg: AblationConfig, method: str, init: Path, budget: int | 
 def nnunet_config(cfg: AblationConfig, method: str, budget: int | None, seed: int, parent: str | None) -> NnunetConfig:
     """The nnU-Net run of ``method`` on the subset (budget, seed): the same subset, folder layout and MLflow child run as
     every fine-tune, its images exported at the pretraining's resolution (what the other networks see)."""
-    pre = validate(PretrainConfig, {**cfg.pretrain, "dataset": cfg.source.model_dump(), "mode": "none"},
-                   source=f"ablation {cfg.name} pretrain")
-    data = deep_merge({"resolution": pre.preprocess.resolution, **cfg.nnunet},
+    data = deep_merge({"resolution": cfg.resolution, **cfg.nnunet},
                       _few_shot_fields(cfg, method, budget, seed, parent, None))
     dev = cfg.eval_pairs(seed)
     if dev is not None:

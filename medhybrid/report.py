@@ -68,26 +68,27 @@ def _nnunet_lines(cfg, rows: list[dict]) -> list[str]:
         return []
     from importlib.metadata import version
 
-    from medhybrid.ablation import nnunet_config
+    from medhybrid.nnunet import NnunetConfig
 
-    n = nnunet_config(cfg, ran[0], 2, cfg.seeds[0], None)
-    short = "" if n.trainer == "nnUNetTrainer" else (
+    defaults = NnunetConfig.model_fields
+    trainer = cfg.nnunet.get("trainer", defaults["trainer"].default)
+    configuration = cfg.nnunet.get("configuration", defaults["configuration"].default)
+    resolution = cfg.nnunet.get("resolution", cfg.resolution)
+    short = "" if trainer == "nnUNetTrainer" else (
         " — a shortened schedule, not nnU-Net's default 1000 epochs of 250 iterations: these rows are nnU-Net's pipeline "
         "(planning, augmentation, network) at this profile's compute, not its full-length result")
-    return ["", f"`{'`, `'.join(ran)}`: nnU-Net v2 ({version('nnunetv2')}), `{n.configuration}` configuration planned by "
-            f"nnU-Net on the labelled subset, trained from scratch on all its cases (fold `all`) with `{n.trainer}`{short}; "
-            f"images exported at {n.resolution} px on the longer side (the other methods' input size), predictions "
+    return ["", f"`{'`, `'.join(ran)}`: nnU-Net v2 ({version('nnunetv2')}), `{configuration}` configuration planned by "
+            f"nnU-Net on the labelled subset, trained from scratch on all its cases (fold `all`) with `{trainer}`{short}; "
+            f"images exported at {resolution} px on the longer side (the other methods' input size), predictions "
             "resized to each image's native grid and scored like every other method."]
 
 
 def zero_shot_scores(cfg) -> dict[str, tuple[list[str], float]]:
     """Budget 0 (:func:`medhybrid.ablation.zero_shot_step`): per pretraining that has a scored zero-shot folder, the
     methods of ``cfg`` that start from it and its Dice on the set the ablation scores on."""
-    from medhybrid.ablation import pretraining_of
-
     out: dict[str, tuple[list[str], float]] = {}
     for method in cfg.methods:
-        key = pretraining_of(cfg, method)
+        key = cfg.pretraining_of(method)
         scored_on, scores = runs.scores(runs.read_state(cfg.folder / "zero-shot" / key))
         if scored_on == cfg.scored_on and f"{scored_on}_dice" in scores:
             out.setdefault(key, ([], scores[f"{scored_on}_dice"]))[0].append(method)
@@ -329,12 +330,11 @@ def _pretext_lines(cfg, rows: list[dict], scores: dict, out_dir: Path, score: st
 
 def _samples(cfg, out_dir: Path) -> tuple[str, Path] | None:
     """A grid of samples from the ablation's diffusion (else hybrid) pretraining, drawn once into the report folder."""
-    from medhybrid.ablation import pretraining_of
     from medhybrid.sampling import sample_to_grid
 
     for mode in ("diffusion", "hybrid"):
         method = next((m for m, s in cfg.methods.items() if s.pretrain == mode and s.target_images == "none"), None)
-        ckpt = cfg.folder / "pretrain" / pretraining_of(cfg, method) / "model.pt" if method else None
+        ckpt = cfg.folder / "pretrain" / cfg.pretraining_of(method) / "model.pt" if method else None
         if ckpt is not None and ckpt.is_file():
             grid = out_dir / f"samples-{mode}.png"
             if not grid.is_file():

@@ -69,8 +69,10 @@ def test_data_check_usage_errors(capsys):
 
 def test_shipped_ablation_profiles():
     """quick: the decision-relevant methods (the semi-supervised one that won on the development sets its reference),
-    >= 3 seeds, budgets 1-10; standard: 5x its pretraining, 5 seeds and the whole pool; semi: every semi-supervised
-    method beside its start; compare: every method; pretrain-500 sits between quick and standard on the length curve."""
+    >= 3 seeds, budgets 1-10; standard: 5x its pretraining, 5 seeds (10 at 1 and 2 labels) and the whole pool, quick's
+    methods with diffusion (the generative-pretext question), both hybrid-target forms and nnU-Net; semi: every
+    semi-supervised method beside its start; compare: every method; pretrain-500 sits between quick and standard on the
+    length curve; full: nnU-Net's default trainer, the CPU profiles a shortened one."""
     from medhybrid.ablation import load_ablation
     from medhybrid.report import pretraining_iterations
 
@@ -86,7 +88,11 @@ def test_shipped_ablation_profiles():
         assert standard.seeds == [0, 1, 2, 3, 4] and standard.budgets == [1, 2, 5, 10, 20, None]
         assert pretraining_iterations(standard) >= 5 * pretraining_iterations(quick)
         assert pretraining_iterations(quick) < pretraining_iterations(mid) < pretraining_iterations(standard)
-        assert set(standard.methods) == set(quick.methods) and set(quick.methods) < set(compare.methods)
+        assert set(standard.methods) == set(quick.methods) | {"diffusion", "hybrid-target", "hybrid-target-beside", "nnunet"}
+        assert set(standard.methods) < set(compare.methods) and set(quick.methods) < set(compare.methods)
+        assert [len(standard.seeds_for(b)) for b in standard.budgets] == [10, 10, 5, 5, 5, 5]
+        assert standard.nnunet["trainer"] == "nnUNetTrainer_1epoch"
+        assert load_ablation(config, "full", []).nnunet["trainer"] == "nnUNetTrainer"
         assert standard.finetune == quick.finetune  # only the pretraining length differs
         assert compare.methods["supervised-fixmatch"] == quick.methods["supervised-fixmatch"]
 

@@ -149,7 +149,7 @@ def _server(store: str, port: int, folder: Path):
 
 
 @pytest.mark.slow
-def test_a_pretraining_outlives_its_tracking_server(workdir, isic_tiny, mlflow_template):
+def test_a_pretraining_outlives_its_tracking_server(workdir, isic_tiny, mlflow_template, capsys):
     """A real ``mlflow server``, killed by PID in the middle of a ``medhybrid pretrain``: training goes on and
     finishes; after the server is back, ``medhybrid sync`` sends what the run kept, and the MLflow run holds every
     epoch's metrics exactly once."""
@@ -195,10 +195,10 @@ def test_a_pretraining_outlives_its_tracking_server(workdir, isic_tiny, mlflow_t
     run_id = state["mlflow_run_id"]
 
     with _server(store, port, folder):
-        synced = subprocess.run([sys.executable, "-m", "medhybrid.cli", "sync", str(out)], cwd=workdir, env=env,
-                                capture_output=True, text=True, timeout=300)
-        assert synced.returncode == 0, synced.stderr[-3000:]
-        assert "synced 1 of 1 run folder(s)" in synced.stdout and not (out / tracking.OUTBOX).exists()
+        from medhybrid.cli import main
+
+        assert main(["sync", str(out)]) == 0
+        assert "synced 1 of 1 run folder(s)" in capsys.readouterr().out and not (out / tracking.OUTBOX).exists()
         c = mlflow_client(uri)
         run = c.get_run(run_id)
         assert run.info.status == "FINISHED"
