@@ -10,6 +10,7 @@
 # nvidia-smi.txt. Run from the repository after `bash scripts/setup.sh`:
 #   bash benchmarks/gpu_check.sh            # on the GPU machine
 #   bash benchmarks/gpu_check.sh --smoke    # minutes on a CPU: the same steps at toy sizes (what the tests run)
+# METHODS='[scratch,hybrid]' runs a selection of the ablation's methods.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
@@ -43,7 +44,7 @@ echo "== 1. pretraining throughput at the full profile: fp32, bf16 + channels-la
 echo "== 2. a shortened full ablation: scratch, supervised, diffusion, hybrid, nnunet"
 t=$(date +%s)
 "$PY" -m medhybrid.cli ablate --config dermoscopy --profile full name=gpu-check "output_dir=$OUT/ablation" \
-  'methods=[scratch,supervised,diffusion,hybrid,nnunet]' 'seeds=[0]' reference=hybrid "${ablation[@]}" 2>&1 \
+  "methods=${METHODS:-[scratch,supervised,diffusion,hybrid,nnunet]}" 'seeds=[0]' reference=hybrid "${ablation[@]}" 2>&1 \
   | tee "$OUT/ablation.log" | grep -E "^report:|^plot:|failed|error" || true
 test -f "$OUT/ablation/report/report.md"
 echo "ablation: $(( $(date +%s) - t )) s; report $OUT/ablation/report/report.md"

@@ -14,11 +14,3 @@ class nnUNetTrainer_40iterations(nnUNetTrainer):  # noqa: N801 (nnU-Net's naming
         self.num_iterations_per_epoch = 40
         self.num_val_iterations_per_epoch = 2
 
-
-class nnUNetTrainer_10iterations(nnUNetTrainer_40iterations):  # noqa: N801
-    """For runs whose score is not the point (the GPU check's smoke run)."""
-
-    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
-                 device: torch.device = torch.device("cuda")):
-        super().__init__(plans, configuration, fold, dataset_json, device)
-        self.num_iterations_per_epoch = 10

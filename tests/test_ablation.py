@@ -239,10 +239,10 @@ def _in_child(cfg) -> dict:
 
 @pytest.mark.slow
 @pytest.mark.distributed
-def test_ray_executor_gives_the_sequential_runs(workdir, mlflow_uri, mlflow_server, isic_tiny, caplog):
+def test_ray_executor_gives_the_sequential_runs(workdir, mlflow_uri, mlflow_server, isic_tiny):
     """A tiny real ablation on a local Ray instance with 2 workers, tracked on an MLflow server: the same per-run Dice
-    as the sequential runner, one parent with every fine-tune as a child, a failed method recorded without stopping
-    the others, and a re-invocation that skips every finished run."""
+    as the sequential runner, one parent with every fine-tune as a child, and a failed method recorded without stopping
+    the others. (Skipping finished runs is the same code in both runners: the sequential resume test.)"""
     from medhybrid.ablation import RayConfig
     from medhybrid.tracking import MLflowConfig
 
@@ -262,12 +262,7 @@ def test_ray_executor_gives_the_sequential_runs(workdir, mlflow_uri, mlflow_serv
     timings = json.loads((workdir / "abl-ray" / "timings.json").read_text())["invocations"]
     assert timings[-1]["executor"] == "ray" and timings[-1]["methods"]["supervised"]["pretrain_s"] > 0
 
-    caplog.set_level(logging.INFO, logger="medhybrid")
-    again = _in_child(ray_cfg.model_copy(update={"methods": {k: v for k, v in ray_cfg.methods.items() if k != "broken"}}))
-    assert again["failures"] == [] and again["parent_run_id"] == out["parent_run_id"]
-    assert _dice_by_run(mlflow_server, out["parent_run_id"]) == dice_ray  # nothing re-run, no new child
-    client = mlflow_client(mlflow_server)
-    assert client.get_run(out["parent_run_id"]).info.status == "FINISHED"
+    assert mlflow_client(mlflow_server).get_run(out["parent_run_id"]).info.status == "FAILED"  # "broken" failed
 
 
 def test_semi_supervised_methods_never_train_on_a_development_or_test_image(workdir, mlflow_uri, isic_tiny):

@@ -409,7 +409,7 @@ def test_the_ranks_shards_are_the_single_process_draw():
 def test_torchrun_pretraining_writes_one_run_and_resumes_after_kill(isic_tiny, workdir, mlflow_uri):
     """``torchrun --nproc_per_node 2 -m medhybrid.cli pretrain`` (gloo): rank 0 alone writes the checkpoints, model.pt
     and one MLflow run; killed after its first checkpoint and launched again, it resumes and ends with the weights of
-    an uninterrupted torchrun run, in the same MLflow run; launched once more, it finds the run finished."""
+    an uninterrupted torchrun run, in the same MLflow run."""
     conf = workdir / "pretrain.yaml"
     data = apply_overrides({"dataset": str(isic_tiny), "mode": "hybrid"},
                            [*TINY_NET, *TINY_TRAIN, "train.epochs=6", "train.epoch_length=2", "train.batch_size=2"])
@@ -443,7 +443,4 @@ def test_torchrun_pretraining_writes_one_run_and_resumes_after_kill(isic_tiny, w
     assert _same_weights(a, b)
     runs = [r for r in _runs(c) if r.data.tags.get("medhybrid.folder") == str(killed.resolve())]
     assert [r.info.run_id for r in runs] == [run_id] and c.get_run(run_id).info.status == "FINISHED"
-
-    again = subprocess.run(_torchrun(conf, killed, mlflow_uri), cwd=workdir, env=cli_env(), capture_output=True, text=True,
-                           timeout=600)
-    assert again.returncode == 0 and "already finished" in again.stderr and len(_runs(c)) == 2
+    assert len(_runs(c)) == 2

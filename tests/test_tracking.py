@@ -206,3 +206,21 @@ def test_a_pretraining_outlives_its_tracking_server(workdir, isic_tiny, mlflow_t
         for key in run.data.metrics:  # nothing logged twice
             history = [(m.step, m.timestamp) for m in c.get_metric_history(run_id, key)]
             assert len(history) == len(set(history)), key
+
+
+def _open_store(uri: str) -> str:
+    from medhybrid import tracking as t
+
+    t.ensure_store(uri)
+    return t.experiment_id(MLflowConfig(tracking_uri=uri))
+
+
+def test_a_fresh_store_opened_by_two_processes_at_once_is_created_once(tmp_path):
+    """Two processes open one SQLite store that does not exist yet, at the same moment: its tables are created once
+    under the lock beside it; every process gets the same experiment, none fails."""
+    import multiprocessing
+
+    uri = f"sqlite:///{tmp_path / 'fresh' / 'mlflow.db'}"
+    with multiprocessing.get_context("spawn").Pool(2) as pool:
+        ids = pool.map(_open_store, [uri] * 2)
+    assert len(set(ids)) == 1 and (tmp_path / "fresh" / "mlflow.db.lock").is_file()
