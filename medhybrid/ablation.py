@@ -312,47 +312,40 @@ def zero_shot_step(cfg: AblationConfig, method: str, pre) -> dict | None:
 
 
 def finetune_step(cfg: AblationConfig, method: str, pre, budget: int | None, seed: int, parent: str | None) -> dict:
-    """One fine-tune (or pixel-feature head) from the pretraining ``pre``, evaluated and recorded in its MLflow run;
-    a finished and evaluated run is skipped. Returns ``{"tag", "skipped", "dice", "train_s", "eval_s"}``, ``dice`` on
-    the set :attr:`AblationConfig.scored_on` names."""
+    """One fine-tune (or pixel-feature head, or nnU-Net run) from the pretraining ``pre``, evaluated and recorded in its
+    MLflow run; a finished and evaluated run is skipped. Returns ``{"tag", "skipped", "dice", "train_s", "eval_s"}``,
+    ``dice`` on the set :attr:`AblationConfig.scored_on` names."""
     tag = f"{method} b{'all' if budget is None else budget} s{seed}"
-    if cfg.methods[method].head == "nnunet":
-        return _nnunet_step(cfg, method, budget, seed, parent, tag)
-    features = cfg.methods[method].head == "ddpm-features"
-    make = pixel_features_config if features else finetune_config
-    fcfg = make(cfg, method, pre.checkpoint, budget, seed, parent, pre.run_id)
+    head = cfg.methods[method].head
+    if head == "nnunet":
+        fcfg = nnunet_config(cfg, method, budget, seed, parent)
+    else:
+        make = pixel_features_config if head == "ddpm-features" else finetune_config
+        fcfg = make(cfg, method, pre.checkpoint, budget, seed, parent, pre.run_id)
     st = runs.read_state(fcfg.folder)
     if st.get("status") == "finished" and runs.scores(st)[0] == cfg.scored_on:
         log.info("ablation %s: %s already done, skipped", cfg.name, tag)
         return {"tag": tag, "skipped": True}
     t0 = time.perf_counter()
-    if features:
-        res = run_pixel_features(fcfg)
-        net, meta = load_feature_segmenter(res.checkpoint)
-        preprocess = Preprocess(**meta["preprocess"])
+    if head == "nnunet":  # nnU-Net trains, predicts and is scored in its own run (medhybrid.nnunet.run_nnunet)
+        t1 = t0 + run_nnunet(fcfg).train_s  # its scoring (after training) counts as evaluation
+        summary = runs.scores(runs.read_state(fcfg.folder))[1]
     else:
-        res = run_finetuning(fcfg)
-        net, _ = load_model(res.checkpoint)
-        preprocess = fcfg.preprocess
-    t1 = time.perf_counter()
-    summary = evaluate_few_shot_run(cfg.mlflow, fcfg.folder, res.run_id, net, fcfg.dataset, preprocess, cfg.eval_pairs(seed))
+        if head == "ddpm-features":
+            res = run_pixel_features(fcfg)
+            net, meta = load_feature_segmenter(res.checkpoint)
+            preprocess = Preprocess(**meta["preprocess"])
+        else:
+            res = run_finetuning(fcfg)
+            net, _ = load_model(res.checkpoint)
+            preprocess = fcfg.preprocess
+        t1 = time.perf_counter()
+        summary = evaluate_few_shot_run(cfg.mlflow, fcfg.folder, res.run_id, net, fcfg.dataset, preprocess,
+                                        cfg.eval_pairs(seed))
     dice = summary[f"{cfg.scored_on}_dice"]
     log.info("ablation %s: %s %s dice %.4f", cfg.name, tag, cfg.scored_on, dice)
     return {"tag": tag, "skipped": False, "dice": dice, "train_s": t1 - t0,
             "eval_s": time.perf_counter() - t1}
-
-
-def _nnunet_step(cfg: AblationConfig, method: str, budget: int | None, seed: int, parent: str | None, tag: str) -> dict:
-    """:func:`finetune_step` for nnU-Net: it trains, predicts and is scored in :func:`medhybrid.nnunet.run_nnunet`."""
-    ncfg = nnunet_config(cfg, method, budget, seed, parent)
-    st = runs.read_state(ncfg.folder)
-    if st.get("status") == "finished" and runs.scores(st)[0] == cfg.scored_on:
-        log.info("ablation %s: %s already done, skipped", cfg.name, tag)
-        return {"tag": tag, "skipped": True}
-    res = run_nnunet(ncfg)
-    dice = runs.scores(runs.read_state(ncfg.folder))[1][f"{cfg.scored_on}_dice"]
-    log.info("ablation %s: %s %s dice %.4f", cfg.name, tag, cfg.scored_on, dice)
-    return {"tag": tag, "skipped": False, "dice": dice, "train_s": res.train_s, "eval_s": 0.0}
 
 
 def _record_failure(cfg: AblationConfig, failures: list[str], tag: str, e: BaseException, trace: str) -> None:

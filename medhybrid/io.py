@@ -451,26 +451,26 @@ class Image2DReader(ImageReader):
         return arr, meta
 
 
-def data_error(exc: BaseException) -> DataError | None:
-    """The :class:`DataError` behind ``exc``: itself, or the first one in its chain of causes (MONAI's ``Compose`` and
-    ``LoadImage`` wrap a reader's error in their own); None when there is none."""
+def _in_chain(exc: BaseException, wanted) -> BaseException | None:
+    """The first exception in ``exc``'s chain (itself, then its causes and contexts) for which ``wanted`` holds."""
     seen: BaseException | None = exc
     while seen is not None:
-        if isinstance(seen, DataError):
+        if wanted(seen):
             return seen
         seen = seen.__cause__ or seen.__context__
     return None
+
+
+def data_error(exc: BaseException) -> DataError | None:
+    """The :class:`DataError` behind ``exc``: itself, or the first one in its chain of causes (MONAI's ``Compose`` and
+    ``LoadImage`` wrap a reader's error in their own); None when there is none."""
+    return _in_chain(exc, lambda e: isinstance(e, DataError))
 
 
 def disk_full(exc: BaseException) -> OSError | None:
     """The out-of-space error (``ENOSPC``) behind ``exc``: itself or one in its chain of causes; None when there is
     none. A full disk stops a whole command (an ablation does not go on to its next run)."""
-    seen: BaseException | None = exc
-    while seen is not None:
-        if isinstance(seen, OSError) and seen.errno == errno.ENOSPC:
-            return seen
-        seen = seen.__cause__ or seen.__context__
-    return None
+    return _in_chain(exc, lambda e: isinstance(e, OSError) and e.errno == errno.ENOSPC)
 
 
 # --------------------------------------------------------------------------------------------- writing

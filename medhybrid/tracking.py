@@ -190,15 +190,15 @@ _ALIASES: dict[str, str] = {}
 """Placeholder run id (``pending-...``, a run opened during an outage) -> the MLflow run created for it."""
 
 
-def _apply(c, rec: dict, folder: Path | None = None) -> None:
-    """Send one outbox record through the MLflow client ``c``. A ``create_run`` record creates the run a folder opened
-    during an outage, records its id in the folder's ``state.json`` and stands in for the placeholder from then on."""
+def _apply(cfg: MLflowConfig, c, rec: dict, folder: Path | None = None) -> None:
+    """Send one outbox record through ``cfg``'s MLflow client ``c``. A ``create_run`` record creates the run a folder
+    opened during an outage, records its id in the folder's ``state.json`` and stands in for the placeholder from then
+    on."""
     run_id, op = _ALIASES.get(rec["run_id"], rec["run_id"]), rec["op"]
     if op == "create_run":
         if run_id != rec["run_id"]:  # created already
             return
-        exp = c.get_experiment_by_name(rec["experiment"])
-        exp_id = exp.experiment_id if exp is not None else c.create_experiment(rec["experiment"])
+        exp_id = experiment_id(cfg.model_copy(update={"experiment": rec["experiment"]}))
         real = c.create_run(exp_id, run_name=rec["run_name"], tags=rec.get("tags") or {}).info.run_id
         params = [Param(k, v) for k, v in rec.get("params", [])]
         for i in range(0, len(params), 100):
@@ -257,12 +257,13 @@ class Outbox:
         else:
             self.path.unlink(missing_ok=True)
 
-    def send(self, c) -> int:
-        """Send every record, in order; the ones not sent stay. Returns how many were sent; an outage propagates."""
+    def send(self, cfg: MLflowConfig, c) -> int:
+        """Send every record, in order, through ``cfg``'s client ``c``; the ones not sent stay. Returns how many were
+        sent; an outage propagates."""
         records = self.records()
         for i, rec in enumerate(records):
             try:
-                _apply(c, rec, self.path.parent)
+                _apply(cfg, c, rec, self.path.parent)
             except Exception:
                 self.keep(records[i:])
                 raise
@@ -298,7 +299,7 @@ def _send(cfg: MLflowConfig, rec: dict) -> None:
     uri = tracking_uri(cfg)
     folder = _FOLDERS.get(rec["run_id"])
     if folder is None:
-        _apply(client(cfg), rec)
+        _apply(cfg, client(cfg), rec)
         return
     box = Outbox(folder)
     if time.monotonic() < _OFFLINE_UNTIL.get(uri, 0.0):
@@ -306,10 +307,9 @@ def _send(cfg: MLflowConfig, rec: dict) -> None:
         return
     try:
         c = client(cfg)
-        sent = box.send(c)
-        if sent:
+        if box.path.is_file() and (sent := box.send(cfg, c)):  # earlier records first
             log.info("MLflow tracking store %s answers again: sent the %d records kept in %s", uri, sent, box.path)
-        _apply(c, rec)
+        _apply(cfg, c, rec)
     except Exception as e:
         if not is_outage(e):
             raise
@@ -340,13 +340,14 @@ def flush(cfg: MLflowConfig, folder: str | os.PathLike) -> int:
     """Send the outbox of ``folder`` now (at the start and end of a run); an outage leaves it as it is. Returns how many
     records are still waiting."""
     box = Outbox(folder)
-    if box.records():
-        try:
-            box.send(client(cfg))
-            _OFFLINE_UNTIL.pop(tracking_uri(cfg), None)
-        except Exception as e:
-            if not is_outage(e):
-                raise
+    if not box.path.is_file():
+        return 0
+    try:
+        box.send(cfg, client(cfg))
+        _OFFLINE_UNTIL.pop(tracking_uri(cfg), None)
+    except Exception as e:
+        if not is_outage(e):
+            raise
     return pending(folder)
 
 

@@ -90,7 +90,7 @@ def test_writes_during_an_outage_wait_in_the_outbox_and_are_sent_once(tmp_path, 
     real = tracking._apply
     calls = []
 
-    def down(c, rec, folder=None):
+    def down(cfg, c, rec, folder=None):
         calls.append(rec["op"])
         raise sqlalchemy.exc.OperationalError("INSERT", {}, Exception("unable to open database file"))
 
