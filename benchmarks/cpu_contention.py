@@ -5,8 +5,8 @@ medhybrid's thread policy (``train.threads=auto``, :mod:`medhybrid.threads`; aft
 
 The run is a real few-shot fine-tune (``medhybrid.finetune.run_finetuning``, from scratch on ``--budget`` PH2 pool
 images, the quick profile's U-Net, batch 8, ``--iters`` iterations), each in its own subprocess. The competitor is
-``--competitors`` single-threaded busy loops (another user's job on a shared machine), started before the run (or
-``--late`` seconds into it) and stopped after it. "fixed" pins the team at all cores (PyTorch's default);
+``--competitors`` single-threaded busy loops (another user's job on a shared machine), started just before the run
+(after the child's imports) or ``--late`` seconds into it, and stopped after it. "fixed" pins the team at all cores (PyTorch's default);
 "auto" is the policy. The ratio beside/alone is what sharing the machine costs; taking ``k`` of ``n`` cores should
 cost about n/(n-k).
 """
@@ -35,6 +35,8 @@ def child(args) -> None:
     records = captured_log()
     cfg = quick_finetune_config(args.budget, args.out, args.iters,
                                 threads=args.threads if args.threads == "auto" else int(args.threads))
+    print("ready", flush=True)  # imports done: the parent starts the competitors now, then says go
+    sys.stdin.readline()
     t = time.perf_counter()
     run_finetuning(cfg)
     seconds = time.perf_counter() - t
@@ -46,9 +48,19 @@ def run(args, threads: str, competitors: int, late: float, work: Path) -> dict:
     busy = []
     cmd = [sys.executable, __file__, "--child", "--threads", threads, "--budget", str(args.budget),
            "--iters", str(args.iters), "--out", str(work / f"{threads}-{competitors}-{time.time_ns()}")]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO)
+    proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO)
     try:
-        if competitors:
+        # the competitors run while the fine-tune does, not while the child imports: started once it is ready (or
+        # --late seconds after the run starts)
+        if proc.stdout.readline().strip() != "ready":
+            proc.wait()
+            raise SystemExit(f"fine-tune failed before it started:\n{proc.stderr.read()[-3000:]}")
+        if competitors and not late:
+            busy = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(competitors)]
+            time.sleep(0.5)  # running before the run's thread policy looks at the machine
+        proc.stdin.write("go\n")
+        proc.stdin.flush()
+        if competitors and late:
             time.sleep(late)
             busy = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(competitors)]
         out, err = proc.communicate(timeout=3600)

@@ -16,7 +16,9 @@ fi
 # CPU-only .venv, install torch==2.13.0 into it from https://download.pytorch.org/whl/cpu first; this line then
 # finds it already satisfied.
 .venv/bin/python -m pip install --quiet "torch==2.13.0"
-.venv/bin/python -m pip install --quiet -e ".[dev,ray]"
+# under a lock on pyproject.toml: an editable install writes medhybrid.egg-info into the checkout, and
+# scripts/setup_label.sh may be doing the same at once (scripts/setup_test.sh runs both)
+flock pyproject.toml .venv/bin/python -m pip install --quiet -e ".[dev,ray]"
 # nnU-Net v2 for the `nnunet` ablation method: its own pins, without the packages it lists but never imports here
 .venv/bin/python -m pip install --quiet --no-deps -r scripts/nnunet-requirements.txt
 echo "$want" > "$stamp"

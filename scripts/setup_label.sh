@@ -28,6 +28,7 @@ $venv/bin/python docker/pyproject_deps.py pyproject.toml \
   --exclude torch pydicom numpy jsonschema pandas pylibjpeg pylibjpeg-openjpeg pylibjpeg-libjpeg highdicom > "$reqs"
 SAM2_BUILD_CUDA=0 $venv/bin/python -m pip install --quiet --no-build-isolation \
   -r docker/requirements-label.txt "pytest==9.2.0" -r "$reqs"
-$venv/bin/python -m pip install --quiet --no-deps --no-build-isolation -e .
+# under the lock scripts/setup.sh takes for its editable install (both write medhybrid.egg-info here)
+flock pyproject.toml $venv/bin/python -m pip install --quiet --no-deps --no-build-isolation -e .
 echo "$want" > "$stamp"
 echo "MONAI Label and medhybrid installed in $venv"

@@ -274,6 +274,32 @@ def pytest_configure(config):
     torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 
+def pytest_collection_modifyitems(config, items):
+    """Under pytest-xdist's ``worksteal`` each of the n workers starts with a contiguous n-th of the tests, and a worker
+    that runs out takes the end of another's queue. The ``slow`` tests (end-to-end, tens of seconds each), longest
+    first, are dealt round-robin to the front of each n-th, so every worker starts on its long tests and the short ones left at the
+    end balance the workers: no long test starts last and stretches the suite. Deterministic, as xdist requires every
+    worker to collect the same order."""
+    n = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if n < 2 or len(items) < n:
+        return
+    # longest first (``slow(seconds=...)``: a rough wall time on 2 cores, for this order only), then dealt round-robin
+    slow = sorted((it for it in items if it.get_closest_marker("slow")),
+                  key=lambda it: -it.get_closest_marker("slow").kwargs.get("seconds", 30))
+    rest = [it for it in items if not it.get_closest_marker("slow")]
+    sizes, left = [], len(items)
+    for k in range(n, 0, -1):  # the split worksteal makes: len(pending) // nodes_remaining, in order
+        sizes.append(left // k)
+        left -= sizes[-1]
+    chunks = [slow[k::n] for k in range(n)]
+    for k in range(n):
+        take = max(0, sizes[k] - len(chunks[k]))
+        chunks[k] += rest[:take]
+        del rest[:take]
+    chunks[-1] += rest
+    items[:] = [it for chunk in chunks for it in chunk]
+
+
 # --------------------------------------------------------------------------------------------- training runs
 # Tiny sources and targets: dataset YAMLs in tmp_path that point at the real folders, with a split JSON in
 # tmp_path listing a few ids of the real split (the images are read in place, never copied).
@@ -449,22 +475,3 @@ def running_server(cmd: list[str], ready_url: str, log_path: Path, what: str, ti
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
         log.close()
-
-
-@pytest.fixture
-def mlflow_server(mlflow_template, tmp_path):
-    """A real ``mlflow server`` on 127.0.0.1 (SQLite backend, artifacts proxied into ``tmp_path/server/artifacts``),
-    as processes on other machines reach MLflow: its ``http://`` URI. Stopped after the test."""
-    import socket
-    import sys
-
-    folder = tmp_path / "server"
-    store = mlflow_store(mlflow_template, folder)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    cmd = [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--backend-store-uri", store,
-           "--artifacts-destination", str(folder / "artifacts"), "--workers", "1"]
-    uri = f"http://127.0.0.1:{port}"
-    with running_server(cmd, f"{uri}/health", folder / "server.log", "mlflow server", 120, cwd=folder):
-        yield uri

@@ -212,59 +212,6 @@ def test_target_image_methods_pretrain_on_the_pool_never_the_test_split(workdir,
 
 
 # --------------------------------------------------------------------------------------------- on Ray
-def _dice_by_run(uri: str, parent: str) -> dict[tuple, float]:
-    return {(r.data.tags["method"], r.data.tags["budget"], r.data.tags["seed"]): r.data.metrics["test_dice"]
-            for r in _children(uri, parent)}
-
-
-def _run_and_report(cfg, queue) -> None:
-    out = run_ablation(cfg)
-    queue.put({"failures": out["failures"], "parent_run_id": out["parent_run_id"]})
-
-
-def _in_child(cfg) -> dict:
-    """``run_ablation(cfg)`` in a fresh process, as ``medhybrid ablate`` runs it: Ray's driver state (threads, the
-    local instance's processes) ends with that process, not in the test session."""
-    import multiprocessing
-
-    ctx = multiprocessing.get_context("spawn")
-    queue = ctx.Queue()
-    proc = ctx.Process(target=_run_and_report, args=(cfg, queue))
-    proc.start()
-    out = queue.get(timeout=900)
-    proc.join(60)
-    assert proc.exitcode == 0
-    return out
-
-
-@pytest.mark.slow
-@pytest.mark.distributed
-def test_ray_executor_gives_the_sequential_runs(workdir, mlflow_uri, mlflow_server, isic_tiny):
-    """A tiny real ablation on a local Ray instance with 2 workers, tracked on an MLflow server: the same per-run Dice
-    as the sequential runner, one parent with every fine-tune as a child, and a failed method recorded without stopping
-    the others. (Skipping finished runs is the same code in both runners: the sequential resume test.)"""
-    from medhybrid.ablation import RayConfig
-    from medhybrid.tracking import MLflowConfig
-
-    methods = {"scratch": {"pretrain": "none"}, "supervised": {"pretrain": "supervised"},
-               "broken": {"pretrain": "supervised", "head": "ddpm-features"}}
-    seq_cfg = _config(workdir, mlflow_uri, isic_tiny, methods)
-    seq = run_ablation(seq_cfg)
-    ray_cfg = seq_cfg.model_copy(update={"output_dir": workdir / "abl-ray", "executor": "ray",
-                                         "ray": RayConfig(num_cpus=2, object_store_mb=256),
-                                         "mlflow": MLflowConfig(tracking_uri=mlflow_server)})
-    out = _in_child(ray_cfg)
-    assert sorted(out["failures"]) == sorted(seq["failures"]) and len(out["failures"]) == 2
-    dice_seq, dice_ray = _dice_by_run(mlflow_uri, seq["parent_run_id"]), _dice_by_run(mlflow_server, out["parent_run_id"])
-    assert sorted(dice_ray) == sorted(dice_seq) == sorted((m, "2", s) for m in ("scratch", "supervised") for s in ("0", "1"))
-    for k, v in dice_seq.items():
-        assert dice_ray[k] == pytest.approx(v, abs=1e-6), k
-    timings = json.loads((workdir / "abl-ray" / "timings.json").read_text())["invocations"]
-    assert timings[-1]["executor"] == "ray" and timings[-1]["methods"]["supervised"]["pretrain_s"] > 0
-
-    assert mlflow_client(mlflow_server).get_run(out["parent_run_id"]).info.status == "FAILED"  # "broken" failed
-
-
 def test_semi_supervised_methods_never_train_on_a_development_or_test_image(workdir, mlflow_uri, isic_tiny):
     """On pool-holdout, the development set is half the held-out pool: semi-supervised methods read the other half
     (and the largest subset's other images) without masks, never a scored image and never a test image."""

@@ -131,6 +131,7 @@ def check_throughput(out: str, wall: float, mode: str, iters: int, batch: int, r
     assert_quotient(field(out, rf"ratio engine/plain: .*peak memory ({_NUM})"), peak["engine"], peak["plain"], "peak memory")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", ["hybrid", "finetune"])
 def test_training_throughput_side_by_side(data, mode):
     out, wall = _run("pretrain_throughput.py", "--iters", "2", "--batch", "2", "--res", "32", "--mode", mode)
@@ -178,6 +179,7 @@ def check_ablation_time(out: str, wall: float, methods: tuple[str, ...], budgets
         assert_quotient(field(out, rf"(?:\(|, ){name} ({_NUM})"), per_side["medhybrid"], per_side["plain"], name)
 
 
+@pytest.mark.slow
 def test_ablation_time_side_by_side(data, tmp_path):
     """A tiny ablation on real ISIC -> PH2 images: the tool and the plain script train the same methods
     (the ddpm-features head left out of both), both score the test images, and the ratio is printed."""
@@ -235,6 +237,7 @@ def check_unlabelled(out: str, wall: float, repeat: int, images: int, iters: int
         assert_quotient(field(out, rf"{re.escape(line)} ({_NUM})"), num, den, line)
 
 
+@pytest.mark.slow(seconds=70)
 def test_unlabelled_scale_memory_against_disk_cache(data):
     out, wall = _run("unlabelled_scale.py", "--repeat", "3", "--images", "12", "--iters", "2", "--batch", "4", "--res", "32")
     check_unlabelled(out, wall, repeat=3, images=12, iters=2, batch=4, res=32)
@@ -264,6 +267,7 @@ def check_contention(out: str, wall: float, budget: int, iters: int, competitors
         assert "policy: other processes use" in out and "1 CPU thread(s)" in out, out
 
 
+@pytest.mark.slow(seconds=60)
 def test_cpu_contention_alone_and_beside_a_busy_process(data):
     """Both thread settings run alone and beside a busy process; on two cores the policy gives one up to it."""
     out, wall = _run("cpu_contention.py", "--budget", "2", "--iters", "3", env={"OMP_NUM_THREADS": "2"})
@@ -317,19 +321,47 @@ def check_ray(out: str, wall: float, sets: list[str], runs: int, workers: int = 
     assert_quotient(field(line, rf"\(ratio ({_NUM})\)"), ray_s, seq, "printed ratio")
 
 
-@pytest.mark.slow
+@pytest.mark.slow(seconds=90)
 @pytest.mark.distributed
 def test_ray_ablation_benchmark_compares_the_same_runs(data, tmp_path):
-    from conftest import ph2_yaml
+    """The benchmark, and with it the Ray executor end to end: a tiny real ablation (a pretraining, fine-tunes and a
+    method that fails) run sequentially and on a local Ray instance with 2 workers, both tracked on the benchmark's
+    MLflow server. The same per-run Dice and the same failed runs; on Ray one parent with every fine-tune as a child,
+    marked FAILED, and the pretraining timed."""
+    from conftest import isic_yaml, mlflow_client, ph2_yaml
 
     target = ph2_yaml(tmp_path, n_pool=6, n_test=3)  # a small test split: the smoke is about the runner, not Dice
-    tiny = [f"target={target}", "methods=[scratch]", "budgets=[2]", "seeds=[0,1]", "pretrain.model.channels=[16,32,32]",
-            "finetune.schedule.min_iterations=2", "finetune.schedule.max_iterations=2", "finetune.schedule.epochs=1"]
-    out, wall = _run("ray_ablation.py", "--tasks", "5", "--set", *tiny)
-    check_ray(out, wall, tiny, runs=1 * 1 * 2)  # methods x budgets x seeds: two fine-tunes, one per Ray worker
+    source = isic_yaml(tmp_path, n_train=4, n_val=2)
+    tiny = [f"target={target}", f"source={source}", "methods={scratch: {pretrain: none}, supervised: {pretrain: supervised}, "
+            "broken: {pretrain: supervised, head: ddpm-features}}", "reference=supervised", "budgets=[2]", "seeds=[0,1]",
+            "pretrain.preprocess.resolution=32", "pretrain.model.channels=[16,32,32]", "pretrain.train.epochs=1",
+            "pretrain.train.epoch_length=2", "pretrain.train.batch_size=4", "pretrain.train.warmup_iterations=0",
+            "pretrain.train.val_max_images=2", "finetune.schedule.min_iterations=2", "finetune.schedule.max_iterations=2",
+            "finetune.schedule.epochs=1"]
+    out, wall = _run("ray_ablation.py", "--tasks", "5", "--out", str(tmp_path / "bench"), "--set", *tiny)
+    check_ray(out, wall, tiny, runs=2 * 1 * 2)  # methods that ran x budgets x seeds
+    figures = json.loads(out.strip().splitlines()[-1])
+    broken = ["broken b2 s0", "broken b2 s1"]  # a ddpm-features head needs a generative pretraining: fails in both
+    assert figures["failed_runs"] == {"sequential": broken, "ray": broken}, figures
+    assert "failed runs: sequential 2, Ray 2" in out.strip().splitlines()[-2]
+
+    client = mlflow_client(f"sqlite:///{tmp_path / 'bench' / 'mlflow-server.db'}")  # the server's store, kept by --out
+    dice = {}
+    for executor in ("sequential", "ray"):
+        parent = json.loads((tmp_path / "bench" / executor / "state.json").read_text())["mlflow_run_id"]
+        assert client.get_run(parent).info.status == "FAILED"  # "broken" failed, the others finished
+        runs = client.search_runs([client.get_run(parent).info.experiment_id],
+                                  filter_string=f"tags.mlflow.parentRunId = '{parent}'")
+        dice[executor] = {(r.data.tags["method"], r.data.tags["budget"], r.data.tags["seed"]): r.data.metrics["test_dice"]
+                          for r in runs if "test_dice" in r.data.metrics}
+    assert sorted(dice["ray"]) == sorted((m, "2", s) for m in ("scratch", "supervised") for s in ("0", "1"))
+    assert dice["ray"] == pytest.approx(dice["sequential"], abs=1e-6)
+    timings = json.loads((tmp_path / "bench" / "ray" / "timings.json").read_text())["invocations"]
+    assert timings[-1]["executor"] == "ray" and timings[-1]["methods"]["supervised"]["pretrain_s"] > 0
 
 
 # ------------------------------------------------------------------------------------------ semi_cost.py
+@pytest.mark.slow
 def test_semi_cost_prints_each_algorithm_beside_plain_fine_tuning(data):
     out, _ = _run("semi_cost.py", "--budgets", "2", "--iterations", "2", "--unlabelled-batch", "2")
     rows = {line.split()[1]: line.split() for line in out.splitlines() if line.split()[:1] == ["2"]}
@@ -341,6 +373,7 @@ def test_semi_cost_prints_each_algorithm_beside_plain_fine_tuning(data):
 
 
 # ------------------------------------------------------------------------------------------ bundle_semi.py
+@pytest.mark.slow(seconds=70)
 def test_bundle_semi_scores_both_arms_on_the_held_back_images(data):
     out, _ = _run("bundle_semi.py", "--labels", "1", "--heldout", "2", "--seeds", "0", "--bundles", "chest", "--iterations", "1")
     (row,) = json.loads(out.strip().splitlines()[-1])
@@ -351,6 +384,7 @@ def test_bundle_semi_scores_both_arms_on_the_held_back_images(data):
 
 
 # ------------------------------------------------------------------------------------------ large_images.py
+@pytest.mark.slow
 def test_large_images_compares_both_pipelines_with_pillow_decoding(data, tmp_path):
     out, wall = _run("large_images.py", "--images", "2", "--previous", "1", "--size", "1600x1200", "--workdir", str(tmp_path))
     assert "large images: 2 JPEG 1600x1200" in out, out

@@ -242,6 +242,7 @@ def test_bundle_and_medhybrid_infer_write_the_same_masks_and_survive_bad_files(w
 
 
 # --------------------------------------------------------------------------------------------- evaluation
+@pytest.mark.slow
 @pytest.mark.parametrize("bundle", [DERM, CHEST], ids=lambda b: b.name)
 def test_evaluate_reproduces_the_model_card(bundle, tmp_path):
     """The shipped weights on the target's test split at native resolution: the metrics in metadata.json and the
@@ -278,6 +279,7 @@ def test_evaluate_scores_every_readable_pair_and_names_the_unreadable_one(tmp_pa
 
 
 # --------------------------------------------------------------------------------------------- training
+@pytest.mark.slow
 def test_train_fine_tunes_the_pretraining_and_publishes_the_weights(tmp_path):
     bundle = copy_bundle(DERM, tmp_path)
     pool = real_split(PH2)["pool"][:6]
@@ -296,6 +298,7 @@ def test_train_fine_tunes_the_pretraining_and_publishes_the_weights(tmp_path):
     assert dice(np.asarray(Image.open(out / f"{test_id}_mask.png")), np.asarray(Image.open(PH2 / "masks" / f"{test_id}_lesion.png"))) > 0.7
 
 
+@pytest.mark.slow
 def test_train_reads_the_unlabelled_images_of_the_dataset_folder(tmp_path):
     """A dataset folder whose images lack some masks, and an extra folder of images: train.json's semi-supervised
     recipe reads both without masks beside the labelled pairs; ``semi_algorithm=none`` trains on the labels alone."""
@@ -324,6 +327,7 @@ def test_train_reads_the_unlabelled_images_of_the_dataset_folder(tmp_path):
     assert "semi-supervised fine-tuning" not in plain.stdout + plain.stderr
 
 
+@pytest.mark.slow
 def test_multi_gpu_train_under_torchrun_with_gloo(tmp_path):
     """configs/multi_gpu_train.json layered over train.json, 2 processes on the CPU: one weights file, from rank 0."""
     bundle = copy_bundle(DERM, tmp_path)

@@ -162,6 +162,7 @@ def test_installed_cli_checks_a_shipped_dataset(installed):
     assert "dataset ph2: 100 pairs" in res.stdout and "no problems found" in res.stdout, res.stdout
 
 
+@pytest.mark.slow
 def test_installed_cli_segments_images(installed, tiny_model, tmp_path):
     """``medhybrid infer`` with the installed console script, outside the clone: one mask per PH2 image, at its size, 0/255."""
     inputs = [PH2 / "images" / f"{i}.png" for i in IMAGES]

@@ -165,7 +165,7 @@ def label_server(tmp_path, write_dicom):
 
 
 @pytest.mark.label
-@pytest.mark.slow
+@pytest.mark.slow(seconds=120)
 def test_label_server_serves_both_bundles(label_server, tmp_path):
     """Driven by MONAI Label's own client (tests/label_client.py, run in the MONAI Label environment)."""
     import highdicom as hd

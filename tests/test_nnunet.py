@@ -19,7 +19,7 @@ from medhybrid.datasets import few_shot_ids
 TRAINER = "nnunet_trainers.nnUNetTrainer_40iterations"
 
 
-@pytest.mark.slow
+@pytest.mark.slow(seconds=90)
 def test_nnunet_in_the_ablation_trains_on_the_subset_and_is_scored_at_native_resolution(workdir, mlflow_uri, monkeypatch,
                                                                                       caplog):
     """The ``nnunet`` method on real PH2 images: nnU-Net plans, trains and predicts in its own process on exactly the

@@ -351,6 +351,7 @@ def test_sigterm_mid_epoch_stops_gracefully_and_resumes_to_the_uninterrupted_wei
 
 
 # --------------------------------------------------------------------------------------------- several processes
+@pytest.mark.slow
 @pytest.mark.distributed
 def test_distributed_two_processes(isic_tiny, pretrain_cfg, mlflow_uri):
     cfg = pretrain_cfg(isic_tiny, "hybrid", "train.nproc=2", "train.backend=gloo", "train.epochs=2", "train.epoch_length=2")
@@ -404,7 +405,7 @@ def test_the_ranks_shards_are_the_single_process_draw():
         assert all(b[0] < 5 and b[1] < 5 and b[2] >= 5 and b[3] >= 5 for b in batches)  # 2 labelled, then 2 unlabelled
 
 
-@pytest.mark.slow
+@pytest.mark.slow(seconds=70)
 @pytest.mark.distributed
 def test_torchrun_pretraining_writes_one_run_and_resumes_after_kill(isic_tiny, workdir, mlflow_uri):
     """``torchrun --nproc_per_node 2 -m medhybrid.cli pretrain`` (gloo): rank 0 alone writes the checkpoints, model.pt

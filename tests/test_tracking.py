@@ -215,6 +215,7 @@ def _open_store(uri: str) -> str:
     return t.experiment_id(MLflowConfig(tracking_uri=uri))
 
 
+@pytest.mark.slow
 def test_a_fresh_store_opened_by_two_processes_at_once_is_created_once(tmp_path):
     """Two processes open one SQLite store that does not exist yet, at the same moment: its tables are created once
     under the lock beside it; every process gets the same experiment, none fails."""
