@@ -55,14 +55,17 @@ def run(args, threads: str, competitors: int, late: float, work: Path) -> dict:
         if proc.stdout.readline().strip() != "ready":
             proc.wait()
             raise SystemExit(f"fine-tune failed before it started:\n{proc.stderr.read()[-3000:]}")
+        def start_busy() -> list[subprocess.Popen]:
+            return [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(competitors)]
+
         if competitors and not late:
-            busy = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(competitors)]
+            busy = start_busy()
             time.sleep(0.5)  # running before the run's thread policy looks at the machine
         proc.stdin.write("go\n")
         proc.stdin.flush()
         if competitors and late:
             time.sleep(late)
-            busy = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(competitors)]
+            busy = start_busy()
         out, err = proc.communicate(timeout=3600)
     finally:
         for b in busy:

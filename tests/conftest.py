@@ -436,6 +436,12 @@ def mlflow_client(uri: str):
     return mlflow.MlflowClient(tracking_uri=uri)
 
 
+def child_runs(uri: str, parent: str) -> list:
+    """The MLflow runs whose parent is ``parent`` (an ablation's fine-tunes, an active-learning experiment's steps)."""
+    c = mlflow_client(uri)
+    return c.search_runs([c.get_run(parent).info.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parent}'")
+
+
 def artifact_paths(client, run_id: str, path: str | None = None) -> list[str]:
     """Every artifact file of a run, recursively."""
     out = []

@@ -8,7 +8,7 @@ import logging
 
 import numpy as np
 import pytest
-from conftest import mlflow_client, ph2_yaml
+from conftest import child_runs, mlflow_client, ph2_yaml
 
 from medhybrid.ablation import (
     AblationConfig,
@@ -61,12 +61,6 @@ def test_ddpm_features_needs_a_generative_pretraining(workdir, mlflow_uri, isic_
         pixel_features_config(cfg, "bad", tmp_path, 2, 0, None, None)
 
 
-def _children(uri: str, parent: str) -> list:
-    c = mlflow_client(uri)
-    exp = c.get_run(parent).info.experiment_id
-    return c.search_runs([exp], filter_string=f"tags.mlflow.parentRunId = '{parent}'")
-
-
 def test_ablation_runs_records_reports_and_resumes(workdir, mlflow_uri, isic_tiny, caplog):
     methods = {"scratch": {"pretrain": "none"}, "diffusion": {"pretrain": "diffusion"},
                "ddpm-features": {"pretrain": "diffusion", "head": "ddpm-features"},
@@ -84,7 +78,7 @@ def test_ablation_runs_records_reports_and_resumes(workdir, mlflow_uri, isic_tin
     client = mlflow_client(mlflow_uri)
     parent = out["parent_run_id"]
     assert client.get_run(parent).info.status == "FAILED"
-    runs = _children(mlflow_uri, parent)
+    runs = child_runs(mlflow_uri, parent)
     assert len(runs) == 6  # 3 working methods x 1 budget x 2 seeds, each its own run
     keys = sorted((r.data.tags["method"], r.data.tags["budget"], r.data.tags["seed"]) for r in runs)
     assert keys == sorted((m, "2", s) for m in ("scratch", "diffusion", "ddpm-features") for s in ("0", "1"))
@@ -183,7 +177,7 @@ def test_target_image_methods_pretrain_on_the_pool_never_the_test_split(workdir,
 
     out = run_ablation(cfg)
     assert out["failures"] == []
-    runs = _children(mlflow_uri, out["parent_run_id"])
+    runs = child_runs(mlflow_uri, out["parent_run_id"])
     assert sorted(r.data.tags["method"] for r in runs) == ["hybrid", "hybrid-target", "mdm-self"]
     assert all(0 < r.data.metrics["test_dice"] <= 1 for r in runs)
     meta = {m: json.loads((workdir / "abl" / "pretrain" / m / "state.json").read_text())["dataset"] for m in methods}

@@ -9,7 +9,7 @@ import math
 import pytest
 import torch
 from conftest import TINY_UNET as TINY
-from conftest import mlflow_client, ph2_yaml
+from conftest import child_runs, ph2_yaml
 
 from medhybrid.ablation import AblationConfig
 from medhybrid.active import (
@@ -95,8 +95,7 @@ def test_experiment_labels_in_uncertainty_order_and_compares_with_random(workdir
     assert subset["ids"] == rows[3]["ids"].split()  # the fine-tune used exactly the chosen images
     report = out["markdown"].read_text()
     assert "uncertainty - random" in report and "| 3 |" in report and "test split" in report and out["plot"].stat().st_size > 0
-    runs = mlflow_client(mlflow_uri).search_runs([mlflow_client(mlflow_uri).get_run(out["parent_run_id"]).info.experiment_id],
-                                                 filter_string=f"tags.mlflow.parentRunId = '{out['parent_run_id']}'")
+    runs = child_runs(mlflow_uri, out["parent_run_id"])
     assert sorted((r.data.tags["strategy"], r.data.tags["budget"]) for r in runs) == [
         ("random", "1"), ("random", "3"), ("uncertainty", "1"), ("uncertainty", "3")]
     assert all("test_dice" in r.data.metrics for r in runs)

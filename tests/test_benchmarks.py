@@ -328,7 +328,7 @@ def test_ray_ablation_benchmark_compares_the_same_runs(data, tmp_path):
     method that fails) run sequentially and on a local Ray instance with 2 workers, both tracked on the benchmark's
     MLflow server. The same per-run Dice and the same failed runs; on Ray one parent with every fine-tune as a child,
     marked FAILED, and the pretraining timed."""
-    from conftest import isic_yaml, mlflow_client, ph2_yaml
+    from conftest import child_runs, isic_yaml, mlflow_client, ph2_yaml
 
     target = ph2_yaml(tmp_path, n_pool=6, n_test=3)  # a small test split: the smoke is about the runner, not Dice
     source = isic_yaml(tmp_path, n_train=4, n_val=2)
@@ -345,13 +345,12 @@ def test_ray_ablation_benchmark_compares_the_same_runs(data, tmp_path):
     assert figures["failed_runs"] == {"sequential": broken, "ray": broken}, figures
     assert "failed runs: sequential 2, Ray 2" in out.strip().splitlines()[-2]
 
-    client = mlflow_client(f"sqlite:///{tmp_path / 'bench' / 'mlflow-server.db'}")  # the server's store, kept by --out
+    store = f"sqlite:///{tmp_path / 'bench' / 'mlflow-server.db'}"  # the server's store, kept by --out
     dice = {}
     for executor in ("sequential", "ray"):
         parent = json.loads((tmp_path / "bench" / executor / "state.json").read_text())["mlflow_run_id"]
-        assert client.get_run(parent).info.status == "FAILED"  # "broken" failed, the others finished
-        runs = client.search_runs([client.get_run(parent).info.experiment_id],
-                                  filter_string=f"tags.mlflow.parentRunId = '{parent}'")
+        assert mlflow_client(store).get_run(parent).info.status == "FAILED"  # "broken" failed, the others finished
+        runs = child_runs(store, parent)
         dice[executor] = {(r.data.tags["method"], r.data.tags["budget"], r.data.tags["seed"]): r.data.metrics["test_dice"]
                           for r in runs if "test_dice" in r.data.metrics}
     assert sorted(dice["ray"]) == sorted((m, "2", s) for m in ("scratch", "supervised") for s in ("0", "1"))
