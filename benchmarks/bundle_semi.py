@@ -6,8 +6,9 @@ unlabelled studies), scored on held-back labelled images that neither training s
 
 For each bundle and seed: ``--labels`` pool images with masks and the pool's other images without, less ``--heldout``
 pool images kept aside with their masks (all drawn with the seed; the target's test split is never read). The bundle's
-``train.json`` runs twice from its ``pretrained.pt`` through ``python -m monai.bundle run``: with its
-``semi_algorithm`` and with ``semi_algorithm=none``; ``evaluate.json`` then scores each on the held-back images at
+``train.json`` runs twice from its ``pretrained.pt`` through ``python -m monai.bundle run``: with a semi-supervised
+algorithm (``--algorithm``; by default the bundle's own ``semi_algorithm``, or ``fixmatch`` where the bundle ships
+``none``) and with ``semi_algorithm=none``; ``evaluate.json`` then scores each on the held-back images at
 native resolution. Prints mean Dice per arm and the paired difference per seed, and a JSON line of every figure.
 """
 
@@ -57,6 +58,8 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--bundles", nargs="+", default=list(BUNDLES), choices=list(BUNDLES))
     ap.add_argument("--iterations", type=int, help="fixed training iterations (default: the bundle's schedule)")
+    ap.add_argument("--algorithm", choices=["fixmatch", "mean-teacher", "denoise"],
+                    help="the semi-supervised arm's algorithm (default: the bundle's semi_algorithm, fixmatch if none)")
     args = ap.parse_args()
 
     from medhybrid.config import load_dataset_spec
@@ -66,6 +69,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="medhybrid-bundlesemi-") as tmp:
         for name in args.bundles:
             folder, dataset = BUNDLES[name]
+            shipped = json.loads((REPO / "bundles" / folder / "configs" / "train.json").read_text())["semi_algorithm"]
+            algorithm = args.algorithm or (shipped if shipped != "none" else "fixmatch")
             pool = sorted(load_pairs(load_dataset_spec(dataset), "pool"), key=lambda p: p["id"])
             for seed in args.seeds:
                 order = few_shot_ids([p["id"] for p in pool], len(pool), seed)
@@ -79,15 +84,14 @@ def main() -> None:
                     bundle = work / arm / folder
                     shutil.copytree(REPO / "bundles" / folder, bundle, ignore=shutil.ignore_patterns("eval", "runs"))
                     extra = ["--iterations", str(args.iterations)] if args.iterations else []
-                    if arm == "labels-only":
-                        extra += ["--semi_algorithm", "none"]
+                    extra += ["--semi_algorithm", algorithm if arm == "semi" else "none"]
                     row[f"{arm}_train_s"] = bundle_run(bundle, ["train"], "--dataset_dir", str(site), *extra)
                     out = work / arm / "eval"
                     bundle_run(bundle, ["train", "evaluate"], "--dataset_dir", str(heldout), "--eval_split", "none",
                                "--output_dir", str(out))
                     metrics = {r[0]: float(r[1]) for r in csv.reader(open(out / "metrics.csv"))}
                     row[f"{arm}_dice"] = metrics["val_mean_dice"]
-                row["algorithm"] = json.loads((REPO / "bundles" / folder / "configs" / "train.json").read_text())["semi_algorithm"]
+                row["algorithm"] = algorithm
                 figures.append(row)
                 print(f"{name} seed {seed}: {row['labelled']} labelled, {row['unlabelled']} unlabelled, {row['heldout']} "
                       f"held out: {row['algorithm']} {row['semi_dice']:.4f} ({row['semi_train_s']:.0f} s), labels only "

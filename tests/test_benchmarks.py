@@ -377,6 +377,7 @@ def test_bundle_semi_scores_both_arms_on_the_held_back_images(data):
     out, _ = _run("bundle_semi.py", "--labels", "1", "--heldout", "2", "--seeds", "0", "--bundles", "chest", "--iterations", "1")
     (row,) = json.loads(out.strip().splitlines()[-1])
     assert (row["labelled"], row["heldout"], row["unlabelled"]) == (1, 2, 97), row  # OpenIST's pool of 100
+    assert row["algorithm"] == "fixmatch", row  # the chest bundle ships semi_algorithm none: its semi arm is FixMatch
     assert 0 < row["semi_dice"] <= 1 and 0 < row["labels-only_dice"] <= 1, row
     line = next(x for x in out.splitlines() if x.startswith("chest seed 0:"))
     assert f"difference {row['semi_dice'] - row['labels-only_dice']:+.4f}" in line, out
