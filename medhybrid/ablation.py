@@ -248,7 +248,8 @@ def pixel_features_config(cfg: AblationConfig, method: str, init: Path, budget: 
 
 class _Timings:
     """Wall-clock seconds per method and stage of this invocation, appended to ``<folder>/timings.json``
-    (one entry per invocation, so a resumed ablation's total is the sum)."""
+    (one entry per invocation, so a resumed ablation's total is the sum). The entry is written after every stage
+    (``finished: false`` until :meth:`save`), so an invocation that is killed keeps the time it spent."""
 
     def __init__(self, folder: Path):
         self.path = folder / "timings.json"
@@ -264,17 +265,20 @@ class _Timings:
         try:
             yield
         finally:
-            m = self.entry["methods"].setdefault(method, {})
-            m[stage] = m.get(stage, 0.0) + time.perf_counter() - t
+            self.add(method, stage, time.perf_counter() - t)
 
     def add(self, method: str, stage: str, seconds: float) -> None:
         m = self.entry["methods"].setdefault(method, {})
         m[stage] = m.get(stage, 0.0) + seconds
+        self._write(finished=False)
+
+    def _write(self, finished: bool) -> None:
+        self.entry["wall_s"] = time.perf_counter() - self.t0
+        self.entry["finished"] = finished
+        write_json(self.path, {"invocations": [*self.history, self.entry]}, indent=1)
 
     def save(self) -> float:
-        self.entry["wall_s"] = time.perf_counter() - self.t0
-        self.history.append(self.entry)
-        write_json(self.path, {"invocations": self.history}, indent=1)
+        self._write(finished=True)
         return self.entry["wall_s"]
 
 
@@ -529,7 +533,7 @@ def run_ablation(cfg: AblationConfig) -> dict:
         (_run_on_ray if cfg.executor == "ray" else _run_sequential)(cfg, parent, clock, failures)
         wall = clock.save()
         if parent:
-            tracking.log_metrics(cfg.mlflow, parent, {"wall_s": wall}, step=len(clock.history) - 1)
+            tracking.log_metrics(cfg.mlflow, parent, {"wall_s": wall}, step=len(clock.history))
         report = write_report(cfg, folder / "report", parent_run_id=parent)
         if parent:
             for p in report.values():

@@ -150,10 +150,28 @@ def test_ablation_runs_records_reports_and_resumes(workdir, mlflow_uri, isic_tin
     # wall time per invocation, method and stage; the report states the total
     inv = json.loads((folder / "timings.json").read_text())["invocations"]
     assert len(inv) == 2  # the stages of an invocation happen inside its wall time (no timing compared across runs)
+    assert [i["finished"] for i in inv] == [True, True]
     assert all(i["wall_s"] >= sum(sum(m.values()) for m in i["methods"].values()) > 0 for i in inv)
     assert set(inv[0]["methods"]) == set(methods) and inv[0]["methods"]["diffusion"]["pretrain_s"] > 0
     assert set(inv[1]["methods"]["scratch"]) == {"pretrain_s", "train_s", "eval_s"}  # the one re-evaluated run
     assert "Wall time:" in again["report"]["markdown"].read_text()
+
+
+def test_a_killed_invocation_keeps_its_timings(tmp_path):
+    from medhybrid.ablation import _Timings
+
+    first = _Timings(tmp_path)
+    with first("supervised", "pretrain_s"):
+        pass
+    first.add("supervised", "train_s", 12.5)  # then the process is killed: save() never runs
+    (kept,) = json.loads((tmp_path / "timings.json").read_text())["invocations"]
+    assert kept["finished"] is False and kept["methods"]["supervised"]["train_s"] == 12.5
+    assert kept["wall_s"] >= 0 and "pretrain_s" in kept["methods"]["supervised"]
+    second = _Timings(tmp_path)  # the resumed invocation appends its own entry after the killed one
+    second.add("hybrid", "train_s", 3.0)
+    assert second.save() >= 0
+    inv = json.loads((tmp_path / "timings.json").read_text())["invocations"]
+    assert [(i["finished"], set(i["methods"])) for i in inv] == [(False, {"supervised"}), (True, {"hybrid"})]
 
 
 def test_target_image_methods_pretrain_on_the_pool_never_the_test_split(workdir, mlflow_uri, isic_tiny):
