@@ -267,9 +267,11 @@ class _Timings:
         finally:
             self.add(method, stage, time.perf_counter() - t)
 
-    def add(self, method: str, stage: str, seconds: float) -> None:
+    def add(self, method: str, stage: str | None = None, seconds: float = 0.0, **stages: float) -> None:
+        """Add ``seconds`` to ``stage`` (or each of ``stages``: ``train_s=..., eval_s=...``), then write once."""
         m = self.entry["methods"].setdefault(method, {})
-        m[stage] = m.get(stage, 0.0) + seconds
+        for k, v in (({stage: seconds} if stage else {}) | stages).items():
+            m[k] = m.get(k, 0.0) + v
         self._write(finished=False)
 
     def _write(self, finished: bool) -> None:
@@ -379,8 +381,7 @@ def _run_sequential(cfg: AblationConfig, parent: str | None, clock: _Timings, fa
                     _record_failure(cfg, failures, f"{method} b{'all' if budget is None else budget} s{seed}", e,
                                     traceback.format_exc())
                     continue
-                clock.add(method, "train_s", out.get("train_s", 0.0))
-                clock.add(method, "eval_s", out.get("eval_s", 0.0))
+                clock.add(method, train_s=out.get("train_s", 0.0), eval_s=out.get("eval_s", 0.0))
 
 
 def _in_driver_folder(cwd: str, cfg: AblationConfig) -> None:
@@ -511,8 +512,7 @@ def _collect(ray, cfg: AblationConfig, sharing: dict, pre_refs: dict, pending: d
         if item[0] == "pretrain":
             clock.add(sharing[item[1]][0], "pretrain_s", out[1])
         else:
-            clock.add(item[2], "train_s", out.get("train_s", 0.0))
-            clock.add(item[2], "eval_s", out.get("eval_s", 0.0))
+            clock.add(item[2], train_s=out.get("train_s", 0.0), eval_s=out.get("eval_s", 0.0))
 
 
 def run_ablation(cfg: AblationConfig) -> dict:

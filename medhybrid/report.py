@@ -46,10 +46,7 @@ def collect_results(cfg, parent_run_id: str | None) -> list[dict]:
         rows.append({"method": method, "budget": len(s.get("ids", [])), "seed": int(sd[1:]), **scores,
                      "run_id": s.get("mlflow_run_id", ""), "folder": str(st.parent)})
     if not rows and parent_run_id:
-        c = tracking.client(cfg.mlflow)
-        children = c.search_runs([tracking.experiment_id(cfg.mlflow)],
-                                 filter_string=f"tags.mlflow.parentRunId = '{parent_run_id}'", max_results=10000)
-        for r in children:
+        for r in tracking.child_runs(tracking.client(cfg.mlflow), parent_run_id, [tracking.experiment_id(cfg.mlflow)]):
             m, t = r.data.metrics, r.data.tags
             if f"{on}_dice" not in m:
                 continue

@@ -152,6 +152,13 @@ def experiment_id(cfg: MLflowConfig) -> str:
         return exp.experiment_id
 
 
+def child_runs(c, parent_run_id: str, experiment_ids: list[str] | None = None) -> list:
+    """The MLflow runs whose parent is ``parent_run_id`` (an ablation's fine-tunes, an active-learning experiment's
+    steps), through the client ``c``; searched in the parent's experiment unless ``experiment_ids`` are given."""
+    ids = experiment_ids or [c.get_run(parent_run_id).info.experiment_id]
+    return c.search_runs(ids, filter_string=f"tags.mlflow.parentRunId = '{parent_run_id}'", max_results=10000)
+
+
 def flatten(d: Mapping, prefix: str = "") -> dict[str, Any]:
     out: dict[str, Any] = {}
     for k, v in d.items():
@@ -429,7 +436,7 @@ def reopen_run(cfg: MLflowConfig, run_id: str) -> None:
     _send(cfg, _encode("update_run", run_id, status="RUNNING"))
 
 
-__all__ = ["bind", "check_reachable", "client", "engine_handler", "ensure_store", "experiment_id", "finish_run",
+__all__ = ["bind", "check_reachable", "child_runs", "client", "engine_handler", "ensure_store", "experiment_id", "finish_run",
            "flatten", "flush", "is_outage", "log_artifact", "log_metrics", "MLflowConfig", "open_run_later", "OUTBOX",
            "Outbox", "pending", "reachable", "reopen_run", "retry_after_s", "RunHandler", "sync", "tracking_uri",
            "TrackingUnavailable"]

@@ -438,8 +438,9 @@ def mlflow_client(uri: str):
 
 def child_runs(uri: str, parent: str) -> list:
     """The MLflow runs whose parent is ``parent`` (an ablation's fine-tunes, an active-learning experiment's steps)."""
-    c = mlflow_client(uri)
-    return c.search_runs([c.get_run(parent).info.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parent}'")
+    from medhybrid.tracking import child_runs as children
+
+    return children(mlflow_client(uri), parent)
 
 
 def artifact_paths(client, run_id: str, path: str | None = None) -> list[str]:

@@ -46,6 +46,16 @@ def test_metrics_artifacts_and_finish(tmp_path, mlflow_uri):
     assert local.read_text() == "hello"
 
 
+def test_child_runs_are_the_parents_children_only(tmp_path, mlflow_uri):
+    cfg = MLflowConfig(tracking_uri=mlflow_uri)
+    parent = runs.open_run(cfg, tmp_path / "parent", "parent")
+    kids = {runs.open_run(cfg, tmp_path / f"kid{i}", f"kid{i}", parent_run_id=parent) for i in range(3)}
+    runs.open_run(cfg, tmp_path / "other", "other")  # same experiment, no parent
+    c = mlflow_client(mlflow_uri)
+    assert {r.info.run_id for r in tracking.child_runs(c, parent)} == kids
+    assert tracking.child_runs(c, next(iter(kids))) == []
+
+
 def test_store_in_another_folder(tmp_path, mlflow_template):
     uri = mlflow_store(mlflow_template, tmp_path / "elsewhere")
     cfg = MLflowConfig(tracking_uri=uri)
