@@ -17,7 +17,7 @@ import torch
 from ignite.engine import Events
 from monai.data import CacheDataset
 from monai.transforms import Compose, RandAffined, RandFlipd, RandScaleIntensityd, RandShiftIntensityd
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from medhybrid import diffusion as D
 from medhybrid import runs, tracking
@@ -71,6 +71,16 @@ class FinetuneConfig(FewShotRunConfig):
                                "other images, without their masks, in every batch (medhybrid.semi)")
     unlabelled_exclude: list[str] = Field(default_factory=list, exclude_if=lambda v: not v,
                                           description="pool ids never used as unlabelled images (a development set)")
+    wise: float = Field(1.0, ge=0.0, le=1.0, exclude_if=lambda v: v == 1.0,
+                        description="robust fine-tuning (WiSE-FT, Wortsman et al. 2022): the saved weights are "
+                        "(1 - wise) x pretrained + wise x fine-tuned; 1 = the fine-tuned weights alone (the default), "
+                        "0 = the pretrained network unchanged. Needs init")
+
+    @model_validator(mode="after")
+    def _wise_needs_init(self):
+        if self.wise < 1.0 and self.init is None:
+            raise ValueError(f"wise={self.wise} interpolates towards the pretrained weights: it needs init (a model.pt)")
+        return self
 
 
 def initial_network(cfg: FinetuneConfig) -> tuple[EDMPrecond, dict]:
@@ -88,6 +98,19 @@ def initial_network(cfg: FinetuneConfig) -> tuple[EDMPrecond, dict]:
     net = build_network(ModelConfig(**meta["model"]), cfg.dataset.channels, nc)
     report = transfer_weights(net, ckpt["state_dict"], str(cfg.init))
     return net, report
+
+
+def weight_space_ensemble(pretrained: dict[str, torch.Tensor], finetuned: dict[str, torch.Tensor],
+                          alpha: float) -> dict[str, torch.Tensor]:
+    """WiSE-FT (Wortsman et al., CVPR 2022, eq. 1): theta_alpha = (1 - alpha) theta_0 + alpha theta_1, tensor by
+    tensor, for the floating-point tensors present in both with the same shape; the others (a re-initialised head,
+    integer counters) keep their fine-tuned values."""
+    out = {}
+    for k, v in finetuned.items():
+        p = pretrained.get(k)
+        ok = p is not None and p.shape == v.shape and v.is_floating_point()
+        out[k] = torch.lerp(p.to(v), v, alpha) if ok else v
+    return out
 
 
 def augmentation(cfg: AugmentConfig, with_label: bool = True):
@@ -211,11 +234,24 @@ def run_finetuning(cfg: FinetuneConfig) -> FinetuneResult:
         mlflow = functools.partial(tracking.engine_handler, cfg.mlflow, run_id) if run_id else None
         result = fit(net, ds, prepare, loss, train_cfg, folder, mlflow_handler_factory=mlflow, sampler=sampler,
                      checkpoint_prefix="finetune", on_trainer=reseeded_each_epoch(aug, cfg.seed))
+        if cfg.wise < 1.0:
+            _interpolate_towards_init(result.network, cfg)
         meta = network_meta(result.network, ModelConfig(**_model_cfg(cfg)), cfg.preprocess, cfg.dataset, "finetune")
-        meta.update(method=cfg.method, budget=budget, seed=cfg.seed)
+        meta.update(method=cfg.method, budget=budget, seed=cfg.seed, **({"wise": cfg.wise} if cfg.wise < 1.0 else {}))
         save_model(result.network, meta, model_path)
     run.finish([folder / "config.yaml", folder / "subset.json"])
     return FinetuneResult(folder, model_path, run_id, ids, transfer)
+
+
+def _interpolate_towards_init(net: EDMPrecond, cfg: FinetuneConfig) -> None:
+    """The fine-tuned ``net`` replaced in place by its WiSE-FT interpolation with the weights of ``cfg.init`` (read
+    again from the file, so a resumed fine-tune ends the same)."""
+    init, transfer = initial_network(cfg)
+    loaded = set(transfer["loaded"])  # a re-initialised head keeps its fine-tuned values
+    pre = {k: v for k, v in init.state_dict().items() if k in loaded}
+    net.load_state_dict(weight_space_ensemble(pre, net.state_dict(), cfg.wise))
+    log.info("WiSE-FT: %d of %d tensors at %.2f x fine-tuned + %.2f x %s", len(pre), len(net.state_dict()), cfg.wise,
+             1 - cfg.wise, cfg.init)
 
 
 def _model_cfg(cfg: FinetuneConfig) -> dict:
@@ -226,4 +262,4 @@ def _model_cfg(cfg: FinetuneConfig) -> dict:
 
 __all__ = ["augmentation", "AugmentConfig", "FinetuneConfig", "FinetuneResult", "FinetuneSchedule",
            "initial_network", "reseeded_each_epoch", "run_finetuning", "semi_training", "training_dataset",
-           "unlabelled_items"]
+           "unlabelled_items", "weight_space_ensemble"]

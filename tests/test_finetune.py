@@ -21,6 +21,7 @@ from medhybrid.finetune import (
     augmentation,
     initial_network,
     run_finetuning,
+    weight_space_ensemble,
 )
 from medhybrid.networks import build_network
 from medhybrid.pretrain import PretrainConfig, run_pretraining
@@ -153,6 +154,39 @@ def test_finetuning_starts_from_the_pretrained_weights(isic_tiny, ph2_tiny, work
     assert tuple(meta["model"]["channels"]) == (16, 32, 32)
     diffs = [(net.state_dict()[k] - v).abs().max().item() for k, v in pre.state_dict().items() if v.is_floating_point()]
     assert 0 < max(diffs) < 0.05
+
+
+def test_weight_space_ensemble_is_eq_1_of_wise_ft():
+    pre = {"w": torch.zeros(2, 2), "b": torch.ones(3), "head": torch.zeros(4), "n": torch.tensor(7)}
+    ft = {"w": torch.full((2, 2), 4.0), "b": torch.full((3,), 3.0), "head": torch.ones(5), "n": torch.tensor(9)}
+    mid = weight_space_ensemble(pre, ft, 0.25)
+    assert torch.equal(mid["w"], torch.full((2, 2), 1.0)) and torch.equal(mid["b"], torch.full((3,), 1.5))
+    # a head of another shape and an integer counter keep their fine-tuned values
+    assert torch.equal(mid["head"], ft["head"]) and mid["n"].item() == 9
+    assert all(torch.equal(weight_space_ensemble(pre, ft, 1.0)[k], ft[k]) for k in ft)
+    assert torch.equal(weight_space_ensemble(pre, ft, 0.0)["w"], pre["w"])
+
+
+def test_wise_fine_tune_saves_the_midpoint_of_pretrained_and_fine_tuned(isic_tiny, ph2_tiny, workdir, mlflow_uri):
+    torch.manual_seed(3)
+    pre = build_network(TINY, 3)
+    ckpt = _save(pre, workdir / "pre", isic_tiny)
+    kw = {"init": str(ckpt), "schedule": {"min_iterations": 2, "max_iterations": 2, "epochs": 1}}
+    plain = run_finetuning(_ft_cfg(ph2_tiny, workdir, mlflow_uri, **kw))
+    wise = run_finetuning(_ft_cfg(ph2_tiny, workdir, mlflow_uri, wise=0.5, output_dir=str(workdir / "wise"), **kw))
+    (a, _), (w, meta) = load_model(plain.checkpoint), load_model(wise.checkpoint)
+    assert meta["wise"] == 0.5 and "wise" not in load_model(plain.checkpoint)[1]
+    moved = 0
+    for k, v in pre.state_dict().items():
+        if v.is_floating_point():
+            assert torch.allclose(w.state_dict()[k], (v + a.state_dict()[k]) / 2, atol=1e-6), k
+            moved += not torch.equal(a.state_dict()[k], v)
+    assert moved > 0  # the plain fine-tune did move the weights
+    # the default is not written, so earlier runs keep their configuration
+    assert "\nwise:" not in (plain.folder / "config.yaml").read_text()
+    assert "\nwise: 0.5" in (wise.folder / "config.yaml").read_text()
+    with pytest.raises(ConfigError, match="needs init"):
+        _ft_cfg(ph2_tiny, workdir, mlflow_uri, wise=0.5)
 
 
 # --------------------------------------------------------------------------------------------- pretrained beats scratch
