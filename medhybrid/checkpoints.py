@@ -146,5 +146,21 @@ def transfer_weights(net: nn.Module, state_dict: dict[str, torch.Tensor], source
     return {"loaded": list(loaded), "skipped": skipped, "missing": missing}
 
 
-__all__ = ["_META_CACHE", "atomic_save", "HEAD", "latest_checkpoint", "load_model", "model_meta", "network_meta",
+def interpolate_weights(pretrained: dict[str, torch.Tensor], finetuned: dict[str, torch.Tensor],
+                        alpha: float) -> dict[str, torch.Tensor]:
+    """WiSE-FT (Wortsman et al. 2022, eq. 1): ``(1 - alpha) * pretrained + alpha * finetuned`` for every floating
+    tensor; integer buffers (counters) are the fine-tuned ones. Both must hold the same names and shapes."""
+    if set(pretrained) != set(finetuned):
+        diff = sorted(set(pretrained) ^ set(finetuned))
+        raise ValueError(f"the two weight sets differ in {len(diff)} tensor(s), e.g. {diff[:3]}")
+    out = {}
+    for k, ft in finetuned.items():
+        pre = pretrained[k]
+        if pre.shape != ft.shape:
+            raise ValueError(f"{k}: shape {tuple(pre.shape)} (pretrained) vs {tuple(ft.shape)} (fine-tuned)")
+        out[k] = (1 - alpha) * pre + alpha * ft if ft.is_floating_point() else ft.clone()
+    return out
+
+
+__all__ = ["_META_CACHE", "atomic_save", "HEAD", "interpolate_weights", "latest_checkpoint", "load_model", "model_meta", "network_meta",
            "read_model_file", "save_model", "transfer_weights"]

@@ -24,7 +24,7 @@ from medhybrid import runs, tracking
 from medhybrid import semi as S
 from medhybrid.batches import MixedBatchSampler, SegmentationPrepareBatch
 from medhybrid.check import require_valid
-from medhybrid.checkpoints import model_meta, network_meta, read_model_file, save_model, transfer_weights
+from medhybrid.checkpoints import interpolate_weights, model_meta, network_meta, read_model_file, save_model, transfer_weights
 from medhybrid.config import Preprocess, StrictModel, dump_config
 from medhybrid.datasets import few_shot_pairs, load_pairs
 from medhybrid.engines import TrainConfig, fit
@@ -98,19 +98,6 @@ def initial_network(cfg: FinetuneConfig) -> tuple[EDMPrecond, dict]:
     net = build_network(ModelConfig(**meta["model"]), cfg.dataset.channels, nc)
     report = transfer_weights(net, ckpt["state_dict"], str(cfg.init))
     return net, report
-
-
-def weight_space_ensemble(pretrained: dict[str, torch.Tensor], finetuned: dict[str, torch.Tensor],
-                          alpha: float) -> dict[str, torch.Tensor]:
-    """WiSE-FT (Wortsman et al., CVPR 2022, eq. 1): theta_alpha = (1 - alpha) theta_0 + alpha theta_1, tensor by
-    tensor, for the floating-point tensors present in both with the same shape; the others (a re-initialised head,
-    integer counters) keep their fine-tuned values."""
-    out = {}
-    for k, v in finetuned.items():
-        p = pretrained.get(k)
-        ok = p is not None and p.shape == v.shape and v.is_floating_point()
-        out[k] = torch.lerp(p.to(v), v, alpha) if ok else v
-    return out
 
 
 def augmentation(cfg: AugmentConfig, with_label: bool = True):
@@ -247,10 +234,10 @@ def _interpolate_towards_init(net: EDMPrecond, cfg: FinetuneConfig) -> None:
     """The fine-tuned ``net`` replaced in place by its WiSE-FT interpolation with the weights of ``cfg.init`` (read
     again from the file, so a resumed fine-tune ends the same)."""
     init, transfer = initial_network(cfg)
-    loaded = set(transfer["loaded"])  # a re-initialised head keeps its fine-tuned values
-    pre = {k: v for k, v in init.state_dict().items() if k in loaded}
-    net.load_state_dict(weight_space_ensemble(pre, net.state_dict(), cfg.wise))
-    log.info("WiSE-FT: %d of %d tensors at %.2f x fine-tuned + %.2f x %s", len(pre), len(net.state_dict()), cfg.wise,
+    loaded, ft = set(transfer["loaded"]), net.state_dict()
+    pre = {k: v if k in loaded else ft[k] for k, v in init.state_dict().items()}  # a re-initialised head: its fine-tuned values
+    net.load_state_dict(interpolate_weights(pre, ft, cfg.wise))
+    log.info("WiSE-FT: %d of %d tensors at %.2f x fine-tuned + %.2f x %s", len(loaded), len(ft), cfg.wise,
              1 - cfg.wise, cfg.init)
 
 
@@ -262,4 +249,4 @@ def _model_cfg(cfg: FinetuneConfig) -> dict:
 
 __all__ = ["augmentation", "AugmentConfig", "FinetuneConfig", "FinetuneResult", "FinetuneSchedule",
            "initial_network", "reseeded_each_epoch", "run_finetuning", "semi_training", "training_dataset",
-           "unlabelled_items", "weight_space_ensemble"]
+           "unlabelled_items"]

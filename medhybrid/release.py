@@ -37,11 +37,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Literal
 
-import torch
 from pydantic import Field
 
 from medhybrid.bundle import save_weights
-from medhybrid.checkpoints import read_model_file
+from medhybrid.checkpoints import interpolate_weights, read_model_file
 from medhybrid.config import Preprocess, StrictModel, load_dataset_spec
 from medhybrid.datasets import few_shot_ids, load_pairs
 from medhybrid.evaluate import evaluate
@@ -49,25 +48,9 @@ from medhybrid.inference import bundle_segmenter, infer_files
 from medhybrid.io import write_json
 from medhybrid.quality import rank_correlation
 
-__all__ = ["interpolate_weights", "ReleaseConfig", "choose_alpha"]
+__all__ = ["ReleaseConfig", "choose_alpha"]
 
 log = logging.getLogger("medhybrid")
-
-
-def interpolate_weights(pretrained: dict[str, torch.Tensor], finetuned: dict[str, torch.Tensor],
-                        alpha: float) -> dict[str, torch.Tensor]:
-    """WiSE-FT (Wortsman et al. 2022, eq. 1): ``(1 - alpha) * pretrained + alpha * finetuned`` for every floating
-    tensor; integer buffers (counters) are the fine-tuned ones. Both must hold the same names and shapes."""
-    if set(pretrained) != set(finetuned):
-        diff = sorted(set(pretrained) ^ set(finetuned))
-        raise ValueError(f"the two weight sets differ in {len(diff)} tensor(s), e.g. {diff[:3]}")
-    out = {}
-    for k, ft in finetuned.items():
-        pre = pretrained[k]
-        if pre.shape != ft.shape:
-            raise ValueError(f"{k}: shape {tuple(pre.shape)} (pretrained) vs {tuple(ft.shape)} (fine-tuned)")
-        out[k] = (1 - alpha) * pre + alpha * ft if ft.is_floating_point() else ft.clone()
-    return out
 
 
 class ReleaseConfig(StrictModel):

@@ -6,7 +6,16 @@ import pytest
 import torch
 from conftest import TINY_UNET as TINY
 
-from medhybrid.checkpoints import atomic_save, latest_checkpoint, load_model, network_meta, read_model_file, save_model, transfer_weights
+from medhybrid.checkpoints import (
+    atomic_save,
+    interpolate_weights,
+    latest_checkpoint,
+    load_model,
+    network_meta,
+    read_model_file,
+    save_model,
+    transfer_weights,
+)
 from medhybrid.config import Preprocess
 from medhybrid.io import DataError
 from medhybrid.networks import ModelConfig, build_network
@@ -87,3 +96,16 @@ def test_model_file_round_trip(tmp_path):
     bigger = build_network(ModelConfig(**{**TINY.model_dump(), "channels": (32, 64, 64)}), 3, 2)
     with pytest.raises(RuntimeError):
         bigger.load_state_dict(raw["state_dict"])
+
+
+def test_interpolation_is_eq_1_of_wise_ft():
+    a = {"w": torch.zeros(2, 2), "steps": torch.tensor(3)}
+    b = {"w": torch.ones(2, 2) * 4, "steps": torch.tensor(7)}
+    assert torch.equal(interpolate_weights(a, b, 0.0)["w"], a["w"])
+    assert torch.equal(interpolate_weights(a, b, 1.0)["w"], b["w"])
+    mid = interpolate_weights(a, b, 0.25)
+    assert torch.allclose(mid["w"], torch.ones(2, 2)) and mid["steps"].item() == 7  # integer buffers: the fine-tuned
+    with pytest.raises(ValueError, match="differ in 1 tensor"):
+        interpolate_weights(a, {"w": b["w"]}, 0.5)
+    with pytest.raises(ValueError, match="shape"):
+        interpolate_weights(a, {"w": torch.ones(3), "steps": b["steps"]}, 0.5)

@@ -21,7 +21,6 @@ from medhybrid.finetune import (
     augmentation,
     initial_network,
     run_finetuning,
-    weight_space_ensemble,
 )
 from medhybrid.networks import build_network
 from medhybrid.pretrain import PretrainConfig, run_pretraining
@@ -154,17 +153,6 @@ def test_finetuning_starts_from_the_pretrained_weights(isic_tiny, ph2_tiny, work
     assert tuple(meta["model"]["channels"]) == (16, 32, 32)
     diffs = [(net.state_dict()[k] - v).abs().max().item() for k, v in pre.state_dict().items() if v.is_floating_point()]
     assert 0 < max(diffs) < 0.05
-
-
-def test_weight_space_ensemble_is_eq_1_of_wise_ft():
-    pre = {"w": torch.zeros(2, 2), "b": torch.ones(3), "head": torch.zeros(4), "n": torch.tensor(7)}
-    ft = {"w": torch.full((2, 2), 4.0), "b": torch.full((3,), 3.0), "head": torch.ones(5), "n": torch.tensor(9)}
-    mid = weight_space_ensemble(pre, ft, 0.25)
-    assert torch.equal(mid["w"], torch.full((2, 2), 1.0)) and torch.equal(mid["b"], torch.full((3,), 1.5))
-    # a head of another shape and an integer counter keep their fine-tuned values
-    assert torch.equal(mid["head"], ft["head"]) and mid["n"].item() == 9
-    assert all(torch.equal(weight_space_ensemble(pre, ft, 1.0)[k], ft[k]) for k in ft)
-    assert torch.equal(weight_space_ensemble(pre, ft, 0.0)["w"], pre["w"])
 
 
 def test_wise_fine_tune_saves_the_midpoint_of_pretrained_and_fine_tuned(isic_tiny, ph2_tiny, workdir, mlflow_uri):
