@@ -131,3 +131,19 @@ def test_the_report_names_runs_whose_mlflow_records_still_wait(tmp_path):
     md = write_report(cfg, tmp_path / "r2")["markdown"].read_text()
     assert f"Not yet in MLflow (the tracking server was unreachable; `medhybrid sync {cfg.folder}` sends them): " \
            f"`finetune/hybrid/{waiting.name}`." in md
+
+
+def test_the_wall_time_table_leaves_out_methods_that_ran_before_it_was_recorded(tmp_path):
+    import json
+    from types import SimpleNamespace
+
+    from medhybrid.report import _timing_lines
+
+    inv = [{"device": "CPU (2 cores)", "wall_s": 900.0, "finished": True, "methods": {
+        "old": {"pretrain_s": 0.001, "train_s": 0.002, "eval_s": 0.0},  # every run skipped as finished
+        "new": {"pretrain_s": 480.0, "train_s": 300.0, "eval_s": 60.0}}}]
+    (tmp_path / "timings.json").write_text(json.dumps({"invocations": inv}))
+    lines = _timing_lines(SimpleNamespace(folder=tmp_path, methods={"old": None, "new": None}))
+    assert "| new | 8.0 | 5.0 | 1.0 | 14.0 |" in lines and not any(line.startswith("| old |") for line in lines)
+    assert lines[-1].startswith("Not in this table: `old`, whose runs had all finished before")
+    assert _timing_lines(SimpleNamespace(folder=tmp_path / "none", methods={})) == []
