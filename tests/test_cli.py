@@ -88,7 +88,8 @@ def test_shipped_ablation_profiles():
         assert standard.seeds == [0, 1, 2, 3, 4] and standard.budgets == [1, 2, 5, 10, 20, None]
         assert pretraining_iterations(standard) >= 5 * pretraining_iterations(quick)
         assert pretraining_iterations(quick) < pretraining_iterations(mid) < pretraining_iterations(standard)
-        assert set(standard.methods) == set(quick.methods) | {"diffusion", "hybrid-target", "hybrid-target-beside", "nnunet"}
+        assert set(standard.methods) == set(quick.methods) | {"diffusion", "hybrid-target", "hybrid-target-beside", "nnunet",
+                                                                       "supervised-wise", "hybrid-wise"}
         assert set(standard.methods) < set(compare.methods) and set(quick.methods) < set(compare.methods)
         assert [len(standard.seeds_for(b)) for b in standard.budgets] == [10, 10, 5, 5, 5, 5]
         assert standard.nnunet["trainer"] == "nnUNetTrainer_1epoch"
