@@ -265,12 +265,12 @@ class _Timings:
         try:
             yield
         finally:
-            self.add(method, stage, time.perf_counter() - t)
+            self.add(method, **{stage: time.perf_counter() - t})
 
-    def add(self, method: str, stage: str | None = None, seconds: float = 0.0, **stages: float) -> None:
-        """Add ``seconds`` to ``stage`` (or each of ``stages``: ``train_s=..., eval_s=...``), then write once."""
+    def add(self, method: str, **stages: float) -> None:
+        """Add each of ``stages`` (seconds: ``train_s=..., eval_s=...``) to ``method``, then write once."""
         m = self.entry["methods"].setdefault(method, {})
-        for k, v in (({stage: seconds} if stage else {}) | stages).items():
+        for k, v in stages.items():
             m[k] = m.get(k, 0.0) + v
         self._write(finished=False)
 
@@ -510,7 +510,7 @@ def _collect(ray, cfg: AblationConfig, sharing: dict, pre_refs: dict, pending: d
                 _record_failure(cfg, failures, item[3], cause, str(e))
             continue
         if item[0] == "pretrain":
-            clock.add(sharing[item[1]][0], "pretrain_s", out[1])
+            clock.add(sharing[item[1]][0], pretrain_s=out[1])
         else:
             clock.add(item[2], train_s=out.get("train_s", 0.0), eval_s=out.get("eval_s", 0.0))
 

@@ -201,6 +201,7 @@ def run_finetuning(cfg: FinetuneConfig) -> FinetuneResult:
     run_id = open_few_shot_run(cfg, run, ids)
     with run.running():
         net, transfer = initial_network(cfg)
+        start = {k: v.detach().clone() for k, v in net.state_dict().items()} if cfg.wise < 1.0 else None
         runs.write_state(folder, transfer={"loaded": len(transfer["loaded"]), "skipped": sorted(transfer["skipped"]),
                                            "missing": transfer["missing"]})
         unlabelled = unlabelled_items(cfg, ids) if cfg.semi.enabled else []
@@ -221,8 +222,8 @@ def run_finetuning(cfg: FinetuneConfig) -> FinetuneResult:
         mlflow = functools.partial(tracking.engine_handler, cfg.mlflow, run_id) if run_id else None
         result = fit(net, ds, prepare, loss, train_cfg, folder, mlflow_handler_factory=mlflow, sampler=sampler,
                      checkpoint_prefix="finetune", on_trainer=reseeded_each_epoch(aug, cfg.seed))
-        if cfg.wise < 1.0:
-            _interpolate_towards_init(result.network, cfg)
+        if start is not None:
+            _interpolate_towards_start(result.network, start, set(transfer["loaded"]), cfg)
         meta = network_meta(result.network, ModelConfig(**_model_cfg(cfg)), cfg.preprocess, cfg.dataset, "finetune")
         meta.update(method=cfg.method, budget=budget, seed=cfg.seed, **({"wise": cfg.wise} if cfg.wise < 1.0 else {}))
         save_model(result.network, meta, model_path)
@@ -230,12 +231,12 @@ def run_finetuning(cfg: FinetuneConfig) -> FinetuneResult:
     return FinetuneResult(folder, model_path, run_id, ids, transfer)
 
 
-def _interpolate_towards_init(net: EDMPrecond, cfg: FinetuneConfig) -> None:
-    """The fine-tuned ``net`` replaced in place by its WiSE-FT interpolation with the weights of ``cfg.init`` (read
-    again from the file, so a resumed fine-tune ends the same)."""
-    init, transfer = initial_network(cfg)
-    loaded, ft = set(transfer["loaded"]), net.state_dict()
-    pre = {k: v if k in loaded else ft[k] for k, v in init.state_dict().items()}  # a re-initialised head: its fine-tuned values
+def _interpolate_towards_start(net: EDMPrecond, start: dict[str, torch.Tensor], loaded: set[str],
+                               cfg: FinetuneConfig) -> None:
+    """The fine-tuned ``net`` replaced in place by its WiSE-FT interpolation with ``start``, the weights it had before
+    fine-tuning (transferred from ``cfg.init`` at the start of this run, also of a resumed one)."""
+    ft = net.state_dict()
+    pre = {k: v if k in loaded else ft[k] for k, v in start.items()}  # a re-initialised head: its fine-tuned values
     net.load_state_dict(interpolate_weights(pre, ft, cfg.wise))
     log.info("WiSE-FT: %d of %d tensors at %.2f x fine-tuned + %.2f x %s", len(loaded), len(ft), cfg.wise,
              1 - cfg.wise, cfg.init)

@@ -163,12 +163,12 @@ def test_a_killed_invocation_keeps_its_timings(tmp_path):
     first = _Timings(tmp_path)
     with first("supervised", "pretrain_s"):
         pass
-    first.add("supervised", "train_s", 12.5)  # then the process is killed: save() never runs
+    first.add("supervised", train_s=12.5)  # then the process is killed: save() never runs
     (kept,) = json.loads((tmp_path / "timings.json").read_text())["invocations"]
     assert kept["finished"] is False and kept["methods"]["supervised"]["train_s"] == 12.5
     assert kept["wall_s"] >= 0 and "pretrain_s" in kept["methods"]["supervised"]
     second = _Timings(tmp_path)  # the resumed invocation appends its own entry after the killed one
-    second.add("hybrid", "train_s", 3.0)
+    second.add("hybrid", train_s=3.0)
     second.add("hybrid", train_s=1.0, eval_s=2.0)  # a fine-tune's two stages, one write
     assert second.save() >= 0
     assert second.entry["methods"]["hybrid"] == {"train_s": 4.0, "eval_s": 2.0}
