@@ -10,6 +10,11 @@ pool images kept aside with their masks (all drawn with the seed; the target's t
 algorithm (``--algorithm``; by default the bundle's own ``semi_algorithm``, or ``fixmatch`` where the bundle ships
 ``none``) and with ``semi_algorithm=none``; ``evaluate.json`` then scores each on the held-back images at
 native resolution. Prints mean Dice per arm and the paired difference per seed, and a JSON line of every figure.
+
+``--arms A B`` compares two other arms, each a ``train.json`` run scored the same way: ``semi`` and ``labels-only``
+(the default pair) keep the bundle's WiSE-FT weight (``wise``), ``semi-plain`` and ``plain`` are the same with
+``wise=1`` (the trained weights alone). ``--arms labels-only plain`` measures what WiSE-FT does for a site's
+retraining.
 """
 
 from __future__ import annotations
@@ -27,6 +32,8 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 BUNDLES = {"dermoscopy": ("dermoscopy_lesion_segmentation", "ph2"), "chest": ("chest_xray_lung_segmentation", "openist")}
+ARMS = {"semi": (True, None), "labels-only": (False, None), "semi-plain": (True, 1.0), "plain": (False, 1.0)}
+"""arm: (semi-supervised, WiSE-FT weight; None = the bundle's own)"""
 
 
 def site_folder(folder: Path, pairs: list[dict], labelled: set[str]) -> Path:
@@ -60,7 +67,12 @@ def main() -> None:
     ap.add_argument("--iterations", type=int, help="fixed training iterations (default: the bundle's schedule)")
     ap.add_argument("--algorithm", choices=["fixmatch", "mean-teacher", "denoise"],
                     help="the semi-supervised arm's algorithm (default: the bundle's semi_algorithm, fixmatch if none)")
+    ap.add_argument("--arms", nargs=2, default=["semi", "labels-only"], choices=list(ARMS), metavar="ARM",
+                    help=f"the two arms compared, first minus second (of {', '.join(ARMS)})")
     args = ap.parse_args()
+    first, second = args.arms
+    if first == second:
+        ap.error(f"--arms: two different arms, not {first} twice")
 
     from medhybrid.config import load_dataset_spec
     from medhybrid.datasets import few_shot_ids, load_pairs
@@ -80,11 +92,13 @@ def main() -> None:
                 heldout = site_folder(work / "heldout", [p for p in pool if p["id"] in held], held)
                 row = {"bundle": name, "seed": seed, "labelled": len(labelled), "unlabelled": len(pool) - len(held) - len(labelled),
                        "heldout": len(held)}
-                for arm in ("semi", "labels-only"):
+                for arm in args.arms:
+                    semi, wise = ARMS[arm]
                     bundle = work / arm / folder
                     shutil.copytree(REPO / "bundles" / folder, bundle, ignore=shutil.ignore_patterns("eval", "runs"))
                     extra = ["--iterations", str(args.iterations)] if args.iterations else []
-                    extra += ["--semi_algorithm", algorithm if arm == "semi" else "none"]
+                    extra += ["--semi_algorithm", algorithm if semi else "none"]
+                    extra += [] if wise is None else ["--wise", str(wise)]
                     row[f"{arm}_train_s"] = bundle_run(bundle, ["train"], "--dataset_dir", str(site), *extra)
                     out = work / arm / "eval"
                     bundle_run(bundle, ["train", "evaluate"], "--dataset_dir", str(heldout), "--eval_split", "none",
@@ -93,16 +107,18 @@ def main() -> None:
                     row[f"{arm}_dice"] = metrics["val_mean_dice"]
                 row["algorithm"] = algorithm
                 figures.append(row)
+                shown = {a: f"{a} ({algorithm})" if ARMS[a][0] else a for a in args.arms}
                 print(f"{name} seed {seed}: {row['labelled']} labelled, {row['unlabelled']} unlabelled, {row['heldout']} "
-                      f"held out: {row['algorithm']} {row['semi_dice']:.4f} ({row['semi_train_s']:.0f} s), labels only "
-                      f"{row['labels-only_dice']:.4f} ({row['labels-only_train_s']:.0f} s), difference "
-                      f"{row['semi_dice'] - row['labels-only_dice']:+.4f}", flush=True)
+                      f"held out: " + ", ".join(f"{shown[a]} {row[f'{a}_dice']:.4f} ({row[f'{a}_train_s']:.0f} s)"
+                                                for a in args.arms)
+                      + f", difference {row[f'{first}_dice'] - row[f'{second}_dice']:+.4f}", flush=True)
     for name in args.bundles:
         rows = [r for r in figures if r["bundle"] == name]
-        diff = [r["semi_dice"] - r["labels-only_dice"] for r in rows]
-        print(f"{name}: mean held-out Dice semi {sum(r['semi_dice'] for r in rows) / len(rows):.4f}, labels only "
-              f"{sum(r['labels-only_dice'] for r in rows) / len(rows):.4f}, mean paired difference "
-              f"{sum(diff) / len(diff):+.4f} over {len(rows)} seeds ({sum(d > 0 for d in diff)} of {len(rows)} positive)")
+        diff = [r[f"{first}_dice"] - r[f"{second}_dice"] for r in rows]
+        print(f"{name}: mean held-out Dice " + ", ".join(f"{a} {sum(r[f'{a}_dice'] for r in rows) / len(rows):.4f}"
+                                                         for a in args.arms)
+              + f", mean paired difference ({first} - {second}) {sum(diff) / len(diff):+.4f} over {len(rows)} seeds "
+              f"({sum(d > 0 for d in diff)} of {len(rows)} positive)")
     print(json.dumps(figures))
 
 

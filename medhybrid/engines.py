@@ -32,7 +32,7 @@ from pydantic import Field
 from torch import nn
 
 from medhybrid.batches import EpochSeededSampler
-from medhybrid.checkpoints import latest_checkpoint
+from medhybrid.checkpoints import interpolate_weights, latest_checkpoint
 from medhybrid.config import StrictModel
 from medhybrid.threads import ThreadPolicy
 
@@ -383,5 +383,33 @@ class GradientClipping:
         torch.nn.utils.clip_grad_norm_(engine.network.parameters(), self.max_norm)
 
 
+class WiSEFT:
+    """WiSE-FT as a trainer handler (Wortsman et al. 2022, eq. 1): the weights the network has when training starts
+    (after any ``CheckpointLoader`` listed before this handler has loaded them) are kept, and when training completes
+    the network becomes ``(1 - alpha) * start + alpha * trained``, in place, so whatever saves it afterwards saves the
+    interpolation. ``alpha = 1`` leaves the trained weights alone. A bundle's ``train.json`` lists it after its
+    ``CheckpointLoader``; :func:`medhybrid.finetune.run_finetune` interpolates the same way (its ``wise`` field)."""
+
+    def __init__(self, alpha: float):
+        if not 0.0 <= alpha <= 1.0:
+            raise ValueError(f"WiSE-FT alpha must lie in [0, 1], got {alpha}")
+        self.alpha = float(alpha)
+        self.start: dict[str, torch.Tensor] | None = None
+
+    def attach(self, engine) -> None:
+        if self.alpha < 1.0:
+            engine.add_event_handler(Events.STARTED, self.keep_start)
+            engine.add_event_handler(Events.COMPLETED, self.interpolate)
+
+    def keep_start(self, engine) -> None:
+        self.start = {k: v.detach().clone() for k, v in unwrap(engine.network).state_dict().items()}
+
+    def interpolate(self, engine) -> None:
+        net = unwrap(engine.network)
+        net.load_state_dict(interpolate_weights(self.start, net.state_dict(), self.alpha))
+        log.info("WiSE-FT: the trained weights interpolated with the starting ones at %.2f x trained + %.2f x start",
+                 self.alpha, 1 - self.alpha)
+
+
 __all__ = ["CheckpointSaver", "DiskFull", "EXECUTION_ONLY", "fit", "FitResult", "GracefulStop", "GradientClipping",
-           "resolve_device", "ResumingLoader", "RunStopped", "TrainConfig", "unwrap"]
+           "resolve_device", "ResumingLoader", "RunStopped", "TrainConfig", "unwrap", "WiSEFT"]

@@ -77,7 +77,8 @@ def _score(net, spec, preprocess: Preprocess, pairs: list[dict], name: str) -> t
 
 
 def _fine_tune_half(cfg: ReleaseConfig, train_ids: Sequence[str], work: Path) -> Path:
-    """The bundle's ``train.json`` on the pool images ``train_ids`` (labels only), from ``models/pretrained.pt``."""
+    """The bundle's ``train.json`` on the pool images ``train_ids`` (labels only), from ``models/pretrained.pt``; its own
+    WiSE-FT off (``wise=1``): the trained weights are what the grid interpolates."""
     pairs = {p["id"]: p for p in load_pairs(load_dataset_spec(cfg.target), "pool")}
     work = work.resolve()
     datalist = work / "half.json"
@@ -85,7 +86,7 @@ def _fine_tune_half(cfg: ReleaseConfig, train_ids: Sequence[str], work: Path) ->
     out = work / "half_model.pt"
     cmd = [sys.executable, "-m", "monai.bundle", "run", "--config_file", "configs/train.json", "--meta_file",
            "configs/metadata.json", "--dataset_dir", str(datalist), "--train_split", "train", "--semi_algorithm", "none",
-           "--model_path", str(out), "--output_dir", str(work / "train"), "--seed", str(cfg.seed)]
+           "--wise", "1", "--model_path", str(out), "--output_dir", str(work / "train"), "--seed", str(cfg.seed)]
     log.info("release: fine-tuning %s on %d of the pool's images", cfg.bundle.name, len(train_ids))
     res = subprocess.run(cmd, cwd=Path(cfg.bundle).resolve(), capture_output=True, text=True)
     if res.returncode != 0 or not out.is_file():

@@ -374,13 +374,15 @@ def test_semi_cost_prints_each_algorithm_beside_plain_fine_tuning(data):
 # ------------------------------------------------------------------------------------------ bundle_semi.py
 @pytest.mark.slow(seconds=70)
 def test_bundle_semi_scores_both_arms_on_the_held_back_images(data):
-    out, _ = _run("bundle_semi.py", "--labels", "1", "--heldout", "2", "--seeds", "0", "--bundles", "chest", "--iterations", "1")
+    out, _ = _run("bundle_semi.py", "--labels", "1", "--heldout", "2", "--seeds", "0", "--bundles", "chest", "--iterations", "1",
+                  "--arms", "semi", "plain")  # FixMatch with the bundle's WiSE-FT weight against labels alone, wise=1
     (row,) = json.loads(out.strip().splitlines()[-1])
     assert (row["labelled"], row["heldout"], row["unlabelled"]) == (1, 2, 97), row  # OpenIST's pool of 100
     assert row["algorithm"] == "fixmatch", row  # the chest bundle ships semi_algorithm none: its semi arm is FixMatch
-    assert 0 < row["semi_dice"] <= 1 and 0 < row["labels-only_dice"] <= 1, row
+    assert 0 < row["semi_dice"] <= 1 and 0 < row["plain_dice"] <= 1 and "labels-only_dice" not in row, row
     line = next(x for x in out.splitlines() if x.startswith("chest seed 0:"))
-    assert f"difference {row['semi_dice'] - row['labels-only_dice']:+.4f}" in line, out
+    assert f"semi (fixmatch) {row['semi_dice']:.4f}" in line and f"plain {row['plain_dice']:.4f}" in line, out
+    assert f"difference {row['semi_dice'] - row['plain_dice']:+.4f}" in line, out
 
 
 # ------------------------------------------------------------------------------------------ large_images.py

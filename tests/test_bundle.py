@@ -299,6 +299,22 @@ def test_train_fine_tunes_the_pretraining_and_publishes_the_weights(tmp_path):
 
 
 @pytest.mark.slow
+def test_train_publishes_the_wiseft_interpolation_with_its_start(tmp_path):
+    """train.json's ``wise`` reaches the published weights: at 0 they are the weights training started from
+    (``pretrained.pt``), tensor for tensor; the shipped value is the ablation's 0.75."""
+    bundle = copy_bundle(DERM, tmp_path)
+    assert json.loads((bundle / "configs" / "train.json").read_text())["wise"] == 0.75
+    folder = decathlon(tmp_path, real_split(PH2)["pool"][:2])
+    res = run_bundle(bundle, ["train"], "--dataset_dir", str(folder), "--train_split", "train", "--semi_algorithm", "none",
+                     "--min_iterations", "2", "--max_iterations", "2", "--wise", "0")
+    assert "WiSE-FT: the trained weights interpolated" in res.stdout + res.stderr
+    start = torch.load(DERM / "models" / "pretrained.pt", weights_only=True)
+    published = torch.load(bundle / "models" / "model.pt", weights_only=True)
+    assert published.keys() == start.keys()
+    assert all(torch.equal(published[k], start[k]) for k in start)
+
+
+@pytest.mark.slow
 def test_train_reads_the_unlabelled_images_of_the_dataset_folder(tmp_path):
     """A dataset folder whose images lack some masks, and an extra folder of images: train.json's semi-supervised
     recipe reads both without masks beside the labelled pairs; ``semi_algorithm=none`` trains on the labels alone."""

@@ -11,7 +11,7 @@ from conftest import TINY_UNET as TINY
 from medhybrid.batches import CorruptionPrepareBatch
 from medhybrid.checkpoints import latest_checkpoint
 from medhybrid.config import ConfigError, validate
-from medhybrid.engines import GradientClipping, TrainConfig, fit, resolve_device, unwrap
+from medhybrid.engines import GradientClipping, TrainConfig, WiSEFT, fit, resolve_device, unwrap
 from medhybrid.losses import PretrainLoss
 from medhybrid.networks import ModelConfig, build_network
 
@@ -208,6 +208,35 @@ def test_gradient_clipping():
 
     GradientClipping(0.5)(FakeEngine())
     assert norm() == pytest.approx(0.5, rel=1e-4)
+
+
+def test_wiseft_handler_leaves_the_interpolation_of_the_start_and_the_trained_weights(tmp_path):
+    """Attached after what loads the start (here: a STARTED handler standing for a bundle's CheckpointLoader), the
+    handler keeps those weights and, on completion, replaces the trained ones by (1 - alpha) x start + alpha x trained."""
+    from ignite.engine import Events
+
+    seen = {}
+
+    def wire(trainer):
+        def load_start(engine):  # what a CheckpointLoader does: set the weights training starts from
+            with torch.no_grad():
+                for p in unwrap(engine.network).parameters():
+                    p.mul_(0.5)
+            seen["start"] = {k: v.clone() for k, v in unwrap(engine.network).state_dict().items()}
+
+        trainer.add_event_handler(Events.STARTED, load_start)
+        trainer.add_event_handler(Events.COMPLETED, lambda e: seen.update(
+            trained={k: v.clone() for k, v in unwrap(e.network).state_dict().items()}))
+        WiSEFT(0.25).attach(trainer)
+
+    out = _fit(tmp_path / "r", _cfg(epochs=1, epoch_length=3), on_trainer=wire).network.state_dict()
+    moved = [k for k, v in seen["trained"].items() if v.is_floating_point() and not torch.equal(v, seen["start"][k])]
+    assert len(moved) > 10  # training changed the weights, so the interpolation is not trivially either end
+    for k, v in out.items():
+        want = 0.75 * seen["start"][k] + 0.25 * seen["trained"][k] if v.is_floating_point() else seen["trained"][k]
+        torch.testing.assert_close(v, want, rtol=0, atol=1e-7, msg=k)
+    with pytest.raises(ValueError, match=r"alpha must lie in \[0, 1\]"):
+        WiSEFT(1.5)
 
 
 # --------------------------------------------------------------------------------------------- faults

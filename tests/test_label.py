@@ -132,6 +132,12 @@ def test_train_requests_are_typed_and_code_is_refused():
                 {"gpus": "0;rm"}, {"tracking_uri": "$open('x')"}, {"val_split": 2}, {"tracking": "@x"}):
         with pytest.raises(ValueError):
             train_request(bad, defaults)
+    # the bundle's WiSE-FT weight: its own value by default, a number in [0, 1] from a request, never code
+    assert train_request({}, {**defaults, "wise": 0.75})["wise"] == 0.75
+    assert train_request({"wise": "1"}, {**defaults, "wise": 0.75})["wise"] == 1.0
+    for bad in ({"wise": "$0.5"}, {"wise": 1.5}, {"wise": "half"}):
+        with pytest.raises(ValueError, match="wise"):
+            train_request(bad, {**defaults, "wise": 0.75})
 
 
 # --------------------------------------------------------------------------------------------- the real server

@@ -9,8 +9,9 @@ that never give one study to two annotators at once.
   SEG referencing its UIDs, any other study a PNG of class indices.
 - :class:`MedhybridTrain` is MONAI Label's ``BundleTrainTask`` running the bundle's ``train.json``. Overridden: the
   weights offered to start from list ``pretrained.pt`` (the hybrid pretraining) first, the start is set on the
-  bundle's own ``CheckpointLoader`` instead of adding a second one that it would override, and the studies nobody
-  has labelled yet feed the bundle's semi-supervised recipe (``unlabelled_datalist``) beside the saved labels.
+  bundle's own ``CheckpointLoader`` instead of adding a second one that it would override (training from scratch
+  drops the bundle's WiSE-FT handler with it), and the studies nobody has labelled yet feed the bundle's
+  semi-supervised recipe (``unlabelled_datalist``) beside the saved labels.
 - :class:`LeasedRandom`, :class:`LeasedFirst` and :class:`LeasedUncertainty` rank the unlabelled studies and hand
   out the first one not leased to another annotator (:class:`medhybrid.label.workspace.StudyLeases`).
 """
@@ -92,12 +93,16 @@ class MedhybridTrain(BundleTrainTask):
         except ValueError as e:
             raise MONAILabelException(MONAILabelError.INVALID_INPUT, str(e)) from e
         self._unlabelled = unlabelled_studies(datastore)
+        self._wise = clean.get("wise")
         return super().__call__(clean, datastore)
 
     def _update_overrides(self, overrides):
-        """The unlabelled studies, as the bundle's ``unlabelled_datalist`` (read without masks, never scored)."""
+        """The unlabelled studies, as the bundle's ``unlabelled_datalist`` (read without masks, never scored), and the
+        request's WiSE-FT weight as the bundle's ``wise``."""
         if "unlabelled_datalist" in self.bundle_config.config:
             overrides["unlabelled_datalist"] = list(getattr(self, "_unlabelled", []))
+        if "wise" in self.bundle_config.config and getattr(self, "_wise", None) is not None:
+            overrides["wise"] = self._wise
         return overrides
 
     def config(self) -> dict[str, Any]:
@@ -107,14 +112,19 @@ class MedhybridTrain(BundleTrainTask):
             models.remove("pretrained.pt")
             models.insert(0, "pretrained.pt")
         c.update(model_filename=models, max_epochs=4, val_split=0.2)
+        if "wise" in self.bundle_config.config:  # the bundle's own WiSE-FT weight, offered as a setting
+            c["wise"] = float(self.bundle_config.config["wise"])
         return c
 
     def _load_checkpoint(self, model_pytorch, pretrained, train_handlers):
         loaders = [h for h in train_handlers if isinstance(h, dict) and h.get("_target_") == "CheckpointLoader"]
         if not loaders:
             return super()._load_checkpoint(model_pytorch, pretrained, train_handlers)
-        if not pretrained:  # from scratch: the bundle's own loader goes too
-            train_handlers.remove(loaders[0])
+        if not pretrained:  # from scratch: the bundle's own loader goes too, and WiSE-FT, which would pull the
+            train_handlers.remove(loaders[0])  # trained weights back towards a random start
+            wise = [h for h in train_handlers if isinstance(h, dict) and h.get("_target_") == "medhybrid.engines.WiSEFT"]
+            for h in wise:
+                train_handlers.remove(h)
         elif os.path.exists(model_pytorch):
             loaders[0]["load_path"] = model_pytorch
             loaders[0]["strict"] = True

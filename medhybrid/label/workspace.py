@@ -203,6 +203,13 @@ def train_request(request: dict[str, Any], defaults: dict[str, Any],
     }
     if out["max_epochs"] < 1 or not -1.0 <= out["val_split"] < 1.0:
         raise ValueError(f"max_epochs {out['max_epochs']} must be >= 1 and val_split {out['val_split']} in [-1, 1)")
+    if pick("wise") is not None:  # the bundle's WiSE-FT weight (train.json's "wise"): 1 keeps the trained weights
+        try:
+            out["wise"] = float(pick("wise"))
+        except (TypeError, ValueError):
+            raise ValueError(f"wise {pick('wise')!r}: a number in [0, 1]") from None
+        if not 0.0 <= out["wise"] <= 1.0:
+            raise ValueError(f"wise {out['wise']}: a number in [0, 1] (1 keeps the trained weights)")
     for key in ("tracking_uri", "tracking_experiment_name", "tracking_run_name"):
         v = request.get(key)
         if v:
