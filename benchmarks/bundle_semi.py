@@ -12,9 +12,9 @@ algorithm (``--algorithm``; by default the bundle's own ``semi_algorithm``, or `
 native resolution. Prints mean Dice per arm and the paired difference per seed, and a JSON line of every figure.
 
 ``--arms A B`` compares two other arms, each a ``train.json`` run scored the same way: ``semi`` and ``labels-only``
-(the default pair) keep the bundle's WiSE-FT weight (``wise``), ``semi-plain`` and ``plain`` are the same with
-``wise=1`` (the trained weights alone). ``--arms labels-only plain`` measures what WiSE-FT does for a site's
-retraining.
+(the default pair) keep the bundle's WiSE-FT weight (``wise``), ``semi-plain`` and ``plain`` set ``wise=1`` (the
+trained weights alone), ``semi-wise`` and ``labels-only-wise`` set ``wise=0.75``. ``--arms labels-only-wise plain``
+measures what WiSE-FT does for a site's retraining on the labels alone.
 """
 
 from __future__ import annotations
@@ -32,7 +32,8 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 BUNDLES = {"dermoscopy": ("dermoscopy_lesion_segmentation", "ph2"), "chest": ("chest_xray_lung_segmentation", "openist")}
-ARMS = {"semi": (True, None), "labels-only": (False, None), "semi-plain": (True, 1.0), "plain": (False, 1.0)}
+ARMS = {"semi": (True, None), "labels-only": (False, None), "semi-plain": (True, 1.0), "plain": (False, 1.0),
+        "semi-wise": (True, 0.75), "labels-only-wise": (False, 0.75)}
 """arm: (semi-supervised, WiSE-FT weight; None = the bundle's own)"""
 
 
@@ -105,7 +106,8 @@ def main() -> None:
                                "--output_dir", str(out))
                     metrics = {r[0]: float(r[1]) for r in csv.reader(open(out / "metrics.csv"))}
                     row[f"{arm}_dice"] = metrics["val_mean_dice"]
-                row["algorithm"] = algorithm
+                if any(ARMS[a][0] for a in args.arms):
+                    row["algorithm"] = algorithm
                 figures.append(row)
                 shown = {a: f"{a} ({algorithm})" if ARMS[a][0] else a for a in args.arms}
                 print(f"{name} seed {seed}: {row['labelled']} labelled, {row['unlabelled']} unlabelled, {row['heldout']} "

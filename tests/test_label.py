@@ -140,6 +140,45 @@ def test_train_requests_are_typed_and_code_is_refused():
             train_request(bad, {**defaults, "wise": 0.75})
 
 
+_TRAIN_TASK_PROBE = """
+import json, sys
+from medhybrid.label.tasks import MedhybridTrain
+out = {}
+for path in sys.argv[1:]:
+    task = MedhybridTrain(path, {})
+    handlers = json.loads(open(path + "/configs/train.json").read())["train"]["handlers"]
+    kept, scratch = [dict(h) for h in handlers], [dict(h) for h in handlers]
+    task._load_checkpoint(path + "/models/pretrained.pt", True, kept)
+    task._load_checkpoint(path + "/models/pretrained.pt", False, scratch)
+    task._wise = 0.5  # what __call__ keeps of a request's typed settings
+    out[path] = {"default": task.config().get("wise"), "kept": [h["_target_"] for h in kept],
+                 "scratch": [h["_target_"] for h in scratch], "overrides": task._update_overrides({})}
+print(json.dumps(out))
+"""
+
+
+@pytest.mark.label
+def test_train_task_passes_wise_and_drops_it_from_scratch():
+    """MONAI Label's train task (in its own environment) offers the bundle's ``wise`` as a setting, passes a request's
+    value on as the bundle override, keeps the WiSE-FT handler behind the loader when training starts from weights,
+    and drops it with the loader from scratch (it would pull the trained weights towards a random start)."""
+    if not LABEL_PYTHON.is_file():
+        pytest.fail(f"{LABEL_PYTHON} not found: the MONAI Label environment is made by scripts/setup_label.sh", pytrace=False)
+    res = subprocess.run([str(LABEL_PYTHON), "-c", _TRAIN_TASK_PROBE, str(DERM), str(CHEST)], capture_output=True,
+                         text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    got = json.loads(res.stdout.strip().splitlines()[-1])
+    for bundle in (DERM, CHEST):
+        shipped = json.loads((bundle / "configs" / "train.json").read_text())["wise"]
+        r = got[str(bundle)]
+        assert r["default"] == shipped
+        assert r["kept"][:2] == ["CheckpointLoader", "medhybrid.engines.WiSEFT"]
+        assert "CheckpointLoader" not in r["scratch"] and "medhybrid.engines.WiSEFT" not in r["scratch"]
+        assert len(r["scratch"]) == len(r["kept"]) - 2
+        assert r["overrides"]["wise"] == 0.5
+    assert got[str(DERM)]["default"] == 0.75 and got[str(CHEST)]["default"] == 1.0  # as measured: docs/results/bundle-wise
+
+
 # --------------------------------------------------------------------------------------------- the real server
 @pytest.fixture
 def label_server(tmp_path, write_dicom):
