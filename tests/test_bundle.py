@@ -37,8 +37,10 @@ BUNDLES = REPO_ROOT / "bundles"
 DERM = BUNDLES / "dermoscopy_lesion_segmentation"
 CHEST = BUNDLES / "chest_xray_lung_segmentation"
 WORKFLOWS = ("inference", "train", "evaluate", "multi_gpu_train", "pretrain")
-DOMAIN_IDS = {"image_channels", "labels", "dataset_dir", "label_values", "label_threshold", "source_dataset", "semi_algorithm"}
-"""The only top-level ids in which the two bundles' configs may differ (``semi_algorithm``: what won on each target)."""
+DOMAIN_IDS = {"image_channels", "labels", "dataset_dir", "label_values", "label_threshold", "source_dataset", "semi_algorithm",
+              "wise"}
+"""The only top-level ids in which the two bundles' configs may differ (``semi_algorithm``, ``wise``: what won on each
+target)."""
 
 
 def _files(folder: Path) -> dict[str, float]:
