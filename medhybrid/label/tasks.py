@@ -117,19 +117,23 @@ class MedhybridTrain(BundleTrainTask):
         return c
 
     def _load_checkpoint(self, model_pytorch, pretrained, train_handlers):
-        loaders = [h for h in train_handlers if isinstance(h, dict) and h.get("_target_") == "CheckpointLoader"]
+        loaders = _handlers(train_handlers, "CheckpointLoader")
         if not loaders:
             return super()._load_checkpoint(model_pytorch, pretrained, train_handlers)
         if not pretrained:  # from scratch: the bundle's own loader goes too, and WiSE-FT, which would pull the
             train_handlers.remove(loaders[0])  # trained weights back towards a random start
-            wise = [h for h in train_handlers if isinstance(h, dict) and h.get("_target_") == "medhybrid.engines.WiSEFT"]
-            for h in wise:
+            for h in _handlers(train_handlers, "medhybrid.engines.WiSEFT"):
                 train_handlers.remove(h)
         elif os.path.exists(model_pytorch):
             loaders[0]["load_path"] = model_pytorch
             loaders[0]["strict"] = True
         else:  # the chosen file is missing: the bundle's own starting point
             log.warning("%s not found: training starts from %s", model_pytorch, loaders[0].get("load_path"))
+
+
+def _handlers(train_handlers: list, target: str) -> list[dict]:
+    """The handlers of a bundle config's list whose ``_target_`` is ``target``."""
+    return [h for h in train_handlers if isinstance(h, dict) and h.get("_target_") == target]
 
 
 def unlabelled_studies(datastore: Datastore) -> list[dict]:
