@@ -388,7 +388,9 @@ class WiSEFT:
     (after any ``CheckpointLoader`` listed before this handler has loaded them) are kept, and when training completes
     the network becomes ``(1 - alpha) * start + alpha * trained``, in place, so whatever saves it afterwards saves the
     interpolation. ``alpha = 1`` leaves the trained weights alone. A bundle's ``train.json`` lists it after its
-    ``CheckpointLoader``; :func:`medhybrid.finetune.run_finetune` interpolates the same way (its ``wise`` field)."""
+    ``CheckpointLoader``; :func:`medhybrid.finetune.run_finetuning` interpolates the same way (its ``wise`` field).
+    The start is whatever the network holds when the engine starts: on a run resumed from a mid-run checkpoint that is
+    the checkpoint, not the pretraining, so a resumable run keeps its start itself (as ``run_finetuning`` does)."""
 
     def __init__(self, alpha: float):
         if not 0.0 <= alpha <= 1.0:

@@ -375,7 +375,7 @@ def test_semi_cost_prints_each_algorithm_beside_plain_fine_tuning(data):
 @pytest.mark.slow(seconds=70)
 def test_bundle_semi_scores_both_arms_on_the_held_back_images(data):
     out, _ = _run("bundle_semi.py", "--labels", "1", "--heldout", "2", "--seeds", "0", "--bundles", "chest", "--iterations", "1",
-                  "--arms", "semi", "plain")  # FixMatch with the bundle's WiSE-FT weight against labels alone, wise=1
+                  "--arms", "semi", "plain")  # FixMatch with the bundle's own wise (the chest bundle: 1) against labels alone, wise=1
     (row,) = json.loads(out.strip().splitlines()[-1])
     assert (row["labelled"], row["heldout"], row["unlabelled"]) == (1, 2, 97), row  # OpenIST's pool of 100
     assert row["algorithm"] == "fixmatch", row  # the chest bundle ships semi_algorithm none: its semi arm is FixMatch

@@ -142,7 +142,11 @@ def test_train_requests_are_typed_and_code_is_refused():
 
 _TRAIN_TASK_PROBE = """
 import json, sys
+from monailabel.tasks.train.bundle import BundleTrainTask
 from medhybrid.label.tasks import MedhybridTrain
+class Store:  # the two datastore calls the task makes: one study nobody has labelled
+    def get_unlabeled_images(self, tag): return ["u1"]
+    def get_image_uri(self, image_id): return "/studies/" + image_id + ".png"
 out = {}
 for path in sys.argv[1:]:
     task = MedhybridTrain(path, {})
@@ -150,9 +154,12 @@ for path in sys.argv[1:]:
     kept, scratch = [dict(h) for h in handlers], [dict(h) for h in handlers]
     task._load_checkpoint(path + "/models/pretrained.pt", True, kept)
     task._load_checkpoint(path + "/models/pretrained.pt", False, scratch)
-    task._wise = 0.5  # what __call__ keeps of a request's typed settings
+    # a request through the task's own __call__ (its typing and checks); MONAI Label's training run replaced by the
+    # overrides it would pass to the bundle
+    BundleTrainTask.__call__ = lambda self, request, datastore: self._update_overrides({})
+    overrides = task({"wise": "0.5"}, Store())
     out[path] = {"default": task.config().get("wise"), "kept": [h["_target_"] for h in kept],
-                 "scratch": [h["_target_"] for h in scratch], "overrides": task._update_overrides({})}
+                 "scratch": [h["_target_"] for h in scratch], "overrides": overrides}
 print(json.dumps(out))
 """
 
@@ -175,7 +182,8 @@ def test_train_task_passes_wise_and_drops_it_from_scratch():
         assert r["kept"][:2] == ["CheckpointLoader", "medhybrid.engines.WiSEFT"]
         assert "CheckpointLoader" not in r["scratch"] and "medhybrid.engines.WiSEFT" not in r["scratch"]
         assert len(r["scratch"]) == len(r["kept"]) - 2
-        assert r["overrides"]["wise"] == 0.5
+        assert r["overrides"]["wise"] == 0.5  # the request's "0.5", typed
+        assert r["overrides"]["unlabelled_datalist"] == [{"image": "/studies/u1.png"}]
     assert got[str(DERM)]["default"] == 0.75 and got[str(CHEST)]["default"] == 1.0  # as measured: docs/results/bundle-wise
 
 
