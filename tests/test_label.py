@@ -147,6 +147,9 @@ from medhybrid.label.tasks import MedhybridTrain
 class Store:  # the two datastore calls the task makes: one study nobody has labelled
     def get_unlabeled_images(self, tag): return ["u1"]
     def get_image_uri(self, image_id): return "/studies/" + image_id + ".png"
+# a request goes through the task's own __call__ (its typing and checks); MONAI Label's training run is replaced by the
+# overrides it would pass to the bundle
+BundleTrainTask.__call__ = lambda self, request, datastore: self._update_overrides({})
 out = {}
 for path in sys.argv[1:]:
     task = MedhybridTrain(path, {})
@@ -154,9 +157,6 @@ for path in sys.argv[1:]:
     kept, scratch = [dict(h) for h in handlers], [dict(h) for h in handlers]
     task._load_checkpoint(path + "/models/pretrained.pt", True, kept)
     task._load_checkpoint(path + "/models/pretrained.pt", False, scratch)
-    # a request through the task's own __call__ (its typing and checks); MONAI Label's training run replaced by the
-    # overrides it would pass to the bundle
-    BundleTrainTask.__call__ = lambda self, request, datastore: self._update_overrides({})
     overrides = task({"wise": "0.5"}, Store())
     out[path] = {"default": task.config().get("wise"), "kept": [h["_target_"] for h in kept],
                  "scratch": [h["_target_"] for h in scratch], "overrides": overrides}
