@@ -7,7 +7,7 @@ training and test evaluation, in one run.
 Both sides resolve the same ablation config (profile + overrides) and so train the same networks, on the
 same decoded images, for the same iterations with the same batches sizes, corruption, loss, optimiser,
 LR schedule, gradient clipping and augmentation, then score the target's test split with the same
-evaluation loop (``medhybrid.evaluate.evaluate``, which has no engine).
+evaluation loop (``medhybrid.workflows.evaluate.evaluate``, which has no engine).
 The plain script leaves out what the tool adds: the per-epoch validation and preview of pretraining,
 checkpoints, MLflow runs, the data checks, the per-image CSV and overlays, and the report. Methods with
 the ``ddpm-features`` head and semi-supervised methods are left out of both sides (their MLP ensemble and their
@@ -36,7 +36,7 @@ STAGES = ("pretrain_s", "train_s", "eval_s")
 
 
 def _config(args, out: Path):
-    from medhybrid.ablation import load_ablation
+    from medhybrid.experiments.ablation import load_ablation
 
     cfg = load_ablation(args.config, args.profile, [*args.overrides, f"output_dir={out / 'ablation'}",
                                                     f"mlflow.tracking_uri=sqlite:///{out / 'mlflow.db'}"])
@@ -50,8 +50,8 @@ def _config(args, out: Path):
 
 
 def medhybrid_side(cfg) -> dict:
-    from medhybrid import runs
-    from medhybrid.ablation import run_ablation
+    from medhybrid.core import runs
+    from medhybrid.experiments.ablation import run_ablation
 
     t = time.perf_counter()
     out = run_ablation(cfg)
@@ -102,17 +102,17 @@ def _decode(pairs, transform):
 def plain_side(cfg, out: Path) -> dict:
     import torch
 
-    from medhybrid.ablation import finetune_config, pretrain_config, pretraining_of
-    from medhybrid.batches import SegmentationPrepareBatch
-    from medhybrid.checkpoints import network_meta, save_model
-    from medhybrid.datasets import few_shot_pairs, load_pairs
-    from medhybrid.engines import resolve_device
-    from medhybrid.evaluate import evaluate
-    from medhybrid.finetune import augmentation, initial_network
-    from medhybrid.losses import FinetuneLoss, PretrainLoss
-    from medhybrid.networks import build_network
-    from medhybrid.pretrain import corruption
-    from medhybrid.transforms import preprocessing
+    from medhybrid.data.datasets import few_shot_pairs, load_pairs
+    from medhybrid.data.transforms import preprocessing
+    from medhybrid.engines.batches import SegmentationPrepareBatch
+    from medhybrid.engines.fit import resolve_device
+    from medhybrid.engines.losses import FinetuneLoss, PretrainLoss
+    from medhybrid.experiments.ablation import finetune_config, pretrain_config, pretraining_of
+    from medhybrid.networks.checkpoints import network_meta, save_model
+    from medhybrid.networks.nets import build_network
+    from medhybrid.workflows.evaluate import evaluate
+    from medhybrid.workflows.finetune import augmentation, initial_network
+    from medhybrid.workflows.pretrain import corruption
 
     t_all = time.perf_counter()
     stages: dict[str, dict[str, float]] = {}

@@ -75,8 +75,8 @@ def main() -> None:
     if first == second:
         ap.error(f"--arms: two different arms, not {first} twice")
 
-    from medhybrid.config import load_dataset_spec
-    from medhybrid.datasets import few_shot_ids, load_pairs
+    from medhybrid.data.datasets import few_shot_ids, load_pairs
+    from medhybrid.data.specs import load_dataset_spec
 
     figures = []
     with tempfile.TemporaryDirectory(prefix="medhybrid-bundlesemi-") as tmp:

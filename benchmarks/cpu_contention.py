@@ -1,9 +1,9 @@
 """A fine-tune alone and beside a competing CPU-bound process, with a fixed thread team (before) and with
-medhybrid's thread policy (``train.threads=auto``, :mod:`medhybrid.threads`; after), side by side in one run.
+medhybrid's thread policy (``train.threads=auto``, :mod:`medhybrid.core.threads`; after), side by side in one run.
 
     .venv/bin/python benchmarks/cpu_contention.py [--budget 20] [--iters 100] [--competitors 1] [--late 0]
 
-The run is a real few-shot fine-tune (``medhybrid.finetune.run_finetuning``, from scratch on ``--budget`` PH2 pool
+The run is a real few-shot fine-tune (``medhybrid.workflows.finetune.run_finetuning``, from scratch on ``--budget`` PH2 pool
 images, the quick profile's U-Net, batch 8, ``--iters`` iterations), each in its own subprocess. The competitor is
 ``--competitors`` single-threaded busy loops (another user's job on a shared machine), started just before the run
 (after the child's imports) or ``--late`` seconds into it, and stopped after it. "fixed" pins the team at all cores (PyTorch's default);
@@ -29,8 +29,8 @@ def child(args) -> None:
     """One fine-tune in this process; prints its training seconds as JSON."""
     from finetune_cost import captured_log, quick_finetune_config
 
-    from medhybrid.finetune import run_finetuning
-    from medhybrid.threads import cores_available
+    from medhybrid.core.threads import cores_available
+    from medhybrid.workflows.finetune import run_finetuning
 
     records = captured_log()
     cfg = quick_finetune_config(args.budget, args.out, args.iters,

@@ -3,7 +3,7 @@ batches) against the training step, per iteration and per image, side by side fo
 
     .venv/bin/python benchmarks/finetune_cost.py [--budgets 2 5 20] [--batches 50]
 
-Each budget is a real fine-tune (``medhybrid.finetune.run_finetuning``, from scratch on PH2 pool images, the quick
+Each budget is a real fine-tune (``medhybrid.workflows.finetune.run_finetuning``, from scratch on PH2 pool images, the quick
 profile's U-Net and schedule), timed as a whole, and its data path is timed alone: the same cached dataset,
 augmentation and sampler, ``--batches`` batches drawn without a network. The fine-tune's batch is
 ``min(train.batch_size, max(2, budget))``: a subset of 2 images is not drawn 4 times into a batch of 8.
@@ -31,8 +31,8 @@ def captured_log() -> list[str]:
 def quick_finetune_config(budget: int, out: str, iterations: int | None = None, **train):
     """A fine-tune from scratch on ``budget`` PH2 pool images with the quick profile's U-Net and schedule
     (``iterations`` fixed if given), MLflow off, on the CPU; ``train`` overrides the quick training settings."""
-    from medhybrid.config import load_dataset_spec
-    from medhybrid.finetune import FinetuneConfig
+    from medhybrid.data.specs import load_dataset_spec
+    from medhybrid.workflows.finetune import FinetuneConfig
 
     return FinetuneConfig(
         dataset=load_dataset_spec("ph2").model_dump(), method="scratch", budget=budget, seed=0, output_dir=out,
@@ -53,9 +53,9 @@ def main() -> None:
 
     import torch
 
-    from medhybrid.batches import EpochSeededSampler
-    from medhybrid.datasets import few_shot_pairs
-    from medhybrid.finetune import run_finetuning, training_dataset
+    from medhybrid.data.datasets import few_shot_pairs
+    from medhybrid.engines.batches import EpochSeededSampler
+    from medhybrid.workflows.finetune import run_finetuning, training_dataset
 
     trained = captured_log()
     rows = []

@@ -1,4 +1,4 @@
-"""Inference latency per image: ``medhybrid.inference.infer_files`` (read, preprocess, predict, restore the
+"""Inference latency per image: ``medhybrid.workflows.inference.infer_files`` (read, preprocess, predict, restore the
 native size, write the PNG mask; then also with its quality CSV) side by side with a plain PyTorch loop doing the same
 steps by hand, on the same network and the same real PH2 test images, in one run.
 
@@ -27,11 +27,11 @@ def main() -> None:
     import torch.nn.functional as F
     from PIL import Image
 
-    from medhybrid.checkpoints import network_meta, save_model
-    from medhybrid.config import Preprocess, load_dataset_spec
-    from medhybrid.datasets import load_pairs
-    from medhybrid.inference import infer_files
-    from medhybrid.networks import ModelConfig, build_network
+    from medhybrid.data.datasets import load_pairs
+    from medhybrid.data.specs import Preprocess, load_dataset_spec
+    from medhybrid.networks.checkpoints import network_meta, save_model
+    from medhybrid.networks.nets import ModelConfig, build_network
+    from medhybrid.workflows.inference import infer_files
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--images", type=int, default=16)

@@ -35,7 +35,7 @@ PREVIOUS = {
          "nearest_interp": False, "to_tensor": True},
         {"_target_": "Activationsd", "keys": "pred", "sigmoid": True},
         {"_target_": "AsDiscreted", "keys": "pred", "threshold": 0.5},
-        {"_target_": "medhybrid.transforms.SaveMask2Dd", "keys": "pred", "output_dir": "@output_dir",
+        {"_target_": "medhybrid.data.transforms.SaveMask2Dd", "keys": "pred", "output_dir": "@output_dir",
          "dicom_seg": "@dicom_seg", "labels": "@labels"}]},
     "handlers": [
         {"_target_": "CheckpointLoader", "load_path": "$@model_dir + '/model.pt'", "load_dict": {"model": "@network"},
@@ -63,8 +63,8 @@ def worker(bundle: Path, inputs: Path, out: Path, previous: bool, batch: int) ->
 def make_images(folder: Path, n: int, size: tuple[int, int]) -> list[Path]:
     from PIL import Image
 
-    from medhybrid.config import load_dataset_spec
-    from medhybrid.datasets import load_pairs
+    from medhybrid.data.datasets import load_pairs
+    from medhybrid.data.specs import load_dataset_spec
 
     sources = [Path(p["image"]) for p in load_pairs(load_dataset_spec("ph2"), "test")]
     folder.mkdir(parents=True, exist_ok=True)

@@ -6,7 +6,7 @@ side by side in one run, with the ratios to fp32.
         [--mode hybrid] [--no-compile] [--set pretrain.train.batch_size=8 ...]
 
 Each variant runs in its own subprocess (peak memory is its own: ``torch.cuda.max_memory_allocated`` on a GPU, peak
-RSS on a CPU) and trains the real source images of the profile's dataset through :func:`medhybrid.engines.fit`
+RSS on a CPU) and trains the real source images of the profile's dataset through :func:`medhybrid.engines.fit.fit`
 (``train.amp`` and ``train.compile``). bf16 autocast and channels-last are CUDA paths: on a CPU the first two variants
 are the same computation. Warm-up (the first 3 iterations, compilation included) is timed apart.
 """
@@ -34,13 +34,13 @@ def run_variant(args) -> dict:
     import torch
     from ignite.engine import Events
 
-    from medhybrid.ablation import load_ablation, pretrain_config
-    from medhybrid.batches import CorruptionPrepareBatch
-    from medhybrid.datasets import load_pairs
-    from medhybrid.engines import fit
-    from medhybrid.losses import PretrainLoss
-    from medhybrid.networks import build_network
-    from medhybrid.transforms import preprocessing
+    from medhybrid.data.datasets import load_pairs
+    from medhybrid.data.transforms import preprocessing
+    from medhybrid.engines.batches import CorruptionPrepareBatch
+    from medhybrid.engines.fit import fit
+    from medhybrid.engines.losses import PretrainLoss
+    from medhybrid.experiments.ablation import load_ablation, pretrain_config
+    from medhybrid.networks.nets import build_network
 
     abl = load_ablation(args.config, args.profile, args.sets)
     cfg = pretrain_config(abl, next(m for m, s in abl.methods.items() if s.pretrain == args.mode))

@@ -70,9 +70,9 @@ def plain_step(net, forward, opt, prepare, loss_fn, batch: dict, step: int, devi
 def _batch(args):
     import torch
 
-    from medhybrid.config import Preprocess, load_dataset_spec
-    from medhybrid.datasets import load_pairs
-    from medhybrid.transforms import preprocessing
+    from medhybrid.data.datasets import load_pairs
+    from medhybrid.data.specs import Preprocess, load_dataset_spec
+    from medhybrid.data.transforms import preprocessing
 
     spec = load_dataset_spec("isic2018")
     pairs = load_pairs(spec, "train")[: args.batch]
@@ -85,16 +85,16 @@ def _batch(args):
 def run_variant(args) -> dict:
     import torch
 
-    from medhybrid.batches import CorruptionPrepareBatch, SegmentationPrepareBatch
-    from medhybrid.engines import TrainConfig, fit
-    from medhybrid.losses import FinetuneLoss, PretrainLoss
-    from medhybrid.networks import ModelConfig, build_network
+    from medhybrid.engines.batches import CorruptionPrepareBatch, SegmentationPrepareBatch
+    from medhybrid.engines.fit import TrainConfig, fit
+    from medhybrid.engines.losses import FinetuneLoss, PretrainLoss
+    from medhybrid.networks.nets import ModelConfig, build_network
 
     torch.manual_seed(0)
     spec, items = _batch(args)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     net = build_network(ModelConfig(), spec.channels, 2)
-    if args.mode == "finetune":  # the clean image at sigma_min and the mask loss, as medhybrid.finetune trains
+    if args.mode == "finetune":  # the clean image at sigma_min and the mask loss, as medhybrid.workflows.finetune trains
         prepare, loss_fn = SegmentationPrepareBatch(), FinetuneLoss(net.image_channels, net.mask_channels)
     else:
         prepare = CorruptionPrepareBatch(args.mode, seed=0, seg_fraction=0.5, weighting="low")

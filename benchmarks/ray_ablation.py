@@ -38,7 +38,7 @@ def overhead(config: str, profile: str, sets: list[str], workers: int, n: int = 
     """Seconds to start a local Ray instance and the median round trip of an empty task given the ablation config."""
     import ray
 
-    from medhybrid.ablation import load_ablation
+    from medhybrid.experiments.ablation import load_ablation
 
     cfg = load_ablation(config, profile, sets)
     t = time.perf_counter()

@@ -1,9 +1,9 @@
 """What semi-supervised fine-tuning costs per iteration: plain fine-tuning against each algorithm of
-:mod:`medhybrid.semi` on the same labelled subset, side by side, with the ratios to plain.
+:mod:`medhybrid.engines.semi` on the same labelled subset, side by side, with the ratios to plain.
 
     .venv/bin/python benchmarks/semi_cost.py [--budgets 2 10] [--iterations 20] [--unlabelled-batch 8]
 
-Each row is a real fine-tune (``medhybrid.finetune.run_finetuning``, from scratch on PH2 pool images, the quick
+Each row is a real fine-tune (``medhybrid.workflows.finetune.run_finetuning``, from scratch on PH2 pool images, the quick
 profile's U-Net at 64 px, MLflow off, on the CPU) timed by the engine's own ``trained N iterations in S s``. A
 semi-supervised batch holds the labelled batch plus ``--unlabelled-batch`` pool images; mean teacher adds the
 teacher's forward pass, FixMatch the forward pass that makes the pseudo-labels (both without gradients).
@@ -29,7 +29,7 @@ def main() -> None:
 
     import torch
 
-    from medhybrid.finetune import run_finetuning
+    from medhybrid.workflows.finetune import run_finetuning
 
     trained = captured_log()
     rows = []

@@ -6,7 +6,7 @@ on the shipped set and on a set ``--repeat`` times larger, side by side in one r
 The unlabelled set is a folder of the shipped ISIC 2018 images (train and val, ``--images`` of them, 0 = all 2594),
 and the large one the same images linked ``--repeat`` times under different paths, so every copy is its own file to
 find, decode and cache. Each variant pretrains ``diffusion`` from the unlabelled images alone
-(``medhybrid.pretrain.run_pretraining``, the quick profile's U-Net) in its own subprocess and reports:
+(``medhybrid.workflows.pretrain.run_pretraining``, the quick profile's U-Net) in its own subprocess and reports:
 
 - setup: finding the files, reading their headers (grey or RGB), building the dataset (decoding every image for the
   in-memory cache; nothing for the disk cache, which decodes on first use);
@@ -31,8 +31,8 @@ REPO = HERE.parent
 
 def build_set(folder: Path, images: int, repeat: int) -> int:
     """``folder/r<k>/<name>`` links to the shipped ISIC images, ``repeat`` copies; returns the number of files."""
-    from medhybrid.config import load_dataset_spec
-    from medhybrid.datasets import load_pairs
+    from medhybrid.data.datasets import load_pairs
+    from medhybrid.data.specs import load_dataset_spec
 
     pairs = load_pairs(load_dataset_spec("isic2018"))[: images or None]
     for k in range(repeat):
@@ -51,8 +51,8 @@ def run_variant(args) -> dict:
     import torch
     from pretrain_throughput import PeakRSS
 
-    from medhybrid.config import load_config
-    from medhybrid.pretrain import PretrainConfig, run_pretraining, training_data
+    from medhybrid.core.config import load_config
+    from medhybrid.workflows.pretrain import PretrainConfig, run_pretraining, training_data
 
     torch.manual_seed(0)
     out = Path(args.work) / f"run-{args.name}"

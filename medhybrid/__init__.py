@@ -6,7 +6,7 @@ __version__ = "0.1.0"
 
 
 def __getattr__(name: str):
-    """``medhybrid.<module>`` imports the module on first use (bundle configs write ``$medhybrid.bundle.f(...)``
+    """``medhybrid.<module>`` imports the module on first use (bundle configs write ``$medhybrid.workflows.bundle.f(...)``
     after ``$import medhybrid``). Importing medhybrid itself changes no global state (warning filters, loggers)."""
     if name.startswith("_"):
         raise AttributeError(name)

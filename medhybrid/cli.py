@@ -15,21 +15,23 @@ import os
 import sys
 from pathlib import Path
 
-from medhybrid import runs, tracking
-from medhybrid.ablation import load_ablation, run_ablation
-from medhybrid.active import ActiveLearningConfig, run_active_learning
-from medhybrid.check import check_dataset
-from medhybrid.checkpoints import load_model
-from medhybrid.config import ConfigError, apply_overrides, load_config, load_dataset_spec, validate
-from medhybrid.engines import DiskFull, RunStopped
-from medhybrid.evaluate import evaluate
-from medhybrid.finetune import FinetuneConfig, run_finetuning
-from medhybrid.inference import infer_files
-from medhybrid.io import DataError, data_error, disk_full
-from medhybrid.pretrain import PretrainConfig, run_pretraining
-from medhybrid.release import ReleaseConfig, choose_alpha
-from medhybrid.report import embed_in_readme, write_length_curve, write_report
-from medhybrid.sampling import sample_to_grid
+from medhybrid.core import runs, tracking
+from medhybrid.core.config import ConfigError, apply_overrides, load_config, validate
+from medhybrid.core.files import DiskFull, disk_full
+from medhybrid.core.runs import RunStopped
+from medhybrid.data.check import check_dataset
+from medhybrid.data.io import DataError, data_error
+from medhybrid.data.specs import load_dataset_spec
+from medhybrid.experiments.ablation import load_ablation, run_ablation
+from medhybrid.experiments.active import ActiveLearningConfig, run_active_learning
+from medhybrid.experiments.report import embed_in_readme, write_length_curve, write_report
+from medhybrid.networks.checkpoints import load_model
+from medhybrid.workflows.evaluate import evaluate
+from medhybrid.workflows.finetune import FinetuneConfig, run_finetuning
+from medhybrid.workflows.inference import infer_files
+from medhybrid.workflows.pretrain import PretrainConfig, run_pretraining
+from medhybrid.workflows.release import ReleaseConfig, choose_alpha
+from medhybrid.workflows.sampling import sample_to_grid
 
 
 def _data_check(args) -> int:

@@ -20,7 +20,7 @@ import pytest
 import yaml
 from PIL import Image
 
-from medhybrid.networks import ModelConfig
+from medhybrid.networks.nets import ModelConfig
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DATA = REPO_ROOT.parent / "shared" / "data"
@@ -177,7 +177,7 @@ def tiny_dataset(data, tmp_path) -> Path:
 
 @pytest.fixture
 def tiny_spec(tiny_dataset, tiny_overrides):
-    from medhybrid.config import load_dataset_spec
+    from medhybrid.data.specs import load_dataset_spec
 
     return load_dataset_spec(tiny_dataset, tiny_overrides)
 
@@ -307,7 +307,7 @@ TINY_NET = ["preprocess.resolution=32", "model.channels=[16,32,32]", "model.atte
 """Overrides of a PretrainConfig for the tiny U-Net every training test uses."""
 
 TINY_UNET = ModelConfig(channels=(16, 32, 32), attention_levels=(False, False, False))
-"""The same tiny U-Net as a :class:`medhybrid.networks.ModelConfig`, for tests that build networks directly."""
+"""The same tiny U-Net as a :class:`medhybrid.networks.nets.ModelConfig`, for tests that build networks directly."""
 
 TINY_TRAIN = ["train.batch_size=4", "train.epochs=4", "train.epoch_length=4", "train.lr=1e-3", "train.warmup_iterations=0",
               "train.val_max_images=4", "train.check_data=false", "train.device=cpu", "train.progress=false"]
@@ -411,8 +411,8 @@ def workdir(tmp_path, monkeypatch) -> Path:
 def pretrain_cfg(workdir, mlflow_uri):
     """``pretrain_cfg(dataset_yaml, mode, *overrides, out="run")``: a tiny :class:`PretrainConfig` writing to
     ``tmp_path/<out>`` and tracking in ``tmp_path/mlflow.db``; later overrides win."""
-    from medhybrid.config import load_config
-    from medhybrid.pretrain import PretrainConfig
+    from medhybrid.core.config import load_config
+    from medhybrid.workflows.pretrain import PretrainConfig
 
     def make(dataset: Path, mode: str = "hybrid", *overrides: str, out: str = "run"):
         ov = [f"dataset={dataset}", f"mode={mode}", f"output_dir={workdir / out}", f"mlflow.tracking_uri={mlflow_uri}",
@@ -438,7 +438,7 @@ def mlflow_client(uri: str):
 
 def child_runs(uri: str, parent: str) -> list:
     """The MLflow runs whose parent is ``parent`` (an ablation's fine-tunes, an active-learning experiment's steps)."""
-    from medhybrid.tracking import child_runs as children
+    from medhybrid.core.tracking import child_runs as children
 
     return children(mlflow_client(uri), parent)
 

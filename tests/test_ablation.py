@@ -1,4 +1,4 @@
-"""medhybrid.ablation: methods x budgets x seeds as MLflow child runs, shared pretraining, resume, failures."""
+"""medhybrid.experiments.ablation: methods x budgets x seeds as MLflow child runs, shared pretraining, resume, failures."""
 
 from __future__ import annotations
 
@@ -10,7 +10,10 @@ import numpy as np
 import pytest
 from conftest import child_runs, mlflow_client, ph2_yaml
 
-from medhybrid.ablation import (
+from medhybrid.core.config import ConfigError, validate
+from medhybrid.data.datasets import few_shot_pairs, load_pairs
+from medhybrid.data.specs import Preprocess
+from medhybrid.experiments.ablation import (
     AblationConfig,
     finetune_config,
     pixel_features_config,
@@ -18,11 +21,9 @@ from medhybrid.ablation import (
     pretraining_of,
     run_ablation,
 )
-from medhybrid.checkpoints import network_meta, save_model
-from medhybrid.config import ConfigError, Preprocess, validate
-from medhybrid.datasets import few_shot_pairs, load_pairs
-from medhybrid.finetune import unlabelled_items
-from medhybrid.networks import ModelConfig, build_network
+from medhybrid.networks.checkpoints import network_meta, save_model
+from medhybrid.networks.nets import ModelConfig, build_network
+from medhybrid.workflows.finetune import unlabelled_items
 
 pytestmark = pytest.mark.usefixtures("workdir")
 
@@ -158,7 +159,7 @@ def test_ablation_runs_records_reports_and_resumes(workdir, mlflow_uri, isic_tin
 
 
 def test_a_killed_invocation_keeps_its_timings(tmp_path):
-    from medhybrid.ablation import _Timings
+    from medhybrid.experiments.ablation import _Timings
 
     first = _Timings(tmp_path)
     with first("supervised", "pretrain_s"):
@@ -177,8 +178,8 @@ def test_a_killed_invocation_keeps_its_timings(tmp_path):
 
 
 def test_target_image_methods_pretrain_on_the_pool_never_the_test_split(workdir, mlflow_uri, isic_tiny):
-    from medhybrid.pretrain import training_data
-    from medhybrid.unlabelled import source_items
+    from medhybrid.data.unlabelled import source_items
+    from medhybrid.workflows.pretrain import training_data
 
     methods = {"hybrid": {"pretrain": "hybrid"}, "hybrid-target": {"pretrain": "hybrid", "target_images": "add"},
                "mdm-self": {"pretrain": "mdm", "target_images": "only"}}
@@ -207,7 +208,7 @@ def test_target_image_methods_pretrain_on_the_pool_never_the_test_split(workdir,
     import yaml
 
     from medhybrid.cli import main
-    from medhybrid.config import dump_config
+    from medhybrid.core.config import dump_config
 
     spec = workdir / "t.yaml"
     spec.write_text(yaml.safe_dump({**dump_config(cfg), "profiles": {"tiny": {}}}))
@@ -217,7 +218,7 @@ def test_target_image_methods_pretrain_on_the_pool_never_the_test_split(workdir,
     assert (workdir / "abl" / "report" / "report.md").read_text() != md
 
     # per-image scores come from the run folders, else from each run's MLflow artifact: the same report either way
-    from medhybrid.report import write_report
+    from medhybrid.experiments.report import write_report
 
     for f in (workdir / "abl" / "finetune").glob("*/*/eval/per_image.csv"):
         f.unlink()
@@ -293,7 +294,7 @@ def test_two_ablations_started_together_on_one_folder(workdir, mlflow_uri, isic_
 def test_more_subsets_where_the_subset_moves_dice_most(workdir, mlflow_uri, isic_tiny):
     """``seeds_at`` gives a budget its own seeds: the standard profiles draw 10 labelled subsets at 1 and 2 labels and
     5 elsewhere; the sequential runner fine-tunes exactly those (method, budget, seed)."""
-    from medhybrid.ablation import load_ablation
+    from medhybrid.experiments.ablation import load_ablation
 
     for domain in ("dermoscopy", "chest_xray"):
         std = load_ablation(domain, "standard", [])

@@ -1,4 +1,4 @@
-"""medhybrid.active: the uncertainty-vs-random labelling experiment (the score itself: test_quality.py)."""
+"""medhybrid.experiments.active: the uncertainty-vs-random labelling experiment (the score itself: test_quality.py)."""
 
 from __future__ import annotations
 
@@ -11,8 +11,10 @@ import torch
 from conftest import TINY_UNET as TINY
 from conftest import child_runs, ph2_yaml
 
-from medhybrid.ablation import AblationConfig
-from medhybrid.active import (
+from medhybrid.core.config import ConfigError, validate
+from medhybrid.data.datasets import few_shot_ids, load_pairs
+from medhybrid.experiments.ablation import AblationConfig
+from medhybrid.experiments.active import (
     ActiveLearningConfig,
     density_weighted,
     embed_images,
@@ -20,10 +22,8 @@ from medhybrid.active import (
     most_uncertain,
     run_active_learning,
 )
-from medhybrid.config import ConfigError, validate
-from medhybrid.datasets import few_shot_ids, load_pairs
-from medhybrid.networks import build_network
-from medhybrid.quality import UncertaintyConfig
+from medhybrid.networks.nets import build_network
+from medhybrid.workflows.quality import UncertaintyConfig
 
 pytestmark = pytest.mark.usefixtures("workdir")
 

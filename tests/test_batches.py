@@ -1,4 +1,4 @@
-"""medhybrid.batches (prepare-batch seams and samplers), medhybrid.inferers and medhybrid.metrics."""
+"""medhybrid.engines.batches (prepare-batch seams and samplers), medhybrid.networks.inferers and medhybrid.engines.metrics."""
 
 from __future__ import annotations
 
@@ -8,15 +8,15 @@ import pytest
 import torch
 from ignite.engine import Engine, Events
 
-from medhybrid import diffusion as D
-from medhybrid.batches import (
+from medhybrid.data.transforms import IGNORE_INDEX
+from medhybrid.engines.batches import (
     CorruptionPrepareBatch,
     EpochSeededSampler,
     LevelsPrepareBatch,
     SegmentationPrepareBatch,
     step_generator,
 )
-from medhybrid.transforms import IGNORE_INDEX
+from medhybrid.networks import diffusion as D
 
 EDM = D.EDMParams()
 

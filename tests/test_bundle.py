@@ -1,4 +1,4 @@
-"""The MONAI bundles in ``bundles/`` (dermoscopy RGB, chest X-ray grey/DICOM) and :mod:`medhybrid.bundle`: every
+"""The MONAI bundles in ``bundles/`` (dermoscopy RGB, chest X-ray grey/DICOM) and :mod:`medhybrid.workflows.bundle`: every
 workflow run through ``monai.bundle`` on real images, from a copy of the bundle folder with only the installed
 package around it."""
 
@@ -22,11 +22,11 @@ from conftest import DICOM, OPENIST, PH2, REPO_ROOT, isic_yaml, real_split
 from monai.bundle import ConfigParser, ckpt_export, verify_metadata, verify_net_in_out
 from PIL import Image
 
-from medhybrid.bundle import image_datalist, labelled_datalist, publish_weights, save_weights, sha256, unlabelled_datalist
-from medhybrid.checkpoints import save_model
-from medhybrid.inference import Segmenter
-from medhybrid.io import DataError, read_image
-from medhybrid.networks import ModelConfig, build_network
+from medhybrid.data.io import DataError, read_image
+from medhybrid.networks.checkpoints import save_model
+from medhybrid.networks.nets import ModelConfig, build_network
+from medhybrid.workflows.bundle import image_datalist, labelled_datalist, publish_weights, save_weights, sha256, unlabelled_datalist
+from medhybrid.workflows.inference import Segmenter
 
 pytestmark = [
     pytest.mark.filterwarnings("ignore:parsing config_file:UserWarning"),  # MONAI's notice that configs run code
@@ -372,7 +372,7 @@ def test_pretrain_workflow_publishes_pretrained_weights(tmp_path):
         torch.load(bundle / "models" / "pretrained.pt", map_location="cpu", weights_only=True), strict=True)
 
 
-# --------------------------------------------------------------------------------------------- medhybrid.bundle
+# --------------------------------------------------------------------------------------------- medhybrid.workflows.bundle
 def test_datalists_name_the_problem(tmp_path):
     pool = real_split(PH2)["pool"][:3]
     got = labelled_datalist(decathlon(tmp_path, pool), "train")

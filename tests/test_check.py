@@ -1,4 +1,4 @@
-"""medhybrid.check: every pair opened as training will; problems named with their file."""
+"""medhybrid.data.check: every pair opened as training will; problems named with their file."""
 
 from __future__ import annotations
 
@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from medhybrid.check import check_dataset, require_valid
-from medhybrid.config import load_dataset_spec
-from medhybrid.io import DataError
+from medhybrid.data.check import check_dataset, require_valid
+from medhybrid.data.io import DataError
+from medhybrid.data.specs import load_dataset_spec
 
 
 def test_check_good_dataset(tiny_spec):
@@ -68,7 +68,7 @@ def test_check_counts_ignored_pixels(v7_ignore_pair, tmp_path):
 
 
 def test_check_problem_list_is_capped(tiny_spec):
-    from medhybrid.check import CheckReport
+    from medhybrid.data.check import CheckReport
 
     report = CheckReport("x", problems=[f"/f{i}.png: broken" for i in range(60)])
     text = report.format()

@@ -1,4 +1,4 @@
-"""medhybrid.checkpoints: model files, training checkpoints and weight transfer by name and shape."""
+"""medhybrid.networks.checkpoints: model files, training checkpoints and weight transfer by name and shape."""
 
 from __future__ import annotations
 
@@ -6,7 +6,9 @@ import pytest
 import torch
 from conftest import TINY_UNET as TINY
 
-from medhybrid.checkpoints import (
+from medhybrid.data.io import DataError
+from medhybrid.data.specs import Preprocess
+from medhybrid.networks.checkpoints import (
     atomic_save,
     interpolate_weights,
     latest_checkpoint,
@@ -16,9 +18,7 @@ from medhybrid.checkpoints import (
     save_model,
     transfer_weights,
 )
-from medhybrid.config import Preprocess
-from medhybrid.io import DataError
-from medhybrid.networks import ModelConfig, build_network
+from medhybrid.networks.nets import ModelConfig, build_network
 
 pytestmark = pytest.mark.usefixtures("workdir")
 

@@ -73,8 +73,8 @@ def test_shipped_ablation_profiles():
     methods with diffusion (the generative-pretext question), both hybrid-target forms and nnU-Net; semi: every
     semi-supervised method beside its start; compare: every method; pretrain-500 sits between quick and standard on the
     length curve; full: nnU-Net's default trainer, the CPU profiles a shortened one."""
-    from medhybrid.ablation import load_ablation
-    from medhybrid.report import pretraining_iterations
+    from medhybrid.experiments.ablation import load_ablation
+    from medhybrid.experiments.report import pretraining_iterations
 
     for config in ("dermoscopy", "chest_xray"):
         quick, standard = load_ablation(config, "quick", []), load_ablation(config, "standard", [])
@@ -99,8 +99,8 @@ def test_shipped_ablation_profiles():
 
 
 def test_profiles_extend_and_select_methods(tmp_path):
-    from medhybrid.ablation import load_ablation
-    from medhybrid.config import ConfigError
+    from medhybrid.core.config import ConfigError
+    from medhybrid.experiments.ablation import load_ablation
 
     path = tmp_path / "abl.yaml"
     path.write_text("source: isic2018\ntarget: ph2\nmethods:\n  a: {pretrain: none}\n  b: {pretrain: supervised}\n"

@@ -1,4 +1,4 @@
-"""medhybrid.config: layered YAML, env expansion, overrides, validation errors and dataset specs."""
+"""medhybrid.core.config: layered YAML, env expansion, overrides, validation errors and dataset specs."""
 
 from __future__ import annotations
 
@@ -11,24 +11,21 @@ import yaml
 from conftest import REPO_ROOT
 from pydantic import Field
 
-from medhybrid.config import (
+from medhybrid.core.config import (
     PACKAGED_CONFIGS,
     ConfigError,
-    DatasetSpec,
-    MaskSpec,
-    Preprocess,
     StrictModel,
     apply_overrides,
     config_dir,
     expand_env,
     find_config,
     load_config,
-    load_dataset_spec,
     parse_override,
     save_config,
     validate,
 )
-from medhybrid.datasets import discover_pairs
+from medhybrid.data.datasets import discover_pairs
+from medhybrid.data.specs import DatasetSpec, MaskSpec, Preprocess, load_dataset_spec
 
 
 class Optim(StrictModel):

@@ -1,4 +1,4 @@
-"""medhybrid.datasets: pair discovery, split problems, few-shot subsets."""
+"""medhybrid.data.datasets: pair discovery, split problems, few-shot subsets."""
 
 from __future__ import annotations
 
@@ -7,9 +7,9 @@ import json
 import pytest
 from conftest import PH2
 
-from medhybrid.config import load_dataset_spec
-from medhybrid.datasets import discover_pairs, few_shot_ids, few_shot_pairs, load_pairs
-from medhybrid.io import DataError
+from medhybrid.data.datasets import discover_pairs, few_shot_ids, few_shot_pairs, load_pairs
+from medhybrid.data.io import DataError
+from medhybrid.data.specs import load_dataset_spec
 
 
 def _messages(problems) -> list[str]:
@@ -205,7 +205,7 @@ def test_required_splits_relax_the_pool_and_test_rule(tiny_dataset, tiny_overrid
 def test_csv_datalist_with_a_split_column_needs_no_split_file(data, tmp_path, capsys):
     """A new user's folder: pairs.csv (image, mask, split) and a five-line dataset YAML that leaves ``split`` at its
     default: the CSV's column is the split, and the missing split.json is no problem."""
-    from medhybrid.check import check_dataset
+    from medhybrid.data.check import check_dataset
 
     split = json.loads((PH2 / "split.json").read_text())
     rows = [(i, "pool") for i in split["pool"][:3]] + [(i, "test") for i in split["test"][:2]]

@@ -1,4 +1,4 @@
-"""medhybrid.dicom_seg: DICOM SEG results that reference their source image, on real and synthetic DICOM files."""
+"""medhybrid.data.dicom_seg: DICOM SEG results that reference their source image, on real and synthetic DICOM files."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ import pydicom
 import pytest
 from conftest import DICOM
 
-from medhybrid.dicom_seg import write_dicom_seg
-from medhybrid.io import DataError, read_image
+from medhybrid.data.dicom_seg import write_dicom_seg
+from medhybrid.data.io import DataError, read_image
 
 pytestmark = pytest.mark.filterwarnings("ignore:The string .* is unlikely to represent the intended person name")
 
@@ -62,7 +62,7 @@ def test_savemask_writes_png_and_seg_and_survives_a_dicom_without_uids(tmp_path,
     import torch
     from monai.data import MetaTensor
 
-    from medhybrid.transforms import SaveMask2Dd
+    from medhybrid.data.transforms import SaveMask2Dd
 
     good = write_dicom(tmp_path / "good.dcm", grey_pixels)
     ds = pydicom.dcmread(good)

@@ -1,4 +1,4 @@
-"""medhybrid.diffusion: EDM preconditioning, noise-level distributions, eq. 5 steps, Heun sampler, MDM masks."""
+"""medhybrid.networks.diffusion: EDM preconditioning, noise-level distributions, eq. 5 steps, Heun sampler, MDM masks."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from medhybrid import diffusion as D
+from medhybrid.networks import diffusion as D
 
 # --------------------------------------------------------------------------------------------- preconditioning
 # Reference values of Karras et al. 2022, Table 1 ("Ours"), computed independently of medhybrid: with mpmath at 40

@@ -379,7 +379,7 @@ def _medhybrid_checks(args: list[str], config_dir: Path, where: str) -> None:
     """medhybrid's parser accepts ``args``, and the shipped configs (and ablation profile) they name are in
     ``config_dir`` (looked up as medhybrid does, with ``MEDHYBRID_CONFIG_DIR``; not validated: that needs the data)."""
     from medhybrid.cli import build_parser
-    from medhybrid.config import find_config, read_yaml
+    from medhybrid.core.config import find_config, read_yaml
 
     try:
         ns = build_parser().parse_args(args)

@@ -1,4 +1,4 @@
-"""medhybrid.engines: the SupervisedTrainer (checkpoints, exact resume, EMA) and its helpers."""
+"""medhybrid.engines.fit: the SupervisedTrainer (checkpoints, exact resume, EMA) and its helpers."""
 
 from __future__ import annotations
 
@@ -8,12 +8,13 @@ import pytest
 import torch
 from conftest import TINY_UNET as TINY
 
-from medhybrid.batches import CorruptionPrepareBatch
-from medhybrid.checkpoints import latest_checkpoint
-from medhybrid.config import ConfigError, validate
-from medhybrid.engines import GradientClipping, TrainConfig, WiSEFT, fit, resolve_device, unwrap
-from medhybrid.losses import PretrainLoss
-from medhybrid.networks import ModelConfig, build_network
+from medhybrid.core.config import ConfigError, validate
+from medhybrid.engines.batches import CorruptionPrepareBatch
+from medhybrid.engines.fit import TrainConfig, fit, resolve_device
+from medhybrid.engines.handlers import GradientClipping, WiSEFT, unwrap
+from medhybrid.engines.losses import PretrainLoss
+from medhybrid.networks.checkpoints import latest_checkpoint
+from medhybrid.networks.nets import ModelConfig, build_network
 
 pytestmark = pytest.mark.usefixtures("workdir")
 
@@ -134,7 +135,7 @@ def test_fit_draws_each_epoch_in_the_sampler_order(tmp_path):
     """Epoch e sees exactly the batches of ``EpochSeededSampler`` at epoch e (so a resumed epoch sees the same ones)."""
     from ignite.engine import Events
 
-    from medhybrid.batches import EpochSeededSampler
+    from medhybrid.engines.batches import EpochSeededSampler
 
     seen: dict[int, list[int]] = {}
 
@@ -249,7 +250,7 @@ def test_sigterm_mid_epoch_checkpoints_that_iteration_and_resumes_exactly(tmp_pa
 
     from ignite.engine import Events
 
-    from medhybrid.engines import RunStopped
+    from medhybrid.core.runs import RunStopped
 
     full = _fit(tmp_path / "full", _cfg(checkpoint_every=1))
 
@@ -272,7 +273,7 @@ def test_a_full_disk_at_a_checkpoint_stops_in_one_line_and_keeps_the_previous_on
     stops with DiskFull naming the file, no partial file is left, and the first checkpoint loads and resumes."""
     import errno
 
-    from medhybrid.engines import DiskFull
+    from medhybrid.core.files import DiskFull
 
     real_save = torch.save
     writes = []

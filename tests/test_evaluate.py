@@ -1,4 +1,4 @@
-"""medhybrid.evaluate: native-resolution evaluation (the inference pipeline's masks), per-image metrics, CSV and overlays."""
+"""medhybrid.workflows.evaluate: native-resolution evaluation (the inference pipeline's masks), per-image metrics, CSV and overlays."""
 
 from __future__ import annotations
 
@@ -11,10 +11,10 @@ import pytest
 import torch
 from PIL import Image
 
-from medhybrid.config import Preprocess, load_dataset_spec
-from medhybrid.datasets import load_pairs
-from medhybrid.evaluate import binary_metrics, evaluate
-from medhybrid.transforms import IGNORE_INDEX
+from medhybrid.data.datasets import load_pairs
+from medhybrid.data.specs import Preprocess, load_dataset_spec
+from medhybrid.data.transforms import IGNORE_INDEX
+from medhybrid.workflows.evaluate import binary_metrics, evaluate
 
 pytestmark = pytest.mark.usefixtures("workdir")
 

@@ -1,4 +1,4 @@
-"""medhybrid.fewshot: a few-shot run's identity, folder, MLflow run and score."""
+"""medhybrid.workflows.fewshot: a few-shot run's identity, folder, MLflow run and score."""
 
 from __future__ import annotations
 
@@ -8,12 +8,13 @@ import pytest
 import torch
 from conftest import TINY_UNET as TINY
 
-from medhybrid import runs
-from medhybrid.config import ConfigError, Preprocess, load_dataset_spec
-from medhybrid.datasets import load_pairs
-from medhybrid.fewshot import claim_few_shot_run, evaluate_few_shot_run, few_shot_hash, open_few_shot_run
-from medhybrid.finetune import FinetuneConfig
-from medhybrid.networks import build_network
+from medhybrid.core import runs
+from medhybrid.core.config import ConfigError
+from medhybrid.data.datasets import load_pairs
+from medhybrid.data.specs import Preprocess, load_dataset_spec
+from medhybrid.networks.nets import build_network
+from medhybrid.workflows.fewshot import claim_few_shot_run, evaluate_few_shot_run, few_shot_hash, open_few_shot_run
+from medhybrid.workflows.finetune import FinetuneConfig
 
 pytestmark = pytest.mark.usefixtures("workdir")
 

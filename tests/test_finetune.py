@@ -1,4 +1,4 @@
-"""medhybrid.finetune: weight transfer, few-shot fine-tuning on a target's pool, and the point of it all:
+"""medhybrid.workflows.finetune: weight transfer, few-shot fine-tuning on a target's pool, and the point of it all:
 a pretrained start beats a random one at a tiny label budget."""
 
 from __future__ import annotations
@@ -10,20 +10,14 @@ import torch
 from conftest import PH2, artifact_paths, isic_yaml, mlflow_client, ph2_yaml, real_split
 from conftest import TINY_UNET as TINY
 
-from medhybrid.checkpoints import load_model, network_meta, save_model
-from medhybrid.config import ConfigError, Preprocess, load_config, load_dataset_spec, validate
-from medhybrid.datasets import few_shot_ids
-from medhybrid.evaluate import evaluate
-from medhybrid.finetune import (
-    AugmentConfig,
-    FinetuneConfig,
-    FinetuneSchedule,
-    augmentation,
-    initial_network,
-    run_finetuning,
-)
-from medhybrid.networks import build_network
-from medhybrid.pretrain import PretrainConfig, run_pretraining
+from medhybrid.core.config import ConfigError, load_config, validate
+from medhybrid.data.datasets import few_shot_ids
+from medhybrid.data.specs import Preprocess, load_dataset_spec
+from medhybrid.networks.checkpoints import load_model, network_meta, save_model
+from medhybrid.networks.nets import build_network
+from medhybrid.workflows.evaluate import evaluate
+from medhybrid.workflows.finetune import AugmentConfig, FinetuneConfig, FinetuneSchedule, augmentation, initial_network, run_finetuning
+from medhybrid.workflows.pretrain import PretrainConfig, run_pretraining
 
 pytestmark = pytest.mark.usefixtures("workdir")
 

@@ -1,4 +1,4 @@
-"""medhybrid.inference and ``medhybrid infer``: image files in (PNG, DICOM ...), masks of the input's exact size out,
+"""medhybrid.workflows.inference and ``medhybrid infer``: image files in (PNG, DICOM ...), masks of the input's exact size out,
 made with the model's own preprocessing; the same masks that evaluation scores."""
 
 from __future__ import annotations
@@ -13,12 +13,15 @@ from conftest import PH2, REPO_ROOT, ph2_yaml, real_split
 from conftest import TINY_UNET as TINY
 from PIL import Image
 
-from medhybrid.checkpoints import network_meta, save_model
 from medhybrid.cli import main
-from medhybrid.config import ConfigError, Preprocess, load_dataset_spec, validate
-from medhybrid.evaluate import binary_metrics, evaluate
-from medhybrid.finetune import FinetuneConfig, run_finetuning
-from medhybrid.inference import (
+from medhybrid.core.config import ConfigError, validate
+from medhybrid.data.io import DataError, read_image
+from medhybrid.data.specs import Preprocess, load_dataset_spec
+from medhybrid.networks.checkpoints import network_meta, save_model
+from medhybrid.networks.nets import build_network
+from medhybrid.workflows.evaluate import binary_metrics, evaluate
+from medhybrid.workflows.finetune import FinetuneConfig, run_finetuning
+from medhybrid.workflows.inference import (
     InferenceConfig,
     Segmenter,
     collect_inputs,
@@ -27,8 +30,6 @@ from medhybrid.inference import (
     load_segmenter,
     run_inference,
 )
-from medhybrid.io import DataError, read_image
-from medhybrid.networks import build_network
 
 pytestmark = pytest.mark.usefixtures("workdir")
 
@@ -99,7 +100,7 @@ def test_same_pixels_as_png_and_dicom_give_the_same_mask(model_pt, tmp_path, wri
 
 def test_masks_are_what_evaluation_scores(model_pt, tmp_path):
     """The inference path (files -> preprocessing from model.pt -> segment -> native size -> threshold) gives the
-    masks that :func:`medhybrid.evaluate.evaluate` scores: per-image Dice and IoU computed from the written PNGs
+    masks that :func:`medhybrid.workflows.evaluate.evaluate` scores: per-image Dice and IoU computed from the written PNGs
     against the real PH2 masks equal the evaluation's, in one batch or several."""
     test_ids = real_split(PH2)["test"][:2]
     images = [PH2 / "images" / f"{i}.png" for i in test_ids]
@@ -246,7 +247,7 @@ def test_a_bundle_folder_is_a_model(tmp_path, ph2_pair):
 def test_camera_size_jpeg_is_decoded_reduced_and_masked_at_full_size(model_pt, tmp_path, ph2_pair):
     """A 2000x1500 JPEG (a PH2 image upscaled) is decoded at a quarter of its size (the 32-pixel model's short side
     stays >= 128); its mask has the file's size and matches the mask of a full decode within Dice 0.98."""
-    from medhybrid.inference import inference_preprocessing, load_segmenter
+    from medhybrid.workflows.inference import inference_preprocessing, load_segmenter
 
     big = tmp_path / "camera.jpg"
     Image.open(ph2_pair[0]).convert("RGB").resize((2000, 1500), Image.BICUBIC).save(big, quality=92)

@@ -1,12 +1,12 @@
-"""medhybrid.inferers: the inferers read the right output channels."""
+"""medhybrid.networks.inferers: the inferers read the right output channels."""
 
 from __future__ import annotations
 
 import torch
 from monai.inferers import SimpleInferer
 
-from medhybrid import diffusion as D
-from medhybrid.inferers import SegmentationInferer
+from medhybrid.networks import diffusion as D
+from medhybrid.networks.inferers import SegmentationInferer
 
 EDM = D.EDMParams()
 

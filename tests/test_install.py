@@ -88,10 +88,11 @@ def test_wheel_ships_the_configs(installed):
 CHECK_CONFIGS = """
 import json, os, sys
 import medhybrid
-from medhybrid.ablation import load_ablation
-from medhybrid.config import ConfigError, config_dir, load_config, load_dataset_spec
-from medhybrid.finetune import FinetuneConfig
-from medhybrid.pretrain import PretrainConfig
+from medhybrid.experiments.ablation import load_ablation
+from medhybrid.core.config import ConfigError, config_dir, load_config
+from medhybrid.data.specs import load_dataset_spec
+from medhybrid.workflows.finetune import FinetuneConfig
+from medhybrid.workflows.pretrain import PretrainConfig
 
 data_root = os.environ.pop("MEDHYBRID_DATA_ROOT")
 try:
@@ -135,9 +136,9 @@ def test_installed_package_resolves_shipped_configs(installed):
 MAKE_MODEL = """
 import sys
 import torch
-from medhybrid.config import Preprocess
-from medhybrid.networks import ModelConfig, build_network
-from medhybrid.checkpoints import network_meta, save_model
+from medhybrid.data.specs import Preprocess
+from medhybrid.networks.nets import ModelConfig, build_network
+from medhybrid.networks.checkpoints import network_meta, save_model
 
 torch.manual_seed(0)
 cfg = ModelConfig(channels=(16, 32, 32), attention_levels=(False, False, False))

@@ -1,4 +1,4 @@
-"""medhybrid.io: every reader path, display orientation, DICOM semantics and errors naming the file."""
+"""medhybrid.data.io: every reader path, display orientation, DICOM semantics and errors naming the file."""
 
 from __future__ import annotations
 
@@ -9,8 +9,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from medhybrid.io import DataError, Image2DReader, atomic_write, file_suffix, read_image, reduction_factor, write_json
-from medhybrid.transforms import LoadImage2D
+from medhybrid.core.files import atomic_write, write_json
+from medhybrid.data.io import DataError, Image2DReader, file_suffix, read_image, reduction_factor
+from medhybrid.data.transforms import LoadImage2D
 
 
 def _loaded(path, channels=None) -> np.ndarray:
@@ -411,9 +412,9 @@ def test_dicom_without_preamble_or_file_meta_reads_like_the_file(name, tmp_path)
     import pydicom
     from pydicom.dataset import FileMetaDataset
 
-    from medhybrid.config import load_dataset_spec
-    from medhybrid.datasets import load_pairs
-    from medhybrid.io import file_channels, is_dicom_file
+    from medhybrid.data.datasets import load_pairs
+    from medhybrid.data.io import file_channels, is_dicom_file
+    from medhybrid.data.specs import load_dataset_spec
 
     ds = pydicom.dcmread(_pydicom_file(name))
     ds.file_meta, ds.preamble = FileMetaDataset(), None
@@ -431,7 +432,7 @@ def test_dicom_without_preamble_or_file_meta_reads_like_the_file(name, tmp_path)
 def test_encapsulated_syntax_from_the_codestream():
     from pydicom.encaps import encapsulate
 
-    from medhybrid.io import encapsulated_syntax
+    from medhybrid.data.io import encapsulated_syntax
 
     def stream(sof: int, near: int = 0) -> bytes:
         sos = bytes([0xFF, 0xDA, 0, 8, 1, 1, 0, near, 0, 0])
@@ -449,7 +450,7 @@ def test_palette_color_dicom_becomes_rgb():
     import pydicom
     from pydicom.pixels import apply_color_lut
 
-    from medhybrid.io import file_channels
+    from medhybrid.data.io import file_channels
 
     path = _pydicom_file("examples_palette.dcm")
     ds = pydicom.dcmread(path)

@@ -27,10 +27,10 @@ import yaml
 from conftest import DICOM, PH2, REPO_ROOT, real_split, running_server
 from PIL import Image
 
-from medhybrid.bundle import sha256
-from medhybrid.config import ConfigError
+from medhybrid.core.config import ConfigError
 from medhybrid.label.workspace import BundleNetwork, StudyLeases, check_bundle, pick_device, served_bundle, train_request
-from medhybrid.pretrain import free_port
+from medhybrid.workflows.bundle import sha256
+from medhybrid.workflows.pretrain import free_port
 
 LABEL_PYTHON = Path(os.environ.get("MEDHYBRID_LABEL_PYTHON", REPO_ROOT / ".venv-label" / "bin" / "python"))
 DERM = REPO_ROOT / "bundles" / "dermoscopy_lesion_segmentation"
@@ -179,8 +179,8 @@ def test_train_task_passes_wise_and_drops_it_from_scratch():
         shipped = json.loads((bundle / "configs" / "train.json").read_text())["wise"]
         r = got[str(bundle)]
         assert r["default"] == shipped
-        assert r["kept"][:2] == ["CheckpointLoader", "medhybrid.engines.WiSEFT"]
-        assert "CheckpointLoader" not in r["scratch"] and "medhybrid.engines.WiSEFT" not in r["scratch"]
+        assert r["kept"][:2] == ["CheckpointLoader", "medhybrid.engines.handlers.WiSEFT"]
+        assert "CheckpointLoader" not in r["scratch"] and "medhybrid.engines.handlers.WiSEFT" not in r["scratch"]
         assert len(r["scratch"]) == len(r["kept"]) - 2
         assert r["overrides"]["wise"] == 0.5  # the request's "0.5", typed
         assert r["overrides"]["unlabelled_datalist"] == [{"image": "/studies/u1.png"}]
@@ -311,10 +311,12 @@ def test_the_annotation_app_imports_inference_and_scoring_only():
     used = set()
     for m in ("medhybrid.label.main", "medhybrid.label.tasks", "medhybrid.label.workspace"):
         used |= _medhybrid_imports(m)
-    assert {"medhybrid.inference", "medhybrid.quality"} <= used
-    stack = {"medhybrid.ablation", "medhybrid.pretrain", "medhybrid.finetune", "medhybrid.active", "medhybrid.report",
-             "medhybrid.visualize", "medhybrid.pixel_features", "medhybrid.fewshot", "medhybrid.semi", "medhybrid.tracking"}
+    assert {"medhybrid.workflows.inference", "medhybrid.workflows.quality"} <= used
+    stack = {"medhybrid.experiments.ablation", "medhybrid.workflows.pretrain", "medhybrid.workflows.finetune",
+             "medhybrid.experiments.active", "medhybrid.experiments.report", "medhybrid.data.visualize",
+             "medhybrid.experiments.pixel_features", "medhybrid.workflows.fewshot", "medhybrid.engines.semi",
+             "medhybrid.core.tracking"}
     assert not used & stack, sorted(used & stack)
-    code = "import sys, medhybrid.label.workspace, medhybrid.inference, medhybrid.quality; print('ray' in sys.modules)"
+    code = "import sys, medhybrid.label.workspace, medhybrid.workflows.inference, medhybrid.workflows.quality; print('ray' in sys.modules)"
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert res.stdout.strip() == "False", res.stderr[-2000:]

@@ -1,13 +1,13 @@
-"""medhybrid.losses: EDM denoising loss, masked segmentation loss and the per-mode pretraining objective."""
+"""medhybrid.engines.losses: EDM denoising loss, masked segmentation loss and the per-mode pretraining objective."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from medhybrid import diffusion as D
-from medhybrid.losses import FinetuneLoss, PretrainLoss, SegmentationLoss, denoising_loss
-from medhybrid.transforms import IGNORE_INDEX
+from medhybrid.data.transforms import IGNORE_INDEX
+from medhybrid.engines.losses import FinetuneLoss, PretrainLoss, SegmentationLoss, denoising_loss
+from medhybrid.networks import diffusion as D
 
 
 def _label(b: int = 2, size: int = 16, seed: int = 0, classes: int = 2) -> torch.Tensor:

@@ -1,4 +1,4 @@
-"""medhybrid.metrics: segmentation and reconstruction metrics in the forms MONAI's handlers take."""
+"""medhybrid.engines.metrics: segmentation and reconstruction metrics in the forms MONAI's handlers take."""
 
 from __future__ import annotations
 
@@ -6,9 +6,9 @@ import pytest
 import torch
 from ignite.engine import Engine
 
-from medhybrid import diffusion as D
-from medhybrid.metrics import PerLevelMSE, dice_output_transform, label_to_onehot, logits_to_onehot, masked_prediction
-from medhybrid.transforms import IGNORE_INDEX
+from medhybrid.data.transforms import IGNORE_INDEX
+from medhybrid.engines.metrics import PerLevelMSE, dice_output_transform, label_to_onehot, logits_to_onehot, masked_prediction
+from medhybrid.networks import diffusion as D
 
 EDM = D.EDMParams()
 

@@ -1,15 +1,15 @@
-"""medhybrid.modes: each pretraining mode one registered object (corruption, objective, what it needs)."""
+"""medhybrid.networks.modes: each pretraining mode one registered object (corruption, objective, what it needs)."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from medhybrid import diffusion as D
-from medhybrid import modes
-from medhybrid.batches import CorruptionPrepareBatch, step_generator
-from medhybrid.losses import PretrainLoss
-from medhybrid.modes import PretrainMode, get_mode, mode_names, register
+from medhybrid.engines.batches import CorruptionPrepareBatch, step_generator
+from medhybrid.engines.losses import PretrainLoss
+from medhybrid.networks import diffusion as D
+from medhybrid.networks import modes
+from medhybrid.networks.modes import PretrainMode, get_mode, mode_names, register
 
 
 def test_the_five_modes_are_registered_with_what_they_need():

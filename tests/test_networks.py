@@ -1,4 +1,4 @@
-"""medhybrid.networks: the EDM-preconditioned MONAI U-Net shared by every method."""
+"""medhybrid.networks.nets: the EDM-preconditioned MONAI U-Net shared by every method."""
 
 from __future__ import annotations
 
@@ -6,9 +6,9 @@ import pytest
 import torch
 from conftest import TINY_UNET as TINY
 
-from medhybrid import diffusion as D
-from medhybrid.config import ConfigError, validate
-from medhybrid.networks import EDMPrecond, ModelConfig, build_network, mask_channels_for
+from medhybrid.core.config import ConfigError, validate
+from medhybrid.networks import diffusion as D
+from medhybrid.networks.nets import EDMPrecond, ModelConfig, build_network, mask_channels_for
 
 
 def _net(image_channels: int = 3, num_classes: int = 2, cfg: ModelConfig = TINY, seed: int = 0) -> EDMPrecond:

@@ -1,4 +1,4 @@
-"""medhybrid.nnunet: nnU-Net v2 on the same labelled subsets as every other method, scored by medhybrid's evaluator."""
+"""medhybrid.experiments.nnunet: nnU-Net v2 on the same labelled subsets as every other method, scored by medhybrid's evaluator."""
 
 from __future__ import annotations
 
@@ -12,9 +12,9 @@ import pytest
 from conftest import PH2, REPO_ROOT, isic_yaml, mlflow_client, ph2_yaml, real_split
 from PIL import Image
 
-from medhybrid.ablation import AblationConfig, run_ablation
-from medhybrid.config import validate
-from medhybrid.datasets import few_shot_ids
+from medhybrid.core.config import validate
+from medhybrid.data.datasets import few_shot_ids
+from medhybrid.experiments.ablation import AblationConfig, run_ablation
 
 TRAINER = "nnunet_trainers.nnUNetTrainer_40iterations"
 

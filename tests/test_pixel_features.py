@@ -1,4 +1,4 @@
-"""medhybrid.pixel_features: DDPM pixel features of a frozen U-Net + MLP ensemble (Baranchuk et al. 2022)."""
+"""medhybrid.experiments.pixel_features: DDPM pixel features of a frozen U-Net + MLP ensemble (Baranchuk et al. 2022)."""
 
 from __future__ import annotations
 
@@ -9,11 +9,11 @@ import torch
 from conftest import TINY_UNET as TINY
 from conftest import mlflow_client, ph2_yaml
 
-from medhybrid.config import ConfigError, Preprocess, load_dataset_spec, validate
-from medhybrid.datasets import load_pairs
-from medhybrid.evaluate import evaluate
-from medhybrid.networks import build_network
-from medhybrid.pixel_features import (
+from medhybrid.core.config import ConfigError, validate
+from medhybrid.data.datasets import load_pairs
+from medhybrid.data.specs import Preprocess, load_dataset_spec
+from medhybrid.data.transforms import IGNORE_INDEX, preprocessing
+from medhybrid.experiments.pixel_features import (
     EnsembleConfig,
     FeatureConfig,
     MLPEnsemble,
@@ -26,7 +26,8 @@ from medhybrid.pixel_features import (
     training_pixels,
     vote_entropy,
 )
-from medhybrid.transforms import IGNORE_INDEX, preprocessing
+from medhybrid.networks.nets import build_network
+from medhybrid.workflows.evaluate import evaluate
 
 
 @pytest.fixture
@@ -131,7 +132,7 @@ def test_config_refuses_a_source_dataset_or_a_missing_checkpoint(workdir, isic_t
 def test_diffusion_features_beat_a_majority_class_predictor_on_ph2(pretrain_cfg, isic_tiny, workdir, mlflow_uri):
     """Diffusion-pretrained tiny U-Net on 16 ISIC images, features + 5 MLPs from 2 PH2 labels, scored on 8 PH2 test
     images: above the all-background predictor in pixel accuracy, and Dice well above it (which scores 0)."""
-    from medhybrid.pretrain import run_pretraining
+    from medhybrid.workflows.pretrain import run_pretraining
 
     pre = run_pretraining(pretrain_cfg(isic_tiny, "diffusion", out="pre"))
     target = ph2_yaml(workdir / "datasets", n_pool=8, n_test=8)

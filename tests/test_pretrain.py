@@ -1,4 +1,4 @@
-"""medhybrid.pretrain: every mode on real images, its files and its MLflow run; reruns, resume after a kill,
+"""medhybrid.workflows.pretrain: every mode on real images, its files and its MLflow run; reruns, resume after a kill,
 several processes."""
 
 from __future__ import annotations
@@ -19,11 +19,11 @@ import yaml
 from conftest import ISIC, TINY_NET, TINY_TRAIN, artifact_paths, cli_env, mlflow_client, write_dataset_yaml
 from PIL import Image
 
-from medhybrid.checkpoints import load_model
-from medhybrid.config import ConfigError, apply_overrides, dump_config, load_config, validate
-from medhybrid.io import DataError
-from medhybrid.networks import ModelConfig, build_network
-from medhybrid.pretrain import MODES, PretrainConfig, run_pretraining
+from medhybrid.core.config import ConfigError, apply_overrides, dump_config, load_config, validate
+from medhybrid.data.io import DataError
+from medhybrid.networks.checkpoints import load_model
+from medhybrid.networks.nets import ModelConfig, build_network
+from medhybrid.workflows.pretrain import MODES, PretrainConfig, run_pretraining
 
 pytestmark = pytest.mark.usefixtures("workdir")
 
@@ -132,8 +132,8 @@ def test_modes_share_one_architecture(isic_tiny, pretrain_cfg):
 
 def test_pretrain_grey_source_with_ignored_pixels(v7_tiny, pretrain_cfg, mlflow_uri):
     """V7 chest X-rays: grey images of many sizes, masks with the ignore value 127."""
-    from medhybrid.pretrain import source_datasets
-    from medhybrid.transforms import IGNORE_INDEX
+    from medhybrid.data.transforms import IGNORE_INDEX
+    from medhybrid.workflows.pretrain import source_datasets
 
     cfg = pretrain_cfg(v7_tiny, "hybrid", "train.epochs=2", "train.epoch_length=3")
     train_ds, _ = source_datasets(cfg)
@@ -193,7 +193,7 @@ def test_same_run_name_different_folders_are_two_runs(isic_tiny, pretrain_cfg, m
 def test_config_hash_ignores_execution_settings(isic_tiny, pretrain_cfg):
     """How a run executes (progress bar, torch.compile) is not what it computes: same hash, so a run
     started one way resumes the other; a change to the schedule is a different run."""
-    from medhybrid.runs import config_hash
+    from medhybrid.core.runs import config_hash
 
     base = config_hash(pretrain_cfg(isic_tiny))
     assert config_hash(pretrain_cfg(isic_tiny, "hybrid", "train.compile=true", "train.progress=false")) == base
@@ -382,7 +382,7 @@ def _torchrun(config: Path, out: Path, mlflow_uri: str, n: int = 2) -> list[str]
 def test_the_ranks_shards_are_the_single_process_draw():
     """Every rank draws the same seeded order and takes its share: together the ranks see exactly the images one
     process with the global batch sees, none repeated or dropped, for labelled and unlabelled sources alike."""
-    from medhybrid.batches import EpochSeededSampler, MixedBatchSampler
+    from medhybrid.engines.batches import EpochSeededSampler, MixedBatchSampler
 
     one = EpochSeededSampler(10, 12, seed=3)
     ranks = [EpochSeededSampler(10, 6, seed=3, rank=r, world_size=2) for r in range(2)]

@@ -1,4 +1,4 @@
-"""medhybrid.quality: the uncertainty score (mask disagreement across noise levels) and the quality CSV of an
+"""medhybrid.workflows.quality: the uncertainty score (mask disagreement across noise levels) and the quality CSV of an
 inference run."""
 
 from __future__ import annotations
@@ -13,9 +13,9 @@ from conftest import PH2, real_split
 from conftest import TINY_UNET as TINY
 from PIL import Image
 
-from medhybrid.inference import Segmenter, infer_files, score_files
-from medhybrid.networks import EDMPrecond, build_network
-from medhybrid.quality import UncertaintyConfig, image_scores, mask_dice, mask_disagreement, rank_correlation, score_images
+from medhybrid.networks.nets import EDMPrecond, build_network
+from medhybrid.workflows.inference import Segmenter, infer_files, score_files
+from medhybrid.workflows.quality import UncertaintyConfig, image_scores, mask_dice, mask_disagreement, rank_correlation, score_images
 
 pytestmark = pytest.mark.usefixtures("workdir")
 

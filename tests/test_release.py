@@ -1,12 +1,12 @@
-"""medhybrid.release: a bundle's pretrained and fine-tuned weights interpolated (WiSE-FT) into its own network."""
+"""medhybrid.workflows.release: a bundle's pretrained and fine-tuned weights interpolated (WiSE-FT) into its own network."""
 
 from __future__ import annotations
 
 import torch
 from conftest import REPO_ROOT
 
-from medhybrid.checkpoints import interpolate_weights
-from medhybrid.inference import bundle_segmenter
+from medhybrid.networks.checkpoints import interpolate_weights
+from medhybrid.workflows.inference import bundle_segmenter
 
 DERM = REPO_ROOT / "bundles" / "dermoscopy_lesion_segmentation"
 

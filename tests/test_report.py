@@ -1,11 +1,11 @@
-"""medhybrid.report: paired comparisons on per-image scores, the best baseline, the verdict's inputs."""
+"""medhybrid.experiments.report: paired comparisons on per-image scores, the best baseline, the verdict's inputs."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from medhybrid.report import best_baseline, paired_comparisons, summary_table
+from medhybrid.experiments.report import best_baseline, paired_comparisons, summary_table
 
 
 def _rows_and_scores(gain: float, seeds=(0, 1, 2), budgets=(2, 5, 20), images=30):
@@ -55,7 +55,7 @@ def _fake_ablation(folder, name: str, iterations: int, gains: dict[str, float], 
     import csv
     import json
 
-    from medhybrid.ablation import AblationConfig
+    from medhybrid.experiments.ablation import AblationConfig
 
     rng = np.random.default_rng(iterations)
     for b in budgets:
@@ -80,7 +80,7 @@ def test_length_curve_pairs_the_shared_subsets_across_lengths(tmp_path):
     """The gap that grows with pretraining is found, on the subsets every length ran, with the recorded scores."""
     import csv
 
-    from medhybrid.report import write_length_curve
+    from medhybrid.experiments.report import write_length_curve
 
     cfgs = [_fake_ablation(tmp_path, "long", 1000, {"supervised": 0.0, "hybrid": 0.06}),
             _fake_ablation(tmp_path, "short", 200, {"supervised": 0.0, "hybrid": 0.0}, seeds=(0, 1, 2, 3)),
@@ -108,7 +108,7 @@ def test_a_profile_reports_only_its_methods(tmp_path):
     """Runs of other methods in the same folder (an earlier profile's) stay out of a profile's report."""
     import csv
 
-    from medhybrid.report import write_report
+    from medhybrid.experiments.report import write_report
 
     cfg = _fake_ablation(tmp_path, "abl", 200, {"supervised": 0.0, "hybrid": 0.02, "mdm": -0.1})
     narrow = cfg.model_copy(update={"methods": {m: cfg.methods[m] for m in ("supervised", "hybrid")}, "reference": "hybrid"})
@@ -121,8 +121,8 @@ def test_a_profile_reports_only_its_methods(tmp_path):
 def test_the_report_names_runs_whose_mlflow_records_still_wait(tmp_path):
     """A run folder with an outbox (records kept while the tracking server was down) is named in the report, with
     the command that sends them; a synced ablation says nothing."""
-    from medhybrid import tracking
-    from medhybrid.report import write_report
+    from medhybrid.core import tracking
+    from medhybrid.experiments.report import write_report
 
     cfg = _fake_ablation(tmp_path, "abl", 200, {"supervised": 0.0, "hybrid": 0.02})
     assert "Not yet in MLflow" not in write_report(cfg, tmp_path / "r1")["markdown"].read_text()
@@ -137,7 +137,7 @@ def test_the_wall_time_table_leaves_out_methods_that_ran_before_it_was_recorded(
     import json
     from types import SimpleNamespace
 
-    from medhybrid.report import _timing_lines
+    from medhybrid.experiments.report import _timing_lines
 
     inv = [{"device": "CPU (2 cores)", "wall_s": 900.0, "finished": True, "methods": {
         "old": {"pretrain_s": 0.001, "train_s": 0.002, "eval_s": 0.0},  # every run skipped as finished

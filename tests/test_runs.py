@@ -1,4 +1,4 @@
-"""medhybrid.runs: a run folder's state.json and its one MLflow run, found again on resume."""
+"""medhybrid.core.runs: a run folder's state.json and its one MLflow run, found again on resume."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ import json
 import pytest
 from conftest import cli_env, mlflow_client
 
-from medhybrid import runs, tracking
-from medhybrid.tracking import MLflowConfig
+from medhybrid.core import runs, tracking
+from medhybrid.core.tracking import MLflowConfig
 
 pytestmark = pytest.mark.usefixtures("workdir")
 
@@ -79,11 +79,11 @@ def test_a_folder_in_use_by_another_process_is_refused_naming_it(tmp_path):
     import sys
     import time
 
-    from medhybrid.runs import FolderInUse, Run
-    from medhybrid.tracking import MLflowConfig
+    from medhybrid.core.runs import FolderInUse, Run
+    from medhybrid.core.tracking import MLflowConfig
 
     folder = tmp_path / "run"
-    code = ("import sys, time; from pathlib import Path; from medhybrid.runs import Run; from medhybrid.tracking import "
+    code = ("import sys, time; from pathlib import Path; from medhybrid.core.runs import Run; from medhybrid.core.tracking import "
             "MLflowConfig; r = Run.claim(Path(sys.argv[1]), 'h', MLflowConfig(enabled=False)); print('held', flush=True); "
             "time.sleep(120)")
     holder = subprocess.Popen([sys.executable, "-c", code, str(folder)], stdout=subprocess.PIPE, text=True)
@@ -102,8 +102,8 @@ def test_a_folder_in_use_by_another_process_is_refused_naming_it(tmp_path):
 
 
 def test_the_lock_is_released_when_a_run_fails(tmp_path):
-    from medhybrid.runs import Run
-    from medhybrid.tracking import MLflowConfig
+    from medhybrid.core.runs import Run
+    from medhybrid.core.tracking import MLflowConfig
 
     run = Run.claim(tmp_path / "run", "h", MLflowConfig(enabled=False))
     with pytest.raises(RuntimeError), run.running():

@@ -1,4 +1,4 @@
-"""medhybrid.sampling: joint (image, mask) samples from a hybrid model with EDM's Heun sampler."""
+"""medhybrid.workflows.sampling: joint (image, mask) samples from a hybrid model with EDM's Heun sampler."""
 
 from __future__ import annotations
 
@@ -7,12 +7,12 @@ import torch
 from conftest import TINY_UNET as TINY
 from PIL import Image
 
-from medhybrid import diffusion as D
-from medhybrid.checkpoints import network_meta, save_model
 from medhybrid.cli import main
-from medhybrid.config import Preprocess, load_dataset_spec
-from medhybrid.networks import build_network
-from medhybrid.sampling import sample_pairs, sample_to_grid
+from medhybrid.data.specs import Preprocess, load_dataset_spec
+from medhybrid.networks import diffusion as D
+from medhybrid.networks.checkpoints import network_meta, save_model
+from medhybrid.networks.nets import build_network
+from medhybrid.workflows.sampling import sample_pairs, sample_to_grid
 
 pytestmark = pytest.mark.usefixtures("workdir")
 

@@ -1,4 +1,4 @@
-"""medhybrid.semi: the papers' math (ramp-up, consistency, confident pseudo-labels), the prepare-batch seams on real
+"""medhybrid.engines.semi: the papers' math (ramp-up, consistency, confident pseudo-labels), the prepare-batch seams on real
 PH2 images (which rows are labelled, what the unlabelled rows carry), that no unlabelled or test image ever reaches the
 mask loss, and that a killed semi-supervised fine-tune resumes to the same weights."""
 
@@ -12,13 +12,13 @@ import torch
 from conftest import PH2, real_split
 from test_finetune import _ft_cfg
 
-from medhybrid import semi as S
-from medhybrid.batches import MixedBatchSampler
-from medhybrid.checkpoints import load_model
-from medhybrid.config import validate
-from medhybrid.datasets import few_shot_pairs
-from medhybrid.finetune import FinetuneConfig, initial_network, run_finetuning, semi_training, unlabelled_items
-from medhybrid.transforms import IGNORE_INDEX
+from medhybrid.core.config import validate
+from medhybrid.data.datasets import few_shot_pairs
+from medhybrid.data.transforms import IGNORE_INDEX
+from medhybrid.engines import semi as S
+from medhybrid.engines.batches import MixedBatchSampler
+from medhybrid.networks.checkpoints import load_model
+from medhybrid.workflows.finetune import FinetuneConfig, initial_network, run_finetuning, semi_training, unlabelled_items
 
 pytestmark = pytest.mark.usefixtures("workdir")
 
@@ -163,7 +163,7 @@ def test_killed_semi_supervised_finetune_resumes_to_the_same_weights(ph2_tiny, w
 
 
 def test_semi_config_is_hashed_only_when_on(ph2_tiny, workdir, mlflow_uri):
-    from medhybrid.fewshot import few_shot_hash
+    from medhybrid.workflows.fewshot import few_shot_hash
 
     plain = _ft_cfg(ph2_tiny, workdir, mlflow_uri)
     off = validate(FinetuneConfig, {**plain.model_dump(mode="json"), "semi": {"algorithm": "none", "weight": 3.0}})

@@ -1,4 +1,4 @@
-"""medhybrid.threads: the CPU thread team follows the cores other processes leave free."""
+"""medhybrid.core.threads: the CPU thread team follows the cores other processes leave free."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ import sys
 import pytest
 import torch
 
-from medhybrid import threads
-from medhybrid.threads import OtherLoad, ThreadPolicy, threads_for
+from medhybrid.core import threads
+from medhybrid.core.threads import OtherLoad, ThreadPolicy, threads_for
 
 linux = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
 
@@ -74,9 +74,9 @@ def test_policy_shrinks_the_team_beside_a_busy_process_and_restores_it(monkeypat
 
 
 def test_threads_are_not_part_of_a_run_hash():
-    from medhybrid.config import load_dataset_spec
-    from medhybrid.fewshot import few_shot_hash
-    from medhybrid.finetune import FinetuneConfig
+    from medhybrid.data.specs import load_dataset_spec
+    from medhybrid.workflows.fewshot import few_shot_hash
+    from medhybrid.workflows.finetune import FinetuneConfig
 
     base = dict(dataset=load_dataset_spec("ph2").model_dump(), method="scratch", budget=2, seed=0, output_dir="x",
                 mlflow={"enabled": False})

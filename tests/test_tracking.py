@@ -1,4 +1,4 @@
-"""medhybrid.tracking: one MLflow run per medhybrid run, found again through state.json."""
+"""medhybrid.core.tracking: one MLflow run per medhybrid run, found again through state.json."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 from conftest import mlflow_client, mlflow_store
 
-from medhybrid import runs, tracking
-from medhybrid.tracking import MLflowConfig
+from medhybrid.core import runs, tracking
+from medhybrid.core.tracking import MLflowConfig
 
 pytestmark = pytest.mark.usefixtures("workdir")
 
@@ -174,7 +174,7 @@ def test_a_pretraining_outlives_its_tracking_server(workdir, isic_tiny, mlflow_t
     import yaml
     from conftest import TINY_NET, TINY_TRAIN, cli_env
 
-    from medhybrid.config import apply_overrides
+    from medhybrid.core.config import apply_overrides
 
     folder = workdir / "server"
     store = mlflow_store(mlflow_template, folder)
@@ -219,7 +219,7 @@ def test_a_pretraining_outlives_its_tracking_server(workdir, isic_tiny, mlflow_t
 
 
 def _open_store(uri: str) -> str:
-    from medhybrid import tracking as t
+    from medhybrid.core import tracking as t
 
     t.ensure_store(uri)
     return t.experiment_id(MLflowConfig(tracking_uri=uri))

@@ -1,4 +1,4 @@
-"""medhybrid.transforms: channels, masks to labels, intensity, resizing and the shipped preprocessing."""
+"""medhybrid.data.transforms: channels, masks to labels, intensity, resizing and the shipped preprocessing."""
 
 from __future__ import annotations
 
@@ -8,10 +8,10 @@ import torch
 from monai.data import MetaTensor
 from PIL import Image
 
-from medhybrid import transforms as ts
-from medhybrid.config import MaskSpec, Preprocess, load_dataset_spec
-from medhybrid.io import DataError
-from medhybrid.transforms import (
+from medhybrid.data import transforms as ts
+from medhybrid.data.io import DataError
+from medhybrid.data.specs import MaskSpec, Preprocess, load_dataset_spec
+from medhybrid.data.transforms import (
     IGNORE_INDEX,
     LoadImage2D,
     LoadImage2Dd,

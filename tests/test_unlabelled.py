@@ -1,4 +1,4 @@
-"""medhybrid.unlabelled: image-only sources (folders searched recursively, DICOM without a suffix, CSVs of images, a
+"""medhybrid.data.unlabelled: image-only sources (folders searched recursively, DICOM without a suffix, CSVs of images, a
 labelled dataset's split without its masks), their caches, mixed batches, and pretraining that uses them without ever
 giving an unlabelled image a mask loss."""
 
@@ -14,10 +14,10 @@ import torch
 from conftest import DICOM, OPENIST, PH2, TINY_NET, TINY_TRAIN, mlflow_client, ph2_yaml, real_split
 from PIL import Image
 
-from medhybrid.batches import CorruptionPrepareBatch, MixedBatchSampler
 from medhybrid.cli import main
-from medhybrid.config import ConfigError, Preprocess, load_config, load_dataset_spec, validate
-from medhybrid.unlabelled import (
+from medhybrid.core.config import ConfigError, load_config, validate
+from medhybrid.data.specs import Preprocess, load_dataset_spec
+from medhybrid.data.unlabelled import (
     MixedDataset,
     UnlabelledConfig,
     UnlabelledSource,
@@ -26,6 +26,7 @@ from medhybrid.unlabelled import (
     source_items,
     unlabelled_dataset,
 )
+from medhybrid.engines.batches import CorruptionPrepareBatch, MixedBatchSampler
 
 
 @pytest.fixture
@@ -48,7 +49,7 @@ def pacs(data, tmp_path, write_dicom) -> Path:
 
 
 def test_folder_of_images_is_an_image_only_dataset_searched_recursively(pacs):
-    from medhybrid.datasets import discover_pairs
+    from medhybrid.data.datasets import discover_pairs
 
     spec = load_dataset_spec(pacs)
     assert not spec.labelled and spec.channels == 1  # grey, read from the files: nobody had to say so
@@ -235,7 +236,7 @@ def test_cli_pretrains_from_a_folder_of_unlabelled_images_alone(mode, pacs, work
     state = json.loads((out / "state.json").read_text())
     assert state["status"] == "finished" and state["metrics"]["val_recon_mse"] > 0
     run = mlflow_client(mlflow_uri).get_run(state["mlflow_run_id"])
-    assert run.info.status == "FINISHED" and run.data.tags["medhybrid.unlabelled"] == "pacs"
+    assert run.info.status == "FINISHED" and run.data.tags["medhybrid.data.unlabelled"] == "pacs"
     assert "train_loss" in run.data.metrics
 
 
@@ -275,8 +276,8 @@ def test_hybrid_with_the_target_pool_never_gives_an_unlabelled_image_a_mask_loss
 
 
 def test_pretrain_config_rules(isic_tiny, pacs, workdir):
-    from medhybrid.pretrain import PretrainConfig
-    from medhybrid.runs import config_hash
+    from medhybrid.core.runs import config_hash
+    from medhybrid.workflows.pretrain import PretrainConfig
 
     base = [*TINY_NET, *TINY_TRAIN]
     with pytest.raises(ConfigError, match="cannot use unlabelled images"):

@@ -1,4 +1,4 @@
-"""medhybrid.visualize: uint8 tiles, mask overlays, grids and PNG files."""
+"""medhybrid.data.visualize: uint8 tiles, mask overlays, grids and PNG files."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
-from medhybrid.visualize import grid, overlay, save_png, to_uint8
+from medhybrid.data.visualize import grid, overlay, save_png, to_uint8
 
 pytestmark = pytest.mark.usefixtures("workdir")
 

@@ -27,7 +27,7 @@ from monailabel.config import settings
 from monailabel.datastore.local import LocalDatastore
 from monailabel.interfaces.app import MONAILabelApp
 
-from medhybrid.config import ConfigError
+from medhybrid.core.config import ConfigError
 from medhybrid.label.tasks import LeasedFirst, LeasedRandom, LeasedUncertainty, MedhybridInfer, MedhybridTrain
 from medhybrid.label.workspace import BundleNetwork, StudyLeases, served_bundle
 

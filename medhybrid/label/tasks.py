@@ -34,12 +34,12 @@ from monailabel.tasks.infer.bundle import BundleInferTask
 from monailabel.tasks.train.bundle import BundleTrainTask
 from monailabel.utils.others.generic import device_map
 
-from medhybrid.dicom_seg import write_dicom_seg
-from medhybrid.inference import score_files
-from medhybrid.io import DataError, is_dicom_file
+from medhybrid.data.dicom_seg import write_dicom_seg
+from medhybrid.data.io import DataError, is_dicom_file
+from medhybrid.data.transforms import SaveMask2D, SaveMask2Dd
 from medhybrid.label.workspace import BundleNetwork, StudyLeases, train_request
-from medhybrid.quality import UncertaintyConfig
-from medhybrid.transforms import SaveMask2D, SaveMask2Dd
+from medhybrid.workflows.inference import score_files
+from medhybrid.workflows.quality import UncertaintyConfig
 
 log = logging.getLogger("medhybrid")
 
@@ -122,7 +122,7 @@ class MedhybridTrain(BundleTrainTask):
             return super()._load_checkpoint(model_pytorch, pretrained, train_handlers)
         if not pretrained:  # from scratch: the bundle's own loader goes too, and WiSE-FT, which would pull the
             train_handlers.remove(loaders[0])  # trained weights back towards a random start
-            for h in _handlers(train_handlers, "medhybrid.engines.WiSEFT"):
+            for h in _handlers(train_handlers, "medhybrid.engines.handlers.WiSEFT"):
                 train_handlers.remove(h)
         elif os.path.exists(model_pytorch):
             loaders[0]["load_path"] = model_pytorch
@@ -182,7 +182,7 @@ class LeasedFirst(_Leased):
 
 
 class LeasedUncertainty(_Leased):
-    """Most uncertain study first: disagreement of the network's masks across noise levels (:mod:`medhybrid.active`),
+    """Most uncertain study first: disagreement of the network's masks across noise levels (:mod:`medhybrid.experiments.active`),
     under the served weights of the bundle named by the request's ``model`` (default: the first served). On the
     shipped target domains labelling in this order trained *worse* models than random order: use it to review the
     model's weakest predictions, ``random`` to choose training images. Scores are cached per weights and study."""

@@ -25,9 +25,9 @@ from typing import Any
 
 import torch
 
-from medhybrid.config import ConfigError
-from medhybrid.inference import bundle_segmenter
-from medhybrid.io import atomic_write, write_json
+from medhybrid.core.config import ConfigError
+from medhybrid.core.files import atomic_write, write_json
+from medhybrid.workflows.inference import bundle_segmenter
 
 log = logging.getLogger("medhybrid")
 
@@ -91,7 +91,7 @@ def served_bundle(source: str | os.PathLike, workdir: str | os.PathLike) -> Path
 class BundleNetwork:
     """A bundle's ``network_def`` loaded with its ``models/model.pt``; :meth:`get` reloads when the file changes.
 
-    :attr:`meta` describes the preprocessing in medhybrid's terms (:class:`medhybrid.config.Preprocess`), read from
+    :attr:`meta` describes the preprocessing in medhybrid's terms (:class:`medhybrid.data.specs.Preprocess`), read from
     the bundle's ``image_channels``, ``resolution`` and ``intensity`` ids."""
 
     def __init__(self, bundle: str | os.PathLike, device: str = "cpu"):

@@ -1,0 +1,164 @@
+"""What the MONAI bundles in ``bundles/`` call from their configs (``$medhybrid.workflows.bundle.<name>(...)``): datalists
+(labelled, and the unlabelled images that semi-supervised training reads), the semi-supervised seams of
+``train.json``, the bundle's weights file, and publishing a pretraining run's weights into a bundle.
+
+A bundle's weights (``models/model.pt``, ``models/pretrained.pt``) are plain state dicts of its ``network_def``, as
+MONAI's ``CheckpointLoader``, ``ckpt_export`` and MONAI Label's bundle tasks read them; the configs say everything
+else (preprocessing, network size), so a bundle folder and the installed package are all a user needs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from monai.engines.utils import default_prepare_batch
+from torch import nn
+
+from medhybrid.data.datasets import discover_pairs, load_pairs, select_split
+from medhybrid.data.io import DataError
+from medhybrid.data.specs import load_dataset_spec
+from medhybrid.data.unlabelled import MixedDataset
+from medhybrid.engines import semi as S
+from medhybrid.engines.handlers import unwrap
+from medhybrid.engines.losses import SegmentationLoss
+from medhybrid.networks.checkpoints import atomic_save, load_model
+from medhybrid.workflows.inference import collect_inputs
+
+log = logging.getLogger("medhybrid")
+
+
+def image_datalist(inputs: str | os.PathLike | Sequence[str | os.PathLike]) -> list[dict]:
+    """``[{"image": path}, ...]`` for every supported image file in a folder (sorted, not recursive), a file, or a
+    list of both (:func:`medhybrid.workflows.inference.collect_inputs`); raises :class:`DataError` when there is none."""
+    return [{"image": str(p)} for p in collect_inputs(inputs)]
+
+
+def labelled_datalist(source: str | os.PathLike, split: str | Sequence[str] | None = None, channels: int | None = None,
+                      allow_unlabelled: bool = False) -> list[dict]:
+    """``[{"image", "label"}, ...]`` of ``split`` from a labelled dataset: a folder with ``images/`` and ``masks/``
+    (each mask named as its image, splits from an optional ``split.json``), a decathlon-style JSON datalist (its
+    ``training`` section is the split ``train``, ``validation`` is ``val``, ``test`` is ``test``), a CSV datalist,
+    a medhybrid dataset YAML or a shipped dataset name (``ph2``: splits ``pool`` and ``test``).
+
+    ``split`` None, or a source that assigns no splits, takes every pair. ``channels`` (1 or 3) completes a folder or
+    datalist that does not say.
+    Raises :class:`DataError` naming every problem found (missing masks, unreadable split files, an empty split).
+    With ``allow_unlabelled``, an image of a folder whose mask is missing is left out instead (a training's unlabelled
+    image, :func:`unlabelled_datalist`).
+    """
+    p = Path(source)
+    # a folder or datalist is whatever the user labelled: no splits are required of it
+    overrides = ([f"channels={channels}"] if channels else []) + ["required_splits=[]"] if p.exists() else []
+    spec = load_dataset_spec(source, overrides=overrides)
+    if not spec.labelled:
+        raise DataError(source, "has no masks: a folder needs images/ and masks/, a datalist a label (or mask) column")
+    pairs = load_pairs(spec)
+    if any(q.get("split") for q in pairs):  # a source without splits is all one split
+        pairs = select_split(pairs, split)
+    if not pairs:
+        raise DataError(source, f"has no labelled images in split {split!r}" if split else "has no labelled images")
+    missing = [q["label"] for q in pairs if not Path(q["label"]).is_file()]
+    if missing and allow_unlabelled and p.is_dir():
+        pairs = [q for q in pairs if Path(q["label"]).is_file()]
+        missing = [] if pairs else missing
+    if missing:
+        shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+        raise DataError(source, f"{len(missing)} mask(s) not found: {shown}")
+    return [{"image": q["image"], "label": q["label"]} for q in pairs]
+
+
+def unlabelled_datalist(source: str | os.PathLike, split: str | Sequence[str] | None = None,
+                        extra: str | os.PathLike | Sequence[str | os.PathLike] | None = None) -> list[dict]:
+    """``[{"image"}, ...]``: the images a semi-supervised training reads without masks. From a folder with
+    ``images/`` and ``masks/``: the images of ``split`` that have no mask file (yet); and every image file of
+    ``extra`` (a folder, or a list of files and folders: a clinic's archive, the unlabelled studies of MONAI Label).
+    A shipped dataset name or a datalist gives none of its own (their images all have masks)."""
+    items: list[dict] = []
+    p = Path(source)
+    if p.is_dir() and (p / "images").is_dir() and (p / "masks").is_dir():
+        spec = load_dataset_spec(source, overrides=["channels=1", "required_splits=[]"])  # only paths are read here
+        pairs, _ = discover_pairs(spec)
+        if any(q.get("split") for q in pairs):
+            pairs = select_split(pairs, split)
+        items += [{"image": q["image"]} for q in pairs if not Path(q["label"]).is_file()]
+    if extra:
+        items += image_datalist(extra)
+    if items:
+        log.info("%d image(s) without masks for semi-supervised training (%s)", len(items),
+                 ", ".join(Path(d["image"]).name for d in items[:3]) + (" ..." if len(items) > 3 else ""))
+    return items
+
+
+def semi_seams(algorithm: str, labelled, unlabelled, batch_size: int, iterations: int, seed: int = 0,
+               mask_channels: int = 1, settings: dict | None = None) -> dict:
+    """What a bundle's ``train.json`` trains with: ``dataset``, ``batch_size``, ``per_batch`` (labelled, unlabelled
+    rows of a batch, for :class:`~medhybrid.engines.batches.MixedBatchSampler`), ``prepare_batch``, ``loss`` and ``attach``
+    (to call with the trainer). ``labelled`` and ``unlabelled`` are the two datasets, the second's items an ``image``
+    (and, for FixMatch, its ``image_strong`` view). The network is the bundle's mask-only ``Segmenter``, so the
+    algorithm is ``mean-teacher`` or ``fixmatch`` (:mod:`medhybrid.engines.semi`); ``none``, or no unlabelled image, trains
+    on the labels alone exactly as before. ``settings`` are :class:`~medhybrid.engines.semi.SemiConfig` fields."""
+    cfg = S.SemiConfig(algorithm=algorithm, **(settings or {}))
+    if cfg.algorithm == "denoise":
+        raise ValueError("a bundle's network outputs mask logits only: semi-supervised algorithm 'denoise' needs a "
+                         "medhybrid model (medhybrid finetune); use mean-teacher or fixmatch")
+    on = cfg.enabled and len(unlabelled) > 0
+    kl, ku = (batch_size, cfg.unlabelled_batch) if on else (batch_size, 0)
+    seams = {"dataset": MixedDataset(labelled, unlabelled if on else [], views=cfg.views if on else ()),
+             "batch_size": kl + ku, "per_batch": (kl, ku), "prepare_batch": default_prepare_batch,
+             "loss": SegmentationLoss(mask_channels)}
+    if not on:
+        if cfg.enabled:
+            log.warning("%s: no unlabelled image to learn from: training on the %d labelled ones alone", algorithm, len(labelled))
+        seams["attach"] = lambda trainer: None
+        return seams
+    prepare, loss = S.prepare_and_loss(cfg, iterations, 0, mask_channels, seed)
+    log.info("semi-supervised fine-tuning (%s): %d labelled, %d unlabelled images", cfg.algorithm, len(labelled), len(unlabelled))
+    seams.update(prepare_batch=prepare, loss=loss, attach=prepare.attach)
+    return seams
+
+
+def strong_views(algorithm: str, resolution: int, settings: dict | None = None) -> list:
+    """The transforms that give an unlabelled item its strongly augmented view (FixMatch); none otherwise."""
+    return S.SemiConfig(algorithm=algorithm, **(settings or {})).strong_transforms(resolution)
+
+
+def save_weights(network: nn.Module, path: str | os.PathLike) -> Path | None:
+    """Write ``network``'s state dict (unwrapped from DistributedDataParallel) to ``path`` atomically, from rank 0
+    only; other ranks return None. This is how a bundle's training publishes ``models/model.pt``."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_rank() != 0:
+        return None
+    state = {k: v.detach().cpu() for k, v in unwrap(network).state_dict().items()}
+    out = atomic_save(state, path)
+    log.info("bundle weights written: %s (sha256 %s)", out, sha256(out)[:12])
+    return out
+
+
+def publish_weights(checkpoint: str | os.PathLike, path: str | os.PathLike, network: nn.Module | None = None) -> Path:
+    """Publish the weights of a medhybrid run (``model.pt`` of a pretraining or fine-tuning run) as a bundle's
+    weights file: its state dict alone, atomically. With ``network`` (the bundle's ``network_def``), the weights
+    are first loaded into it strictly, so a size mismatch with the bundle's config fails here, naming both."""
+    net, _ = load_model(checkpoint)
+    if network is not None:
+        try:
+            network.load_state_dict(net.state_dict(), strict=True)
+        except RuntimeError as e:
+            raise DataError(checkpoint, f"does not fit the bundle's network_def: {e}") from e
+    return save_weights(net, path)  # type: ignore[return-value]
+
+
+def sha256(path: str | os.PathLike) -> str:
+    """The file's SHA-256 (hex), as ``large_files.yml`` lists it."""
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+__all__ = ["image_datalist", "labelled_datalist", "publish_weights", "save_weights", "semi_seams", "sha256",
+           "strong_views", "unlabelled_datalist"]

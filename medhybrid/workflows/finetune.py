@@ -1,0 +1,254 @@
+"""Few-shot fine-tuning on the target domain.
+
+Any pretrained ``model.pt`` (or random init, for the scratch baseline) is fine-tuned on ``budget``
+labelled images drawn from the target's ``pool`` (nested subsets per seed) with the mask loss, the
+network fed the clean image at sigma_min. There is no validation set in a few-label setting: the
+schedule is fixed by the config, and the target's ``test`` split is only read by :mod:`medhybrid.workflows.evaluate`.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from ignite.engine import Events
+from monai.data import CacheDataset
+from monai.transforms import Compose, RandAffined, RandFlipd, RandScaleIntensityd, RandShiftIntensityd
+from pydantic import Field, model_validator
+
+from medhybrid.core import runs, tracking
+from medhybrid.core.config import StrictModel, dump_config
+from medhybrid.data.check import require_valid
+from medhybrid.data.datasets import few_shot_pairs, load_pairs
+from medhybrid.data.specs import Preprocess
+from medhybrid.data.transforms import preprocessing
+from medhybrid.data.unlabelled import MixedDataset
+from medhybrid.engines import semi as S
+from medhybrid.engines.batches import MixedBatchSampler, SegmentationPrepareBatch
+from medhybrid.engines.fit import TrainConfig, fit
+from medhybrid.engines.losses import FinetuneLoss
+from medhybrid.networks import diffusion as D
+from medhybrid.networks.checkpoints import interpolate_weights, model_meta, network_meta, read_model_file, save_model, transfer_weights
+from medhybrid.networks.nets import EDMPrecond, ModelConfig, build_network
+from medhybrid.workflows.fewshot import FewShotRunConfig, claim_few_shot_run, open_few_shot_run, require_channels
+
+log = logging.getLogger("medhybrid")
+
+
+class AugmentConfig(StrictModel):
+    """Random augmentation of the few labelled images (MONAI dictionary transforms)."""
+
+    enabled: bool = True
+    flip: bool = True
+    rotate_degrees: float = Field(15.0, ge=0)
+    scale: float = Field(0.1, ge=0, description="random zoom range +-scale")
+    intensity: float = Field(0.1, ge=0, description="random intensity scale/shift range")
+
+
+class FinetuneSchedule(StrictModel):
+    """Iterations = clamp(per_label * budget, min_iterations, max_iterations), split into epochs."""
+
+    per_label: int = Field(20, ge=1)
+    min_iterations: int = Field(100, ge=1)
+    max_iterations: int = Field(400, ge=1)
+    epochs: int = Field(4, ge=1)
+
+    def iterations(self, budget: int) -> int:
+        return max(self.min_iterations, min(self.max_iterations, self.per_label * budget))
+
+
+class FinetuneConfig(FewShotRunConfig):
+    init: Path | None = Field(None, description="pretrained model.pt; None = random init (from scratch)")
+    preprocess: Preprocess = Field(default_factory=Preprocess)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    train: TrainConfig = Field(default_factory=lambda: TrainConfig(batch_size=8, lr=1e-4, warmup_iterations=20,
+                                                                  val_max_images=None, grad_clip=1.0))
+    schedule: FinetuneSchedule = Field(default_factory=FinetuneSchedule)
+    augment: AugmentConfig = Field(default_factory=AugmentConfig)
+    semi: S.SemiConfig = Field(default_factory=S.SemiConfig, description="semi-supervised fine-tuning: the pool's "
+                               "other images, without their masks, in every batch (medhybrid.engines.semi)")
+    unlabelled_exclude: list[str] = Field(default_factory=list, exclude_if=lambda v: not v,
+                                          description="pool ids never used as unlabelled images (a development set)")
+    wise: float = Field(1.0, ge=0.0, le=1.0, exclude_if=lambda v: v == 1.0,
+                        description="robust fine-tuning (WiSE-FT, Wortsman et al. 2022): the saved weights are "
+                        "(1 - wise) x pretrained + wise x fine-tuned; 1 = the fine-tuned weights alone (the default), "
+                        "0 = the pretrained network unchanged. Needs init")
+
+    @model_validator(mode="after")
+    def _wise_needs_init(self):
+        if self.wise < 1.0 and self.init is None:
+            raise ValueError(f"wise={self.wise} interpolates towards the pretrained weights: it needs init (a model.pt)")
+        return self
+
+
+def initial_network(cfg: FinetuneConfig) -> tuple[EDMPrecond, dict]:
+    """The network to fine-tune: the pretrained architecture with its weights, or a fresh one."""
+    torch.manual_seed(cfg.seed)
+    nc = cfg.dataset.mask.num_classes
+    if cfg.init is None:
+        return build_network(cfg.model, cfg.dataset.channels, nc), {"loaded": [], "skipped": {}, "missing": []}
+    ckpt = read_model_file(cfg.init)
+    meta = ckpt["meta"]
+    require_channels(meta, cfg)
+    pre = meta.get("preprocess", {})
+    if pre and pre.get("resolution") != cfg.preprocess.resolution:
+        log.warning("%s was pretrained at %s px, fine-tuning at %s px", cfg.init, pre.get("resolution"), cfg.preprocess.resolution)
+    net = build_network(ModelConfig(**meta["model"]), cfg.dataset.channels, nc)
+    report = transfer_weights(net, ckpt["state_dict"], str(cfg.init))
+    return net, report
+
+
+def augmentation(cfg: AugmentConfig, with_label: bool = True):
+    """The random augmentation of fine-tuning's images (and their labels): flips, a small affine, intensity jitter;
+    None when disabled. Without label it is the weak augmentation of unlabelled images (:mod:`medhybrid.engines.semi`)."""
+    if not cfg.enabled:
+        return None
+    keys = ["image", "label"] if with_label else ["image"]
+    modes = ("bilinear", "nearest") if with_label else "bilinear"
+    t = []
+    if cfg.flip:
+        t += [RandFlipd(keys, prob=0.5, spatial_axis=0), RandFlipd(keys, prob=0.5, spatial_axis=1)]
+    if cfg.rotate_degrees or cfg.scale:
+        r = cfg.rotate_degrees * 3.14159265 / 180
+        t.append(RandAffined(keys, prob=0.8, rotate_range=(r,), scale_range=(cfg.scale, cfg.scale),
+                             mode=modes, padding_mode="border"))
+    if cfg.intensity:
+        t += [RandScaleIntensityd("image", factors=cfg.intensity, prob=0.5),
+              RandShiftIntensityd("image", offsets=cfg.intensity, prob=0.5)]
+    return Compose(t)
+
+
+def training_dataset(cfg: FinetuneConfig, pairs: list[dict]) -> tuple[CacheDataset, Compose | None]:
+    """The labelled pairs as MONAI's ``CacheDataset``: each pair's deterministic preprocessing is cached, the random
+    augmentation (returned too, to be reseeded by :func:`reseeded_each_epoch`) runs on a copy at every draw."""
+    aug = augmentation(cfg.augment)
+    pre = preprocessing(cfg.dataset, cfg.preprocess)
+    transform = Compose([*pre.transforms, *aug.transforms]) if aug is not None else pre
+    return CacheDataset(pairs, transform=transform, progress=False, copy_cache=True), aug
+
+
+def reseeded_each_epoch(aug: Compose | list[Compose] | None, seed: int):
+    """An ``on_trainer`` hook: each of ``aug``'s random states set from (``seed``, epoch, its position) as each epoch
+    starts, so a resumed fine-tune draws the same augmentations as an uninterrupted one."""
+    augs = [] if aug is None else [aug] if isinstance(aug, Compose) else list(aug)
+
+    def attach(engine) -> None:
+        for i, a in enumerate(augs):
+            engine.add_event_handler(Events.EPOCH_STARTED,
+                                     lambda e, a=a, i=i: a.set_random_state(seed=seed * 1000 + e.state.epoch + 7919 * i))
+
+    return attach
+
+
+def unlabelled_items(cfg: FinetuneConfig, labelled_ids: list[str]) -> list[dict]:
+    """The semi-supervised run's unlabelled images: the pool's images outside the labelled subset and
+    ``cfg.unlabelled_exclude`` (sorted by id, the first ``semi.max_unlabelled``), as ``{"image", "id"}`` without their
+    masks. Only the pool is read: the target's ``test`` split never enters, with or without masks."""
+    skip = set(labelled_ids) | set(cfg.unlabelled_exclude)
+    pool = sorted((p for p in load_pairs(cfg.dataset, "pool") if p["id"] not in skip), key=lambda p: p["id"])
+    return [{"image": p["image"], "id": p["id"]} for p in pool[: cfg.semi.max_unlabelled or None]]
+
+
+def semi_training(cfg: FinetuneConfig, net: EDMPrecond, pairs: list[dict], unlabelled: list[dict], train_cfg: TrainConfig):
+    """The semi-supervised seams: ``(dataset, sampler, prepare_batch, loss, augmentations, train_cfg)``; the dataset
+    holds the labelled pairs then the unlabelled images (each weakly augmented, and given a strong view for
+    FixMatch), every batch ``k_l`` of the first and ``k_u`` of the second."""
+    semi = cfg.semi
+    labelled_ds, aug = training_dataset(cfg, pairs)
+    weak = augmentation(cfg.augment, with_label=False)
+    tail = [*(weak.transforms if weak is not None else []), *semi.strong_transforms(cfg.preprocess.resolution)]
+    u_aug = Compose(tail) if tail else None
+    pre = preprocessing(cfg.dataset, cfg.preprocess, with_label=False)
+    u_ds = CacheDataset(unlabelled, transform=Compose([*pre.transforms, *tail]), progress=False, copy_cache=True)
+    ds = MixedDataset(labelled_ds, u_ds, views=semi.views)
+    kl, ku = semi.per_batch(train_cfg.batch_size)
+    train_cfg = train_cfg.model_copy(update={"batch_size": kl + ku})
+    sampler = MixedBatchSampler(len(pairs), len(unlabelled), (kl, ku), train_cfg.epoch_length, seed=cfg.seed)
+    edm = D.EDMParams(sigma_min=net.sigma_min, sigma_data=net.sigma_data)  # the network's own constants
+    prepare, loss = S.prepare_and_loss(semi, train_cfg.iterations, net.image_channels, net.mask_channels, cfg.seed, edm)
+    return ds, sampler, prepare, loss, [a for a in (aug, u_aug) if a is not None], train_cfg
+
+
+@dataclass
+class FinetuneResult:
+    folder: Path
+    checkpoint: Path
+    run_id: str | None
+    ids: list[str]
+    transfer: dict
+
+
+def run_finetuning(cfg: FinetuneConfig) -> FinetuneResult:
+    """Fine-tune (or resume, or return the finished run of) ``cfg``. Writes ``model.pt``,
+    ``config.yaml``, ``subset.json`` (the ids used) and one MLflow run."""
+    folder, model_path = cfg.folder, cfg.folder / "model.pt"
+    run = claim_few_shot_run(cfg)
+    if run.finished:
+        done = run.state
+        return FinetuneResult(folder, model_path, done.get("mlflow_run_id"), done.get("ids", []), done.get("transfer", {}))
+
+    pairs = few_shot_pairs(cfg.dataset, cfg.budget, cfg.seed, ids=cfg.ids)  # pool only; raises on a budget larger than the pool
+    if cfg.train.check_data:
+        require_valid(cfg.dataset, splits=["pool"])
+    ids = [p["id"] for p in pairs]
+    budget = len(pairs)
+    iterations = cfg.schedule.iterations(budget)
+    epochs = min(cfg.schedule.epochs, iterations)
+    train_cfg = cfg.train.model_copy(update={"epochs": epochs, "epoch_length": max(1, iterations // epochs),
+                                             "batch_size": min(cfg.train.batch_size, max(2, budget)), "seed": cfg.seed})
+    run_id = open_few_shot_run(cfg, run, ids)
+    with run.running():
+        net, transfer = initial_network(cfg)
+        start = {k: v.detach().clone() for k, v in net.state_dict().items()} if cfg.wise < 1.0 else None
+        runs.write_state(folder, transfer={"loaded": len(transfer["loaded"]), "skipped": sorted(transfer["skipped"]),
+                                           "missing": transfer["missing"]})
+        unlabelled = unlabelled_items(cfg, ids) if cfg.semi.enabled else []
+        sampler = None
+        if unlabelled:
+            ds, sampler, prepare, loss, aug, train_cfg = semi_training(cfg, net, pairs, unlabelled, train_cfg)
+            log.info("semi-supervised fine-tuning (%s): %d labelled, %d unlabelled pool images", cfg.semi.algorithm,
+                     len(pairs), len(unlabelled))
+        else:
+            if cfg.semi.enabled:
+                log.warning("%s: no unlabelled pool image left beside the %d labelled ones: plain fine-tuning",
+                            cfg.semi.algorithm, len(pairs))
+            ds, aug = training_dataset(cfg, pairs)
+            prepare = SegmentationPrepareBatch()  # the clean image, fed at sigma_min
+            loss = FinetuneLoss(net.image_channels, net.mask_channels)
+        runs.write_state(folder, unlabelled=len(unlabelled))
+
+        mlflow = functools.partial(tracking.engine_handler, cfg.mlflow, run_id) if run_id else None
+        result = fit(net, ds, prepare, loss, train_cfg, folder, mlflow_handler_factory=mlflow, sampler=sampler,
+                     checkpoint_prefix="finetune", on_trainer=reseeded_each_epoch(aug, cfg.seed))
+        if start is not None:
+            _interpolate_towards_start(result.network, start, set(transfer["loaded"]), cfg)
+        meta = network_meta(result.network, ModelConfig(**_model_cfg(cfg)), cfg.preprocess, cfg.dataset, "finetune")
+        meta.update(method=cfg.method, budget=budget, seed=cfg.seed, **({"wise": cfg.wise} if cfg.wise < 1.0 else {}))
+        save_model(result.network, meta, model_path)
+    run.finish([folder / "config.yaml", folder / "subset.json"])
+    return FinetuneResult(folder, model_path, run_id, ids, transfer)
+
+
+def _interpolate_towards_start(net: EDMPrecond, start: dict[str, torch.Tensor], loaded: set[str],
+                               cfg: FinetuneConfig) -> None:
+    """The fine-tuned ``net`` replaced in place by its WiSE-FT interpolation with ``start``, the weights it had before
+    fine-tuning (transferred from ``cfg.init`` at the start of this run, also of a resumed one)."""
+    ft = net.state_dict()
+    pre = {k: v if k in loaded else ft[k] for k, v in start.items()}  # a re-initialised head: its fine-tuned values
+    net.load_state_dict(interpolate_weights(pre, ft, cfg.wise))
+    log.info("WiSE-FT: %d of %d tensors at %.2f x fine-tuned + %.2f x %s", len(loaded), len(ft), cfg.wise,
+             1 - cfg.wise, cfg.init)
+
+
+def _model_cfg(cfg: FinetuneConfig) -> dict:
+    if cfg.init is None:
+        return dump_config(cfg.model)
+    return model_meta(cfg.init)["model"]
+
+
+__all__ = ["augmentation", "AugmentConfig", "FinetuneConfig", "FinetuneResult", "FinetuneSchedule",
+           "initial_network", "reseeded_each_epoch", "run_finetuning", "semi_training", "training_dataset",
+           "unlabelled_items"]
