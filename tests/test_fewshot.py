@@ -36,20 +36,21 @@ def test_folder_lifecycle(ph2_tiny, workdir):
     """Open writes the resolved config, the subset and the state; a folder of another configuration is refused; a
     finished run with its model file is found, not redone."""
     cfg = _cfg(ph2_tiny, workdir)
-    run = claim_few_shot_run(cfg)
-    assert not run.finished
-    assert open_few_shot_run(cfg, run, ["a", "b"]) is None  # MLflow off: no run id
-    assert json.loads((cfg.folder / "subset.json").read_text()) == {"budget": 2, "seed": 0, "ids": ["a", "b"]}
-    assert (cfg.folder / "config.yaml").is_file() and runs.read_state(cfg.folder)["status"] == "running"
-    with pytest.raises(runs.FolderInUse, match="in use by process"):  # the run holds its folder until it ends
-        claim_few_shot_run(cfg)
-    run.finish([])
+    with claim_few_shot_run(cfg) as run:
+        assert not run.finished
+        assert open_few_shot_run(cfg, run, ["a", "b"]) is None  # MLflow off: no run id
+        assert json.loads((cfg.folder / "subset.json").read_text()) == {"budget": 2, "seed": 0, "ids": ["a", "b"]}
+        assert (cfg.folder / "config.yaml").is_file() and runs.read_state(cfg.folder)["status"] == "running"
+        with pytest.raises(runs.FolderInUse, match="in use by process"):  # the run holds its folder until it ends
+            claim_few_shot_run(cfg)
+        run.finish([])
     with pytest.raises(ConfigError, match="different configuration"):
         claim_few_shot_run(cfg.model_copy(update={"seed": 3}))
-    assert not claim_few_shot_run(cfg).finished  # finished, but no model.pt: train it again
+    with claim_few_shot_run(cfg) as again:
+        assert not again.finished  # finished, but no model.pt: train it again
     (cfg.folder / "model.pt").write_bytes(b"")
-    again = claim_few_shot_run(cfg)
-    assert again.finished and again.state["status"] == "finished" and again.state["ids"] == ["a", "b"]
+    with claim_few_shot_run(cfg) as again:
+        assert again.finished and again.state["status"] == "finished" and again.state["ids"] == ["a", "b"]
 
 
 def test_scores_name_the_set_they_come_from(ph2_tiny, workdir):

@@ -95,20 +95,44 @@ def test_a_folder_in_use_by_another_process_is_refused_naming_it(tmp_path):
         holder.kill()
         holder.wait()
     time.sleep(0.1)
-    run = Run.claim(folder, "h", MLflowConfig(enabled=False))
-    assert run.lock.held and not run.finished
-    run.finish([])
-    assert not run.lock.held and Run.claim(folder, "h", MLflowConfig(enabled=False)).finished is False  # no model.pt
+    with Run.claim(folder, "h", MLflowConfig(enabled=False)) as run:
+        assert run.lock.held and not run.finished
+        run.start(_Cfg(), "r")
+        run.finish([])
+    assert not run.lock.held
+    with Run.claim(folder, "h", MLflowConfig(enabled=False)) as again:
+        assert again.finished is False  # finished, but no model.pt
 
 
-def test_the_lock_is_released_when_a_run_fails(tmp_path):
-    from medhybrid.core.runs import Run
+def test_the_lock_is_released_and_the_run_marked_when_it_fails_or_stops(tmp_path):
+    """Leaving the run's block releases its lock whatever happens; an exception after the start marks the folder
+    failed, a graceful stop marks it stopped, and an exception before the start leaves the state alone."""
+    import signal
+
+    from medhybrid.core.runs import Run, RunStopped, read_state
     from medhybrid.core.tracking import MLflowConfig
 
-    run = Run.claim(tmp_path / "run", "h", MLflowConfig(enabled=False))
-    with pytest.raises(RuntimeError), run.running():
+    off = MLflowConfig(enabled=False)
+    with pytest.raises(RuntimeError), Run.claim(tmp_path / "early", "h", off) as run:
+        raise RuntimeError("before the start")
+    assert not run.lock.held and read_state(tmp_path / "early").get("status") is None
+    with pytest.raises(RuntimeError), Run.claim(tmp_path / "run", "h", off) as run:
+        run.start(_Cfg(), "r")
         raise RuntimeError("boom")
-    assert not run.lock.held and Run.claim(tmp_path / "run", "h", MLflowConfig(enabled=False)).lock.held
+    assert not run.lock.held and read_state(tmp_path / "run")["status"] == "failed"
+    with pytest.raises(RunStopped), Run.claim(tmp_path / "run", "h", off) as run:
+        run.start(_Cfg(), "r")
+        raise RunStopped(signal.SIGTERM, 3, None)
+    assert not run.lock.held and read_state(tmp_path / "run")["status"] == "stopped"
+    with Run.claim(tmp_path / "run", "h", off) as again:
+        assert again.lock.held and not again.finished
+
+
+class _Cfg:
+    """The least a run's config must offer :meth:`Run.start` (it is written as config.yaml)."""
+
+    def model_dump(self, mode="json"):
+        return {"k": 1}
 
 
 # --------------------------------------------------------------------------------------------- two processes, one folder

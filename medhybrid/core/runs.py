@@ -238,19 +238,22 @@ def experiment(folder: Path, mlflow: MLflowConfig, run_name: str, params: Mappin
 
 
 class Run:
-    """The one lifecycle of every run (pretraining, fine-tuning, DDPM-features head) in its folder::
+    """The one lifecycle of every run (pretraining, fine-tuning, DDPM-features head, nnU-Net) in its folder, as one
+    context manager::
 
-        run = Run.claim(folder, run_hash, cfg.mlflow)     # refuses a folder holding another configuration
-        if run.finished:                                  # finished, with its model.pt: nothing to do
-            return ...run.state...
-        run.start(cfg, run_name, params, tags)            # config.yaml, state.json "running", the MLflow run
-        with run.running():                               # any exception (a kill) marks both failed, and propagates
+        with Run.claim(folder, run_hash, cfg.mlflow) as run:  # the folder's lock; refuses another configuration
+            if run.finished:                                  # finished, with its product (model.pt): nothing to do
+                return ...run.state...
+            run.start(cfg, run_name, params, tags)            # config.yaml, state.json "running", the MLflow run
             ...train, write model.pt...
-        run.finish(artifacts, metrics=...)                # artifacts logged, both marked finished
+            run.finish(artifacts, metrics=...)                # artifacts logged, both marked finished
 
-    Re-running the same configuration resumes into the same folder and MLflow run. From claim to finish the run holds
-    the folder's :class:`RunLock`: a second process claiming the same folder (the same command started twice, two
-    ablations with one output folder) stops at once with :class:`FolderInUse`, naming the holder."""
+    Leaving the block releases the lock, in this one place, however it is left. An exception after :meth:`start`
+    (a kill included) marks the folder and its MLflow run failed (stopped and KILLED after a graceful stop,
+    :class:`RunStopped`) and propagates; re-running the same configuration resumes into the same folder and MLflow
+    run. While the block runs, a second process claiming the same folder (the same command started twice, two
+    ablations with one output folder) stops at once with :class:`FolderInUse`, naming the holder. The MLflow writes
+    behind it go through the run folder's outbox (:mod:`medhybrid.core.tracking`) while the server is down."""
 
     def __init__(self, folder: Path, run_hash: str, mlflow: MLflowConfig, state: dict, lock: RunLock | None = None,
                  product: str = "model.pt"):
@@ -258,25 +261,35 @@ class Run:
         self.run_id: str | None = state.get("mlflow_run_id")
         self.lock = lock
         self.product = product
+        self.started = self.closed = False
 
     @classmethod
     def claim(cls, folder: Path, run_hash: str, mlflow: MLflowConfig, product: str = "model.pt") -> Run:
-        """Claim ``folder`` (lock it, refuse another configuration). ``product``: the file, relative to the folder, whose
-        presence beside a finished state means there is nothing left to do (``model.pt`` for a trained network)."""
+        """Claim ``folder``: take its lock and refuse a folder holding another configuration. ``product``: the file,
+        relative to the folder, whose presence beside a finished state means there is nothing left to do
+        (``model.pt`` for a trained network). Use the result as a context manager."""
         lock = RunLock(folder)
         lock.acquire()
         try:
-            run = cls(folder, run_hash, mlflow, claim_folder(folder, run_hash), lock, product)
+            return cls(folder, run_hash, mlflow, claim_folder(folder, run_hash), lock, product)
         except BaseException:
             lock.release()
             raise
-        if run.finished:  # nothing to do: the folder is free again
-            lock.release()
-        return run
 
-    def __del__(self):
-        if getattr(self, "lock", None) is not None:
-            self.lock.release()
+    def __enter__(self) -> Run:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> bool:
+        try:
+            if exc is not None and self.started and not self.closed:
+                stopped = isinstance(exc, RunStopped)
+                if self.run_id:
+                    tracking.finish_run(self.mlflow, self.run_id, "KILLED" if stopped else "FAILED")
+                write_state(self.folder, status="stopped" if stopped else "failed")
+        finally:
+            if self.lock is not None:
+                self.lock.release()
+        return False
 
     @property
     def finished(self) -> bool:
@@ -286,35 +299,17 @@ class Run:
               tags: Mapping[str, str] | None = None, parent_run_id: str | None = None, **state) -> str | None:
         """Write the resolved ``config.yaml`` and ``state.json`` (running, with ``state``), then open (or reopen) the
         MLflow run when tracking is on. Returns the MLflow run id (None with MLflow off)."""
-        try:
-            save_config(cfg, self.folder / "config.yaml")
-            write_state(self.folder, config_hash=self.run_hash, status="running", **state)
-            self.run_id = open_run(self.mlflow, self.folder, run_name, params=params, tags=tags,
-                                   parent_run_id=parent_run_id) if self.mlflow.enabled else None
-        except BaseException:
-            if self.lock is not None:
-                self.lock.release()
-            raise
+        save_config(cfg, self.folder / "config.yaml")
+        write_state(self.folder, config_hash=self.run_hash, status="running", **state)
+        self.run_id = open_run(self.mlflow, self.folder, run_name, params=params, tags=tags,
+                               parent_run_id=parent_run_id) if self.mlflow.enabled else None
+        self.started = True
         return self.run_id
 
-    @contextlib.contextmanager
-    def running(self):
-        """:func:`failing_marks` for this run; on a failure the folder's lock is released too."""
-        try:
-            with failing_marks(self.mlflow, self.folder, self.run_id):
-                yield
-        except BaseException:
-            if self.lock is not None:
-                self.lock.release()
-            raise
-
     def finish(self, artifacts: list[Path], **state) -> None:
-        """:func:`close_run` for this run, then the folder's lock is released."""
-        try:
-            close_run(self.mlflow, self.folder, self.run_id, artifacts, **state)
-        finally:
-            if self.lock is not None:
-                self.lock.release()
+        """:func:`close_run` for this run: artifacts logged, the folder and its MLflow run marked finished."""
+        close_run(self.mlflow, self.folder, self.run_id, artifacts, **state)
+        self.closed = True
 
 
 __all__ = ["claim_folder", "close_run", "config_hash", "EXECUTION_ONLY", "experiment", "failing_marks", "open_run", "read_state",

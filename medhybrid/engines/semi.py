@@ -20,12 +20,16 @@ pixels (:class:`medhybrid.data.unlabelled.MixedDataset`), so the mask loss never
 - ``denoise`` (hybrid fine-tuning): the hybrid's own objective on the unlabelled rows, EDM's weighted denoising loss
   at log-normal noise levels (Karras et al. 2022, eq. 2 and Table 1), beside the mask loss on the labelled rows at
   sigma_min. Needs the network's image channels (a medhybrid model, not a bundle's mask-only ``Segmenter``).
+
+Each algorithm is one :class:`SemiAlgorithm` subclass, decorated with :func:`register`: its defaults, the views an
+unlabelled item carries, its prepare-batch seam and its unsupervised term. A new algorithm is one new class here;
+configs name it by ``name``.
 """
 
 from __future__ import annotations
 
 import math
-from typing import ClassVar, Literal
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -41,7 +45,7 @@ from monai.transforms import (
     RandShiftIntensityd,
 )
 from monai.utils import CommonKeys as Keys
-from pydantic import Field
+from pydantic import Field, field_validator
 from torch import nn
 
 from medhybrid.core.config import StrictModel
@@ -52,6 +56,13 @@ from medhybrid.networks.diffusion import denoising_loss
 
 __all__ = [
     "STRONG_KEY",
+    "SemiAlgorithm",
+    "MeanTeacher",
+    "FixMatch",
+    "Denoise",
+    "algorithm_names",
+    "get_algorithm",
+    "register",
     "DenoisePrepareBatch",
     "FixMatchPrepareBatch",
     "MeanTeacherPrepareBatch",
@@ -121,7 +132,7 @@ class StrongAugmentConfig(StrictModel):
 class SemiConfig(StrictModel):
     """Semi-supervised fine-tuning. ``algorithm: none`` is plain fine-tuning on the labelled subset."""
 
-    algorithm: Literal["none", "mean-teacher", "fixmatch", "denoise"] = "none"
+    algorithm: str = Field("none", description="none, or a registered algorithm: mean-teacher, fixmatch, denoise")
     unlabelled_batch: int = Field(8, ge=1, description="unlabelled images in each batch, beside the labelled ones (8 "
                                   "beside fine-tuning's 8 labelled: an iteration costs about twice plain fine-tuning's)")
     weight: float | None = Field(None, ge=0, description="weight of the unsupervised term; None: the algorithm's "
@@ -135,20 +146,33 @@ class SemiConfig(StrictModel):
     strong: StrongAugmentConfig = Field(default_factory=StrongAugmentConfig)
     max_unlabelled: int | None = Field(None, ge=1, description="use at most N unlabelled pool images (None: all)")
 
-    DEFAULT_WEIGHT: ClassVar[dict[str, float]] = {"mean-teacher": 1.0, "fixmatch": 1.0, "denoise": 1.0}
-    DEFAULT_RAMPUP: ClassVar[dict[str, float]] = {"mean-teacher": 0.4, "fixmatch": 0.0, "denoise": 0.0}
+    @field_validator("algorithm")
+    @classmethod
+    def _known(cls, v: str) -> str:
+        if v != "none":
+            get_algorithm(v)
+        return v
 
     @property
     def enabled(self) -> bool:
         return self.algorithm != "none"
 
     @property
+    def method(self) -> SemiAlgorithm | None:
+        """The registered algorithm (None for ``none``)."""
+        return get_algorithm(self.algorithm) if self.enabled else None
+
+    @property
     def unsupervised_weight(self) -> float:
-        return self.DEFAULT_WEIGHT.get(self.algorithm, 0.0) if self.weight is None else self.weight
+        if self.weight is not None:
+            return self.weight
+        return self.method.default_weight if self.enabled else 0.0
 
     @property
     def rampup_share(self) -> float:
-        return self.DEFAULT_RAMPUP.get(self.algorithm, 0.0) if self.rampup is None else self.rampup
+        if self.rampup is not None:
+            return self.rampup
+        return self.method.default_rampup if self.enabled else 0.0
 
     def per_batch(self, labelled: int) -> tuple[int, int]:
         """(labelled, unlabelled) rows of a batch with ``labelled`` labelled rows."""
@@ -156,8 +180,8 @@ class SemiConfig(StrictModel):
 
     @property
     def views(self) -> tuple[str, ...]:
-        """The further image keys an unlabelled item carries: FixMatch's strong view."""
-        return (STRONG_KEY,) if self.algorithm == "fixmatch" else ()
+        """The further image keys an unlabelled item carries (FixMatch's strong view)."""
+        return self.method.views if self.enabled else ()
 
     def strong_transforms(self, resolution: int) -> list:
         """The transforms that add an unlabelled item's strong view (FixMatch), after its weak augmentation; none
@@ -288,51 +312,131 @@ class SemiSupervisedLoss(nn.Module):
     """``mask loss on the labelled rows + weight(t) * unsupervised term``.
 
     The mask loss (:class:`medhybrid.engines.losses.SegmentationLoss`) is averaged over the labelled rows only; the
-    unsupervised term over the rows it applies to: every row (mean teacher's consistency), the unlabelled rows
-    (FixMatch's pseudo-labels, the denoising loss). ``image_channels`` is 0 for a network whose output is mask
-    logits alone (a bundle's ``Segmenter``). The last batch's terms are kept in :attr:`terms` for logging.
+    unsupervised term (:meth:`SemiAlgorithm.unsupervised`) over the rows it applies to: every row (mean teacher's
+    consistency), the unlabelled rows (FixMatch's pseudo-labels, the denoising loss). ``image_channels`` is 0 for a
+    network whose output is mask logits alone (a bundle's ``Segmenter``). The last batch's terms are kept in
+    :attr:`terms` for logging.
     """
 
     def __init__(self, algorithm: str, image_channels: int, mask_channels: int = 1, threshold: float = 0.95,
                  sigma_data: float = 0.5):
         super().__init__()
-        if algorithm not in ("mean-teacher", "fixmatch", "denoise"):
-            raise ValueError(f"unknown semi-supervised algorithm {algorithm!r}")
-        if algorithm == "denoise" and image_channels == 0:
-            raise ValueError("denoise needs a network that outputs the denoised image (a medhybrid model), not mask "
+        self.method = get_algorithm(algorithm)
+        if self.method.needs_image_channels and image_channels == 0:
+            raise ValueError(f"{algorithm} needs a network that outputs the denoised image (a medhybrid model), not mask "
                              "logits alone")
         self.algorithm, self.image_channels, self.threshold, self.sigma_data = algorithm, image_channels, threshold, sigma_data
         self.seg = SegmentationLoss(mask_channels)
         self.terms: dict[str, float] = {}
 
     def forward(self, pred: torch.Tensor, target: dict) -> torch.Tensor:
-        c = self.image_channels
-        logits, lab = pred[:, c:], target["labelled"].float()
-        unl = 1.0 - lab
-        seg = self.seg(logits, target["label"])
+        lab = target["labelled"].float()
+        seg = self.seg(pred[:, self.image_channels :], target["label"])
         mask_loss = (seg * lab).sum() / lab.sum().clamp(min=1)
-        if self.algorithm == "mean-teacher":
-            unsup = consistency_loss(logits, target["teacher_probs"]).mean()
-        elif self.algorithm == "fixmatch":
-            u = confident_pseudo_label_loss(logits, target["teacher_probs"], self.threshold)
-            unsup = (u * unl).sum() / unl.sum().clamp(min=1)
-        else:
-            den = denoising_loss(pred[:, :c], target["image"], target["sigma"], self.sigma_data)
-            unsup = (den * unl).sum() / unl.sum().clamp(min=1)
+        unsup = self.method.unsupervised(self, pred, target, 1.0 - lab)
         w = float(target["weight"])
         self.terms = {"mask_loss": float(mask_loss.detach()), "unsupervised_loss": float(unsup.detach()), "unsupervised_weight": w}
         return mask_loss + w * unsup
+
+
+def _mean_over(per_sample: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    return (per_sample * rows).sum() / rows.sum().clamp(min=1)
+
+
+# --------------------------------------------------------------------------------------------- the algorithms
+_REGISTRY: dict[str, SemiAlgorithm] = {}
+
+
+def register(cls: type[SemiAlgorithm]) -> type[SemiAlgorithm]:
+    """Class decorator: make the algorithm available by its ``name``."""
+    _REGISTRY[cls.name] = cls()
+    return cls
+
+
+def get_algorithm(name: str) -> SemiAlgorithm:
+    """The registered algorithm called ``name``; ValueError naming the known ones otherwise."""
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        raise ValueError(f"unknown semi-supervised algorithm {name!r}; known: none, {', '.join(algorithm_names())}") from None
+
+
+def algorithm_names() -> tuple[str, ...]:
+    return tuple(_REGISTRY)
+
+
+class SemiAlgorithm:
+    """One semi-supervised algorithm: its defaults, the views an unlabelled item carries, its prepare-batch seam and
+    its unsupervised term. Subclasses set the class attributes and implement :meth:`prepare` and :meth:`unsupervised`."""
+
+    name: ClassVar[str] = ""
+    default_weight: ClassVar[float] = 1.0
+    """Weight of the unsupervised term (after its ramp-up) when the config leaves ``weight`` unset."""
+    default_rampup: ClassVar[float] = 0.0
+    """Share of the iterations over which the weight ramps up, when the config leaves ``rampup`` unset."""
+    views: ClassVar[tuple[str, ...]] = ()
+    """Further image keys an unlabelled item carries (FixMatch's strong view)."""
+    needs_image_channels: ClassVar[bool] = False
+    """Needs the network's image channels (a medhybrid model, not a bundle's mask-only ``Segmenter``)."""
+
+    def prepare(self, cfg: SemiConfig, total_iterations: int, image_channels: int, seed: int,
+                edm: D.EDMParams) -> _MixedPrepareBatch:
+        raise NotImplementedError
+
+    def unsupervised(self, loss: SemiSupervisedLoss, pred: torch.Tensor, target: dict, unl: torch.Tensor) -> torch.Tensor:
+        """The batch's unsupervised term (a scalar) from the network's output ``pred`` (image then mask channels),
+        the seam's ``target`` and ``unl`` (B,), 1 on the unlabelled rows."""
+        raise NotImplementedError
+
+
+@register
+class MeanTeacher(SemiAlgorithm):
+    """Tarvainen & Valpola 2017: consistency with an EMA teacher on every row, weight ramped up over 40 %."""
+
+    name = "mean-teacher"
+    default_rampup = 0.4
+
+    def prepare(self, cfg, total_iterations, image_channels, seed, edm):
+        return MeanTeacherPrepareBatch(total_iterations, cfg.unsupervised_weight, cfg.rampup_share, cfg.ema_decay,
+                                       cfg.input_noise, image_channels, seed)
+
+    def unsupervised(self, loss, pred, target, unl):
+        return consistency_loss(pred[:, loss.image_channels :], target["teacher_probs"]).mean()
+
+
+@register
+class FixMatch(SemiAlgorithm):
+    """Sohn et al. 2020: confident pseudo-labels of the weak view train the strong view (eq. 4)."""
+
+    name = "fixmatch"
+    views = (STRONG_KEY,)
+
+    def prepare(self, cfg, total_iterations, image_channels, seed, edm):
+        return FixMatchPrepareBatch(total_iterations, cfg.unsupervised_weight, cfg.rampup_share, image_channels, seed)
+
+    def unsupervised(self, loss, pred, target, unl):
+        u = confident_pseudo_label_loss(pred[:, loss.image_channels :], target["teacher_probs"], loss.threshold)
+        return _mean_over(u, unl)
+
+
+@register
+class Denoise(SemiAlgorithm):
+    """Hybrid fine-tuning: EDM's weighted denoising loss (Karras et al. 2022, eq. 2) on the unlabelled rows."""
+
+    name = "denoise"
+    needs_image_channels = True
+
+    def prepare(self, cfg, total_iterations, image_channels, seed, edm):
+        return DenoisePrepareBatch(total_iterations, cfg.unsupervised_weight, cfg.rampup_share, edm, seed)
+
+    def unsupervised(self, loss, pred, target, unl):
+        c = loss.image_channels
+        return _mean_over(denoising_loss(pred[:, :c], target["image"], target["sigma"], loss.sigma_data), unl)
 
 
 def prepare_and_loss(cfg: SemiConfig, total_iterations: int, image_channels: int, mask_channels: int = 1, seed: int = 0,
                      edm: D.EDMParams = D.EDMParams()) -> tuple[_MixedPrepareBatch, SemiSupervisedLoss]:
     """The prepare-batch seam and the loss of ``cfg.algorithm`` for a run of ``total_iterations``; ``image_channels``
     is 0 for a network whose output is mask logits alone (a bundle's ``Segmenter``)."""
-    w, ramp = cfg.unsupervised_weight, cfg.rampup_share
-    if cfg.algorithm == "mean-teacher":
-        prepare = MeanTeacherPrepareBatch(total_iterations, w, ramp, cfg.ema_decay, cfg.input_noise, image_channels, seed)
-    elif cfg.algorithm == "fixmatch":
-        prepare = FixMatchPrepareBatch(total_iterations, w, ramp, image_channels, seed)
-    else:
-        prepare = DenoisePrepareBatch(total_iterations, w, ramp, edm, seed)
+    prepare = cfg.method.prepare(cfg, total_iterations, image_channels, seed, edm)
     return prepare, SemiSupervisedLoss(cfg.algorithm, image_channels, mask_channels, cfg.threshold, edm.sigma_data)

@@ -37,14 +37,11 @@ from medhybrid.core.files import disk_full, write_json
 from medhybrid.core.tracking import MLflowConfig
 from medhybrid.data.datasets import few_shot_ids, load_pairs
 from medhybrid.data.specs import DatasetRef, Preprocess
-from medhybrid.experiments.nnunet import NnunetConfig, run_nnunet
-from medhybrid.experiments.pixel_features import PixelFeaturesConfig, load_feature_segmenter, run_pixel_features
+from medhybrid.experiments.heads import RunKey, finetune_config, get_head, pixel_features_config
 from medhybrid.experiments.report import write_report
-from medhybrid.networks.checkpoints import load_model, model_meta
+from medhybrid.networks.checkpoints import load_model
 from medhybrid.networks.modes import get_mode
 from medhybrid.workflows.evaluate import evaluate
-from medhybrid.workflows.fewshot import evaluate_few_shot_run
-from medhybrid.workflows.finetune import FinetuneConfig, run_finetuning
 from medhybrid.workflows.pretrain import PretrainConfig, run_pretraining
 
 log = logging.getLogger("medhybrid")
@@ -66,16 +63,16 @@ class MethodSpec(StrictModel):
         "none", description="the target's pool images, without their masks, in pretraining (never its test images): "
         "add = beside the labelled source at unlabelled.share of each batch; only = the pool alone (diffusion, mdm: "
         "self-pretraining on the target, as in Pan et al. 2023)")
-    head: Literal["finetune", "ddpm-features", "nnunet"] = Field(
-        "finetune", description="finetune: the whole network on the few labels; ddpm-features: frozen decoder features + "
-        "MLP ensemble; nnunet: nnU-Net v2 trained on the few labels (its own network and schedule; pretrain must be none)")
+    head: str = Field("finetune", description="what trains on the labelled subset, a registered head "
+                      "(medhybrid.experiments.heads): finetune, the whole network on the few labels; ddpm-features, frozen "
+                      "decoder features + MLP ensemble; nnunet, nnU-Net v2 trained on the few labels (its own network and "
+                      "schedule; pretrain must be none)")
     finetune: dict[str, Any] = Field(default_factory=dict, description="fine-tuning config overrides for this method "
                                      "(semi: {algorithm: fixmatch} fine-tunes semi-supervised on the pool's other images)")
 
     @model_validator(mode="after")
-    def _nnunet_from_scratch(self):
-        if self.head == "nnunet" and self.pretrain != "none":
-            raise ValueError(f"head nnunet trains nnU-Net's own network from scratch: pretrain must be none, not {self.pretrain!r}")
+    def _head_suits_pretraining(self):
+        get_head(self.head).check(self)
         return self
 
     @property
@@ -202,49 +199,6 @@ def pretrain_config(cfg: AblationConfig, method: str):
     return validate(PretrainConfig, data, source=f"ablation {cfg.name} pretrain {key}")
 
 
-def finetune_config(cfg: AblationConfig, method: str, init: Path, budget: int | None, seed: int, parent: str | None,
-                    pretrain_run: str | None):
-    meta = model_meta(init)
-    spec = cfg.methods[method]
-    data = deep_merge(deep_merge(cfg.finetune, spec.finetune), _few_shot_fields(cfg, method, budget, seed, parent, pretrain_run))
-    data.update(init=str(init) if spec.pretrain != "none" else None, preprocess=meta["preprocess"], model=meta["model"])
-    dev = cfg.eval_pairs(seed)
-    if dev is not None and spec.semi_supervised:  # a development image is scored, never trained on, not even unlabelled
-        data["unlabelled_exclude"] = sorted(p["id"] for p in dev)
-    return validate(FinetuneConfig, data, source=f"ablation {cfg.name} finetune {method} b{budget or 'all'} s{seed}")
-
-
-def nnunet_config(cfg: AblationConfig, method: str, budget: int | None, seed: int, parent: str | None) -> NnunetConfig:
-    """The nnU-Net run of ``method`` on the subset (budget, seed): the same subset, folder layout and MLflow child run as
-    every fine-tune, its images exported at the pretraining's resolution (what the other networks see)."""
-    data = deep_merge({"resolution": cfg.resolution, **cfg.nnunet},
-                      _few_shot_fields(cfg, method, budget, seed, parent, None))
-    dev = cfg.eval_pairs(seed)
-    if dev is not None:
-        data["eval_ids"] = [p["id"] for p in dev]
-    return validate(NnunetConfig, data, source=f"ablation {cfg.name} {method} b{budget or 'all'} s{seed}")
-
-
-def _few_shot_fields(cfg: AblationConfig, method: str, budget: int | None, seed: int, parent: str | None,
-                     pretrain_run: str | None) -> dict:
-    """The fields every few-shot run of the ablation sets: target, subset, folder, parent run and tags."""
-    b = "all" if budget is None else budget
-    return dict(dataset=cfg.target.model_dump(), method=method, budget=budget, seed=seed,
-                output_dir=str(cfg.folder / "finetune" / method / f"b{b}-s{seed}"), parent_run_id=parent,
-                tags={"pretrain_run_id": pretrain_run or "", "ablation": cfg.name},
-                mlflow=deep_merge(dump_config(cfg.mlflow), {"run_name": f"{cfg.name}-{method}-b{b}-s{seed}"}))
-
-
-def pixel_features_config(cfg: AblationConfig, method: str, init: Path, budget: int | None, seed: int, parent: str | None,
-                          pretrain_run: str | None):
-    if cfg.methods[method].pretrain in ("none", "supervised"):
-        raise ValueError(f"method {method!r}: ddpm-features needs a generatively pretrained network (diffusion, hybrid "
-                         f"or mdm), not {cfg.methods[method].pretrain!r}")
-    data = deep_merge(cfg.pixel_features, _few_shot_fields(cfg, method, budget, seed, parent, pretrain_run))
-    data.update(init=str(init))
-    return validate(PixelFeaturesConfig, data, source=f"ablation {cfg.name} {method} b{budget or 'all'} s{seed}")
-
-
 class _Timings:
     """Wall-clock seconds per method and stage of this invocation, appended to ``<folder>/timings.json``
     (one entry per invocation, so a resumed ablation's total is the sum). The entry is written after every stage
@@ -317,40 +271,23 @@ def zero_shot_step(cfg: AblationConfig, method: str, pre) -> dict | None:
 
 
 def finetune_step(cfg: AblationConfig, method: str, pre, budget: int | None, seed: int, parent: str | None) -> dict:
-    """One fine-tune (or pixel-feature head, or nnU-Net run) from the pretraining ``pre``, evaluated and recorded in its
-    MLflow run; a finished and evaluated run is skipped. Returns ``{"tag", "skipped", "dice", "train_s", "eval_s"}``,
-    ``dice`` on the set :attr:`AblationConfig.scored_on` names."""
-    tag = f"{method} b{'all' if budget is None else budget} s{seed}"
-    head = cfg.methods[method].head
-    if head == "nnunet":
-        fcfg = nnunet_config(cfg, method, budget, seed, parent)
-    else:
-        make = pixel_features_config if head == "ddpm-features" else finetune_config
-        fcfg = make(cfg, method, pre.checkpoint, budget, seed, parent, pre.run_id)
+    """One few-shot run of ``method``'s head (:mod:`medhybrid.experiments.heads`: a fine-tune, a pixel-feature head,
+    an nnU-Net run) from the pretraining ``pre``, evaluated and recorded in its MLflow run; a finished and evaluated
+    run is skipped. Returns ``{"tag", "skipped", "dice", "train_s", "eval_s"}``, ``dice`` on the set
+    :attr:`AblationConfig.scored_on` names."""
+    key = RunKey(method, budget, seed)
+    head = get_head(cfg.methods[method].head)
+    fcfg = head.config(cfg, key, pre, parent)
     st = runs.read_state(fcfg.folder)
     if st.get("status") == "finished" and runs.scores(st)[0] == cfg.scored_on:
-        log.info("ablation %s: %s already done, skipped", cfg.name, tag)
-        return {"tag": tag, "skipped": True}
+        log.info("ablation %s: %s already done, skipped", cfg.name, key.tag)
+        return {"tag": key.tag, "skipped": True}
     t0 = time.perf_counter()
-    if head == "nnunet":  # nnU-Net trains, predicts and is scored in its own run (medhybrid.experiments.nnunet.run_nnunet)
-        t1 = t0 + run_nnunet(fcfg).train_s  # its scoring (after training) counts as evaluation
-        summary = runs.scores(runs.read_state(fcfg.folder))[1]
-    else:
-        if head == "ddpm-features":
-            res = run_pixel_features(fcfg)
-            net, meta = load_feature_segmenter(res.checkpoint)
-            preprocess = Preprocess(**meta["preprocess"])
-        else:
-            res = run_finetuning(fcfg)
-            net, _ = load_model(res.checkpoint)
-            preprocess = fcfg.preprocess
-        t1 = time.perf_counter()
-        summary = evaluate_few_shot_run(cfg.mlflow, fcfg.folder, res.run_id, net, fcfg.dataset, preprocess,
-                                        cfg.eval_pairs(seed))
+    summary, train_s = head.run(cfg, fcfg, seed)
     dice = summary[f"{cfg.scored_on}_dice"]
-    log.info("ablation %s: %s %s dice %.4f", cfg.name, tag, cfg.scored_on, dice)
-    return {"tag": tag, "skipped": False, "dice": dice, "train_s": t1 - t0,
-            "eval_s": time.perf_counter() - t1}
+    log.info("ablation %s: %s %s dice %.4f", cfg.name, key.tag, cfg.scored_on, dice)
+    return {"tag": key.tag, "skipped": False, "dice": dice, "train_s": train_s,
+            "eval_s": time.perf_counter() - t0 - train_s}
 
 
 def _record_failure(cfg: AblationConfig, failures: list[str], tag: str, e: BaseException, trace: str) -> None:
@@ -377,7 +314,7 @@ def _run_sequential(cfg: AblationConfig, parent: str | None, clock: _Timings, fa
                 except Exception as e:
                     if disk_full(e):
                         raise
-                    _record_failure(cfg, failures, f"{method} b{'all' if budget is None else budget} s{seed}", e,
+                    _record_failure(cfg, failures, RunKey(method, budget, seed).tag, e,
                                     traceback.format_exc())
                     continue
                 clock.add(method, train_s=out.get("train_s", 0.0), eval_s=out.get("eval_s", 0.0))
@@ -478,7 +415,7 @@ def _submit(ray, cfg: AblationConfig, cwd: str, parent: str | None) -> tuple[dic
             for budget in cfg.budgets:
                 for seed in cfg.seeds_for(budget):
                     ref = ft_task.remote(cwd, cfg, method, pre_refs[key], budget, seed, parent)
-                    pending[ref] = ("finetune", key, method, f"{method} b{'all' if budget is None else budget} s{seed}")
+                    pending[ref] = ("finetune", key, method, RunKey(method, budget, seed).tag)
     return sharing, pre_refs, pending
 
 

@@ -236,11 +236,10 @@ def run_nnunet(cfg: NnunetConfig) -> NnunetResult:
         score, split = [p for p in load_pairs(cfg.dataset, "pool") if p["id"] in wanted], "dev"
         if wanted & set(ids):
             raise ValueError(f"{cfg.folder}: development images {sorted(wanted & set(ids))} are also labelled")
-    run = claim_few_shot_run(cfg)
-    if run.finished:
-        return NnunetResult(cfg.folder, run.state.get("mlflow_run_id"), run.state.get("ids", []), 0.0)
-    run_id = open_few_shot_run(cfg, run, ids)
-    with run.running():
+    with claim_few_shot_run(cfg) as run:
+        if run.finished:
+            return NnunetResult(cfg.folder, run.state.get("mlflow_run_id"), run.state.get("ids", []), 0.0)
+        run_id = open_few_shot_run(cfg, run, ids)
         t0 = time.perf_counter()
         raw = export_raw(cfg, pairs, score)
         device = _device(cfg.device)
@@ -257,7 +256,7 @@ def run_nnunet(cfg: NnunetConfig) -> NnunetResult:
         record_scores(cfg.mlflow, cfg.folder, run_id, ev)
         run.finish([cfg.folder / "config.yaml", cfg.folder / "subset.json", cfg.folder / "nnunet.log"], ids=ids,
                    train_s=train_s)
-    return NnunetResult(cfg.folder, run_id, ids, train_s)
+        return NnunetResult(cfg.folder, run_id, ids, train_s)
 
 
 if __name__ == "__main__":  # the child process of run_nnunet

@@ -301,18 +301,17 @@ def run_pixel_features(cfg: PixelFeaturesConfig) -> PixelFeaturesResult:
     ``config.yaml``, ``subset.json`` and one MLflow run (tagged like a fine-tune)."""
 
     folder, model_path = cfg.folder, cfg.folder / "model.pt"
-    run = claim_few_shot_run(cfg)
-    if run.finished:
-        done = run.state
-        return PixelFeaturesResult(folder, model_path, done.get("mlflow_run_id"), done.get("ids", []), done.get("stats", {}))
+    with claim_few_shot_run(cfg) as run:
+        if run.finished:
+            done = run.state
+            return PixelFeaturesResult(folder, model_path, done.get("mlflow_run_id"), done.get("ids", []), done.get("stats", {}))
 
-    net, meta = load_model(cfg.init)
-    require_channels(meta, cfg)
-    preprocess = Preprocess(**meta["preprocess"])
-    pairs = few_shot_pairs(cfg.dataset, cfg.budget, cfg.seed, ids=cfg.ids)
-    ids = [p["id"] for p in pairs]
-    run_id = open_few_shot_run(cfg, run, ids)
-    with run.running():
+        net, meta = load_model(cfg.init)
+        require_channels(meta, cfg)
+        preprocess = Preprocess(**meta["preprocess"])
+        pairs = few_shot_pairs(cfg.dataset, cfg.budget, cfg.seed, ids=cfg.ids)
+        ids = [p["id"] for p in pairs]
+        run_id = open_few_shot_run(cfg, run, ids)
         t0 = time.perf_counter()
         data = list(Dataset(pairs, transform=preprocessing(cfg.dataset, preprocess)))
         images = torch.stack([torch.as_tensor(d["image"]) for d in data])
@@ -336,8 +335,8 @@ def run_pixel_features(cfg: PixelFeaturesConfig) -> PixelFeaturesResult:
         save_feature_segmenter(FeatureSegmenter(ext, ens, net.mask_channels), out_meta, model_path)
         if run_id:
             tracking.log_metrics(cfg.mlflow, run_id, {f"pixel_{k}": float(v) for k, v in stats.items()}, step=0)
-    run.finish([folder / "config.yaml", folder / "subset.json"], stats=stats)
-    return PixelFeaturesResult(folder, model_path, run_id, ids, stats)
+        run.finish([folder / "config.yaml", folder / "subset.json"], stats=stats)
+        return PixelFeaturesResult(folder, model_path, run_id, ids, stats)
 
 
 __all__ = ["EnsembleConfig", "FeatureConfig", "FeatureSegmenter", "MLPEnsemble", "PixelFeatures", "PixelFeaturesConfig",

@@ -103,9 +103,9 @@ def semi_seams(algorithm: str, labelled, unlabelled, batch_size: int, iterations
     algorithm is ``mean-teacher`` or ``fixmatch`` (:mod:`medhybrid.engines.semi`); ``none``, or no unlabelled image, trains
     on the labels alone exactly as before. ``settings`` are :class:`~medhybrid.engines.semi.SemiConfig` fields."""
     cfg = S.SemiConfig(algorithm=algorithm, **(settings or {}))
-    if cfg.algorithm == "denoise":
-        raise ValueError("a bundle's network outputs mask logits only: semi-supervised algorithm 'denoise' needs a "
-                         "medhybrid model (medhybrid finetune); use mean-teacher or fixmatch")
+    if cfg.enabled and cfg.method.needs_image_channels:
+        raise ValueError(f"a bundle's network outputs mask logits only: semi-supervised algorithm {cfg.algorithm!r} needs "
+                         "a medhybrid model (medhybrid finetune); use one that reads mask logits alone (mean-teacher, fixmatch)")
     on = cfg.enabled and len(unlabelled) > 0
     kl, ku = (batch_size, cfg.unlabelled_batch) if on else (batch_size, 0)
     seams = {"dataset": MixedDataset(labelled, unlabelled if on else [], views=cfg.views if on else ()),

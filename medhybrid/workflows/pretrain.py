@@ -17,6 +17,7 @@ pretrain from unlabelled images alone (``dataset: null``).
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import logging
@@ -314,28 +315,26 @@ def _torchrun_worker(local_rank: int, cfg: PretrainConfig, out: list) -> None:
     """One torchrun process: rank 0 claims the run folder and opens (or reopens) the MLflow run, tells every rank
     whether there is anything left to do, and alone writes checkpoints, ``model.pt`` and MLflow."""
     folder, model_path, rank = cfg.folder, cfg.folder / "model.pt", idist.get_rank()
-    decision = None
-    run = None
-    if rank == 0:
-        run = runs.Run.claim(folder, config_hash(cfg), cfg.mlflow)
-        if run.finished:
-            decision = {"done": True, "run_id": run.run_id, "metrics": run.state.get("metrics", {})}
-        else:
-            decision = {"done": False, "run_id": _start_pretrain_run(cfg, run)}
-        decision = json.dumps(decision)
-    decision = json.loads(idist.broadcast(decision, src=0, safe_mode=True))
-    run_id = decision["run_id"]
-    if decision["done"]:
-        log.info("%s: already finished, nothing to do", folder)
-        out.append(PretrainResult(folder, model_path, run_id, decision["metrics"]))
-        return
-    if rank != 0:
-        _worker(local_rank, cfg, None)
-        idist.barrier()
-        return
-    with run.running():
+    with runs.Run.claim(folder, config_hash(cfg), cfg.mlflow) if rank == 0 else contextlib.nullcontext() as run:
+        decision = None
+        if rank == 0:
+            if run.finished:
+                decision = {"done": True, "run_id": run.run_id, "metrics": run.state.get("metrics", {})}
+            else:
+                decision = {"done": False, "run_id": _start_pretrain_run(cfg, run)}
+            decision = json.dumps(decision)
+        decision = json.loads(idist.broadcast(decision, src=0, safe_mode=True))
+        run_id = decision["run_id"]
+        if decision["done"]:
+            log.info("%s: already finished, nothing to do", folder)
+            out.append(PretrainResult(folder, model_path, run_id, decision["metrics"]))
+            return
+        if rank != 0:
+            _worker(local_rank, cfg, None)
+            idist.barrier()
+            return
         metrics = _worker(local_rank, cfg, run_id)
-    run.finish([folder / "config.yaml", model_path], metrics=metrics)
+        run.finish([folder / "config.yaml", model_path], metrics=metrics)
     idist.barrier()
     out.append(PretrainResult(folder, model_path, run_id, metrics))
 
@@ -360,13 +359,12 @@ def run_pretraining(cfg: PretrainConfig) -> PretrainResult:
         return out[0] if out else PretrainResult(cfg.folder, cfg.folder / "model.pt", None, {})
 
     folder = cfg.folder
-    run = runs.Run.claim(folder, config_hash(cfg), cfg.mlflow)
-    model_path = folder / "model.pt"
-    if run.finished:
-        log.info("%s: already finished, nothing to do", folder)
-        return PretrainResult(folder, model_path, run.run_id, run.state.get("metrics", {}))
-    run_id = _start_pretrain_run(cfg, run)
-    with run.running():
+    with runs.Run.claim(folder, config_hash(cfg), cfg.mlflow) as run:
+        model_path = folder / "model.pt"
+        if run.finished:
+            log.info("%s: already finished, nothing to do", folder)
+            return PretrainResult(folder, model_path, run.run_id, run.state.get("metrics", {}))
+        run_id = _start_pretrain_run(cfg, run)
         if not get_mode(cfg.mode).trains:
             torch.manual_seed(cfg.train.seed)
             net = build_network(cfg.model, cfg.channels, cfg.classes)
@@ -381,8 +379,8 @@ def run_pretraining(cfg: PretrainConfig) -> PretrainResult:
             metrics = runs.read_state(folder).get("metrics", {})
         else:
             metrics = _worker(0, cfg, run_id)
-    run.finish([folder / "config.yaml", model_path], metrics=metrics)
-    return PretrainResult(folder, model_path, run_id, metrics)
+        run.finish([folder / "config.yaml", model_path], metrics=metrics)
+        return PretrainResult(folder, model_path, run_id, metrics)
 
 
 __all__ = ["_SOURCE_CACHE", "_UNLABELLED_CACHE", "corruption", "free_port", "HybridConfig", "launched_by_torchrun",
