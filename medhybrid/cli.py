@@ -26,6 +26,7 @@ from medhybrid.experiments.ablation import load_ablation, run_ablation
 from medhybrid.experiments.active import ActiveLearningConfig, run_active_learning
 from medhybrid.experiments.report import embed_in_readme, write_length_curve, write_report
 from medhybrid.networks.checkpoints import load_model
+from medhybrid.workflows.adapt import AdaptConfig, folder_dataset, run_adaptation, starting_channels
 from medhybrid.workflows.evaluate import evaluate
 from medhybrid.workflows.finetune import FinetuneConfig, run_finetuning
 from medhybrid.workflows.inference import infer_files
@@ -110,6 +111,18 @@ def _infer(args) -> int:
     review = f"; review order: {res.quality_csv}" if res.quality_csv else ""
     print(f"{res.summary}; {len(res.written)} mask(s) in {args.output}{review}")
     return 1 if res.failures else 0
+
+
+def _adapt(args) -> int:
+    work = Path(args.output) / "work"
+    model = Path(args.model)
+    channels = starting_channels(model)
+    data, unlabelled = folder_dataset(args.data, channels, work, args.data_overrides)
+    cfg = validate(AdaptConfig, apply_overrides({"model": str(model), "data": data.model_dump(), "output_dir": args.output,
+                                                 "unlabelled_images": unlabelled}, args.overrides), source="medhybrid adapt")
+    res = run_adaptation(cfg)
+    print(f"decision: {res.decision} ({res.reason})\nmodel:  {res.model}\nreport: {res.report}")
+    return 0
 
 
 def _sync(args) -> int:
@@ -237,6 +250,17 @@ def build_parser() -> argparse.ArgumentParser:
                      help="images per network call; a batch holds its full-size masks, so 1 keeps memory lowest")
     inf.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ...")
     inf.set_defaults(func=_infer)
+
+    ada = sub.add_parser("adapt", help="adapt a model to your own labelled images, checking itself on them: the model is "
+                         "replaced by a fine-tune only when held-out evidence on your labels says so")
+    ada.add_argument("--model", required=True, help="the starting model: a medhybrid bundle's folder or a model.pt")
+    ada.add_argument("--data", required=True, help="a folder with images/ and masks/ (a mask named like its image; an "
+                     "image without a mask counts as unlabelled), or a CSV or decathlon JSON datalist")
+    ada.add_argument("--output", default="adapted", help="folder for model.pt, report.md, report.json and the fold runs")
+    ada.add_argument("--data-set", dest="data_overrides", action="append", default=[], metavar="KEY=VALUE",
+                     help="how to read the masks, e.g. mask.values={0: 0, 1: 1} or mask.threshold=128")
+    ada.add_argument("overrides", nargs="*", help="adapt config overrides, e.g. rule.min_gain=0.02 'wise=[0.5,1]'")
+    ada.set_defaults(func=_adapt)
 
     rel = sub.add_parser("release", help="weights that keep what the pretraining knew: choose a bundle's WiSE-FT mixing "
                          "weight on the source's validation split and a development half of the target's pool")

@@ -1,4 +1,4 @@
-"""medhybrid.experiments.stats: hierarchical bootstrap of paired differences, Holm's correction, verdicts."""
+"""medhybrid.core.stats: hierarchical bootstrap of paired differences, Holm's correction, verdicts."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from medhybrid.experiments.stats import holm, paired_bootstrap, paired_differences, pooled_bootstrap, verdict
+from medhybrid.core.stats import holm, paired_bootstrap, paired_differences, pooled_bootstrap, verdict
 
 
 def test_a_constant_gain_is_certain():
@@ -65,7 +65,7 @@ def test_paired_differences_use_the_images_both_scored():
 
 
 def test_seed_t_test_uses_subsets_as_units():
-    from medhybrid.experiments.stats import seed_t_test
+    from medhybrid.core.stats import seed_t_test
 
     assert math.isnan(seed_t_test([0.02])) and math.isnan(seed_t_test([0.01, 0.01]))
     assert seed_t_test([0.10, -0.06]) > 0.5  # two subsets disagreeing: nothing to conclude

@@ -24,17 +24,19 @@ from typing import TYPE_CHECKING, ClassVar
 
 from medhybrid.core import runs
 from medhybrid.core.config import StrictModel, deep_merge, dump_config, validate
+from medhybrid.data.datasets import few_shot_pairs
 from medhybrid.data.specs import Preprocess
 from medhybrid.experiments.nnunet import NnunetConfig, run_nnunet
 from medhybrid.experiments.pixel_features import PixelFeaturesConfig, load_feature_segmenter, run_pixel_features
 from medhybrid.networks.checkpoints import load_model, model_meta
+from medhybrid.workflows.adapt import AdaptConfig, run_adaptation
 from medhybrid.workflows.fewshot import evaluate_few_shot_run
 from medhybrid.workflows.finetune import FinetuneConfig, run_finetuning
 
 if TYPE_CHECKING:
     from medhybrid.experiments.ablation import AblationConfig, MethodSpec
 
-__all__ = ["DDPMFeatures", "Finetune", "Head", "NnUNet", "RunKey", "get_head", "head_names", "register"]
+__all__ = ["Adapt", "DDPMFeatures", "Finetune", "Head", "NnUNet", "RunKey", "get_head", "head_names", "register"]
 
 
 @dataclass(frozen=True)
@@ -154,6 +156,37 @@ class DDPMFeatures(Head):
     def train(self, run_cfg):
         res = run_pixel_features(run_cfg)
         net, meta = load_feature_segmenter(res.checkpoint)
+        return res.run_id, net, Preprocess(**meta["preprocess"])
+
+
+@register
+class Adapt(Head):
+    """Self-checking adaptation (:mod:`medhybrid.workflows.adapt`): the pretrained model is kept unless held-out
+    evidence on the subset's own labels picks a fine-tune (plain, robust or FixMatch, each at a WiSE-FT mix). The
+    pool's other images are its unlabelled images (a development set's are never read)."""
+
+    name = "adapt"
+
+    def check(self, spec):
+        if spec.pretrain == "none":
+            raise ValueError("head adapt checks a fine-tune against its starting model: it needs a pretraining, not none")
+
+    def config(self, cfg, key, pre, parent):
+        spec = cfg.methods[key.method]
+        ids = [p["id"] for p in few_shot_pairs(cfg.target, key.budget, key.seed)]
+        dev = cfg.eval_pairs(key.seed)
+        data = {"model": str(pre.checkpoint), "data": cfg.target.model_dump(), "labelled": ids, "unlabelled_pool": True,
+                "unlabelled_exclude": sorted(p["id"] for p in dev) if dev is not None else [],
+                "output_dir": str(cfg.folder / "finetune" / key.method / key.folder_name), "parent_run_id": parent,
+                "finetune": deep_merge(cfg.finetune, spec.finetune), "seed": key.seed, "progress": False,
+                "tags": {"pretrain_run_id": pre.run_id or "", "ablation": cfg.name, "method": key.method,
+                         "budget": key.budget_label, "seed": str(key.seed)},
+                "mlflow": deep_merge(dump_config(cfg.mlflow), {"run_name": key.run_name(cfg.name)}), "check_data": False}
+        return validate(AdaptConfig, data, source=f"ablation {cfg.name} {key.tag}")
+
+    def train(self, run_cfg):
+        res = run_adaptation(run_cfg)
+        net, meta = load_model(res.model)
         return res.run_id, net, Preprocess(**meta["preprocess"])
 
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 from ignite.engine import Events
-from monai.data import CacheDataset
+from monai.data import CacheDataset, Dataset
 from monai.transforms import Compose, RandAffined, RandFlipd, RandScaleIntensityd, RandShiftIntensityd
 from pydantic import Field, model_validator
 
@@ -25,7 +25,8 @@ from medhybrid.data.check import require_valid
 from medhybrid.data.datasets import few_shot_pairs, load_pairs
 from medhybrid.data.specs import Preprocess
 from medhybrid.data.transforms import preprocessing
-from medhybrid.data.unlabelled import MixedDataset
+from medhybrid.data.unlabelled import MixedDataset, batch_split
+from medhybrid.engines import robust as R
 from medhybrid.engines import semi as S
 from medhybrid.engines.batches import MixedBatchSampler, SegmentationPrepareBatch
 from medhybrid.engines.fit import TrainConfig, fit
@@ -72,15 +73,38 @@ class FinetuneConfig(FewShotRunConfig):
                                "other images, without their masks, in every batch (medhybrid.engines.semi)")
     unlabelled_exclude: list[str] = Field(default_factory=list, exclude_if=lambda v: not v,
                                           description="pool ids never used as unlabelled images (a development set)")
+    unlabelled_images: list[str] = Field(default_factory=list, exclude_if=lambda v: not v,
+                                         description="image files without masks, used as unlabelled images beside the "
+                                         "pool's (semi-supervised fine-tuning; medhybrid adapt passes a user's)")
     wise: float = Field(1.0, ge=0.0, le=1.0, exclude_if=lambda v: v == 1.0,
                         description="robust fine-tuning (WiSE-FT, Wortsman et al. 2022): the saved weights are "
                         "(1 - wise) x pretrained + wise x fine-tuned; 1 = the fine-tuned weights alone (the default), "
                         "0 = the pretrained network unchanged. Needs init")
+    robust: R.RobustConfig = Field(default_factory=R.RobustConfig, exclude_if=lambda v: v == R.RobustConfig(),
+                                   description="robust fine-tuning (medhybrid.engines.robust), each option off by default: "
+                                   "L2-SP (Li et al. 2018), partial fine-tuning by parameter names (Lee et al. 2023), "
+                                   "source rehearsal")
 
     @model_validator(mode="after")
     def _wise_needs_init(self):
         if self.wise < 1.0 and self.init is None:
             raise ValueError(f"wise={self.wise} interpolates towards the pretrained weights: it needs init (a model.pt)")
+        return self
+
+    @model_validator(mode="after")
+    def _robust_options(self):
+        r = self.robust
+        if r.l2sp_alpha > 0 and self.init is None:
+            raise ValueError(f"robust.l2sp_alpha={r.l2sp_alpha} pulls the weights towards the pretrained ones: it needs "
+                             "init (a model.pt)")
+        if r.rehearsal.enabled:
+            if self.semi.enabled:
+                raise ValueError(f"robust.rehearsal and semi.algorithm={self.semi.algorithm} cannot be combined: both "
+                                 "share out each batch (source rows, unlabelled rows); use one of them")
+            src, n = r.rehearsal.dataset, self.dataset.mask.num_classes
+            if src.mask.num_classes != n:
+                raise ValueError(f"robust.rehearsal: source {src.name!r} has {src.mask.num_classes} classes, target "
+                                 f"{self.dataset.name!r} {n}: their masks cannot share one loss")
         return self
 
 
@@ -145,11 +169,14 @@ def reseeded_each_epoch(aug: Compose | list[Compose] | None, seed: int):
 
 def unlabelled_items(cfg: FinetuneConfig, labelled_ids: list[str]) -> list[dict]:
     """The semi-supervised run's unlabelled images: the pool's images outside the labelled subset and
-    ``cfg.unlabelled_exclude`` (sorted by id, the first ``semi.max_unlabelled``), as ``{"image", "id"}`` without their
-    masks. Only the pool is read: the target's ``test`` split never enters, with or without masks."""
+    ``cfg.unlabelled_exclude`` (sorted by id), then ``cfg.unlabelled_images``; the first ``semi.max_unlabelled``, as
+    ``{"image", "id"}`` without their masks. Only the pool is read: the target's ``test`` split never enters, with or
+    without masks."""
     skip = set(labelled_ids) | set(cfg.unlabelled_exclude)
     pool = sorted((p for p in load_pairs(cfg.dataset, "pool") if p["id"] not in skip), key=lambda p: p["id"])
-    return [{"image": p["image"], "id": p["id"]} for p in pool[: cfg.semi.max_unlabelled or None]]
+    items = [{"image": p["image"], "id": p["id"]} for p in pool]
+    items += [{"image": str(f), "id": f"unlabelled/{Path(f).name}"} for f in cfg.unlabelled_images]
+    return items[: cfg.semi.max_unlabelled or None]
 
 
 def semi_training(cfg: FinetuneConfig, net: EDMPrecond, pairs: list[dict], unlabelled: list[dict], train_cfg: TrainConfig):
@@ -172,6 +199,31 @@ def semi_training(cfg: FinetuneConfig, net: EDMPrecond, pairs: list[dict], unlab
     return ds, sampler, prepare, loss, [a for a in (aug, u_aug) if a is not None], train_cfg
 
 
+def rehearsal_training(cfg: FinetuneConfig, pairs: list[dict], train_cfg: TrainConfig):
+    """Source rehearsal's seams: ``(dataset, sampler, augmentations)``; the dataset holds the labelled target pairs then
+    the source's labelled images (``robust.rehearsal``: its splits only, read as the target's images are, converted to
+    the target's channels, with the same augmentation), every batch ``k_t`` of the first and ``k_s`` of the second
+    (:class:`~medhybrid.engines.batches.MixedBatchSampler`), all with their masks: the mask loss covers both. The source
+    images are decoded as they are drawn (a fine-tune draws far fewer than a source holds)."""
+    reh = cfg.robust.rehearsal
+    target_ds, aug = training_dataset(cfg, pairs)
+    source = reh.dataset.model_copy(update={"channels": cfg.dataset.channels})
+    src_pairs = sorted(load_pairs(source, reh.splits), key=lambda p: p["id"])
+    if not src_pairs:
+        raise ValueError(f"rehearsal source {source.name!r} has no images in split(s) {reh.splits}")
+    kt, ks = batch_split(train_cfg.batch_size, reh.share)
+    if not kt or not ks:
+        raise ValueError(f"rehearsal needs batches of at least 2 rows (one target, one source), have {train_cfg.batch_size}")
+    s_aug = augmentation(cfg.augment)
+    pre = preprocessing(source, cfg.preprocess)
+    src_ds = Dataset(src_pairs, transform=Compose([*pre.transforms, *s_aug.transforms]) if s_aug is not None else pre)
+    sampler = MixedBatchSampler(len(pairs), len(src_pairs), (kt, ks), train_cfg.epoch_length, seed=cfg.seed)
+    log.info("source rehearsal: %d target + %d %s rows in each batch of %d (%d source images)", kt, ks, source.name,
+             kt + ks, len(src_pairs))
+    return (torch.utils.data.ConcatDataset([target_ds, src_ds]), sampler,
+            [a for a in (aug, s_aug) if a is not None])
+
+
 @dataclass
 class FinetuneResult:
     folder: Path
@@ -185,24 +237,27 @@ def run_finetuning(cfg: FinetuneConfig) -> FinetuneResult:
     """Fine-tune (or resume, or return the finished run of) ``cfg``. Writes ``model.pt``,
     ``config.yaml``, ``subset.json`` (the ids used) and one MLflow run."""
     folder, model_path = cfg.folder, cfg.folder / "model.pt"
-    run = claim_few_shot_run(cfg)
-    if run.finished:
-        done = run.state
-        return FinetuneResult(folder, model_path, done.get("mlflow_run_id"), done.get("ids", []), done.get("transfer", {}))
+    with claim_few_shot_run(cfg) as run:
+        if run.finished:
+            done = run.state
+            return FinetuneResult(folder, model_path, done.get("mlflow_run_id"), done.get("ids", []), done.get("transfer", {}))
 
-    pairs = few_shot_pairs(cfg.dataset, cfg.budget, cfg.seed, ids=cfg.ids)  # pool only; raises on a budget larger than the pool
-    if cfg.train.check_data:
-        require_valid(cfg.dataset, splits=["pool"])
-    ids = [p["id"] for p in pairs]
-    budget = len(pairs)
-    iterations = cfg.schedule.iterations(budget)
-    epochs = min(cfg.schedule.epochs, iterations)
-    train_cfg = cfg.train.model_copy(update={"epochs": epochs, "epoch_length": max(1, iterations // epochs),
-                                             "batch_size": min(cfg.train.batch_size, max(2, budget)), "seed": cfg.seed})
-    run_id = open_few_shot_run(cfg, run, ids)
-    with run.running():
+        pairs = few_shot_pairs(cfg.dataset, cfg.budget, cfg.seed, ids=cfg.ids)  # pool only; raises on a budget larger than the pool
+        if cfg.train.check_data:
+            require_valid(cfg.dataset, splits=["pool"])
+            if cfg.robust.rehearsal.enabled:
+                require_valid(cfg.robust.rehearsal.dataset, splits=cfg.robust.rehearsal.splits)
+        ids = [p["id"] for p in pairs]
+        budget = len(pairs)
+        iterations = cfg.schedule.iterations(budget)
+        epochs = min(cfg.schedule.epochs, iterations)
+        train_cfg = cfg.train.model_copy(update={"epochs": epochs, "epoch_length": max(1, iterations // epochs),
+                                                 "batch_size": min(cfg.train.batch_size, max(2, budget)), "seed": cfg.seed})
+        run_id = open_few_shot_run(cfg, run, ids)
         net, transfer = initial_network(cfg)
-        start = {k: v.detach().clone() for k, v in net.state_dict().items()} if cfg.wise < 1.0 else None
+        start = {k: v.detach().clone() for k, v in net.state_dict().items()} if cfg.wise < 1.0 or cfg.robust.l2sp else None
+        if cfg.robust.trainable is not None:
+            _freeze(net, cfg.robust.trainable, transfer)
         runs.write_state(folder, transfer={"loaded": len(transfer["loaded"]), "skipped": sorted(transfer["skipped"]),
                                            "missing": transfer["missing"]})
         unlabelled = unlabelled_items(cfg, ids) if cfg.semi.enabled else []
@@ -215,21 +270,28 @@ def run_finetuning(cfg: FinetuneConfig) -> FinetuneResult:
             if cfg.semi.enabled:
                 log.warning("%s: no unlabelled pool image left beside the %d labelled ones: plain fine-tuning",
                             cfg.semi.algorithm, len(pairs))
-            ds, aug = training_dataset(cfg, pairs)
+            if cfg.robust.rehearsal.enabled:
+                ds, sampler, aug = rehearsal_training(cfg, pairs, train_cfg)
+            else:
+                ds, aug = training_dataset(cfg, pairs)
             prepare = SegmentationPrepareBatch()  # the clean image, fed at sigma_min
             loss = FinetuneLoss(net.image_channels, net.mask_channels)
+        if cfg.robust.l2sp:  # Li et al. 2018, eq. 4: S = the tensors transferred from init
+            loss = R.L2SPLoss(loss, net, {k: start[k] for k in transfer["loaded"] if k in start}, cfg.robust.l2sp_alpha,
+                              cfg.robust.l2sp_beta)
         runs.write_state(folder, unlabelled=len(unlabelled))
 
         mlflow = functools.partial(tracking.engine_handler, cfg.mlflow, run_id) if run_id else None
         result = fit(net, ds, prepare, loss, train_cfg, folder, mlflow_handler_factory=mlflow, sampler=sampler,
                      checkpoint_prefix="finetune", on_trainer=reseeded_each_epoch(aug, cfg.seed))
-        if start is not None:
+        if cfg.wise < 1.0:
             _interpolate_towards_start(result.network, start, set(transfer["loaded"]), cfg)
         meta = network_meta(result.network, ModelConfig(**_model_cfg(cfg)), cfg.preprocess, cfg.dataset, "finetune")
-        meta.update(method=cfg.method, budget=budget, seed=cfg.seed, **({"wise": cfg.wise} if cfg.wise < 1.0 else {}))
+        meta.update(method=cfg.method, budget=budget, seed=cfg.seed, **({"wise": cfg.wise} if cfg.wise < 1.0 else {}),
+                    **({"robust": cfg.robust.meta()} if cfg.robust.enabled else {}))
         save_model(result.network, meta, model_path)
-    run.finish([folder / "config.yaml", folder / "subset.json"])
-    return FinetuneResult(folder, model_path, run_id, ids, transfer)
+        run.finish([folder / "config.yaml", folder / "subset.json"])
+        return FinetuneResult(folder, model_path, run_id, ids, transfer)
 
 
 def _interpolate_towards_start(net: EDMPrecond, start: dict[str, torch.Tensor], loaded: set[str],
@@ -243,6 +305,16 @@ def _interpolate_towards_start(net: EDMPrecond, start: dict[str, torch.Tensor], 
              1 - cfg.wise, cfg.init)
 
 
+def _freeze(net: EDMPrecond, trainable: list[str], transfer: dict) -> None:
+    """Partial fine-tuning (``robust.trainable``): every parameter it does not select frozen; a warning for a
+    re-initialised tensor (not transferred from init) left frozen at its random start."""
+    kept, loaded = set(R.freeze(net, trainable)), set(transfer["loaded"])
+    new = sorted(k for k, _ in net.named_parameters() if k not in kept and k not in loaded)
+    if new:
+        log.warning("partial fine-tuning: %d frozen tensor(s) were not transferred from a pretrained model and stay at "
+                    "their random initial values, e.g. %s", len(new), new[:3])
+
+
 def _model_cfg(cfg: FinetuneConfig) -> dict:
     if cfg.init is None:
         return dump_config(cfg.model)
@@ -250,5 +322,5 @@ def _model_cfg(cfg: FinetuneConfig) -> dict:
 
 
 __all__ = ["augmentation", "AugmentConfig", "FinetuneConfig", "FinetuneResult", "FinetuneSchedule",
-           "initial_network", "reseeded_each_epoch", "run_finetuning", "semi_training", "training_dataset",
-           "unlabelled_items"]
+           "initial_network", "rehearsal_training", "reseeded_each_epoch", "run_finetuning", "semi_training",
+           "training_dataset", "unlabelled_items"]
