@@ -17,7 +17,7 @@ import torch
 from ignite.engine import Events
 from monai.data import CacheDataset, Dataset
 from monai.transforms import Compose, RandAffined, RandFlipd, RandScaleIntensityd, RandShiftIntensityd
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from medhybrid.core import runs, tracking
 from medhybrid.core.config import StrictModel, dump_config
@@ -49,13 +49,34 @@ class AugmentConfig(StrictModel):
     intensity: float = Field(0.1, ge=0, description="random intensity scale/shift range")
 
 
+@dataclass(frozen=True)
+class Recipe:
+    """The one few-shot fine-tuning recipe: ``medhybrid finetune``'s defaults, the ablation profiles' fine-tunes, the
+    fold fine-tunes of ``medhybrid adapt`` and the bundles' ``train.json`` (which read these numbers from here) all
+    train with it. Iterations = clamp(per_label x labels, min_iterations, max_iterations): 60 at 1-6 labels, 100 from
+    10, in batches of up to 8 labelled images at AdamW lr 2e-4 after a 10-iteration warm-up."""
+
+    lr: float = 2e-4
+    warmup_iterations: int = 10
+    batch_size: int = 8
+    per_label: int = 10
+    min_iterations: int = 60
+    max_iterations: int = 100
+    epochs: int = 2
+
+
+RECIPE = Recipe()
+RECIPE_TRAIN = {"batch_size": RECIPE.batch_size, "lr": RECIPE.lr, "warmup_iterations": RECIPE.warmup_iterations}
+"""The recipe's :class:`~medhybrid.engines.fit.TrainConfig` fields, under whatever a config gives."""
+
+
 class FinetuneSchedule(StrictModel):
     """Iterations = clamp(per_label * budget, min_iterations, max_iterations), split into epochs."""
 
-    per_label: int = Field(20, ge=1)
-    min_iterations: int = Field(100, ge=1)
-    max_iterations: int = Field(400, ge=1)
-    epochs: int = Field(4, ge=1)
+    per_label: int = Field(RECIPE.per_label, ge=1)
+    min_iterations: int = Field(RECIPE.min_iterations, ge=1)
+    max_iterations: int = Field(RECIPE.max_iterations, ge=1)
+    epochs: int = Field(RECIPE.epochs, ge=1)
 
     def iterations(self, budget: int) -> int:
         return max(self.min_iterations, min(self.max_iterations, self.per_label * budget))
@@ -65,8 +86,8 @@ class FinetuneConfig(FewShotRunConfig):
     init: Path | None = Field(None, description="pretrained model.pt; None = random init (from scratch)")
     preprocess: Preprocess = Field(default_factory=Preprocess)
     model: ModelConfig = Field(default_factory=ModelConfig)
-    train: TrainConfig = Field(default_factory=lambda: TrainConfig(batch_size=8, lr=1e-4, warmup_iterations=20,
-                                                                  val_max_images=None, grad_clip=1.0))
+    train: TrainConfig = Field(default_factory=lambda: TrainConfig(**RECIPE_TRAIN, val_max_images=None), description="the optimisation; "
+                               "fields not given keep the recipe's (RECIPE), not TrainConfig's pretraining defaults")
     schedule: FinetuneSchedule = Field(default_factory=FinetuneSchedule)
     augment: AugmentConfig = Field(default_factory=AugmentConfig)
     semi: S.SemiConfig = Field(default_factory=S.SemiConfig, description="semi-supervised fine-tuning: the pool's "
@@ -84,6 +105,11 @@ class FinetuneConfig(FewShotRunConfig):
                                    description="robust fine-tuning (medhybrid.engines.robust), each option off by default: "
                                    "L2-SP (Li et al. 2018), partial fine-tuning by parameter names (Lee et al. 2023), "
                                    "source rehearsal")
+
+    @field_validator("train", mode="before")
+    @classmethod
+    def _recipe_under_train(cls, v):
+        return {**RECIPE_TRAIN, **v} if isinstance(v, dict) else v
 
     @model_validator(mode="after")
     def _wise_needs_init(self):
@@ -321,6 +347,6 @@ def _model_cfg(cfg: FinetuneConfig) -> dict:
     return model_meta(cfg.init)["model"]
 
 
-__all__ = ["augmentation", "AugmentConfig", "FinetuneConfig", "FinetuneResult", "FinetuneSchedule",
+__all__ = ["RECIPE", "Recipe", "augmentation", "AugmentConfig", "FinetuneConfig", "FinetuneResult", "FinetuneSchedule",
            "initial_network", "rehearsal_training", "reseeded_each_epoch", "run_finetuning", "semi_training",
            "training_dataset", "unlabelled_items"]
