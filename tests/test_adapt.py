@@ -172,3 +172,46 @@ def test_a_folder_without_labels_is_refused_naming_it(tmp_path, capsys):
     assert main(["adapt", "--model", str(BUNDLE), "--data", str(data), "--output", str(tmp_path / "x")]) != 0
     err = capsys.readouterr().err
     assert f"{data}: holds no labelled image" in err and not (tmp_path / "x" / "model.pt").exists()
+
+
+# --------------------------------------------------------------------------------------------- the bundles' train.json
+def _run_bundle(bundle: Path, *args: str):
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env.update(OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
+    cmd = [sys.executable, "-m", "monai.bundle", "run", "--config_file", "configs/train.json", "--meta_file",
+           "configs/metadata.json", "--logging_file", "configs/logging.conf", *args]
+    res = subprocess.run(cmd, cwd=bundle, env=env, capture_output=True, text=True, timeout=900)
+    assert res.returncode == 0, f"{res.stdout[-3000:]}\n{res.stderr[-5000:]}"
+    return res.stdout + res.stderr
+
+
+@pytest.mark.slow(seconds=90)
+def test_the_bundles_train_json_adapts_and_replaces_its_weights_only_on_the_decision(tmp_path):
+    """``train.json`` (``adapt: true``, the default) on a folder of 2 labelled PH2 images, from a copy of the bundle's
+    folder: kept (a rule no candidate passes), ``models/model.pt`` is not touched, byte for byte; switched (a rule
+    every candidate passes), it holds the chosen fine-tune's weights."""
+    import hashlib
+
+    bundle = tmp_path / BUNDLE.name
+    shutil.copytree(BUNDLE, bundle, ignore=shutil.ignore_patterns("eval", "runs"))
+    data = _user_folder(tmp_path / "labels", ["IMD003", "IMD004"], [])
+    weights = bundle / "models" / "model.pt"
+    before = hashlib.sha256(weights.read_bytes()).hexdigest()
+    fast = ["--min_iterations", "2", "--max_iterations", "2", "--dataset_dir", str(data), "--train_split", "None",
+            "--semi_algorithm", "none"]
+    # a rule no candidate passes stands in for a better start, one every candidate passes for a worse one
+    log = _run_bundle(bundle, *fast, "--adapt_rule", "{'min_gain': 5.0}")
+    report = json.loads((bundle / "eval" / "adapt" / "report.json").read_text())
+    assert report["labels"] == 2 and report["decision"] == KEEP and len(report["candidates"]) == 1 + 2 * 4
+    assert "model.pt kept as it was" in log and hashlib.sha256(weights.read_bytes()).hexdigest() == before
+    log = _run_bundle(bundle, *fast, "--adapt_rule", "{'min_gain': -5.0, 'min_share': 0.0}")
+    assert "model.pt replaced" in log
+    decided = json.loads((bundle / "eval" / "adapt" / "report.json").read_text())["decision"]
+    assert decided != KEEP and "model.pt replaced" in log
+    adapted = torch.load(bundle / "eval" / "adapt" / "model.pt", weights_only=True)["state_dict"]
+    published = torch.load(weights, weights_only=True)
+    assert published.keys() == adapted.keys() and all(torch.equal(published[k], adapted[k]) for k in adapted)

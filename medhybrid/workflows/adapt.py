@@ -26,6 +26,7 @@ The fold that holds an image out never trains on it, not even as an unlabelled i
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
@@ -42,7 +43,6 @@ from tqdm import tqdm
 from medhybrid.core import runs, tracking
 from medhybrid.core.config import StrictModel, apply_overrides, deep_merge, dump_config, validate
 from medhybrid.core.files import atomic_write, write_json
-from medhybrid.core.runs import config_hash
 from medhybrid.core.stats import paired_bootstrap
 from medhybrid.core.tracking import MLflowConfig
 from medhybrid.data.check import require_valid
@@ -70,7 +70,8 @@ FIXMATCH_RECIPE: dict[str, Any] = {"semi": {"algorithm": "fixmatch", "threshold"
 class AdaptRule(StrictModel):
     """The decision rule, fixed before any candidate is scored."""
 
-    min_gain: float = Field(0.01, ge=0, description="least mean held-out Dice gain over the start to switch")
+    min_gain: float = Field(0.01, description="least mean held-out Dice gain over the start to switch (negative: a "
+                            "fine-tune may lose that much and still be chosen)")
     min_share: float = Field(2 / 3, ge=0, le=1, description="least share of folds in which the gain is positive")
     single_label_wise: float = Field(0.5, ge=0, le=1, description="k = 1, no held-out check possible: the mixing "
                                      "weight of a plain fine-tune on the one label with the start (0 keeps the start)")
@@ -80,6 +81,7 @@ class AdaptConfig(StrictModel):
     """``medhybrid adapt``: a starting model, the user's labelled (and unlabelled) images, and the menu."""
 
     model: Path = Field(description="the starting model: a medhybrid model.pt, or a medhybrid bundle's folder")
+    weights: Path | None = Field(None, description="a bundle's weights file to start from (None: its models/model.pt)")
     data: DatasetSpec = Field(description="the labelled images (the pool split of this dataset)")
     labelled: list[str] | None = Field(None, description="the pool ids that count as labelled (None: all of the pool)")
     unlabelled_images: list[str] = Field(default_factory=list, description="image files without masks (FixMatch)")
@@ -194,19 +196,33 @@ def fold_split(ids: Sequence[str], max_loo: int, folds: int, seed: int) -> list[
 
 
 # --------------------------------------------------------------------------------------------- the user's data
+def pairs_dataset(pairs: Sequence[Mapping[str, str]], channels: int, work: Path, name: str = "adapt",
+                  mask: Mapping[str, Any] | None = None, overrides: list[str] | None = None) -> DatasetSpec:
+    """Labelled ``pairs`` (``{"image", "label"[, "id"]}``) as the ``pool`` split of a dataset written under ``work``
+    (a decathlon JSON), with the mask reading ``mask`` (a :class:`~medhybrid.data.specs.MaskSpec` mapping) and
+    ``overrides`` (``mask.values={0: 0, 1: 1}`` ...)."""
+    items = [{"id": q.get("id") or image_stem(q["image"]), "image": str(Path(q["image"]).resolve()),
+              "label": str(Path(q["label"]).resolve())} for q in pairs]
+    work.mkdir(parents=True, exist_ok=True)
+    write_json(work / "datalist.json", {"pool": items})
+    data = {"name": name, "role": "target", "root": str(work.resolve()), "datalist": "datalist.json", "split": None,
+            "required_splits": ["pool"], "channels": channels, **({"mask": dict(mask)} if mask else {})}
+    data = apply_overrides(data, [o for o in (overrides or []) if not o.startswith(("channels=", "role=", "split="))])
+    return validate(DatasetSpec, data, source=f"adapt data ({name})")
+
+
 def folder_dataset(folder: str | Path, channels: int, work: Path, overrides: list[str] | None = None
                    ) -> tuple[DatasetSpec, list[str]]:
     """The user's folder as a dataset: ``images/`` and ``masks/`` (a mask named like its image, any supported type;
     an image without a mask is unlabelled), or a CSV or decathlon JSON datalist (every row labelled). Returns the
-    labelled images as the ``pool`` split of a dataset written under ``work`` (a decathlon JSON) and the unlabelled
-    image files. Raises :class:`DataError` naming the folder when it holds no labelled image."""
+    labelled images as the ``pool`` split of a dataset written under ``work`` (:func:`pairs_dataset`) and the
+    unlabelled image files. Raises :class:`DataError` naming the folder when it holds no labelled image."""
     folder = Path(folder)
+    mask = None
     if folder.is_file() or not (folder / "images").is_dir():
         spec = load_dataset_spec(folder, [*(overrides or []), f"channels={channels}", "role=target", "split=null",
                                           "required_splits=[]"])
-        pairs = load_pairs(spec)
-        labelled, unlabelled = [{"image": p["image"], "label": p["label"], "id": p["id"]} for p in pairs], []
-        base = {k: v for k, v in spec.model_dump().items() if k in ("mask", "name")}
+        labelled, unlabelled, mask = load_pairs(spec), [], spec.mask.model_dump()
     else:
         masks = folder / "masks"
         by_stem: dict[str, Path] = {}
@@ -219,19 +235,12 @@ def folder_dataset(folder: str | Path, channels: int, work: Path, overrides: lis
             if not f.is_file() or f.name.startswith(".") or file_suffix(f) not in SUPPORTED_SUFFIXES:
                 continue
             m = by_stem.get(image_stem(f))
-            (labelled.append({"image": str(f.resolve()), "label": str(m.resolve()), "id": image_stem(f)}) if m
+            (labelled.append({"image": str(f), "label": str(m), "id": image_stem(f)}) if m
              else unlabelled.append(str(f.resolve())))
-        base = {"name": folder.resolve().name}
     if not labelled:
         raise DataError(folder, "holds no labelled image: put masks named like their images in masks/ (an image "
                         "without a mask counts as unlabelled)")
-    work.mkdir(parents=True, exist_ok=True)
-    write_json(work / "datalist.json", {"pool": [{"id": p["id"], "image": p["image"], "label": p["label"]} for p in labelled]})
-    data = deep_merge({"name": base.get("name", "adapt"), "role": "target", "root": str(work.resolve()),
-                       "datalist": "datalist.json", "split": None, "required_splits": ["pool"], "channels": channels},
-                      {"mask": base["mask"]} if "mask" in base else {})
-    data = apply_overrides(data, [o for o in (overrides or []) if not o.startswith(("channels=", "role=", "split="))])
-    return validate(DatasetSpec, data, source=f"adapt data {folder}"), unlabelled
+    return pairs_dataset(labelled, channels, work, folder.resolve().name, mask, overrides), unlabelled
 
 
 def starting_channels(model: str | Path) -> int:
@@ -242,14 +251,15 @@ def starting_channels(model: str | Path) -> int:
     return int(read_model_file(model)["meta"]["image_channels"])
 
 
-def starting_model(model: str | Path, work: Path) -> Path:
+def starting_model(model: str | Path, work: Path, weights: str | Path | None = None) -> Path:
     """A medhybrid ``model.pt`` of the starting model: the file itself, or, for a medhybrid bundle's folder, its
-    ``models/model.pt`` weights with the network its ``configs/inference.json`` declares (written under ``work``)."""
+    ``models/model.pt`` (or ``weights``) with the network its ``configs/inference.json`` declares (written under
+    ``work``)."""
     model = Path(model)
     if not model.is_dir():
         read_model_file(model)  # a clear error now, not after the folds
         return model
-    net, meta = bundle_segmenter(model)
+    net, meta = bundle_segmenter(model, weights)
     backbone = json.loads((model / "configs" / "inference.json").read_text())["network_def"]["backbone"]
     mcfg = ModelConfig(channels=tuple(backbone["channels"]), attention_levels=tuple(backbone["attention_levels"]),
                        num_res_blocks=backbone["num_res_blocks"], norm_num_groups=backbone["norm_num_groups"],
@@ -303,11 +313,11 @@ def run_adaptation(cfg: AdaptConfig) -> AdaptResult:
     """Adapt (or resume, or return the finished adaptation of) ``cfg``; see the module docstring."""
     out = Path(cfg.output_dir)
     work = out / "work"
-    with runs.Run.claim(out, config_hash(cfg, exclude=("mlflow", "output_dir", "progress", "check_data")), cfg.mlflow) as run:
+    start = starting_model(cfg.model, work, cfg.weights)
+    with runs.Run.claim(out, _identity(cfg, start), cfg.mlflow) as run:
         if run.finished:
             st = run.state
             return AdaptResult(out, out / "model.pt", st["decision"], st["reason"], out / "report.md", st.get("mlflow_run_id"))
-        start = starting_model(cfg.model, work)
         net, meta = load_model(start)
         if meta["image_channels"] != cfg.data.channels:
             raise DataError(cfg.model, f"takes {meta['image_channels']}-channel images, the data has {cfg.data.channels}")
@@ -398,6 +408,17 @@ def run_adaptation(cfg: AdaptConfig) -> AdaptResult:
         return AdaptResult(out, out / "model.pt", choice, decision.reason, report, run_id)
 
 
+def _identity(cfg: AdaptConfig, start: Path) -> str:
+    """The adaptation's identity: its settings, the starting weights' content and every labelled and unlabelled file
+    (path, size, modification time), so a folder adapted to other labels or another start is never taken as done."""
+    files = [q for p in load_pairs(cfg.data) for q in (p["image"], p.get("label"))] + list(cfg.unlabelled_images)
+    stamp = [(f, *(lambda s: (s.st_size, s.st_mtime_ns))(Path(f).stat())) for f in files if f and Path(f).exists()]
+    d = {k: v for k, v in dump_config(cfg).items() if k not in ("mlflow", "output_dir", "progress", "check_data")}
+    src = cfg.weights or (Path(cfg.model) / "models" / "model.pt" if Path(cfg.model).is_dir() else start)
+    d.update(start_sha256=hashlib.sha256(Path(src).read_bytes()).hexdigest(), files=stamp)
+    return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
 def _name(recipe: str, alpha: float) -> str:
     return recipe if alpha == 1 else f"{recipe}-wise{alpha:g}"
 
@@ -447,5 +468,5 @@ def _write_report(cfg: AdaptConfig, out: Path, k: int, start_scores: Mapping[str
     return path
 
 
-__all__ = ["AdaptConfig", "AdaptResult", "AdaptRule", "Decision", "KEEP", "decide", "fold_split", "folder_dataset",
+__all__ = ["AdaptConfig", "AdaptResult", "AdaptRule", "Decision", "KEEP", "decide", "fold_split", "folder_dataset", "pairs_dataset",
            "run_adaptation", "starting_channels", "starting_model"]

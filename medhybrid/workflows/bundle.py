@@ -12,6 +12,8 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import shutil
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -19,6 +21,7 @@ import torch
 from monai.engines.utils import default_prepare_batch
 from torch import nn
 
+from medhybrid.core.config import deep_merge
 from medhybrid.data.datasets import discover_pairs, load_pairs, select_split
 from medhybrid.data.io import DataError
 from medhybrid.data.specs import load_dataset_spec
@@ -27,6 +30,7 @@ from medhybrid.engines import semi as S
 from medhybrid.engines.handlers import unwrap
 from medhybrid.engines.losses import SegmentationLoss
 from medhybrid.networks.checkpoints import atomic_save, load_model
+from medhybrid.workflows.adapt import FIXMATCH_RECIPE, ROBUST_RECIPE, AdaptConfig, pairs_dataset, run_adaptation
 from medhybrid.workflows.inference import collect_inputs
 
 log = logging.getLogger("medhybrid")
@@ -127,6 +131,45 @@ def strong_views(algorithm: str, resolution: int, settings: dict | None = None) 
     return S.SemiConfig(algorithm=algorithm, **(settings or {})).strong_transforms(resolution)
 
 
+def adapt_bundle(bundle_root: str | os.PathLike, datalist: Sequence[dict], unlabelled: Sequence[dict], image_channels: int,
+                 label_values: dict, label_threshold: float | None, start: str | os.PathLike, model_path: str | os.PathLike,
+                 output_dir: str | os.PathLike, semi_algorithm: str = "none", semi_settings: dict | None = None,
+                 learning_rate: float | None = None, per_label: int | None = None, min_iterations: int | None = None,
+                 max_iterations: int | None = None, seed: int = 0, rule: dict | None = None) -> dict:
+    """A bundle's ``train.json`` with ``adapt: true``: :func:`medhybrid.workflows.adapt.run_adaptation` from the
+    weights ``start`` (by default the served ``models/model.pt``) on the labelled ``datalist`` (and the ``unlabelled``
+    images, for a semi-supervised candidate when the bundle trains with one), in ``output_dir/adapt``, with the decision
+    rule's defaults or ``rule`` (:class:`~medhybrid.workflows.adapt.AdaptRule` fields). The bundle's
+    weights file ``model_path`` is replaced only when the decision picks a fine-tune; kept, it is not touched. Returns
+    ``{"decision", "reason", "replaced", "report"}``; each training has its own folder under ``output_dir/adapt/runs``,
+    and the last one's ``report.md``, ``report.json`` and ``model.pt`` are copied to ``output_dir/adapt``."""
+    top = Path(output_dir) / "adapt"
+    out = top / "runs" / time.strftime("%Y%m%d-%H%M%S")  # each training its own run; the last one's report on top
+    mask = {"values": {int(k): int(v) for k, v in label_values.items()}, "threshold": label_threshold}
+    if label_threshold is not None:
+        mask = {"threshold": label_threshold}
+    spec = pairs_dataset(datalist, image_channels, out / "work", Path(bundle_root).resolve().name, mask)
+    recipes: dict = {"plain": {}, "robust": ROBUST_RECIPE}
+    if semi_algorithm != "none" and unlabelled:
+        recipes[semi_algorithm] = ({"semi": {"algorithm": semi_algorithm, **(semi_settings or {})}}
+                                   if semi_algorithm != "fixmatch" else deep_merge(FIXMATCH_RECIPE, {"semi": semi_settings or {}}))
+    schedule = {k: v for k, v in {"per_label": per_label, "min_iterations": min_iterations,
+                                  "max_iterations": max_iterations}.items() if v is not None}
+    finetune = {**({"schedule": schedule} if schedule else {}), **({"train": {"lr": learning_rate}} if learning_rate else {})}
+    cfg = AdaptConfig(model=Path(bundle_root), weights=Path(start), data=spec, output_dir=out, recipes=recipes,
+                      unlabelled_images=[str(d["image"]) for d in unlabelled], finetune=finetune, seed=seed,
+                      rule=rule or {}, mlflow={"enabled": False})
+    res = run_adaptation(cfg)
+    for name in ("report.md", "report.json", "model.pt"):
+        shutil.copyfile(out / name, top / name)
+    replaced = res.decision != "start"
+    if replaced:
+        publish_weights(res.model, model_path)
+    log.info("adapt: %s; %s (%s)", res.decision, f"{model_path} replaced" if replaced else f"{model_path} kept as it was",
+             res.reason)
+    return {"decision": res.decision, "reason": res.reason, "replaced": replaced, "report": str(top / "report.md")}
+
+
 def save_weights(network: nn.Module, path: str | os.PathLike) -> Path | None:
     """Write ``network``'s state dict (unwrapped from DistributedDataParallel) to ``path`` atomically, from rank 0
     only; other ranks return None. This is how a bundle's training publishes ``models/model.pt``."""
@@ -160,5 +203,5 @@ def sha256(path: str | os.PathLike) -> str:
     return h.hexdigest()
 
 
-__all__ = ["image_datalist", "labelled_datalist", "publish_weights", "save_weights", "semi_seams", "sha256",
+__all__ = ["adapt_bundle", "image_datalist", "labelled_datalist", "publish_weights", "save_weights", "semi_seams", "sha256",
            "strong_views", "unlabelled_datalist"]
