@@ -163,6 +163,49 @@ for path in sys.argv[1:]:
 print(json.dumps(out))
 """
 
+_ADAPT_PROBE = """
+import json, logging, os, sys, time
+logging.basicConfig(level=logging.INFO)
+from monailabel.tasks.train.bundle import BundleTrainTask
+from medhybrid.label.tasks import MedhybridTrain
+class Store:
+    def get_unlabeled_images(self, tag): return []
+    def get_image_uri(self, image_id): return "/studies/" + image_id + ".png"
+seen = {}
+def run(self, request, datastore):  # MONAI Label's training: the overrides it passes; the bundle's run decides "start"
+    self._load_checkpoint(os.path.join(self.bundle_path, "models", request["model_filename"]), True, [])
+    seen.update(self._update_overrides({}))
+    os.makedirs(self.bundle_path + "/eval/adapt", exist_ok=True)
+    with open(self.bundle_path + "/eval/adapt/report.json", "w") as f:
+        json.dump({"decision": "start", "reason": "kept the start: no candidate gains", "labels": 3}, f)
+    return {}
+BundleTrainTask.__call__ = run
+task = MedhybridTrain(sys.argv[1], {})
+result = task({}, Store())
+print(json.dumps({"config": {k: task.config()[k] for k in ("adapt", "model_filename")}, "overrides": seen,
+                  "result": result}))
+"""
+
+
+@pytest.mark.label
+def test_train_task_adapts_from_the_served_model_and_reports_the_decision(tmp_path):
+    """A bundle that adapts (``adapt: true``): MONAI Label's train task offers the served ``model.pt`` first as the
+    start, passes it to the bundle as ``adapt_start``, and its train result says what the bundle decided (here: keep,
+    so the served weights stay; what the bundle's run does with them is tested in tests/test_adapt.py)."""
+    if not LABEL_PYTHON.is_file():
+        pytest.fail(f"{LABEL_PYTHON} not found: the MONAI Label environment is made by scripts/setup_label.sh", pytrace=False)
+    bundle = tmp_path / DERM.name
+    shutil.copytree(DERM, bundle, ignore=shutil.ignore_patterns("eval", "runs"))
+    res = subprocess.run([str(LABEL_PYTHON), "-c", _ADAPT_PROBE, str(bundle)], capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    got = json.loads(res.stdout.strip().splitlines()[-1])
+    assert got["config"]["adapt"] is True and got["config"]["model_filename"][0] == "model.pt"
+    assert got["overrides"]["adapt"] is True
+    assert got["overrides"]["adapt_start"] == str(bundle / "models" / "model.pt")
+    assert got["result"]["adapt"] == {"decision": "start", "reason": "kept the start: no candidate gains", "replaced": False,
+                                      "labels": 3}
+    assert "the served model was kept" in res.stderr + res.stdout
+
 
 @pytest.mark.label
 def test_train_task_passes_wise_and_drops_it_from_scratch():

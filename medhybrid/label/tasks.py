@@ -7,11 +7,14 @@ that never give one study to two annotators at once.
   the label value) and :meth:`MedhybridInfer.writer`, because MONAI Label's writer goes through ITK, which writes
   a 2D PNG mask transposed relative to medhybrid's readers and a DICOM study as NIfTI: a DICOM study gets a DICOM
   SEG referencing its UIDs, any other study a PNG of class indices.
-- :class:`MedhybridTrain` is MONAI Label's ``BundleTrainTask`` running the bundle's ``train.json``. Overridden: the
-  weights offered to start from list ``pretrained.pt`` (the hybrid pretraining) first, the start is set on the
-  bundle's own ``CheckpointLoader`` instead of adding a second one that it would override (training from scratch
-  drops the bundle's WiSE-FT handler with it), and the studies nobody has labelled yet feed the bundle's
-  semi-supervised recipe (``unlabelled_datalist``) beside the saved labels.
+- :class:`MedhybridTrain` is MONAI Label's ``BundleTrainTask`` running the bundle's ``train.json``. A bundle that
+  adapts (``adapt: true``, the shipped default) checks itself on the saved labels: the served ``model.pt`` (offered
+  first as the start) is replaced only when a fine-tune of it wins on held-out labels, and the train result and the
+  log say what was decided and why (:func:`medhybrid.workflows.bundle.adapt_bundle`). Otherwise the weights offered to
+  start from list ``pretrained.pt`` (the hybrid pretraining) first. Overridden too: the start is set on the bundle's
+  own ``CheckpointLoader`` instead of adding a second one that it would override (training from scratch drops the
+  bundle's WiSE-FT handler with it), and the studies nobody has labelled yet feed the bundle's semi-supervised recipe
+  (``unlabelled_datalist``) beside the saved labels.
 - :class:`LeasedRandom`, :class:`LeasedFirst` and :class:`LeasedUncertainty` rank the unlabelled studies and hand
   out the first one not leased to another annotator (:class:`medhybrid.label.workspace.StudyLeases`).
 """
@@ -24,6 +27,8 @@ import os
 import random
 import tempfile
 import threading
+import time
+from pathlib import Path
 from typing import Any
 
 from monai.transforms import SaveImaged
@@ -37,7 +42,7 @@ from monailabel.utils.others.generic import device_map
 from medhybrid.data.dicom_seg import write_dicom_seg
 from medhybrid.data.io import DataError, is_dicom_file
 from medhybrid.data.transforms import SaveMask2D, SaveMask2Dd
-from medhybrid.label.workspace import BundleNetwork, StudyLeases, train_request
+from medhybrid.label.workspace import BundleNetwork, StudyLeases, adapt_outcome, train_request
 from medhybrid.workflows.inference import score_files
 from medhybrid.workflows.quality import UncertaintyConfig
 
@@ -94,7 +99,15 @@ class MedhybridTrain(BundleTrainTask):
             raise MONAILabelException(MONAILabelError.INVALID_INPUT, str(e)) from e
         self._unlabelled = unlabelled_studies(datastore)
         self._wise = clean.get("wise")
-        return super().__call__(clean, datastore)
+        self._adapt = clean.get("adapt")
+        started = time.time()
+        result = super().__call__(clean, datastore) or {}
+        outcome = adapt_outcome(self.bundle_path) if self._adapt else None
+        if outcome is not None and (Path(self.bundle_path) / "eval" / "adapt" / "report.json").stat().st_mtime >= started:
+            log.info("train: %s (%s): %s", "the served model was replaced" if outcome["replaced"] else
+                     "the served model was kept", outcome["decision"], outcome["reason"])
+            result = {**result, "adapt": outcome}
+        return result
 
     def _update_overrides(self, overrides):
         """The unlabelled studies, as the bundle's ``unlabelled_datalist`` (read without masks, never scored), and the
@@ -103,20 +116,29 @@ class MedhybridTrain(BundleTrainTask):
             overrides["unlabelled_datalist"] = list(getattr(self, "_unlabelled", []))
         if "wise" in self.bundle_config.config and getattr(self, "_wise", None) is not None:
             overrides["wise"] = self._wise
+        if "adapt" in self.bundle_config.config and getattr(self, "_adapt", None) is not None:
+            overrides["adapt"] = self._adapt
+            if getattr(self, "_start", None):  # the weights the clinician chose to start from: the served ones by default
+                overrides["adapt_start"] = self._start
         return overrides
 
     def config(self) -> dict[str, Any]:
         c = super().config()
         models = list(c.get("model_filename") or [])
-        if "pretrained.pt" in models:  # the first one is the default: fine-tune the pretraining on every saved label
-            models.remove("pretrained.pt")
-            models.insert(0, "pretrained.pt")
+        adapt = bool(self.bundle_config.config.get("adapt", False))
+        first = "model.pt" if adapt else "pretrained.pt"  # the first one is the default start: the served model when
+        if first in models:  # adapting (replaced only when a fine-tune of it wins on held-out labels), else the
+            models.remove(first)  # pretraining, fine-tuned on every saved label
+            models.insert(0, first)
         c.update(model_filename=models, max_epochs=4, val_split=0.2)
         if "wise" in self.bundle_config.config:  # the bundle's own WiSE-FT weight, offered as a setting
             c["wise"] = float(self.bundle_config.config["wise"])
+        if "adapt" in self.bundle_config.config:  # self-checking adaptation, offered as a setting (the bundle's default)
+            c["adapt"] = adapt
         return c
 
     def _load_checkpoint(self, model_pytorch, pretrained, train_handlers):
+        self._start = model_pytorch if pretrained and os.path.exists(model_pytorch) else None
         loaders = _handlers(train_handlers, "CheckpointLoader")
         if not loaders:
             return super()._load_checkpoint(model_pytorch, pretrained, train_handlers)

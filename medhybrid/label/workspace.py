@@ -166,6 +166,16 @@ class StudyLeases:
 _DEVICE = re.compile(r"^(cpu|cuda(:\d+)?)$")
 
 
+def adapt_outcome(bundle: str | os.PathLike) -> dict[str, Any] | None:
+    """What the last self-checking training of ``bundle`` decided (``eval/adapt/report.json``): ``{"decision",
+    "reason", "replaced"}``, or None when it has not adapted."""
+    path = Path(bundle) / "eval" / "adapt" / "report.json"
+    if not path.is_file():
+        return None
+    r = json.loads(path.read_text())
+    return {"decision": r["decision"], "reason": r["reason"], "replaced": r["decision"] != "start", "labels": r["labels"]}
+
+
 def train_request(request: dict[str, Any], defaults: dict[str, Any],
                   devices: dict[str, str] | None = None) -> dict[str, Any]:
     """The settings of a MONAI Label ``/train`` request, typed and checked, missing ones from ``defaults`` (the train
@@ -210,6 +220,8 @@ def train_request(request: dict[str, Any], defaults: dict[str, Any],
             raise ValueError(f"wise {pick('wise')!r}: a number in [0, 1]") from None
         if not 0.0 <= out["wise"] <= 1.0:
             raise ValueError(f"wise {out['wise']}: a number in [0, 1] (1 keeps the trained weights)")
+    if pick("adapt") is not None:  # the bundle's self-checking adaptation (train.json's "adapt"), a yes or no
+        out["adapt"] = flag("adapt")
     for key in ("tracking_uri", "tracking_experiment_name", "tracking_run_name"):
         v = request.get(key)
         if v:
