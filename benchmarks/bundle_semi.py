@@ -100,7 +100,7 @@ def main() -> None:
                     extra = ["--iterations", str(args.iterations)] if args.iterations else []
                     extra += ["--semi_algorithm", algorithm if semi else "none"]
                     extra += [] if wise is None else ["--wise", str(wise)]
-                    row[f"{arm}_train_s"] = bundle_run(bundle, ["train"], "--dataset_dir", str(site), *extra)
+                    row[f"{arm}_train_s"] = bundle_run(bundle, ["train"], "--dataset_dir", str(site), "--adapt", "False", *extra)
                     out = work / arm / "eval"
                     bundle_run(bundle, ["train", "evaluate"], "--dataset_dir", str(heldout), "--eval_split", "none",
                                "--output_dir", str(out))

@@ -87,7 +87,7 @@ def _fine_tune_half(cfg: ReleaseConfig, train_ids: Sequence[str], work: Path) ->
     out = work / "half_model.pt"
     cmd = [sys.executable, "-m", "monai.bundle", "run", "--config_file", "configs/train.json", "--meta_file",
            "configs/metadata.json", "--dataset_dir", str(datalist), "--train_split", "train", "--semi_algorithm", "none",
-           "--wise", "1", "--model_path", str(out), "--output_dir", str(work / "train"), "--seed", str(cfg.seed)]
+           "--adapt", "False", "--wise", "1", "--model_path", str(out), "--output_dir", str(work / "train"), "--seed", str(cfg.seed)]
     log.info("release: fine-tuning %s on %d of the pool's images", cfg.bundle.name, len(train_ids))
     res = subprocess.run(cmd, cwd=Path(cfg.bundle).resolve(), capture_output=True, text=True)
     if res.returncode != 0 or not out.is_file():
