@@ -94,7 +94,7 @@ def _finetune(args) -> int:
     print(f"fine-tuned on {len(res.ids)} labelled images: {res.checkpoint}")
     if args.evaluate:
         net, _ = load_model(res.checkpoint)
-        ev = evaluate(net, cfg.dataset, cfg.preprocess, "test", out_dir=cfg.folder / "eval")
+        ev = evaluate(net, cfg.dataset, cfg.preprocess, "test", out_dir=cfg.folder / "eval", progress=True)
         print(" ".join(f"{k} {v:.4f}" for k, v in ev.summary.items()), f"\nper-image: {ev.csv}")
     return 0
 

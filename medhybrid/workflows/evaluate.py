@@ -21,6 +21,7 @@ from monai.data import MetaTensor
 from monai.metrics import compute_dice, compute_hausdorff_distance, compute_iou
 from monai.transforms import Compose
 
+from medhybrid.core.progress import Progress
 from medhybrid.data.datasets import load_pairs
 from medhybrid.data.io import DataError, data_error
 from medhybrid.data.specs import DatasetSpec, Preprocess
@@ -80,10 +81,11 @@ class EvalResult:
 
 def evaluate(net: EDMPrecond, dataset: DatasetSpec, preprocess: Preprocess, split: str = "test",
              out_dir: str | os.PathLike | None = None, batch_size: int = 16, n_overlays: int = 4,
-             pairs: list[dict] | None = None) -> EvalResult:
+             pairs: list[dict] | None = None, progress: bool = False) -> EvalResult:
     """Evaluate ``net`` on ``split`` of ``dataset`` at native resolution; write ``per_image.csv`` and
     ``best_*.png`` / ``worst_*.png`` overlays under ``out_dir`` when given. With ``pairs`` (a development set drawn
-    from the pool), those are evaluated instead and ``split`` names them (``dev``)."""
+    from the pool), those are evaluated instead and ``split`` names them (``dev``). ``progress``: a bar on a terminal, a
+    log line every few images or 30 s otherwise (:class:`~medhybrid.core.progress.Progress`)."""
     pairs = pairs if pairs is not None else load_pairs(dataset, split)
     if not pairs:
         raise ValueError(f"dataset {dataset.name!r} has no {split!r} images to evaluate")
@@ -92,6 +94,7 @@ def evaluate(net: EDMPrecond, dataset: DatasetSpec, preprocess: Preprocess, spli
     label_of = read_label(dataset)
     result = EvalResult(split)
     keep: list[tuple[float, dict, torch.Tensor, torch.Tensor]] = []
+    progress = Progress(len(pairs), "evaluation", enabled=progress)
     for start in range(0, len(pairs), batch_size):
         chunk, items, labels = [], [], []
         for p in pairs[start : start + batch_size]:
@@ -119,6 +122,8 @@ def evaluate(net: EDMPrecond, dataset: DatasetSpec, preprocess: Preprocess, spli
             row = {"id": p["id"], **m_}
             result.rows.append(row)
             keep.append((m_["dice"], row, d["image"].as_tensor(), mask_classes(lg[None])[0] > 0))
+        progress.update(len(pairs[start : start + batch_size]))
+    progress.close()
     if result.failures:
         log.error("evaluation: %d of %d image(s) scored, %d could not be read (named above)", len(result.rows), len(pairs),
                   len(result.failures))

@@ -38,6 +38,7 @@ from torch import nn
 from torch.utils.data import IterableDataset
 
 from medhybrid.core.config import StrictModel
+from medhybrid.core.progress import Progress
 from medhybrid.data.io import SUPPORTED_SUFFIXES, DataError, data_error, file_suffix, image_stem
 from medhybrid.data.specs import Preprocess
 from medhybrid.data.transforms import LoadImage2Dd, SaveMask2Dd, ScaleIntensity2Dd, model_geometry
@@ -191,24 +192,35 @@ class ImageStream(IterableDataset):
     images is never lost to one bad file. :meth:`finish` ends a run with a summary line (and exit status 1 when a
     file was skipped)."""
 
-    def __init__(self, data: Sequence[dict], transform: Callable, key: str = "image"):
+    def __init__(self, data: Sequence[dict], transform: Callable, key: str = "image", progress: bool = True,
+                 desc: str = "inference"):
         self.data, self.transform, self.key = list(data), transform, key
+        self.progress, self.desc = progress, desc
         self.failures: list[tuple[str, str]] = []
         self.done = 0
 
     def __iter__(self):
+        """Each item once it is read; an item counts as done (:class:`~medhybrid.core.progress.Progress`: a bar on a
+        terminal, a log line every few images or 30 s otherwise) when the next one is asked for, after the network and
+        the writer have had it."""
         self.failures, self.done = [], 0
-        for item in self.data:
-            try:
-                out = self.transform(dict(item))
-            except Exception as e:  # MONAI wraps a reader's error: report the cause, never a traceback
-                found = data_error(e)
-                reason = found.problem if found is not None else f"cannot be read ({type(e).__name__}: {e})"
-                self.failures.append((str(item.get(self.key)), reason))
-                log.error("skipped %s: %s", item.get(self.key), reason)
-                continue
-            self.done += 1
-            yield out
+        progress = Progress(len(self.data), self.desc, enabled=self.progress)
+        try:
+            for item in self.data:
+                try:
+                    out = self.transform(dict(item))
+                except Exception as e:  # MONAI wraps a reader's error: report the cause, never a traceback
+                    found = data_error(e)
+                    reason = found.problem if found is not None else f"cannot be read ({type(e).__name__}: {e})"
+                    self.failures.append((str(item.get(self.key)), reason))
+                    log.error("skipped %s: %s", item.get(self.key), reason)
+                    progress.update()
+                    continue
+                self.done += 1
+                yield out
+                progress.update()
+        finally:
+            progress.close()
 
     def summary(self) -> str:
         n = len(self.data)
