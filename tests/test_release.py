@@ -19,3 +19,50 @@ def test_the_bundles_weights_interpolate_into_their_network():
     for alpha, want in ((0.0, pre), (1.0, ft)):
         net.load_state_dict(interpolate_weights(pre, ft, alpha), strict=True)
         assert all(torch.equal(v, want[k]) for k, v in net.state_dict().items())
+
+
+def test_release_refuses_weights_that_are_already_mixed_in_one_line(tmp_path):
+    """The shipped model.pt is itself a release (a WiSE-FT mix, its note says so): release refuses it before anything
+    runs, in one line naming the file and what it holds; a file without a note is refused too."""
+    import shutil
+
+    import pytest
+
+    from medhybrid.data.io import DataError
+    from medhybrid.workflows.bundle import weights_note
+    from medhybrid.workflows.release import ReleaseConfig, choose_alpha
+
+    bundle = tmp_path / DERM.name
+    shutil.copytree(DERM, bundle, ignore=shutil.ignore_patterns("eval", "runs"))
+    assert weights_note(bundle / "models" / "model.pt")["holds"] == "mixed"
+    cfg = ReleaseConfig(bundle=bundle, source="isic2018", target="ph2", output_dir=tmp_path / "out")
+    with pytest.raises(DataError) as e:
+        choose_alpha(cfg)
+    msg = str(e.value)
+    assert "\n" not in msg and "model.pt" in msg and "mixed" in msg and "--wise 1 --adapt False" in msg
+    assert not (tmp_path / "out" / "release.json").exists()
+    (bundle / "models" / "model.pt.json").unlink()
+    with pytest.raises(DataError, match="has no note"):
+        choose_alpha(cfg)
+
+
+def test_a_training_with_wise_ft_notes_that_its_weights_are_mixed(tmp_path):
+    """``save_weights`` after a trainer whose WiSE-FT handler interpolated writes the note ``mixed`` with its alpha;
+    without one (or with alpha 1), ``trained``; the note carries the file's checksum."""
+    from types import SimpleNamespace
+
+    from medhybrid.engines.handlers import WiSEFT
+    from medhybrid.workflows.bundle import save_weights, sha256, weights_note
+
+    net, _ = bundle_segmenter(DERM)
+    wise = WiSEFT(0.75)
+    engine = SimpleNamespace(network=net)
+    wise.keep_start(engine)
+    with torch.no_grad():
+        next(net.parameters()).add_(1.0)
+    wise.interpolate(engine)
+    save_weights(net, tmp_path / "mixed.pt", [object(), wise])
+    note = weights_note(tmp_path / "mixed.pt")
+    assert note["holds"] == "mixed" and note["wise"] == 0.75 and note["sha256"] == sha256(tmp_path / "mixed.pt")
+    save_weights(net, tmp_path / "plain.pt", [WiSEFT(1.0)])
+    assert weights_note(tmp_path / "plain.pt")["holds"] == "trained"

@@ -136,6 +136,8 @@ class WiSEFT:
             raise ValueError(f"WiSE-FT alpha must lie in [0, 1], got {alpha}")
         self.alpha = float(alpha)
         self.start: dict[str, torch.Tensor] | None = None
+        self.applied = False
+        """Whether the network now holds an interpolation (set at COMPLETED when ``alpha < 1``)."""
 
     def attach(self, engine) -> None:
         if self.alpha < 1.0:
@@ -148,6 +150,7 @@ class WiSEFT:
     def interpolate(self, engine) -> None:
         net = unwrap(engine.network)
         net.load_state_dict(interpolate_weights(self.start, net.state_dict(), self.alpha))
+        self.applied = True
         log.info("WiSE-FT: the trained weights interpolated with the starting ones at %.2f x trained + %.2f x start",
                  self.alpha, 1 - self.alpha)
 

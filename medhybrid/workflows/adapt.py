@@ -383,7 +383,7 @@ def run_adaptation(cfg: AdaptConfig) -> AdaptResult:
             decision = Decision(choice, reason, [Candidate(KEEP, None, None, [start_scores[ids[0]]]).summary()])
         log.info("adapt: decision: %s (%s)", decision.choice, decision.reason)
 
-        recipe_name, alpha = _parse(choice)
+        recipe_name, alpha = parse_choice(choice)
         final_meta = dict(meta)
         if recipe_name is None:
             final = net
@@ -423,7 +423,9 @@ def _name(recipe: str, alpha: float) -> str:
     return recipe if alpha == 1 else f"{recipe}-wise{alpha:g}"
 
 
-def _parse(choice: str) -> tuple[str | None, float]:
+def parse_choice(choice: str) -> tuple[str | None, float]:
+    """``(recipe, WiSE-FT weight)`` of a decision: ``(None, 0)`` for the start, ``("plain", 0.5)`` for
+    ``plain-wise0.5``, ``("fixmatch", 1.0)`` for ``fixmatch``."""
     if choice == KEEP:
         return None, 0.0
     recipe, _, a = choice.partition("-wise")
@@ -469,4 +471,4 @@ def _write_report(cfg: AdaptConfig, out: Path, k: int, start_scores: Mapping[str
 
 
 __all__ = ["AdaptConfig", "AdaptResult", "AdaptRule", "Decision", "KEEP", "decide", "fold_split", "folder_dataset", "pairs_dataset",
-           "run_adaptation", "starting_channels", "starting_model"]
+           "parse_choice", "run_adaptation", "starting_channels", "starting_model"]

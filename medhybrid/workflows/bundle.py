@@ -10,6 +10,7 @@ else (preprocessing, network size), so a bundle folder and the installed package
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
 import shutil
@@ -22,15 +23,16 @@ from monai.engines.utils import default_prepare_batch
 from torch import nn
 
 from medhybrid.core.config import deep_merge
+from medhybrid.core.files import write_json
 from medhybrid.data.datasets import discover_pairs, load_pairs, select_split
 from medhybrid.data.io import DataError
 from medhybrid.data.specs import load_dataset_spec
 from medhybrid.data.unlabelled import MixedDataset
 from medhybrid.engines import semi as S
-from medhybrid.engines.handlers import unwrap
+from medhybrid.engines.handlers import WiSEFT, unwrap
 from medhybrid.engines.losses import SegmentationLoss
 from medhybrid.networks.checkpoints import atomic_save, load_model
-from medhybrid.workflows.adapt import FIXMATCH_RECIPE, ROBUST_RECIPE, AdaptConfig, pairs_dataset, run_adaptation
+from medhybrid.workflows.adapt import FIXMATCH_RECIPE, ROBUST_RECIPE, AdaptConfig, pairs_dataset, parse_choice, run_adaptation
 from medhybrid.workflows.inference import collect_inputs
 
 log = logging.getLogger("medhybrid")
@@ -164,20 +166,43 @@ def adapt_bundle(bundle_root: str | os.PathLike, datalist: Sequence[dict], unlab
         shutil.copyfile(out / name, top / name)
     replaced = res.decision != "start"
     if replaced:
-        publish_weights(res.model, model_path)
+        alpha = parse_choice(res.decision)[1]
+        net, _ = load_model(res.model)
+        save_weights(net, model_path, note={"holds": "mixed", "wise": alpha, "start": str(start), "by": "medhybrid adapt"}
+                     if alpha < 1 else {"holds": "trained", "by": "medhybrid adapt", "start": str(start)})
     log.info("adapt: %s; %s (%s)", res.decision, f"{model_path} replaced" if replaced else f"{model_path} kept as it was",
              res.reason)
     return {"decision": res.decision, "reason": res.reason, "replaced": replaced, "report": str(top / "report.md")}
 
 
-def save_weights(network: nn.Module, path: str | os.PathLike) -> Path | None:
+NOTE_SUFFIX = ".json"
+"""A weights file's note sits beside it: ``models/model.pt`` and ``models/model.pt.json``."""
+
+
+def weights_note(path: str | os.PathLike) -> dict | None:
+    """What a bundle's weights file holds, from the note beside it (``<file>.json``): ``{"holds": "trained" |
+    "mixed" | "pretrained", "wise": alpha of a mix, "start": the weights it was mixed with, "by": what wrote it}``;
+    None for a file without a note."""
+    note = Path(str(path) + NOTE_SUFFIX)
+    return json.loads(note.read_text()) if note.is_file() else None
+
+
+def save_weights(network: nn.Module, path: str | os.PathLike, handlers: Sequence | None = None,
+                 note: dict | None = None) -> Path | None:
     """Write ``network``'s state dict (unwrapped from DistributedDataParallel) to ``path`` atomically, from rank 0
-    only; other ranks return None. This is how a bundle's training publishes ``models/model.pt``."""
+    only; other ranks return None. This is how a bundle's training publishes ``models/model.pt``. The note beside it
+    (:func:`weights_note`) says what it holds: ``note``, else ``mixed`` when one of the trainer's ``handlers`` is a
+    :class:`~medhybrid.engines.handlers.WiSEFT` that interpolated, else ``trained``."""
     if torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_rank() != 0:
         return None
     state = {k: v.detach().cpu() for k, v in unwrap(network).state_dict().items()}
     out = atomic_save(state, path)
-    log.info("bundle weights written: %s (sha256 %s)", out, sha256(out)[:12])
+    if note is None:
+        mixed = [h for h in handlers or [] if isinstance(h, WiSEFT) and h.applied]
+        note = ({"holds": "mixed", "wise": mixed[0].alpha, "start": "the weights training started from", "by": "train.json"}
+                if mixed else {"holds": "trained", "by": "train.json"})
+    write_json(Path(str(path) + NOTE_SUFFIX), {**note, "sha256": sha256(out)})
+    log.info("bundle weights written: %s (sha256 %s; %s)", out, sha256(out)[:12], note["holds"])
     return out
 
 
@@ -191,7 +216,7 @@ def publish_weights(checkpoint: str | os.PathLike, path: str | os.PathLike, netw
             network.load_state_dict(net.state_dict(), strict=True)
         except RuntimeError as e:
             raise DataError(checkpoint, f"does not fit the bundle's network_def: {e}") from e
-    return save_weights(net, path)  # type: ignore[return-value]
+    return save_weights(net, path, note={"holds": "pretrained", "by": f"a medhybrid run ({Path(checkpoint).name})"})
 
 
 def sha256(path: str | os.PathLike) -> str:
@@ -203,5 +228,5 @@ def sha256(path: str | os.PathLike) -> str:
     return h.hexdigest()
 
 
-__all__ = ["adapt_bundle", "image_datalist", "labelled_datalist", "publish_weights", "save_weights", "semi_seams", "sha256",
-           "strong_views", "unlabelled_datalist"]
+__all__ = ["NOTE_SUFFIX", "adapt_bundle", "image_datalist", "labelled_datalist", "publish_weights", "save_weights",
+           "semi_seams", "sha256", "strong_views", "unlabelled_datalist", "weights_note"]

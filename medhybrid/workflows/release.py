@@ -42,9 +42,10 @@ from pydantic import Field
 from medhybrid.core.config import StrictModel
 from medhybrid.core.files import write_json
 from medhybrid.data.datasets import few_shot_ids, load_pairs
+from medhybrid.data.io import DataError
 from medhybrid.data.specs import Preprocess, load_dataset_spec
 from medhybrid.networks.checkpoints import interpolate_weights, read_model_file
-from medhybrid.workflows.bundle import save_weights
+from medhybrid.workflows.bundle import save_weights, weights_note
 from medhybrid.workflows.evaluate import evaluate
 from medhybrid.workflows.inference import bundle_segmenter, infer_files
 from medhybrid.workflows.quality import rank_correlation
@@ -95,6 +96,19 @@ def _fine_tune_half(cfg: ReleaseConfig, train_ids: Sequence[str], work: Path) ->
     return out
 
 
+def _require_plain(weights: Path) -> None:
+    """Release mixes plain fine-tuned weights with the pretrained ones: a file whose note says it is already a mix (or
+    says nothing) is refused in one line, before anything runs."""
+    note = weights_note(weights)
+    if note is None:
+        raise DataError(weights, "has no note saying what it holds (models/model.pt.json): release mixes plain fine-tuned "
+                        "weights; write them with the bundle's train.json --wise 1 --adapt False")
+    if note.get("holds") != "trained":
+        raise DataError(weights, f"holds {note.get('holds')} weights (WiSE-FT {note.get('wise')} with "
+                        f"{note.get('start')}, by {note.get('by')}), not plain fine-tuned ones: mixing them again would mix "
+                        "twice; retrain with the bundle's train.json --wise 1 --adapt False")
+
+
 def choose_alpha(cfg: ReleaseConfig) -> dict:
     """Choose alpha on the source's validation split and the pool's development half; interpolate the released
     weights with it; score them on the target's test split (reported only). Returns the report (also written)."""
@@ -102,6 +116,7 @@ def choose_alpha(cfg: ReleaseConfig) -> dict:
     out = Path(cfg.output_dir).resolve()
     out.mkdir(parents=True, exist_ok=True)
     pretrained = read_model_file(bundle / "models" / "pretrained.pt", allow_bare=True)
+    _require_plain(bundle / "models" / "model.pt")
     released = read_model_file(bundle / "models" / "model.pt", allow_bare=True)
     net, meta = bundle_segmenter(bundle)
     preprocess = Preprocess(**meta["preprocess"])
@@ -160,7 +175,8 @@ def choose_alpha(cfg: ReleaseConfig) -> dict:
     write_json(out / "release.json", report)
     (out / "release.md").write_text(_markdown(report))
     if cfg.write_bundle:
-        save_weights(net, bundle / "models" / "model.pt")  # net holds the chosen weights
+        save_weights(net, bundle / "models" / "model.pt",  # net holds the chosen weights
+                     note={"holds": "mixed", "wise": alpha, "start": "models/pretrained.pt", "by": "medhybrid release"})
     return report
 
 
