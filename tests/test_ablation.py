@@ -5,10 +5,14 @@ from __future__ import annotations
 import csv
 import json
 import logging
+from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from conftest import child_runs, mlflow_client, ph2_yaml
+from monai.metrics import compute_dice
+from PIL import Image
 
 from medhybrid.core.config import ConfigError, validate
 from medhybrid.data.datasets import few_shot_pairs, load_pairs
@@ -16,7 +20,6 @@ from medhybrid.data.specs import Preprocess
 from medhybrid.experiments.ablation import (
     AblationConfig,
     finetune_config,
-    pixel_features_config,
     pretrain_config,
     pretraining_of,
     run_ablation,
@@ -24,6 +27,7 @@ from medhybrid.experiments.ablation import (
 from medhybrid.networks.checkpoints import network_meta, save_model
 from medhybrid.networks.nets import ModelConfig, build_network
 from medhybrid.workflows.finetune import unlabelled_items
+from medhybrid.workflows.inference import infer_files
 
 pytestmark = pytest.mark.usefixtures("workdir")
 
@@ -45,6 +49,32 @@ def _config(workdir, mlflow_uri, source, methods: dict, seeds=(0, 1)) -> Ablatio
         "mlflow": {"tracking_uri": mlflow_uri}}, context={"base_dir": str(workdir)})
 
 
+BROKEN = {"pretrain": "supervised", "finetune": {"train": {"no_such_setting": 1}}}
+"""A method that passes the ablation's config check and fails every fine-tune when it is built (the fine-tune's config
+has a key FinetuneConfig does not know); its supervised pretraining still runs and is scored before fine-tuning."""
+
+
+def dice_of_written_masks(model: Path, pairs: list[dict], out: Path) -> dict[str, float]:
+    """Per image, the Dice of the mask ``medhybrid infer`` writes with ``model`` against the image's own mask file (PH2:
+    0 background, 255 lesion), by MONAI's ``compute_dice`` on the two files: independent of the evaluation code."""
+    res = infer_files(model, [p["image"] for p in pairs], out, batch_size=len(pairs), device="cpu", quality=False)
+    assert not res.failures, res.failures
+    scores = {}
+    for p in pairs:
+        pred = np.asarray(Image.open(out / f"{Path(p['image']).stem}_mask.png")) > 0
+        truth = np.asarray(Image.open(p["label"])) > 127
+        assert pred.shape == truth.shape, p["id"]
+        scores[p["id"]] = float(compute_dice(torch.from_numpy(pred)[None, None].double(),
+                                             torch.from_numpy(truth)[None, None].double(), include_background=True,
+                                             ignore_empty=False).item())
+    return scores
+
+
+def per_image_csv(path: Path) -> dict[str, float]:
+    with open(path) as fh:
+        return {r["id"]: float(r["dice"]) for r in csv.DictReader(fh)}
+
+
 def test_default_methods_include_ddpm_features_sharing_the_diffusion_pretraining(workdir, mlflow_uri, isic_tiny):
     cfg = validate(AblationConfig, {"name": "d", "source": str(isic_tiny), "target": "ph2"})
     assert list(cfg.methods) == ["scratch", "supervised", "diffusion", "hybrid", "mdm", "ddpm-features"]
@@ -56,23 +86,24 @@ def test_default_methods_include_ddpm_features_sharing_the_diffusion_pretraining
                                   "methods": {"x": {"pretrain": "diffusion", "head": "linear"}}})
 
 
-def test_ddpm_features_needs_a_generative_pretraining(workdir, mlflow_uri, isic_tiny, tmp_path):
-    cfg = _config(workdir, mlflow_uri, isic_tiny, {"bad": {"pretrain": "supervised", "head": "ddpm-features"}})
-    with pytest.raises(ValueError, match="needs a generatively pretrained network"):
-        pixel_features_config(cfg, "bad", tmp_path, 2, 0, None, None)
+def test_ddpm_features_needs_a_generative_pretraining(workdir, mlflow_uri, isic_tiny):
+    for pretrain in ("supervised", "none"):  # refused with the config, before anything runs
+        with pytest.raises(ConfigError, match=f"needs a generatively pretrained network .*not '{pretrain}'"):
+            _config(workdir, mlflow_uri, isic_tiny, {"bad": {"pretrain": pretrain, "head": "ddpm-features"}})
 
 
 def test_ablation_runs_records_reports_and_resumes(workdir, mlflow_uri, isic_tiny, caplog):
     methods = {"scratch": {"pretrain": "none"}, "diffusion": {"pretrain": "diffusion"},
                "ddpm-features": {"pretrain": "diffusion", "head": "ddpm-features"},
-               "broken": {"pretrain": "supervised", "head": "ddpm-features"}}
+               "broken": BROKEN}
     cfg = _config(workdir, mlflow_uri, isic_tiny, methods)
     out = run_ablation(cfg)
     folder = workdir / "abl"
+    test_pairs = load_pairs(cfg.target, "test")
 
     # a failed method is recorded and does not stop the others
-    assert len(out["failures"]) == 2 and all(f.startswith("broken b2") for f in out["failures"])
-    assert "needs a generatively pretrained network" in (folder / "failures.log").read_text()
+    assert sorted(f.split(":")[0] for f in out["failures"]) == ["broken b2 s0", "broken b2 s1"], out["failures"]
+    assert (folder / "failures.log").read_text().count("no_such_setting") >= 2
     # one pretraining per distinct (mode, overrides): ddpm-features reuses the diffusion network
     assert sorted(p.name for p in (folder / "pretrain").iterdir()) == ["broken", "diffusion", "scratch"]
 
@@ -84,11 +115,27 @@ def test_ablation_runs_records_reports_and_resumes(workdir, mlflow_uri, isic_tin
     keys = sorted((r.data.tags["method"], r.data.tags["budget"], r.data.tags["seed"]) for r in runs)
     assert keys == sorted((m, "2", s) for m in ("scratch", "diffusion", "ddpm-features") for s in ("0", "1"))
     diffusion_pre = json.loads((folder / "pretrain" / "diffusion" / "state.json").read_text())["mlflow_run_id"]
+    # every run that ran left its folder: the model, and a score for each of the 4 test images; the failed ones none
+    ran = {(m, s) for m in ("scratch", "diffusion", "ddpm-features") for s in (0, 1)}
+    assert {(p.parent.parent.name, int(p.parent.name.split("-s")[1])) for p in (folder / "finetune").glob("*/*/state.json")
+            if json.loads(p.read_text()).get("status") == "finished"} == ran
+    for m, seed in ran:
+        assert sorted(per_image_csv(folder / "finetune" / m / f"b2-s{seed}" / "eval" / "per_image.csv")) == \
+            sorted(p["id"] for p in test_pairs)
+    assert not list((folder / "finetune").glob("broken/*/model.pt"))
     for r in runs:
-        assert r.info.status == "FINISHED" and 0 <= r.data.metrics["test_dice"] <= 1
+        method, seed = r.data.tags["method"], r.data.tags["seed"]
+        assert r.info.status == "FINISHED"
         assert r.data.tags["domain"] == "ph2_tiny" and r.data.tags["ablation"] == "t"
-        if r.data.tags["method"] != "scratch":
+        if method != "scratch":
             assert r.data.tags["pretrain_run_id"] == diffusion_pre
+        # the recorded Dice is the mean of the run's per-image scores ...
+        run_folder = folder / "finetune" / method / f"b2-s{seed}"
+        recorded = per_image_csv(run_folder / "eval" / "per_image.csv")
+        assert r.data.metrics["test_dice"] == pytest.approx(np.mean(list(recorded.values())), abs=1e-6)
+        if method != "ddpm-features" and seed == "0":  # ... which are the Dice of the masks the model writes
+            own = dice_of_written_masks(run_folder / "model.pt", test_pairs, workdir / "masks" / method)
+            assert recorded == pytest.approx(own, abs=1e-6), method
     # the report's numbers are the MLflow runs' numbers
     by_id = {r.info.run_id: r for r in runs}
     with open(out["report"]["results"]) as fh:
@@ -112,11 +159,13 @@ def test_ablation_runs_records_reports_and_resumes(workdir, mlflow_uri, isic_tin
     # ... and the paired difference is the one the runs' own per-image artifacts give
     def per_image(method, seed):
         run = next(r for r in runs if r.data.tags["method"] == method and r.data.tags["seed"] == seed)
-        path = client.download_artifacts(run.info.run_id, "eval/per_image.csv", str(workdir / "dl" / run.info.run_id))
-        return {r["id"]: float(r["dice"]) for r in csv.DictReader(open(path))}
+        return per_image_csv(client.download_artifacts(run.info.run_id, "eval/per_image.csv", str(workdir / "dl" / run.info.run_id)))
 
-    diff = np.mean([np.mean([per_image("diffusion", s)[i] - per_image("scratch", s)[i] for i in per_image("scratch", s)])
-                    for s in ("0", "1")])
+    diff = []
+    for s in ("0", "1"):
+        ref, base = per_image("diffusion", s), per_image("scratch", s)
+        diff.append(np.mean([ref[i] - base[i] for i in base]))
+    diff = np.mean(diff)
     assert f"| scratch | 2 | 2 | 8 | {diff:+.3f} |" in md
     # did the generative pretext task learn anything? diffusion against scratch, paired, with its samples
     d = next(line for line in md.splitlines() if line.startswith("**Did the generative pretext task learn anything"))
@@ -126,7 +175,10 @@ def test_ablation_runs_records_reports_and_resumes(workdir, mlflow_uri, isic_tin
     # once, and only that one
     assert sorted(p.name for p in (folder / "zero-shot").iterdir()) == ["broken"]
     zs = json.loads((folder / "zero-shot" / "broken" / "state.json").read_text())
-    assert zs["scored_on"] == "test" and 0 <= zs["scores"]["test_dice"] <= 1
+    assert zs["scored_on"] == "test"
+    zero = dice_of_written_masks(Path(zs["pretraining"]), test_pairs, workdir / "masks" / "zero-shot")
+    assert per_image_csv(folder / "zero-shot" / "broken" / "eval" / "per_image.csv") == pytest.approx(zero, abs=1e-6)
+    assert zs["scores"]["test_dice"] == pytest.approx(np.mean(list(zero.values())), abs=1e-6)
     assert f"| broken (broken) | {zs['scores']['test_dice']:.3f} | – |" in md
     broken_pre = json.loads((folder / "pretrain" / "broken" / "state.json").read_text())["mlflow_run_id"]
     assert client.get_run(broken_pre).data.metrics["zero_shot_test_dice"] == pytest.approx(zs["scores"]["test_dice"])
@@ -158,23 +210,38 @@ def test_ablation_runs_records_reports_and_resumes(workdir, mlflow_uri, isic_tin
     assert "Wall time:" in again["report"]["markdown"].read_text()
 
 
-def test_a_killed_invocation_keeps_its_timings(tmp_path):
+def test_a_killed_invocation_keeps_its_timings(tmp_path, monkeypatch):
+    """On a scripted clock: a stage's seconds and the invocation's wall time as the clock read them, written after
+    every stage, so a killed invocation keeps what it spent; the resumed one appends its own entry."""
+    import time
+    import types
+
+    from medhybrid.experiments import ablation
     from medhybrid.experiments.ablation import _Timings
 
+    clock = types.SimpleNamespace(now=100.0)
+    monkeypatch.setattr(ablation, "time", types.SimpleNamespace(perf_counter=lambda: clock.now, strftime=time.strftime))
     first = _Timings(tmp_path)
+    clock.now = 101.0
     with first("supervised", "pretrain_s"):
-        pass
+        clock.now = 103.5
+    (kept,) = json.loads((tmp_path / "timings.json").read_text())["invocations"]
+    assert kept["methods"] == {"supervised": {"pretrain_s": 2.5}} and kept["wall_s"] == 3.5
+    clock.now = 110.0
     first.add("supervised", train_s=12.5)  # then the process is killed: save() never runs
     (kept,) = json.loads((tmp_path / "timings.json").read_text())["invocations"]
-    assert kept["finished"] is False and kept["methods"]["supervised"]["train_s"] == 12.5
-    assert kept["wall_s"] >= 0 and "pretrain_s" in kept["methods"]["supervised"]
+    assert kept["finished"] is False and kept["wall_s"] == 10.0
+    assert kept["methods"] == {"supervised": {"pretrain_s": 2.5, "train_s": 12.5}}
+    clock.now = 200.0
     second = _Timings(tmp_path)  # the resumed invocation appends its own entry after the killed one
     second.add("hybrid", train_s=3.0)
     second.add("hybrid", train_s=1.0, eval_s=2.0)  # a fine-tune's two stages, one write
-    assert second.save() >= 0
-    assert second.entry["methods"]["hybrid"] == {"train_s": 4.0, "eval_s": 2.0}
+    clock.now = 207.25
+    assert second.save() == 7.25
     inv = json.loads((tmp_path / "timings.json").read_text())["invocations"]
-    assert [(i["finished"], set(i["methods"])) for i in inv] == [(False, {"supervised"}), (True, {"hybrid"})]
+    assert [(i["finished"], i["wall_s"], i["methods"]) for i in inv] == [
+        (False, 10.0, {"supervised": {"pretrain_s": 2.5, "train_s": 12.5}}),
+        (True, 7.25, {"hybrid": {"train_s": 4.0, "eval_s": 2.0}})]
 
 
 def test_target_image_methods_pretrain_on_the_pool_never_the_test_split(workdir, mlflow_uri, isic_tiny):
@@ -200,7 +267,14 @@ def test_target_image_methods_pretrain_on_the_pool_never_the_test_split(workdir,
     assert out["failures"] == []
     runs = child_runs(mlflow_uri, out["parent_run_id"])
     assert sorted(r.data.tags["method"] for r in runs) == ["hybrid", "hybrid-target", "mdm-self"]
-    assert all(0 < r.data.metrics["test_dice"] <= 1 for r in runs)
+    for r in runs:  # each recorded Dice is the mean of the run's per-image scores
+        recorded = per_image_csv(workdir / "abl" / "finetune" / r.data.tags["method"] / "b2-s0" / "eval" / "per_image.csv")
+        assert r.data.metrics["test_dice"] == pytest.approx(np.mean(list(recorded.values())), abs=1e-6)
+    # those of the method that pretrains on the pool too are the Dice of the masks its model writes, scored independently
+    own = dice_of_written_masks(workdir / "abl" / "finetune" / "hybrid-target" / "b2-s0" / "model.pt",
+                                load_pairs(cfg.target, "test"), workdir / "masks")
+    assert per_image_csv(workdir / "abl" / "finetune" / "hybrid-target" / "b2-s0" / "eval" / "per_image.csv") == \
+        pytest.approx(own, abs=1e-6)
     meta = {m: json.loads((workdir / "abl" / "pretrain" / m / "state.json").read_text())["dataset"] for m in methods}
     assert meta == {"hybrid": "isic_tiny", "hybrid-target": "isic_tiny+ph2_tiny-pool", "mdm-self": "ph2_tiny-pool"}
 

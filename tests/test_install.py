@@ -1,5 +1,6 @@
 """medhybrid installed from its wheel, outside the clone: the shipped configs resolve, ``medhybrid data check`` and
-``medhybrid infer`` run from a folder that is not the repository, and importing medhybrid leaves warning filters alone.
+``medhybrid infer`` run from a folder that is not the repository, every module imports (there and in the development
+environment) without touching logging, warning filters or the environment, and the console script lists its commands.
 
 The wheel is built from a copy of the working tree (building in the clone would write ``build/`` there) with the
 setuptools already in the dev environment, and installed without dependencies into a fresh virtual environment in
@@ -11,8 +12,12 @@ installed copy.
 
 from __future__ import annotations
 
+import argparse
+import importlib.metadata
+import importlib.util
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -179,14 +184,121 @@ def test_installed_cli_segments_images(installed, tiny_model, tmp_path):
         assert values and values <= {0, 255}, f"{sid}: mask values {sorted(values)}"
 
 
-def test_import_leaves_warning_filters_and_logging_handlers_alone():
-    """``import medhybrid`` must not change global warning filters (nor add logging handlers)."""
-    code = ("import logging, warnings\n"
-            "before, handlers = list(warnings.filters), list(logging.getLogger().handlers)\n"
-            "import medhybrid\n"
-            "assert warnings.filters == before, [f for f in warnings.filters if f not in before]\n"
-            "assert logging.getLogger().handlers == handlers\n")
-    _run([sys.executable, "-c", code], "import medhybrid", env=_env())
+LABEL_ONLY = {"medhybrid.label.main", "medhybrid.label.tasks"}
+"""The MONAI Label app's modules: they import ``monailabel``, which lives in its own environment (``.venv-label``,
+scripts/setup_label.sh; tests/test_label.py runs them there), not in the one medhybrid installs into."""
+
+SUBCOMMANDS = {"data", "pretrain", "finetune", "ablate", "active", "report", "curve", "sync", "sample", "infer", "release"}
+"""The commands README.md and ``medhybrid --help`` document."""
+
+IMPORT_EVERYTHING = """
+import ast, importlib, json, logging, os, pkgutil, sys, warnings
+from pathlib import Path
+
+import medhybrid
+
+root = Path(medhybrid.__file__).parent
+label_only = set(sys.argv[1].split(","))
+# the third-party modules medhybrid imports (module level and function bodies), imported first: what they change on
+# import (warning filters, loggers) is theirs; what changes after them is medhybrid's
+deps = set()
+for path in root.rglob("*.py"):
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            deps |= {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            deps.add(node.module)
+for name in sorted(d for d in deps if d.split(".")[0] != "medhybrid"):
+    try:
+        importlib.import_module(name)
+    except ImportError:  # monailabel (label-only modules), optional extras: a module needing one fails below
+        pass
+
+
+def state():
+    loggers = {"": logging.getLogger(), **{n: lg for n, lg in logging.root.manager.loggerDict.items()
+                                          if isinstance(lg, logging.Logger)}}
+    return {"handlers": {n: [repr(h) for h in lg.handlers] for n, lg in loggers.items() if lg.handlers},
+            "filters": {n: [repr(f) for f in lg.filters] for n, lg in loggers.items() if lg.filters},
+            "warnings": [repr(f) for f in warnings.filters], "environ": dict(os.environ)}
+
+
+before = state()
+imported, failed = [], {}
+for info in pkgutil.walk_packages(medhybrid.__path__, "medhybrid.", onerror=lambda name: failed.setdefault(name, "walk")):
+    if info.name in label_only:
+        continue
+    try:
+        importlib.import_module(info.name)
+        imported.append(info.name)
+    except Exception as e:
+        failed[info.name] = f"{type(e).__name__}: {e}"
+after = state()
+from medhybrid.core.config import PACKAGED_CONFIGS, config_dir
+
+print(json.dumps({"file": medhybrid.__file__, "imported": imported, "failed": failed, "before": before, "after": after,
+                  "packaged": str(PACKAGED_CONFIGS), "config_dir": str(config_dir()),
+                  "configs": sorted(p.relative_to(PACKAGED_CONFIGS).as_posix() for p in PACKAGED_CONFIGS.glob("*/*.yaml"))}))
+"""
+
+
+def _source_modules() -> set[str]:
+    """Every module of the repository's medhybrid/ (``__init__.py`` as its package)."""
+    root = REPO_ROOT / "medhybrid"
+    return {".".join(("medhybrid", *p.relative_to(root).with_suffix("").parts)).removesuffix(".__init__")
+            for p in root.rglob("*.py")} - {"medhybrid"}
+
+
+@pytest.mark.parametrize("where", ["installed", "development"])
+def test_every_module_imports_and_changes_no_global_state(where, request):
+    """In a fresh process of the installed wheel (and of the development environment), ``pkgutil.walk_packages`` finds
+    every module of the repository's medhybrid/ (a folder without ``__init__.py`` would be left out of the wheel), each
+    imports, and importing all of them, after the third-party modules they use, leaves alone the logging handlers and
+    filters of every logger, ``warnings.filters`` and ``os.environ``. The shipped configs are found through the package
+    (``PACKAGED_CONFIGS``), the configs resolve there when MEDHYBRID_CONFIG_DIR is not set."""
+    installed = request.getfixturevalue("installed") if where == "installed" else None
+    python, cwd = (installed["python"], installed["work"]) if installed else (sys.executable, REPO_ROOT)
+    assert importlib.util.find_spec("monailabel") is None, "monailabel in this environment: import the label app too"
+    res = _run([python, "-c", IMPORT_EVERYTHING, ",".join(sorted(LABEL_ONLY))], "importing every module", cwd=cwd, env=_env())
+    out = json.loads(res.stdout.strip().splitlines()[-1])
+    home = installed["venv"].resolve() if installed else REPO_ROOT
+    assert Path(out["file"]).resolve().is_relative_to(home), out["file"]
+    assert out["failed"] == {}, out["failed"]
+    assert LABEL_ONLY <= _source_modules()  # the exclusions name real modules
+    assert set(out["imported"]) == _source_modules() - LABEL_ONLY
+    before, after = out["before"], out["after"]
+    assert after["handlers"] == before["handlers"], "logging handlers added on import"
+    assert after["filters"] == before["filters"], "logging filters added on import"
+    assert after["warnings"] == before["warnings"], [f for f in after["warnings"] if f not in before["warnings"]]
+    assert after["environ"] == before["environ"], {k: v for k, v in after["environ"].items() if before["environ"].get(k) != v}
+    assert Path(out["packaged"]).resolve().is_relative_to(home) and Path(out["packaged"]).name == "configs"
+    assert out["config_dir"] == str(Path(out["packaged"]).resolve())
+    assert out["configs"] == SHIPPED
+
+
+@pytest.mark.parametrize("where", ["installed", "development"])
+def test_console_script_lists_its_subcommands(where, request, tmp_path):
+    """The ``medhybrid`` console script beside the environment's Python runs medhybrid.cli: ``--help`` lists every
+    subcommand of its parser (those README.md documents among them) and exits 0; the entry point is medhybrid.cli:main."""
+    from medhybrid.cli import build_parser
+
+    installed = request.getfixturevalue("installed") if where == "installed" else None
+    script = installed["medhybrid"] if installed else Path(sys.executable).parent / "medhybrid"
+    assert script.is_file() and os.access(script, os.X_OK), f"no console script {script}"
+    res = _run([script, "--help"], "medhybrid --help", cwd=tmp_path, env=_env())
+    (sub,) = [a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction)]
+    assert SUBCOMMANDS <= set(sub.choices)
+    listed = set(res.stdout.split("{", 1)[1].split("}", 1)[0].split(","))
+    assert listed == set(sub.choices), res.stdout
+    for name in sub.choices:
+        assert re.search(rf"^\s+{name}\s+\S", res.stdout, re.M), f"{name}: no help line\n{res.stdout}"
+    if not installed:
+        (ep,) = importlib.metadata.entry_points(group="console_scripts", name="medhybrid")
+        assert ep.value == "medhybrid.cli:main"
+    else:
+        with zipfile.ZipFile(installed["wheel"]) as z:
+            (ep_file,) = [n for n in z.namelist() if n.endswith(".dist-info/entry_points.txt")]
+            assert "medhybrid = medhybrid.cli:main" in z.read(ep_file).decode()
 
 
 def _runtime_imports(path: Path) -> set[str]:

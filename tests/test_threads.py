@@ -21,16 +21,47 @@ def test_threads_for_leaves_the_busy_cores():
     assert threads_for(16, 3.0, 8) == 8 and threads_for(16, 10.0, 8) == 6
 
 
-def test_cores_available_is_the_affinity_at_most():
-    import os
+@pytest.mark.parametrize("cpu_max, cores", [
+    (None, 8),  # no cgroup v2 CPU controller here: the affinity
+    ("max 100000\n", 8),  # no quota
+    ("200000 100000\n", 2),  # a quota of two cores
+    ("250000 100000\n", 2),  # two and a half cores: two whole ones
+    ("50000 100000\n", 1),  # half a core: still one
+    ("1600000 100000\n", 8),  # a quota above the affinity: the affinity
+    ("garbage", 8),  # unreadable: the affinity
+])
+def test_cores_available_is_the_affinity_capped_by_the_cgroup_quota(monkeypatch, cpu_max, cores):
+    """Scripted affinity (8 CPUs) and ``/sys/fs/cgroup/cpu.max`` contents: the cores the policy sizes the team for."""
 
-    assert 1 <= threads.cores_available() <= len(os.sched_getaffinity(0))
+    class CpuMax:
+        def __init__(self, path):
+            assert str(path) == "/sys/fs/cgroup/cpu.max"
+
+        def read_text(self):
+            if cpu_max is None:
+                raise FileNotFoundError("/sys/fs/cgroup/cpu.max")
+            return cpu_max
+
+    monkeypatch.setattr(threads.os, "sched_getaffinity", lambda pid: set(range(8)), raising=False)
+    monkeypatch.setattr(threads, "Path", CpuMax)
+    assert threads.cores_available() == cores
 
 
 @linux
-def test_other_load_reads_the_machine_and_this_process():
-    busy, own, wall = OtherLoad._read()
-    assert busy >= own >= 0 and wall > 0
+def test_other_load_counts_this_processs_cpu_time():
+    """Real /proc counters around 0.4 s of CPU burnt in this process: this process's ticks grow by that CPU time (to
+    the counters' resolution), the machine's busy ticks by at least as much, the wall clock by at least as much."""
+    import os
+    import time
+
+    tick = os.sysconf("SC_CLK_TCK")
+    first, cpu0, thread0 = OtherLoad._read(), time.process_time(), time.thread_time()
+    while time.thread_time() - thread0 < 0.4:
+        pass
+    second, cpu, burnt = OtherLoad._read(), time.process_time() - cpu0, time.thread_time() - thread0
+    busy, own, wall = (b - a for a, b in zip(first, second, strict=True))
+    assert abs(own / tick - cpu) <= 0.05, (own / tick, cpu)  # the process's CPU time, all its threads
+    assert busy >= own - 2 and wall >= burnt - 0.02, (busy, own, wall, burnt)
 
 
 def test_other_load_is_the_machines_ticks_minus_this_processs_per_second(monkeypatch):
@@ -71,6 +102,45 @@ def test_policy_shrinks_the_team_beside_a_busy_process_and_restores_it(monkeypat
         torch.set_num_threads(before)
     assert seen == [1, 1, 2] and [c[1] for c in policy.changes] == [1, 2]
     assert final == 2
+
+
+def test_policy_sizes_the_team_from_scripted_proc_readings(monkeypatch, caplog):
+    """The policy end to end on 4 cores, from scripted /proc counters (machine busy ticks, this process's ticks, wall
+    seconds) read by the real :class:`OtherLoad`: others use 2.0 cores at the start (2 threads), 0.6 after iteration 1
+    (all 4 again), a 0.1 s window after iteration 2 (too short: no change), 3.5 after iteration 3 (never fewer than 1),
+    1.0 after iteration 4 (3); the team goes back to 4 when training completes."""
+    import logging
+    import os
+
+    from ignite.engine import Engine
+
+    t = os.sysconf("SC_CLK_TCK")
+    readings = iter([(0.0, 0.0, 0.0),  # OtherLoad() at the start
+                     (3.0 * t, 1.0 * t, 1.0),  # the probe: 2 of 3 busy core-seconds are others', over 1 s
+                     (4.6 * t, 2.0 * t, 2.0),  # 0.6 others
+                     (4.7 * t, 2.0 * t, 2.1),  # 0.1 s after the last measured reading: no sample
+                     (9.1 * t, 3.0 * t, 3.0),  # since the reading at 2.0 s: 4.5 busy, 1.0 own, over 1 s: 3.5 others
+                     (10.6 * t, 3.5 * t, 4.0)])  # 1.5 busy, 0.5 own: 1.0 others
+    monkeypatch.setattr(OtherLoad, "_read", staticmethod(lambda: next(readings)))
+    monkeypatch.setattr(threads, "cores_available", lambda: 4)
+    before = torch.get_num_threads()
+    policy = ThreadPolicy(interval_s=0.0, probe_s=0.0, most=4)
+    seen = []
+    engine = Engine(lambda e, b: seen.append(torch.get_num_threads()))
+    policy.attach(engine)
+    try:
+        with caplog.at_level(logging.INFO, logger="medhybrid"):
+            engine.run([0] * 4, max_epochs=1)
+        final = torch.get_num_threads()
+    finally:
+        torch.set_num_threads(before)
+    assert seen == [2, 4, 4, 1]
+    assert [(it, n) for it, n, _ in policy.changes] == [(0, 2), (1, 4), (3, 1), (4, 3)]
+    assert [others for *_, others in policy.changes] == pytest.approx([2.0, 0.6, 3.5, 1.0])
+    assert final == 4
+    assert "other processes use 3.5 of 4 cores: 1 CPU thread(s) from iteration 3" in caplog.text
+    with pytest.raises(StopIteration):  # every scripted reading was used, none twice
+        next(readings)
 
 
 def test_threads_are_not_part_of_a_run_hash():

@@ -38,7 +38,7 @@ from medhybrid.core.tracking import MLflowConfig
 from medhybrid.data.datasets import few_shot_ids, load_pairs
 from medhybrid.data.specs import DatasetRef, Preprocess
 from medhybrid.experiments.heads import RunKey, finetune_config, get_head, pixel_features_config
-from medhybrid.experiments.report import write_report
+from medhybrid.experiments.report import prepare_report, write_report
 from medhybrid.networks.checkpoints import load_model
 from medhybrid.networks.modes import get_mode
 from medhybrid.workflows.evaluate import evaluate
@@ -470,6 +470,7 @@ def run_ablation(cfg: AblationConfig) -> dict:
         wall = clock.save()
         if parent:
             tracking.log_metrics(cfg.mlflow, parent, {"wall_s": wall}, step=len(clock.history))
+        prepare_report(cfg, parent)  # the paired statistics and samples the report reads: computed once, kept in the folder
         report = write_report(cfg, folder / "report", parent_run_id=parent)
         if parent:
             for p in report.values():
