@@ -71,6 +71,8 @@ class ReleaseConfig(StrictModel):
     seed: int = 0
     output_dir: Path = Field(description="report (release.json, release.md) and the interpolated weights")
     write_bundle: bool = Field(False, description="replace the bundle's models/model.pt with the chosen interpolation")
+    train_args: list[str] = Field(default_factory=list, description="further `monai.bundle run` arguments for the "
+                                  "half's training, e.g. ['--max_iterations', '20']")
 
 
 def _score(net, spec, preprocess: Preprocess, pairs: list[dict], name: str) -> tuple[float, list[dict]]:
@@ -88,7 +90,8 @@ def _fine_tune_half(cfg: ReleaseConfig, train_ids: Sequence[str], work: Path) ->
     out = work / "half_model.pt"
     cmd = [sys.executable, "-m", "monai.bundle", "run", "--config_file", "configs/train.json", "--meta_file",
            "configs/metadata.json", "--dataset_dir", str(datalist), "--train_split", "train", "--semi_algorithm", "none",
-           "--adapt", "False", "--wise", "1", "--model_path", str(out), "--output_dir", str(work / "train"), "--seed", str(cfg.seed)]
+           "--adapt", "False", "--wise", "1", "--model_path", str(out), "--output_dir", str(work / "train"),
+           "--seed", str(cfg.seed), *cfg.train_args]
     log.info("release: fine-tuning %s on %d of the pool's images", cfg.bundle.name, len(train_ids))
     res = subprocess.run(cmd, cwd=Path(cfg.bundle).resolve(), capture_output=True, text=True)
     if res.returncode != 0 or not out.is_file():
