@@ -24,7 +24,7 @@ from medhybrid.data.io import DataError, data_error
 from medhybrid.data.specs import load_dataset_spec
 from medhybrid.experiments.ablation import load_ablation, run_ablation
 from medhybrid.experiments.active import ActiveLearningConfig, run_active_learning
-from medhybrid.experiments.report import embed_in_readme, write_length_curve, write_report
+from medhybrid.experiments.report import embed_in_readme, prepare_report, write_length_curve, write_report
 from medhybrid.networks.checkpoints import load_model
 from medhybrid.workflows.adapt import AdaptConfig, folder_dataset, run_adaptation, starting_channels
 from medhybrid.workflows.evaluate import evaluate
@@ -73,6 +73,7 @@ def _active(args) -> int:
 def _report(args) -> int:
     cfg = load_ablation(args.config, args.profile, args.overrides)
     parent = runs.read_state(cfg.folder).get("mlflow_run_id") if cfg.mlflow.enabled else None
+    prepare_report(cfg, parent)  # what the folder lacks (an older version's, another reference): computed once, logged
     paths = write_report(cfg, Path(args.out) if args.out else cfg.folder / "report", parent_run_id=parent)
     print(f"report: {paths['markdown']}")
     if args.readme:

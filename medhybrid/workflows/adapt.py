@@ -335,6 +335,7 @@ def run_adaptation(cfg: AdaptConfig) -> AdaptResult:
                            tags={"medhybrid.stage": "adapt", "labels": str(len(ids)), **cfg.tags},
                            parent_run_id=cfg.parent_run_id)
         k = len(ids)
+        write_json(out / "subset.json", {"budget": k, "seed": cfg.seed, "ids": ids}, indent=1)
         log.info("adapt: %d labelled image(s), %d unlabelled, start %s; candidates: start, %s x WiSE %s", k,
                  len(cfg.unlabelled_images) + (len(pool) - k if cfg.unlabelled_pool else 0), cfg.model,
                  ", ".join(recipes), ", ".join(f"{a:g}" for a in cfg.wise))
@@ -404,7 +405,8 @@ def run_adaptation(cfg: AdaptConfig) -> AdaptResult:
         if run_id:
             best = {f"heldout_dice_{c['name']}": c["dice"] for c in decision.candidates if not math.isnan(c["dice"])}
             tracking.log_metrics(cfg.mlflow, run_id, {"labels": k, "switched": float(choice != KEEP), **best}, step=0)
-        run.finish([out / "config.yaml", report, out / "report.json"], decision=choice, reason=decision.reason)
+        run.finish([out / "config.yaml", out / "subset.json", report, out / "report.json"], decision=choice,
+                   reason=decision.reason, ids=ids)
         return AdaptResult(out, out / "model.pt", choice, decision.reason, report, run_id)
 
 
