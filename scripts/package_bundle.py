@@ -34,8 +34,11 @@ def package(bundle: Path, dest: Path, make_zip: bool = False) -> Path:
         shutil.rmtree(out)
     shutil.copytree(bundle, out, ignore=shutil.ignore_patterns("eval", "runs", "__pycache__", "wheels"))
     wheels = out / "wheels"
+    had_build = (REPO / "build").exists()
     res = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "--quiet", "-w",
                           str(wheels), str(REPO)], capture_output=True, text=True)
+    if not had_build:  # setuptools' scratch folder in the checkout
+        shutil.rmtree(REPO / "build", ignore_errors=True)
     if res.returncode:
         sys.exit(f"building medhybrid's wheel failed:\n{res.stderr[-3000:]}")
     built = sorted(wheels.glob(f"medhybrid-{medhybrid.__version__}-*.whl"))
