@@ -57,7 +57,8 @@ def _ablate(args) -> int:
     out = run_ablation(cfg)
     print(f"report: {out['report']['markdown']}\nplot:   {out['report']['plot']}")
     if out["failures"]:
-        print(f"{len(out['failures'])} run(s) failed (see {cfg.folder / 'failures.log'}):", *out["failures"], sep="\n  ")
+        one_line = [" ".join(f.split()) for f in out["failures"]]  # one line per run: a config error spans several
+        print(f"{len(out['failures'])} run(s) failed (see {cfg.folder / 'failures.log'}):", *one_line, sep="\n  ")
         return 1
     return 0
 

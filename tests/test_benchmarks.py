@@ -244,10 +244,12 @@ def test_ray_ablation(data, tmp_path):
     human line and as JSON. The two runs' MLflow records (the benchmark's server store) hold the same Dice and one
     parent each, FAILED.
 
-    Left out for time: more workers and runs, where Ray's scheduling would show (each Ray start and each ``medhybrid
-    ablate`` process costs seconds; the earlier form of this test, 2 workers, 4 runs and a supervised pretraining,
-    took 75 s alone and 268 s beside the suite's other workers), and pretrainings that learn (one ``none`` pretraining
-    here: the Ray task path is the same)."""
+    Left out for time: more workers and runs, where Ray's scheduling would show, and pretrainings that learn (one
+    ``none`` pretraining here: the Ray task path is the same); the earlier form of this test (2 workers, 4 runs, a
+    supervised pretraining) took 268 s beside the suite's other workers. What is left is the script's fixed cost, about
+    90 s on the 2-core CPU with one core busy elsewhere, in four parts of 20-25 s each: starting Ray and its first task,
+    starting the MLflow server, the sequential ablation, the Ray ablation (each process importing torch and MONAI); the
+    two Ray-specific parts together take about 45 s, and the script has no option to leave any part out."""
     from conftest import child_runs, mlflow_client
 
     tiny = [f"target={ph2_yaml(tmp_path, n_pool=1, n_test=1)}", f"source={isic_yaml(tmp_path, n_train=1, n_val=1)}",

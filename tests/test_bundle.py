@@ -310,7 +310,7 @@ def test_train_fine_tunes_the_pretraining_and_publishes_the_weights(tmp_path):
     pool = real_split(PH2)["pool"][:6]
     before = sha256(bundle / "models" / "model.pt")
     res = run_bundle(bundle, ["train"], "--dataset_dir", str(decathlon(tmp_path, pool)), "--train_split", "train",
-                     "--val_fraction", "0.34", "--min_iterations", "6", "--max_iterations", "6")
+                     "--val_fraction", "0.34", "--min_iterations", "6", "--max_iterations", "6", "--adapt", "False")
     assert "val_mean_dice" in res.stdout + res.stderr
     assert sha256(bundle / "models" / "model.pt") != before
     assert sha256(bundle / "models" / "pretrained.pt") == sha256(DERM / "models" / "pretrained.pt")
@@ -331,7 +331,7 @@ def test_train_publishes_the_wiseft_interpolation_with_its_start(tmp_path):
     assert json.loads((bundle / "configs" / "train.json").read_text())["wise"] == 0.75
     folder = decathlon(tmp_path, real_split(PH2)["pool"][:2])
     res = run_bundle(bundle, ["train"], "--dataset_dir", str(folder), "--train_split", "train", "--semi_algorithm", "none",
-                     "--min_iterations", "2", "--max_iterations", "2", "--wise", "0")
+                     "--min_iterations", "2", "--max_iterations", "2", "--wise", "0", "--adapt", "False")
     assert "WiSE-FT: the trained weights interpolated" in res.stdout + res.stderr
     start = torch.load(DERM / "models" / "pretrained.pt", weights_only=True)
     published = torch.load(bundle / "models" / "model.pt", weights_only=True)

@@ -1,6 +1,6 @@
 """medhybrid installed from its wheel, outside the clone: the shipped configs resolve, ``medhybrid data check`` and
-``medhybrid infer`` run from a folder that is not the repository, every module imports (there and in the development
-environment) without touching logging, warning filters or the environment, and the console script lists its commands.
+``medhybrid infer`` run from a folder that is not the repository, every module imports without touching logging,
+warning filters or the environment, and the console script lists its commands.
 
 The wheel is built from a copy of the working tree (building in the clone would write ``build/`` there) with the
 setuptools already in the dev environment, and installed without dependencies into a fresh virtual environment in
@@ -249,20 +249,18 @@ def _source_modules() -> set[str]:
             for p in root.rglob("*.py")} - {"medhybrid"}
 
 
-@pytest.mark.parametrize("where", ["installed", "development"])
-def test_every_module_imports_and_changes_no_global_state(where, request):
-    """In a fresh process of the installed wheel (and of the development environment), ``pkgutil.walk_packages`` finds
-    every module of the repository's medhybrid/ (a folder without ``__init__.py`` would be left out of the wheel), each
-    imports, and importing all of them, after the third-party modules they use, leaves alone the logging handlers and
-    filters of every logger, ``warnings.filters`` and ``os.environ``. The shipped configs are found through the package
-    (``PACKAGED_CONFIGS``), the configs resolve there when MEDHYBRID_CONFIG_DIR is not set."""
-    installed = request.getfixturevalue("installed") if where == "installed" else None
-    python, cwd = (installed["python"], installed["work"]) if installed else (sys.executable, REPO_ROOT)
+def test_every_module_imports_and_changes_no_global_state(installed):
+    """In a fresh process of the installed wheel, ``pkgutil.walk_packages`` finds every module of the repository's
+    medhybrid/ (a folder without ``__init__.py`` would be left out of the wheel), each imports, and importing all of
+    them, after the third-party modules they use, leaves alone the logging handlers and filters of every logger,
+    ``warnings.filters`` and ``os.environ``. The shipped configs are found through the package (``PACKAGED_CONFIGS``,
+    inside the installed package) and the configs resolve there when MEDHYBRID_CONFIG_DIR is not set."""
     assert importlib.util.find_spec("monailabel") is None, "monailabel in this environment: import the label app too"
-    res = _run([python, "-c", IMPORT_EVERYTHING, ",".join(sorted(LABEL_ONLY))], "importing every module", cwd=cwd, env=_env())
+    res = _run([installed["python"], "-c", IMPORT_EVERYTHING, ",".join(sorted(LABEL_ONLY))], "importing every module",
+               cwd=installed["work"], env=_env())
     out = json.loads(res.stdout.strip().splitlines()[-1])
-    home = installed["venv"].resolve() if installed else REPO_ROOT
-    assert Path(out["file"]).resolve().is_relative_to(home), out["file"]
+    venv = installed["venv"].resolve()
+    assert Path(out["file"]).resolve().is_relative_to(venv), out["file"]
     assert out["failed"] == {}, out["failed"]
     assert LABEL_ONLY <= _source_modules()  # the exclusions name real modules
     assert set(out["imported"]) == _source_modules() - LABEL_ONLY
@@ -271,19 +269,18 @@ def test_every_module_imports_and_changes_no_global_state(where, request):
     assert after["filters"] == before["filters"], "logging filters added on import"
     assert after["warnings"] == before["warnings"], [f for f in after["warnings"] if f not in before["warnings"]]
     assert after["environ"] == before["environ"], {k: v for k, v in after["environ"].items() if before["environ"].get(k) != v}
-    assert Path(out["packaged"]).resolve().is_relative_to(home) and Path(out["packaged"]).name == "configs"
+    assert Path(out["packaged"]).resolve().is_relative_to(venv) and Path(out["packaged"]).name == "configs"
     assert out["config_dir"] == str(Path(out["packaged"]).resolve())
     assert out["configs"] == SHIPPED
 
 
-@pytest.mark.parametrize("where", ["installed", "development"])
-def test_console_script_lists_its_subcommands(where, request, tmp_path):
-    """The ``medhybrid`` console script beside the environment's Python runs medhybrid.cli: ``--help`` lists every
-    subcommand of its parser (those README.md documents among them) and exits 0; the entry point is medhybrid.cli:main."""
+def test_console_script_lists_its_subcommands(installed, tmp_path):
+    """The ``medhybrid`` console script beside this environment's Python runs medhybrid.cli: ``--help`` lists every
+    subcommand of its parser (those README.md documents among them) and exits 0. The entry point is medhybrid.cli:main
+    here and in the wheel, whose own script the tests above run."""
     from medhybrid.cli import build_parser
 
-    installed = request.getfixturevalue("installed") if where == "installed" else None
-    script = installed["medhybrid"] if installed else Path(sys.executable).parent / "medhybrid"
+    script = Path(sys.executable).parent / "medhybrid"
     assert script.is_file() and os.access(script, os.X_OK), f"no console script {script}"
     res = _run([script, "--help"], "medhybrid --help", cwd=tmp_path, env=_env())
     (sub,) = [a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction)]
@@ -292,13 +289,12 @@ def test_console_script_lists_its_subcommands(where, request, tmp_path):
     assert listed == set(sub.choices), res.stdout
     for name in sub.choices:
         assert re.search(rf"^\s+{name}\s+\S", res.stdout, re.M), f"{name}: no help line\n{res.stdout}"
-    if not installed:
-        (ep,) = importlib.metadata.entry_points(group="console_scripts", name="medhybrid")
-        assert ep.value == "medhybrid.cli:main"
-    else:
-        with zipfile.ZipFile(installed["wheel"]) as z:
-            (ep_file,) = [n for n in z.namelist() if n.endswith(".dist-info/entry_points.txt")]
-            assert "medhybrid = medhybrid.cli:main" in z.read(ep_file).decode()
+    (ep,) = importlib.metadata.entry_points(group="console_scripts", name="medhybrid")
+    assert ep.value == "medhybrid.cli:main"
+    with zipfile.ZipFile(installed["wheel"]) as z:
+        (ep_file,) = [n for n in z.namelist() if n.endswith(".dist-info/entry_points.txt")]
+        assert "medhybrid = medhybrid.cli:main" in z.read(ep_file).decode()
+    assert installed["medhybrid"].is_file() and os.access(installed["medhybrid"], os.X_OK)
 
 
 def _runtime_imports(path: Path) -> set[str]:
