@@ -89,7 +89,8 @@ def test_shipped_ablation_profiles():
         assert pretraining_iterations(standard) >= 5 * pretraining_iterations(quick)
         assert pretraining_iterations(quick) < pretraining_iterations(mid) < pretraining_iterations(standard)
         assert set(standard.methods) == set(quick.methods) | {"diffusion", "hybrid-target", "hybrid-target-beside", "nnunet",
-                                                                       "supervised-wise", "hybrid-wise"}
+                                                                       "supervised-wise", "hybrid-wise", "supervised-adapt",
+                                                                       "hybrid-adapt"}
         assert set(standard.methods) < set(compare.methods) and set(quick.methods) < set(compare.methods)
         assert [len(standard.seeds_for(b)) for b in standard.budgets] == [10, 10, 5, 5, 5, 5]
         assert standard.nnunet["trainer"] == "nnUNetTrainer_1epoch"
