@@ -33,7 +33,9 @@ def _imports(path: Path, module: str) -> list[tuple[int, str]]:
                 name = node.module or ""
             if not name.startswith("medhybrid"):
                 continue
-            if name == "medhybrid" or _layer(name) in LAYERS and name.count(".") == 1 and name.split(".")[1] != "cli":
+            if name == "medhybrid":  # "from medhybrid import data": a subpackage; other names are the root's own
+                out += [(node.lineno, f"{name}.{a.name}") for a in node.names if a.name in LAYERS]
+            elif _layer(name) in LAYERS and name.count(".") == 1 and name.split(".")[1] != "cli":
                 # "from medhybrid.data import io": the names are modules of that subpackage
                 out += [(node.lineno, f"{name}.{a.name}") for a in node.names]
             else:

@@ -68,4 +68,4 @@ def test_a_new_mode_is_one_registered_class():
         assert torch.equal(x, expected) and torch.all(kw["sigma"] == 0.3)
         assert PretrainLoss("fixed-level-test")(torch.cat([x0, x0[:, :1]], 1), targets) == 0
     finally:
-        modes._REGISTRY.pop("fixed-level-test")
+        modes._REGISTRY.unregister("fixed-level-test")

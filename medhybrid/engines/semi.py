@@ -49,6 +49,7 @@ from pydantic import Field, field_validator
 from torch import nn
 
 from medhybrid.core.config import StrictModel
+from medhybrid.core.registry import Registry
 from medhybrid.engines.batches import as_plain_tensor, step_generator
 from medhybrid.engines.losses import SegmentationLoss
 from medhybrid.networks import diffusion as D
@@ -344,25 +345,12 @@ def _mean_over(per_sample: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
 
 
 # --------------------------------------------------------------------------------------------- the algorithms
-_REGISTRY: dict[str, SemiAlgorithm] = {}
-
-
-def register(cls: type[SemiAlgorithm]) -> type[SemiAlgorithm]:
-    """Class decorator: make the algorithm available by its ``name``."""
-    _REGISTRY[cls.name] = cls()
-    return cls
-
-
-def get_algorithm(name: str) -> SemiAlgorithm:
-    """The registered algorithm called ``name``; ValueError naming the known ones otherwise."""
-    try:
-        return _REGISTRY[name]
-    except KeyError:
-        raise ValueError(f"unknown semi-supervised algorithm {name!r}; known: none, {', '.join(algorithm_names())}") from None
-
-
-def algorithm_names() -> tuple[str, ...]:
-    return tuple(_REGISTRY)
+_REGISTRY: Registry[SemiAlgorithm] = Registry("semi-supervised algorithm", also=("none",))
+register = _REGISTRY.register
+"""Class decorator: make the algorithm available by its ``name``."""
+get_algorithm = _REGISTRY.get
+"""The registered algorithm called ``name``; ValueError naming the known ones otherwise."""
+algorithm_names = _REGISTRY.names
 
 
 class SemiAlgorithm:

@@ -7,16 +7,6 @@ does ``medhybrid.label``.
 """
 
 
-def __getattr__(name: str):
-    """``medhybrid.experiments.<module>`` imports the module on first use (bundle configs write ``$medhybrid.workflows.bundle.f(...)``
-    after ``$import medhybrid``); importing the package itself loads nothing else."""
-    import importlib
+from medhybrid import lazy_modules
 
-    if name.startswith("_"):
-        raise AttributeError(name)
-    try:
-        return importlib.import_module(f"{__name__}.{name}")
-    except ModuleNotFoundError as e:
-        if e.name == f"{__name__}.{name}":
-            raise AttributeError(f"module {__name__!r} has no attribute {name!r}") from None
-        raise
+__getattr__ = lazy_modules(__name__)

@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, ClassVar
 
 from medhybrid.core import runs
 from medhybrid.core.config import StrictModel, deep_merge, dump_config, validate
+from medhybrid.core.registry import Registry
 from medhybrid.data.datasets import few_shot_pairs
 from medhybrid.data.specs import Preprocess
 from medhybrid.experiments.nnunet import NnunetConfig, run_nnunet
@@ -67,25 +68,12 @@ class RunKey:
         return f"{ablation}-{self.method}-{self.folder_name}"
 
 
-_REGISTRY: dict[str, Head] = {}
-
-
-def register(cls: type[Head]) -> type[Head]:
-    """Class decorator: make the head available by its ``name``."""
-    _REGISTRY[cls.name] = cls()
-    return cls
-
-
-def get_head(name: str) -> Head:
-    """The registered head called ``name``; ValueError naming the known ones otherwise."""
-    try:
-        return _REGISTRY[name]
-    except KeyError:
-        raise ValueError(f"unknown fine-tuning head {name!r}; known: {', '.join(head_names())}") from None
-
-
-def head_names() -> tuple[str, ...]:
-    return tuple(_REGISTRY)
+_REGISTRY: Registry[Head] = Registry("fine-tuning head")
+register = _REGISTRY.register
+"""Class decorator: make the head available by its ``name``."""
+get_head = _REGISTRY.get
+"""The registered head called ``name``; ValueError naming the known ones otherwise."""
+head_names = _REGISTRY.names
 
 
 def few_shot_fields(cfg: AblationConfig, key: RunKey, parent: str | None, pretrain_run: str | None) -> dict:

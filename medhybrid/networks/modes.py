@@ -21,30 +21,18 @@ from typing import ClassVar
 
 import torch
 
+from medhybrid.core.registry import Registry
 from medhybrid.networks import diffusion as D
 
 __all__ = ["PretrainMode", "register", "get_mode", "mode_names", "Hybrid", "Supervised", "Diffusion", "MaskedDiffusion",
            "NoPretraining"]
 
-_REGISTRY: dict[str, PretrainMode] = {}
-
-
-def register(cls: type[PretrainMode]) -> type[PretrainMode]:
-    """Class decorator: make the mode available by its ``name``."""
-    _REGISTRY[cls.name] = cls()
-    return cls
-
-
-def get_mode(name: str) -> PretrainMode:
-    """The registered mode called ``name``; ValueError naming the known ones otherwise."""
-    try:
-        return _REGISTRY[name]
-    except KeyError:
-        raise ValueError(f"unknown pretraining mode {name!r}; known: {', '.join(mode_names())}") from None
-
-
-def mode_names() -> tuple[str, ...]:
-    return tuple(_REGISTRY)
+_REGISTRY: Registry[PretrainMode] = Registry("pretraining mode")
+register = _REGISTRY.register
+"""Class decorator: make the mode available by its ``name``."""
+get_mode = _REGISTRY.get
+"""The registered mode called ``name``; ValueError naming the known ones otherwise."""
+mode_names = _REGISTRY.names
 
 
 class PretrainMode:
