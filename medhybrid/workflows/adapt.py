@@ -75,8 +75,10 @@ class AdaptRule(StrictModel):
     min_gain: float = Field(0.01, description="least mean held-out Dice gain over the start to switch (negative: a "
                             "fine-tune may lose that much and still be chosen)")
     min_share: float = Field(2 / 3, ge=0, le=1, description="least share of folds in which the gain is positive")
+    single_label_recipe: str = Field("plain", exclude_if=lambda v: v == "plain", description="k = 1, no held-out "
+                                     "check possible: the recipe trained on the one label (a name of `recipes`)")
     single_label_wise: float = Field(0.5, ge=0, le=1, description="k = 1, no held-out check possible: the mixing "
-                                     "weight of a plain fine-tune on the one label with the start (0 keeps the start)")
+                                     "weight of that fine-tune with the start (0 keeps the start)")
 
 
 class AdaptConfig(StrictModel):
@@ -376,13 +378,13 @@ def run_adaptation(cfg: AdaptConfig) -> AdaptResult:
             decision = decide(start_folds, trained, cfg.rule, cfg.seed)
             choice = decision.choice
         else:
-            a = cfg.rule.single_label_wise
-            choice = KEEP if a == 0 else _name("plain", a)
+            a, r = cfg.rule.single_label_wise, cfg.rule.single_label_recipe
+            choice = KEEP if a == 0 else _name(r, a)
+            mix = f" mixed with the start at {a:g} (WiSE-FT)" if a < 1 else ""
             reason = ("one label: no held-out check of a fine-tune is possible; "
                       + ("kept the start (rule.single_label_wise = 0)" if choice == KEEP else
-                         f"a plain fine-tune on it mixed with the start at {a:g} (WiSE-FT), the hedge that was within "
-                         "0.011 Dice of the best choice on development sets of both targets (docs/adapt.md); label a "
-                         "second image to let adapt check its choice"))
+                         f"the {r} recipe on it{mix}, the choice for one label on development sets of both targets "
+                         "(docs/adapt.md); label a second image to let adapt check its choice"))
             decision = Decision(choice, reason, [Candidate(KEEP, None, None, [start_scores[ids[0]]]).summary()])
         log.info("adapt: decision: %s (%s)", decision.choice, decision.reason)
 
