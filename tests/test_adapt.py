@@ -140,19 +140,21 @@ def _per_fold(out: Path, name: str, folds: list[list[str]]) -> list[float]:
 
 
 @pytest.mark.slow(seconds=40)
-def test_one_label_mixes_half_a_fine_tune_and_a_strict_rule_keeps_the_start(tmp_path):
-    """k = 1: no held-out check; the model is the documented hedge, half the start and half a plain fine-tune on the
-    one label, bit for bit. With a rule no candidate can pass, the start is kept: model.pt holds its weights."""
+def test_one_label_trains_the_robust_recipe_and_a_strict_rule_keeps_the_start(tmp_path):
+    """k = 1: no held-out check; the model is the documented choice for one label, the robust recipe (L2-SP) trained
+    on it, bit for bit, and the report says why. With a rule no candidate can pass, the start is kept: model.pt holds
+    its weights."""
     from medhybrid.cli import main
 
     data = _user_folder(tmp_path / "one", ["IMD003"], [])
     out = tmp_path / "one-out"
     assert main(["adapt", "--model", str(BUNDLE), "--data", str(data), "--output", str(out), *FAST, "mlflow.enabled=false"]) == 0
     adapted, meta = load_model(out / "model.pt")
-    assert meta["adapt"]["decision"] == "plain-wise0.5" and meta["adapt"]["labels"] == 1
+    assert meta["adapt"]["decision"] == "robust" and meta["adapt"]["labels"] == 1
     start, _ = load_model(out / "work" / "start.pt")
-    ft, _ = load_model(out / "work" / "final" / "plain" / "model.pt")
-    want = interpolate_weights(start.state_dict(), ft.state_dict(), 0.5)
+    ft, ft_meta = load_model(out / "work" / "final" / "robust" / "model.pt")
+    assert ft_meta["robust"] == {"l2sp_alpha": 1.0}
+    want = interpolate_weights(start.state_dict(), ft.state_dict(), 1.0)
     assert all(torch.equal(adapted.state_dict()[k], v) for k, v in want.items())
     assert "one label" in (out / "report.md").read_text()
 

@@ -13,10 +13,9 @@ but the labels themselves are a free held-out check of the starting model, which
 3. switches away from the start only when the held-out, paired evidence passes the rule fixed in advance
    (:class:`AdaptRule`, :func:`decide`): the best candidate's mean held-out gain over the start is at least
    ``min_gain`` Dice and the gain is positive in at least ``min_share`` of the folds;
-4. with k = 1 there is no held-out check of a fine-tune; the tool then keeps ``single_label_wise`` (0.5) of a plain
-   fine-tune on the one label: on development sets of both targets that mix was within 0.011 Dice of the best of
-   {start, mix, plain fine-tune} in each of four cases (PH2 and OpenIST, after supervised and hybrid pretraining),
-   where keeping the start lost up to 0.054 and fine-tuning plainly up to 0.104 (docs/adapt.md);
+4. with k = 1 there is no held-out check of a fine-tune; the tool then trains the robust recipe (L2-SP, alpha 1) on
+   the one label: on development sets of both targets it beat the start, plain fine-tuning and every WiSE-FT mix of a
+   plain fine-tune at 1 label, after supervised and hybrid pretraining (docs/adapt.md);
 5. trains the chosen candidate on all k labels and writes ``model.pt`` (its ``meta["adapt"]`` says what was decided),
    ``report.md`` and ``report.json`` (every candidate's held-out Dice with its interval, the decision and its reason)
    and one MLflow run, the fold fine-tunes its children.
@@ -75,9 +74,9 @@ class AdaptRule(StrictModel):
     min_gain: float = Field(0.01, description="least mean held-out Dice gain over the start to switch (negative: a "
                             "fine-tune may lose that much and still be chosen)")
     min_share: float = Field(2 / 3, ge=0, le=1, description="least share of folds in which the gain is positive")
-    single_label_recipe: str = Field("plain", exclude_if=lambda v: v == "plain", description="k = 1, no held-out "
-                                     "check possible: the recipe trained on the one label (a name of `recipes`)")
-    single_label_wise: float = Field(0.5, ge=0, le=1, description="k = 1, no held-out check possible: the mixing "
+    single_label_recipe: str = Field("robust", description="k = 1, no held-out check possible: the recipe trained on "
+                                     "the one label (a name of `recipes`)")
+    single_label_wise: float = Field(1.0, ge=0, le=1, description="k = 1, no held-out check possible: the mixing "
                                      "weight of that fine-tune with the start (0 keeps the start)")
 
 
