@@ -16,6 +16,7 @@ import json
 import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -34,11 +35,14 @@ def package(bundle: Path, dest: Path, make_zip: bool = False) -> Path:
         shutil.rmtree(out)
     shutil.copytree(bundle, out, ignore=shutil.ignore_patterns("eval", "runs", "__pycache__", "wheels"))
     wheels = out / "wheels"
-    had_build = (REPO / "build").exists()
-    res = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "--quiet", "-w",
-                          str(wheels), str(REPO)], capture_output=True, text=True)
-    if not had_build:  # setuptools' scratch folder in the checkout
-        shutil.rmtree(REPO / "build", ignore_errors=True)
+    with tempfile.TemporaryDirectory() as src:  # a copy of the sources: setuptools writes its build folders beside them,
+        src = Path(src)                          # and two packagings at once must not share them
+        for f in ("pyproject.toml", "README.md"):
+            shutil.copy(REPO / f, src / f)
+        shutil.copytree(REPO / "medhybrid", src / "medhybrid", symlinks=False,
+                        ignore=shutil.ignore_patterns("__pycache__", "logs"))
+        res = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "--quiet", "-w",
+                              str(wheels), str(src)], capture_output=True, text=True)
     if res.returncode:
         sys.exit(f"building medhybrid's wheel failed:\n{res.stderr[-3000:]}")
     built = sorted(wheels.glob(f"medhybrid-{medhybrid.__version__}-*.whl"))
