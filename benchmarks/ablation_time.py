@@ -102,10 +102,10 @@ def _decode(pairs, transform):
 def plain_side(cfg, out: Path) -> dict:
     import torch
 
+    from medhybrid.core.devices import resolve_device
     from medhybrid.data.datasets import few_shot_pairs, load_pairs
     from medhybrid.data.transforms import preprocessing
     from medhybrid.engines.batches import SegmentationPrepareBatch
-    from medhybrid.engines.fit import resolve_device
     from medhybrid.engines.losses import FinetuneLoss, PretrainLoss
     from medhybrid.experiments.ablation import finetune_config, pretrain_config, pretraining_of
     from medhybrid.networks.checkpoints import network_meta, save_model

@@ -9,8 +9,9 @@ import torch
 from conftest import TINY_UNET as TINY
 
 from medhybrid.core.config import ConfigError, validate
+from medhybrid.core.devices import resolve_device
 from medhybrid.engines.batches import CorruptionPrepareBatch
-from medhybrid.engines.fit import TrainConfig, fit, resolve_device
+from medhybrid.engines.fit import TrainConfig, fit
 from medhybrid.engines.handlers import GradientClipping, WiSEFT, unwrap
 from medhybrid.engines.losses import PretrainLoss
 from medhybrid.networks.checkpoints import latest_checkpoint

@@ -26,6 +26,7 @@ from pydantic import Field
 from torch import nn
 
 from medhybrid.core.config import StrictModel
+from medhybrid.core.devices import resolve_device
 from medhybrid.core.runs import RunStopped
 from medhybrid.core.threads import ThreadPolicy
 from medhybrid.engines.batches import EpochSeededSampler
@@ -69,14 +70,6 @@ class TrainConfig(StrictModel):
     @property
     def iterations(self) -> int:
         return self.epochs * self.epoch_length
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device(f"cuda:{idist.get_local_rank()}") if idist.get_world_size() > 1 else torch.device("cuda")
-        return torch.device("cpu")
-    return torch.device(name)
 
 
 @dataclass

@@ -38,11 +38,11 @@ from torch import nn
 from torch.utils.data import IterableDataset
 
 from medhybrid.core.config import StrictModel
+from medhybrid.core.devices import resolve_device
 from medhybrid.core.progress import Progress
 from medhybrid.data.io import SUPPORTED_SUFFIXES, DataError, data_error, file_suffix, image_stem
 from medhybrid.data.specs import Preprocess
 from medhybrid.data.transforms import LoadImage2Dd, SaveMask2Dd, ScaleIntensity2Dd, model_geometry
-from medhybrid.engines.fit import resolve_device
 from medhybrid.networks.checkpoints import load_model, read_model_file
 from medhybrid.networks.nets import EDMPrecond, edm_output
 from medhybrid.workflows.quality import QUALITY_CSV, QualityReport, UncertaintyConfig, score_images
