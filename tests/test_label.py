@@ -274,7 +274,7 @@ def test_label_server_serves_both_bundles(label_server, tmp_path):
         Image.fromarray(_truth(sid)).save(labels[sid])  # class indices, as a viewer saves a label
     plan = {"server": server, "workdir": str(tmp_path / "client"), "derm": DERM.name, "chest": CHEST.name, "png": ids[:3],
             "dicom": {ids[3]: DERM.name, "cxr": CHEST.name}, "labels": {k: str(v) for k, v in labels.items()},
-            "train": {"max_epochs": 2, "val_split": 0.0}}
+            "train": {"max_epochs": 2, "val_split": 0.0, "adapt": False}}
     (tmp_path / "plan.json").write_text(json.dumps(plan))
     run = subprocess.run([str(LABEL_PYTHON), str(REPO_ROOT / "tests" / "label_client.py"), str(tmp_path / "plan.json"),
                           str(tmp_path / "result.json")], capture_output=True, text=True, timeout=1500, cwd=tmp_path)
@@ -314,8 +314,11 @@ def test_label_server_serves_both_bundles(label_server, tmp_path):
     assert {sid: v for sid, v in r["saved"].items()} == {sid: {"image": sid, "label": sid} for sid in ids[:3]}
     assert sorted(r["next_after_labels"]) == sorted([ids[3], "cxr"])
 
-    # training with the train task's own settings (pretrained.pt first), then the next inference serves the new weights
-    assert r["train_request"]["model_filename"][0] == "pretrained.pt"
+    # training with the train task's own settings: the bundle adapts by default, starting from the served model.pt
+    # (tests/test_adapt.py and the train-task probe above check that path); this request trains it plainly, and the
+    # next inference serves the new weights
+    assert r["info"]["trainers"][DERM.name]["config"]["adapt"] is True
+    assert r["train_request"]["model_filename"][0] == "model.pt" and r["train_request"]["adapt"] is False
     assert r["train_status"]["status"] == "DONE", json.dumps(r["train_status"])[-3000:] + log.read_text()[-3000:]
     # the two studies nobody labelled fed the bundle's semi-supervised recipe beside the three labels
     semi = json.loads((DERM / "configs" / "train.json").read_text())["semi_algorithm"]
