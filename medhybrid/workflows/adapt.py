@@ -414,9 +414,10 @@ def run_adaptation(cfg: AdaptConfig) -> AdaptResult:
 
 
 def _identity(cfg: AdaptConfig, start: Path) -> str:
-    """The adaptation's identity: its settings, the starting weights' content and every labelled and unlabelled file
-    (path, size, modification time), so a folder adapted to other labels or another start is never taken as done."""
-    files = [q for p in load_pairs(cfg.data) for q in (p["image"], p.get("label"))] + list(cfg.unlabelled_images)
+    """The adaptation's identity: its settings, the starting weights' content and every pool and unlabelled file it may
+    read (path, size, modification time; a target's test split is not even looked at), so a folder adapted to other
+    labels or another start is never taken as done."""
+    files = [q for p in load_pairs(cfg.data, "pool") for q in (p["image"], p.get("label"))] + list(cfg.unlabelled_images)
     stamp = [(f, *(lambda s: (s.st_size, s.st_mtime_ns))(Path(f).stat())) for f in files if f and Path(f).exists()]
     d = {k: v for k, v in dump_config(cfg).items() if k not in ("mlflow", "output_dir", "progress", "check_data")}
     src = cfg.weights or (Path(cfg.model) / "models" / "model.pt" if Path(cfg.model).is_dir() else start)
