@@ -245,7 +245,7 @@ def build_parser() -> argparse.ArgumentParser:
                      "when a file could not be read (the others are segmented)")
     inf.add_argument("--nifti", action="store_true", help="also write <stem>_mask.nii.gz (class indices)")
     inf.add_argument("--no-quality", dest="quality", action="store_false",
-                     help="no quality.csv (its uncertainty score runs the network 4 more times per image)")
+                     help="no quality.csv (its uncertainty score runs the network 3 more times per image)")
     inf.add_argument("--no-dicom-seg", dest="dicom_seg", action="store_false",
                      help="no DICOM SEG beside the masks of DICOM inputs")
     inf.add_argument("--batch-size", type=int, default=1,

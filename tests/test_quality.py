@@ -15,7 +15,8 @@ from PIL import Image
 
 from medhybrid.networks.nets import EDMPrecond, build_network
 from medhybrid.workflows.inference import Segmenter, infer_files, score_files
-from medhybrid.workflows.quality import UncertaintyConfig, image_scores, mask_dice, mask_disagreement, rank_correlation, score_images
+from medhybrid.workflows.quality import (QualityInferer, UncertaintyConfig, image_scores, mask_dice, mask_disagreement,
+                                         rank_correlation, score_images)
 
 pytestmark = pytest.mark.usefixtures("workdir")
 
@@ -81,6 +82,26 @@ def test_an_image_scores_the_same_alone_or_in_a_batch():
     alone = [float(mask_disagreement(net, x[i : i + 1], generator=torch.Generator().manual_seed(0))[0]) for i in range(3)]
     assert together == pytest.approx(alone, abs=1e-6)
 
+
+
+def test_the_inferer_scores_on_the_masks_own_pass():
+    """QualityInferer returns what SimpleInferer returns (the served logits, MONAI metadata kept for Invertd) and the same
+    u as image_scores, with the network run 1 + 3 times per image (QUALITY_SCORE: 3 noise levels, 1 draw), not 1 + 4."""
+    from monai.data import MetaTensor
+    from monai.inferers import SimpleInferer
+
+    torch.manual_seed(0)
+    seg = Segmenter.wrap(build_network(TINY, 3, 2)).eval()
+    x = MetaTensor(torch.rand(2, 3, 32, 32) * 2 - 1, meta={"filename_or_obj": ["a.png", "b.png"]})
+    images = []
+    seg.backbone.register_forward_hook(lambda m, args, out: images.append(args[0].shape[0]))
+    inferer = QualityInferer()
+    with torch.no_grad():
+        logits = inferer(x, seg)
+        assert sum(images) == 2 * (1 + 3)
+        assert isinstance(logits, MetaTensor) and torch.equal(logits.as_tensor(), SimpleInferer()(x, seg).as_tensor())
+    assert inferer.scores == pytest.approx(image_scores(seg, x.as_tensor(), inferer.cfg), abs=1e-9)
+    assert len(inferer.scores) == 2 and all(0 <= u <= 1 for u in inferer.scores)
 
 def test_rank_correlation():
     assert rank_correlation([1, 2, 3, 4], [10, 20, 30, 45]) == pytest.approx(1.0)

@@ -13,7 +13,8 @@ bundles' ``configs/inference.json`` (which declare the same MONAI components), e
    :class:`medhybrid.data.transforms.SaveMask2Dd`: ``<stem>_mask.png`` (0/255 for a binary model, class indices
    otherwise), ``<stem>_mask.nii.gz`` on request, a DICOM SEG for a DICOM input.
 4. :class:`medhybrid.workflows.quality.QualityReport`: ``quality.csv``, each image's mask area and uncertainty, least certain
-   first, for the person who reviews the masks.
+   first, for the person who reviews the masks. The uncertainty is scored by the inferer
+   (:class:`~medhybrid.workflows.quality.QualityInferer`) on the same clean pass that makes the mask.
 
 A ``model.pt`` written by :func:`medhybrid.networks.checkpoints.save_model` describes itself (``meta["image_channels"]``,
 ``meta["preprocess"]``), so :func:`infer_files` needs nothing else.
@@ -45,7 +46,7 @@ from medhybrid.data.specs import Preprocess
 from medhybrid.data.transforms import LoadImage2Dd, SaveMask2Dd, ScaleIntensity2Dd, model_geometry
 from medhybrid.networks.checkpoints import load_model, read_model_file
 from medhybrid.networks.nets import EDMPrecond, edm_output
-from medhybrid.workflows.quality import QUALITY_CSV, QualityReport, UncertaintyConfig, score_images
+from medhybrid.workflows.quality import QUALITY_CSV, QualityInferer, QualityReport, UncertaintyConfig, score_images
 
 __all__ = ["Segmenter", "load_segmenter", "bundle_segmenter", "collect_inputs", "inference_preprocessing", "inference_postprocessing",
            "ImageStream", "mask_writer", "infer_files", "infer_folder", "InferenceConfig", "InferenceResult",
@@ -253,7 +254,7 @@ def infer_files(model_path: str | os.PathLike, files: Sequence[str | os.PathLike
     and reported (:attr:`InferenceResult.failures`); a model file that is not a model raises
     :class:`~medhybrid.data.io.DataError` before any image is read. ``reduce=False`` decodes every pixel of large images
     (see :data:`REDUCE_FACTOR`). ``quality=False`` skips ``quality.csv`` (its uncertainty score runs the network
-    4 more times per image)."""
+    3 more times per image)."""
     files = collect_inputs(list(files))
     net, meta = load_segmenter(model_path, device)
     pre = inference_preprocessing(int(meta["image_channels"]), Preprocess(**meta.get("preprocess", {})), reduce)
@@ -264,7 +265,7 @@ def infer_files(model_path: str | os.PathLike, files: Sequence[str | os.PathLike
     report = QualityReport(out, uncertainty, stream=stream) if quality else None
     dev = next(net.parameters()).device
     evaluator = SupervisedEvaluator(device=dev, val_data_loader=DataLoader(stream, batch_size=batch_size, num_workers=0),
-                                    network=net, inferer=SimpleInferer(),
+                                    network=net, inferer=QualityInferer(uncertainty) if quality else SimpleInferer(),
                                     postprocessing=inference_postprocessing(pre, net.mask_channels, writer),
                                     val_handlers=[report] if report else [], amp=False)
     evaluator.run()

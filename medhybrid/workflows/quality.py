@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from ignite.engine import Engine, Events
+from monai.inferers import SimpleInferer
 from monai.metrics import compute_dice
 from pydantic import Field
 from scipy.stats import spearmanr
@@ -30,8 +31,8 @@ from medhybrid.core.config import NoiseLevels, StrictModel
 from medhybrid.core.files import atomic_write
 from medhybrid.networks.nets import EDMPrecond, mask_classes
 
-__all__ = ["UncertaintyConfig", "mask_dice", "mask_disagreement", "score_images", "image_scores", "QualityReport",
-           "QUALITY_CSV"]
+__all__ = ["UncertaintyConfig", "mask_dice", "mask_disagreement", "score_images", "image_scores", "QualityInferer",
+           "QualityReport", "QUALITY_CSV", "QUALITY_SCORE"]
 
 QUALITY_CSV = "quality.csv"
 
@@ -101,10 +102,13 @@ def score_images(net: EDMPrecond, images: Sequence[torch.Tensor], cfg: Uncertain
 
 
 @torch.no_grad()
-def image_scores(net: EDMPrecond, x: torch.Tensor, cfg: UncertaintyConfig | None = None) -> list[float]:
+def image_scores(net: EDMPrecond, x: torch.Tensor, cfg: UncertaintyConfig | None = None,
+                 clean: torch.Tensor | None = None) -> list[float]:
     """u for each image of a batch (B, C, H, W), the same u as :func:`mask_disagreement` on that image alone with a
     generator seeded by ``cfg.seed``: an image gets the same score whatever batch, order or folder it comes in (what
-    a per-run CSV needs). The clean and every noised copy of every image go through the network in one batch."""
+    a per-run CSV needs). Every noised copy of every image goes through the network in one batch; ``clean``, the
+    mask logits of ``x`` at sigma_min when the caller has them already (:class:`QualityInferer`), spares the clean
+    pass."""
     cfg = cfg or UncertaintyConfig()
     was_training = net.training
     net.eval()
@@ -119,7 +123,9 @@ def image_scores(net: EDMPrecond, x: torch.Tensor, cfg: UncertaintyConfig | None
         noisy = x.repeat_interleave(len(levels), 0) + torch.cat(eps).to(dev) * torch.tensor(levels, device=dev).repeat(
             x.shape[0]).view(-1, 1, 1, 1)
         sig = torch.tensor(levels, device=dev).repeat(x.shape[0])
-        clean = mask_classes(_mask_logits(net, x, net.sigma_min)).cpu()
+        if clean is None:
+            clean = _mask_logits(net, x, net.sigma_min)
+        clean = mask_classes(_plain(clean)).cpu()
         moved = mask_classes(_mask_logits(net, noisy, sig)).cpu()
         k = net.mask_channels if net.mask_channels > 1 else 2
         dice = mask_dice(moved, clean.repeat_interleave(len(levels), 0), k).view(x.shape[0], len(levels))
@@ -129,13 +135,32 @@ def image_scores(net: EDMPrecond, x: torch.Tensor, cfg: UncertaintyConfig | None
 
 
 QUALITY_SCORE = UncertaintyConfig(repeats=1)
-"""The score of the quality CSV: one draw per noise level (the network runs 4 times per image, not 7: inference's cost
-is the network's, and the ranking holds; see the model cards)."""
+"""The score of the quality CSV: one draw per noise level (the network runs 3 times per image beside the mask's pass,
+not 6: inference's cost is the network's, and the ranking holds; see the model cards)."""
+
+
+class QualityInferer(SimpleInferer):
+    """The inferer of an inference run that scores as it segments: it returns the mask logits of the batch (the
+    served network's output at sigma_min, as ``SimpleInferer`` does) and keeps each image's u (:func:`image_scores`,
+    with ``cfg``) in :attr:`scores`, computed from that same clean pass, for :class:`QualityReport`. The network
+    runs 1 + len(sigmas) x repeats times per image, not one time more. The logits keep the batch's MONAI metadata
+    (as ``SimpleInferer``'s do), which ``Invertd`` needs to map them back to each file's grid."""
+
+    def __init__(self, cfg: UncertaintyConfig | None = None):
+        super().__init__()
+        self.cfg = cfg or QUALITY_SCORE
+        self.scores: list[float] = []
+
+    def __call__(self, inputs: torch.Tensor, network, *args, **kwargs) -> torch.Tensor:
+        logits = network(inputs, *args, **kwargs)
+        self.scores = image_scores(network, _plain(inputs), self.cfg, clean=logits)
+        return logits
 
 
 class QualityReport:
     """Ignite handler of an inference run: for every image, the mask's area fraction and the uncertainty ``u`` of the
-    network on it (:func:`image_scores`, on the batch the network saw), written at the end as ``quality.csv`` in
+    network on it (:func:`image_scores` on the batch the network saw; taken from the engine's :class:`QualityInferer`
+    when it runs one with the same settings, so the clean pass is not repeated), written at the end as ``quality.csv`` in
     ``output_dir``, the least certain first, after the files that could not be read (``unreadable``, from a
     :class:`medhybrid.workflows.inference.ImageStream` given as ``stream``).
 
@@ -157,14 +182,18 @@ class QualityReport:
         # MONAI's engines hand the batch and the output to handlers decollated: one dict per image
         items = engine.state.batch if isinstance(engine.state.batch, list) else [engine.state.batch]
         outputs = engine.state.output if isinstance(engine.state.output, list) else [engine.state.output]
-        net = engine.network
-        x = torch.stack([_plain(d[self.image_key]) for d in items]).to(next(net.parameters()).device).float()
-        scores = image_scores(net, x, self.cfg)
+        inferer = getattr(engine, "inferer", None)
+        if isinstance(inferer, QualityInferer) and inferer.cfg == self.cfg and len(inferer.scores) == len(items):
+            scores = inferer.scores  # scored on the pass that made the masks
+        else:
+            net = engine.network
+            x = torch.stack([_plain(d[self.image_key]) for d in items]).to(next(net.parameters()).device).float()
+            scores = image_scores(net, x, self.cfg)
         names = [getattr(d[self.image_key], "meta", {}).get("filename_or_obj", "") for d in items]
         for name, u, out in zip(names, scores, outputs, strict=True):
             pred = out[self.pred_key]
             saved = getattr(pred, "meta", {}).get("saved_to") or [""]
-            self.rows.append({"image": str(name), "mask": str(saved[0]), "area_fraction": float((pred > 0).float().mean()),
+            self.rows.append({"image": str(name), "mask": str(saved[0]), "area_fraction": _area_fraction(pred),
                               "uncertainty": u, "status": "ok"})
 
     def write(self) -> Path:
@@ -184,6 +213,12 @@ class QualityReport:
 def _plain(t) -> torch.Tensor:
     """A MetaTensor's data as a plain tensor: the network runs without MONAI's per-operation metadata tracking."""
     return t.as_tensor() if hasattr(t, "as_tensor") else torch.as_tensor(t)
+
+
+def _area_fraction(pred) -> float:
+    """Foreground pixels / all pixels of a class map (counted, not averaged as float: a camera-size mask has 12 M)."""
+    t = _plain(pred)
+    return float(torch.count_nonzero(t)) / max(1, t.numel())
 
 
 def _fmt(v: float) -> str:
