@@ -15,8 +15,15 @@ from PIL import Image
 
 from medhybrid.networks.nets import EDMPrecond, build_network
 from medhybrid.workflows.inference import Segmenter, infer_files, score_files
-from medhybrid.workflows.quality import (QualityInferer, UncertaintyConfig, image_scores, mask_dice, mask_disagreement,
-                                         rank_correlation, score_images)
+from medhybrid.workflows.quality import (
+    QualityInferer,
+    UncertaintyConfig,
+    image_scores,
+    mask_dice,
+    mask_disagreement,
+    rank_correlation,
+    score_images,
+)
 
 pytestmark = pytest.mark.usefixtures("workdir")
 
