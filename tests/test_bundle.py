@@ -8,6 +8,7 @@ import csv
 import json
 import logging
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -299,6 +300,7 @@ def test_evaluate_scores_every_readable_pair_and_names_the_unreadable_one(tmp_pa
     log = res.stdout + res.stderr
     assert res.returncode == 1 and "Traceback" not in log, log[-3000:]
     assert sum(f"skipped {broken}:" in line for line in log.splitlines()) == 1, log[-3000:]
+    assert re.search(r"evaluation: 3/3 images, [\d.]+ images/s, \d+:\d\d in all", log), log[-3000:]  # progress, named
     rows = list(csv.DictReader(open(tmp_path / "eval" / "val_mean_dice_raw.csv")))
     assert sorted(Path(r["filename"]).stem for r in rows) == sorted(ids[1:])
 
