@@ -150,11 +150,14 @@ def test_one_label_trains_the_robust_recipe_and_a_strict_rule_keeps_the_start(tm
     out = tmp_path / "one-out"
     assert main(["adapt", "--model", str(BUNDLE), "--data", str(data), "--output", str(out), *FAST, "mlflow.enabled=false"]) == 0
     adapted, meta = load_model(out / "model.pt")
-    assert meta["adapt"]["decision"] == "robust" and meta["adapt"]["labels"] == 1
+    rule = AdaptRule()  # the documented one-label choice: the robust recipe, mixed with the start at single_label_wise
+    assert rule.single_label_recipe == "robust" and 0 < rule.single_label_wise <= 1
+    mixed = "" if rule.single_label_wise == 1 else f"-wise{rule.single_label_wise:g}"
+    assert meta["adapt"]["decision"] == f"robust{mixed}" and meta["adapt"]["labels"] == 1
     start, _ = load_model(out / "work" / "start.pt")
     ft, ft_meta = load_model(out / "work" / "final" / "robust" / "model.pt")
     assert ft_meta["robust"] == {"l2sp_alpha": 1.0}
-    want = interpolate_weights(start.state_dict(), ft.state_dict(), 1.0)
+    want = interpolate_weights(start.state_dict(), ft.state_dict(), rule.single_label_wise)
     assert all(torch.equal(adapted.state_dict()[k], v) for k, v in want.items())
     assert "one label" in (out / "report.md").read_text()
 
