@@ -9,7 +9,8 @@ The Ray run starts a local instance with ``--workers`` CPUs (one task per CPU; w
 fine-tune also takes that share of a GPU). Printed: wall seconds of each, their ratio, whether every run's test Dice
 is the same (to 1e-3: a Ray task runs one thread per CPU it declares, the sequential runner a team of all cores, and
 a different thread count changes floating-point sums), and Ray's overhead: starting the local instance, and the
-round trip of an empty task carrying an ablation config (submit, schedule, run, return), median of ``--tasks`` (50).
+round trip of an empty task carrying an ablation config (submit, schedule, run, return), median of ``--tasks`` (50;
+0 leaves these two out, and with them a Ray instance of their own).
 A run that fails is recorded by the ablation and does not stop it; both runners must fail the same runs. With
 ``--out`` the two run folders and the MLflow server's store (``mlflow-server.db``) are kept there.
 """
@@ -121,12 +122,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--set", dest="sets", nargs="*", default=[], help="ablation overrides, e.g. 'seeds=[0]'")
     ap.add_argument("--out", type=Path, default=None, help="keep the runs here (default: a temporary folder)")
     ap.add_argument("--json", type=Path, default=None, help="also write the figures as JSON")
-    ap.add_argument("--tasks", type=int, default=50, help="empty tasks timed for the round trip (median)")
+    ap.add_argument("--tasks", type=int, default=50,
+                    help="empty tasks timed for the round trip (median); 0 leaves out Ray's start and round trip")
     args = ap.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="medhybrid-ray-bench-") as tmp:
         folder = args.out or Path(tmp)
         folder.mkdir(parents=True, exist_ok=True)
-        over = overhead(args.config, args.profile, args.sets, args.workers, args.tasks)
+        # --tasks 0: no separate Ray instance for the overhead figures (the ablations alone)
+        over = (overhead(args.config, args.profile, args.sets, args.workers, args.tasks) if args.tasks
+                else {"ray_init_s": float("nan"), "task_round_trip_ms": float("nan")})
         with mlflow_server(folder) as uri:  # the same tracking for both runs
             seq, fail_seq = ablate(args.config, args.profile, args.sets, folder, "sequential", args.workers, args.gpu_fraction, uri)
             ray_s, fail_ray = ablate(args.config, args.profile, args.sets, folder, "ray", args.workers, args.gpu_fraction, uri)
@@ -135,12 +139,15 @@ def main(argv: list[str] | None = None) -> int:
         same = sorted(a) == sorted(b) and diff <= 1e-3 and fail_seq == fail_ray
     figures = {"config": args.config, "profile": args.profile, "sets": args.sets, "workers": args.workers,
                "cores": os.cpu_count(), "sequential_s": round(seq, 1), "ray_s": round(ray_s, 1),
-               "ray_vs_sequential": round(ray_s / seq, 3), "ray_init_s": round(over["ray_init_s"], 2),
-               "task_round_trip_ms": round(over["task_round_trip_ms"], 2), "tasks": args.tasks, "runs": len(a),
+               "ray_vs_sequential": round(ray_s / seq, 3),
+               **({"ray_init_s": round(over["ray_init_s"], 2), "task_round_trip_ms": round(over["task_round_trip_ms"], 2)}
+                  if args.tasks else {}), "tasks": args.tasks, "runs": len(a),
                "max_dice_diff": diff, "failed_runs": {"sequential": fail_seq, "ray": fail_ray}, "same_results": same}
     print(f"ablation {args.config}/{args.profile} {' '.join(args.sets)}: sequential {seq:.0f} s, Ray with {args.workers} "
-          f"workers {ray_s:.0f} s (ratio {ray_s / seq:.2f}); Ray start {over['ray_init_s']:.1f} s, "
-          f"empty task round trip {over['task_round_trip_ms']:.1f} ms; {len(a)} runs, largest test Dice difference {diff:.1e}"
+          f"workers {ray_s:.0f} s (ratio {ray_s / seq:.2f}); "
+          + (f"Ray start {over['ray_init_s']:.1f} s, empty task round trip {over['task_round_trip_ms']:.1f} ms; "
+             if args.tasks else "")
+          + f"{len(a)} runs, largest test Dice difference {diff:.1e}"
           + (f"; failed runs: sequential {len(fail_seq)}, Ray {len(fail_ray)}" if fail_seq or fail_ray else ""))
     print(json.dumps(figures))
     if args.json:

@@ -13,22 +13,22 @@ PY=${PYTHON:-python3.11}
 command -v "$PY" >/dev/null 2>&1 || PY=python3
 venv=.venv-label
 stamp=$venv/.medhybrid-label-installed
-want=$(cat pyproject.toml scripts/setup_label.sh docker/requirements-label.txt | sha256sum | cut -d' ' -f1)
+want=$(cat pyproject.toml scripts/setup_label.sh scripts/uv_env.sh docker/requirements-label.txt | sha256sum | cut -d' ' -f1)
 if [ -x $venv/bin/python ] && [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
   exit 0
 fi
-[ -x $venv/bin/python ] || "$PY" -m venv $venv
-$venv/bin/python -m pip install --quiet --upgrade pip
+. scripts/uv_env.sh
+uv_setup
 # torch first, exactly pinned, with setuptools: sam2 (a MONAI Label dependency) is an sdist whose build imports
 # torch, so sdists are built without build isolation against this torch (SAM2_BUILD_CUDA=0: no CUDA extension).
-$venv/bin/python -m pip install --quiet "torch==2.14.1" "torchvision==0.29.1" "setuptools==80.9.0" "wheel==0.45.1"
+uv_install $venv "torch==2.14.1" "torchvision==0.29.1" "setuptools==80.9.0" "wheel==0.45.1"
 reqs=$(mktemp)
 trap 'rm -f "$reqs"' EXIT
 $venv/bin/python docker/pyproject_deps.py pyproject.toml \
   --exclude torch pydicom numpy jsonschema pandas pylibjpeg pylibjpeg-openjpeg pylibjpeg-libjpeg highdicom > "$reqs"
-SAM2_BUILD_CUDA=0 $venv/bin/python -m pip install --quiet --no-build-isolation \
+SAM2_BUILD_CUDA=0 uv_install $venv --no-build-isolation \
   -r docker/requirements-label.txt "pytest==9.2.0" -r "$reqs"
 # under the lock scripts/setup.sh takes for its editable install (both write medhybrid.egg-info here)
-flock pyproject.toml $venv/bin/python -m pip install --quiet --no-deps --no-build-isolation -e .
+flock pyproject.toml bash -c ". scripts/uv_env.sh && uv_install $venv --no-deps --no-build-isolation -e ."
 echo "$want" > "$stamp"
 echo "MONAI Label and medhybrid installed in $venv"

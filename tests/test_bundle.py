@@ -360,13 +360,14 @@ def test_train_reads_the_unlabelled_images_of_the_dataset_folder(tmp_path):
         shutil.copy(PH2 / "images" / f"{i}.png", archive)
     assert len(labelled_datalist(folder, None, 3, allow_unlabelled=True)) == 2
     assert sorted(Path(d["image"]).stem for d in unlabelled_datalist(folder, None, archive)) == sorted(pool[2:9])
+    # adapt's decision is tested in tests/test_adapt.py; here the recipe's data alone, trained directly
     res = run_bundle(bundle, ["train"], "--dataset_dir", str(folder), "--unlabelled_dir", str(archive),
-                     "--min_iterations", "4", "--max_iterations", "4")
+                     "--min_iterations", "4", "--max_iterations", "4", "--adapt", "False")
     semi = json.loads((bundle / "configs" / "train.json").read_text())["semi_algorithm"]
     assert f"semi-supervised fine-tuning ({semi}): 2 labelled, 7 unlabelled images" in res.stdout + res.stderr
     assert sha256(bundle / "models" / "model.pt") != sha256(DERM / "models" / "model.pt")
     plain = run_bundle(bundle, ["train"], "--dataset_dir", str(folder), "--semi_algorithm", "none",
-                       "--min_iterations", "4", "--max_iterations", "4")
+                       "--min_iterations", "4", "--max_iterations", "4", "--adapt", "False")
     assert "semi-supervised fine-tuning" not in plain.stdout + plain.stderr
 
 

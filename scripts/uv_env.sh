@@ -1,0 +1,34 @@
+# Sourced by scripts/setup.sh and scripts/setup_label.sh: installs go through uv (pinned below), which unpacks and
+# links wheels in parallel and keeps a cache, so a fresh environment takes seconds where pip took minutes. uv reads
+# neither pip's configuration files nor its PIP_* variables: the package index, extra indexes, local wheel folders,
+# constraint files and certificate bundle that pip is configured with here are handed to uv, so that both install
+# from the same places. `uv_install VENV ARGS...` is `uv pip install ARGS...` into VENV (created first if absent).
+UV_VERSION=0.13.8
+
+_pip_setting() {  # the value pip is configured with for KEY (environment first, then its configuration files)
+  "$PY" -m pip config list 2>/dev/null | sed -n "s/^[^.]*\.$1='\(.*\)'\$/\1/p" | head -1
+}
+
+uv_setup() {
+  local value
+  value=$(_pip_setting index-url); [ -z "$value" ] || export UV_INDEX_URL="$value"
+  value=$(_pip_setting extra-index-url); [ -z "$value" ] || export UV_EXTRA_INDEX_URL="$value"
+  value=$(_pip_setting find-links); [ -z "$value" ] || export UV_FIND_LINKS="${value// /,}"
+  value=$(_pip_setting constraint); [ -z "$value" ] || export UV_CONSTRAINT="$value"
+  value=$(_pip_setting cert); [ -z "$value" ] || export SSL_CERT_FILE="$value"
+  # pip takes the best version over all indexes; uv's default is the first index that has the package
+  export UV_INDEX_STRATEGY=unsafe-best-match
+  # compiled at install, as pip does: where PYTHONDONTWRITEBYTECODE is set, nothing is ever compiled afterwards, and
+  # every process would compile MONAI, torch and the rest from source at each start (twice as slow)
+  export UV_COMPILE_BYTECODE=1
+}
+
+uv_install() {
+  local venv=$1
+  shift
+  [ -x "$venv/bin/python" ] || "$PY" -m venv "$venv"
+  "$venv/bin/python" -m uv --version 2>/dev/null | grep -qx "uv $UV_VERSION" \
+    || "$venv/bin/python" -m pip install --quiet --disable-pip-version-check "uv==$UV_VERSION" 2>/dev/null \
+    || "$venv/bin/python" -m pip install --quiet --disable-pip-version-check "uv==$UV_VERSION"
+  "$venv/bin/python" -m uv pip install --quiet --python "$venv/bin/python" "$@"
+}
