@@ -324,6 +324,30 @@ def test_semi_supervised_methods_never_train_on_a_development_or_test_image(work
         assert len(unl) == 4 and not unl & (dev | test | set(labelled)) and unl <= pool
 
 
+def test_an_adapt_method_carries_its_own_rule_and_menu(workdir, mlflow_uri, isic_tiny):
+    """``adapt`` settings of a method reach the run's AdaptConfig (the others keep the defaults); they are refused on
+    another head, and the data, model and run stay the ablation's."""
+    from types import SimpleNamespace
+
+    from medhybrid.experiments.heads import RunKey, get_head
+    from medhybrid.workflows.adapt import AdaptRule
+
+    strict = {"rule": {"min_gain": 0.05}, "wise": [0.5, 1.0], "recipes": {"plain": {}}}
+    cfg = _config(workdir, mlflow_uri, isic_tiny, {"hybrid-adapt": {"pretrain": "hybrid", "head": "adapt"},
+                                                   "hybrid-strict": {"pretrain": "hybrid", "head": "adapt", "adapt": strict}})
+    pre = SimpleNamespace(checkpoint=workdir / "pre" / "model.pt", run_id="r")
+    default, custom = (get_head("adapt").config(cfg, RunKey(m, 2, 0), pre, None) for m in ("hybrid-adapt", "hybrid-strict"))
+    assert default.rule == AdaptRule() and default.wise == (0.25, 0.5, 0.75, 1.0)
+    assert set(default.recipes) == {"plain", "robust", "fixmatch"}
+    assert custom.rule.min_gain == 0.05 and custom.rule.min_share == AdaptRule().min_share
+    assert custom.wise == (0.5, 1.0) and list(custom.recipes) == ["plain"]
+    assert custom.labelled == default.labelled and custom.output_dir.name == default.output_dir.name == "b2-s0"
+    with pytest.raises(ConfigError, match="adapt settings are for head adapt, not head 'finetune'"):
+        _config(workdir, mlflow_uri, isic_tiny, {"hybrid": {"pretrain": "hybrid", "adapt": strict}})
+    with pytest.raises(ConfigError, match=r"adapt settings \['labelled'\] cannot be set per method"):
+        _config(workdir, mlflow_uri, isic_tiny, {"x": {"pretrain": "hybrid", "head": "adapt", "adapt": {"labelled": ["a"]}}})
+
+
 @pytest.mark.slow
 def test_two_ablations_started_together_on_one_folder(workdir, mlflow_uri, isic_tiny):
     """The same ``medhybrid ablate`` twice at once: one runs the ablation, the other stops at once in one line, and

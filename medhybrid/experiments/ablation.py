@@ -69,10 +69,15 @@ class MethodSpec(StrictModel):
                       "schedule; pretrain must be none)")
     finetune: dict[str, Any] = Field(default_factory=dict, description="fine-tuning config overrides for this method "
                                      "(semi: {algorithm: fixmatch} fine-tunes semi-supervised on the pool's other images)")
+    adapt: dict[str, Any] = Field(default_factory=dict, description="head adapt only: its menu and decision rule for "
+                                  "this method, AdaptConfig fields (rule, recipes, wise, max_loo, folds), e.g. "
+                                  "{rule: {min_gain: 0.05}}; a variant is a method of its own name")
 
     @model_validator(mode="after")
     def _head_suits_pretraining(self):
         get_head(self.head).check(self)
+        if self.adapt and self.head != "adapt":
+            raise ValueError(f"adapt settings are for head adapt, not head {self.head!r}")
         return self
 
     @property

@@ -155,9 +155,14 @@ class Adapt(Head):
 
     name = "adapt"
 
+    settings = ("rule", "recipes", "wise", "max_loo", "folds")
+    """What a method may set of :class:`AdaptConfig` (``MethodSpec.adapt``); the data, model and run are the ablation's."""
+
     def check(self, spec):
         if spec.pretrain == "none":
             raise ValueError("head adapt checks a fine-tune against its starting model: it needs a pretraining, not none")
+        if unknown := sorted(set(spec.adapt) - set(self.settings)):
+            raise ValueError(f"adapt settings {unknown} cannot be set per method; these can: {list(self.settings)}")
 
     def config(self, cfg, key, pre, parent):
         spec = cfg.methods[key.method]
@@ -169,7 +174,8 @@ class Adapt(Head):
                 "finetune": deep_merge(cfg.finetune, spec.finetune), "seed": key.seed, "progress": False,
                 "tags": {"pretrain_run_id": pre.run_id or "", "ablation": cfg.name, "method": key.method,
                          "budget": key.budget_label, "seed": str(key.seed)},
-                "mlflow": deep_merge(dump_config(cfg.mlflow), {"run_name": key.run_name(cfg.name)}), "check_data": False}
+                "mlflow": deep_merge(dump_config(cfg.mlflow), {"run_name": key.run_name(cfg.name)}), "check_data": False,
+                **spec.adapt}
         return validate(AdaptConfig, data, source=f"ablation {cfg.name} {key.tag}")
 
     def train(self, run_cfg):

@@ -94,7 +94,6 @@ def main() -> None:
         pl = [ad[s] - plain[s] for s in seeds if s in plain]
         v_zero = mean >= a.zero_shot - 0.005
         v_plain = bool(pl) and float(np.mean(pl)) >= -0.005
-        v_best = b > 5 or best is None or best_iv[0] >= 0 or best_iv[2] >= 0
         verdicts.append(f"- {b} label(s): ≥ zero-shot − 0.005: {'met' if v_zero else 'NOT met'} ({mean:.3f} vs "
                         f"{a.zero_shot:.3f}); ≥ plain − 0.005: {'met' if v_plain else 'NOT met'}"
                         + (f"; vs the best fixed method ({best}, {best_mean:.3f}): "
