@@ -27,7 +27,7 @@ uv_install() {
   local venv=$1
   shift
   [ -x "$venv/bin/python" ] || "$PY" -m venv "$venv"
-  "$venv/bin/python" -m uv --version 2>/dev/null | grep -qx "uv $UV_VERSION" \
+  "$venv/bin/python" -m uv --version 2>/dev/null | grep -qE "^uv ${UV_VERSION}( |$)" \
     || "$venv/bin/python" -m pip install --quiet --disable-pip-version-check "uv==$UV_VERSION" 2>/dev/null \
     || "$venv/bin/python" -m pip install --quiet --disable-pip-version-check "uv==$UV_VERSION"
   "$venv/bin/python" -m uv pip install --quiet --python "$venv/bin/python" "$@"
