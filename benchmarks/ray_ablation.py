@@ -129,8 +129,7 @@ def main(argv: list[str] | None = None) -> int:
         folder = args.out or Path(tmp)
         folder.mkdir(parents=True, exist_ok=True)
         # --tasks 0: no separate Ray instance for the overhead figures (the ablations alone)
-        over = (overhead(args.config, args.profile, args.sets, args.workers, args.tasks) if args.tasks
-                else {"ray_init_s": float("nan"), "task_round_trip_ms": float("nan")})
+        over = overhead(args.config, args.profile, args.sets, args.workers, args.tasks) if args.tasks else {}
         with mlflow_server(folder) as uri:  # the same tracking for both runs
             seq, fail_seq = ablate(args.config, args.profile, args.sets, folder, "sequential", args.workers, args.gpu_fraction, uri)
             ray_s, fail_ray = ablate(args.config, args.profile, args.sets, folder, "ray", args.workers, args.gpu_fraction, uri)
@@ -140,13 +139,12 @@ def main(argv: list[str] | None = None) -> int:
     figures = {"config": args.config, "profile": args.profile, "sets": args.sets, "workers": args.workers,
                "cores": os.cpu_count(), "sequential_s": round(seq, 1), "ray_s": round(ray_s, 1),
                "ray_vs_sequential": round(ray_s / seq, 3),
-               **({"ray_init_s": round(over["ray_init_s"], 2), "task_round_trip_ms": round(over["task_round_trip_ms"], 2)}
-                  if args.tasks else {}), "tasks": args.tasks, "runs": len(a),
+               **{k: round(v, 2) for k, v in over.items()}, "tasks": args.tasks, "runs": len(a),
                "max_dice_diff": diff, "failed_runs": {"sequential": fail_seq, "ray": fail_ray}, "same_results": same}
     print(f"ablation {args.config}/{args.profile} {' '.join(args.sets)}: sequential {seq:.0f} s, Ray with {args.workers} "
           f"workers {ray_s:.0f} s (ratio {ray_s / seq:.2f}); "
           + (f"Ray start {over['ray_init_s']:.1f} s, empty task round trip {over['task_round_trip_ms']:.1f} ms; "
-             if args.tasks else "")
+             if over else "")
           + f"{len(a)} runs, largest test Dice difference {diff:.1e}"
           + (f"; failed runs: sequential {len(fail_seq)}, Ray {len(fail_ray)}" if fail_seq or fail_ray else ""))
     print(json.dumps(figures))

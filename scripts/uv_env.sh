@@ -5,12 +5,13 @@
 # from the same places. `uv_install VENV ARGS...` is `uv pip install ARGS...` into VENV (created first if absent).
 UV_VERSION=0.13.8
 
-_pip_setting() {  # the value pip is configured with for KEY (environment first, then its configuration files)
-  "$PY" -m pip config list 2>/dev/null | sed -n "s/^[^.]*\.$1='\(.*\)'\$/\1/p" | head -1
+_pip_setting() {  # the value of KEY in pip's configuration (read once into $_pip_conf by uv_setup)
+  sed -n "s/^[^.]*\.$1='\(.*\)'\$/\1/p" <<< "$_pip_conf" | head -1
 }
 
 uv_setup() {
-  local value
+  local value _pip_conf
+  _pip_conf=$("$PY" -m pip config list 2>/dev/null || true)
   value=$(_pip_setting index-url); [ -z "$value" ] || export UV_INDEX_URL="$value"
   value=$(_pip_setting extra-index-url); [ -z "$value" ] || export UV_EXTRA_INDEX_URL="$value"
   value=$(_pip_setting find-links); [ -z "$value" ] || export UV_FIND_LINKS="${value// /,}"

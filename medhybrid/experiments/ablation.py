@@ -75,9 +75,12 @@ class MethodSpec(StrictModel):
 
     @model_validator(mode="after")
     def _head_suits_pretraining(self):
-        get_head(self.head).check(self)
-        if self.adapt and self.head != "adapt":
+        head = get_head(self.head)
+        head.check(self)
+        if self.adapt and not head.settings:
             raise ValueError(f"adapt settings are for head adapt, not head {self.head!r}")
+        if unknown := sorted(set(self.adapt) - set(head.settings)):
+            raise ValueError(f"adapt settings {unknown} cannot be set per method; these can: {list(head.settings)}")
         return self
 
     @property

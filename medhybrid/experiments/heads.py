@@ -89,6 +89,8 @@ class Head:
     :meth:`config` and :meth:`train`; :meth:`run` trains and scores."""
 
     name: ClassVar[str] = ""
+    settings: ClassVar[tuple[str, ...]] = ()
+    """The run-config fields a method may set under ``adapt`` (``MethodSpec.adapt``); none for most heads."""
 
     def check(self, spec: MethodSpec) -> None:
         """Raise ValueError when a method's pretraining does not suit this head (at config time)."""
@@ -155,14 +157,11 @@ class Adapt(Head):
 
     name = "adapt"
 
-    settings = ("rule", "recipes", "wise", "max_loo", "folds")
-    """What a method may set of :class:`AdaptConfig` (``MethodSpec.adapt``); the data, model and run are the ablation's."""
+    settings = ("rule", "recipes", "wise", "max_loo", "folds")  # of AdaptConfig; data, model and run are the ablation's
 
     def check(self, spec):
         if spec.pretrain == "none":
             raise ValueError("head adapt checks a fine-tune against its starting model: it needs a pretraining, not none")
-        if unknown := sorted(set(spec.adapt) - set(self.settings)):
-            raise ValueError(f"adapt settings {unknown} cannot be set per method; these can: {list(self.settings)}")
 
     def config(self, cfg, key, pre, parent):
         spec = cfg.methods[key.method]
