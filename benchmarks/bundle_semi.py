@@ -2,10 +2,12 @@
 labelled images and the rest without masks (what MONAI Label's train task hands the bundle: the saved labels and the
 unlabelled studies), scored on held-back labelled images that neither training sees.
 
-    .venv/bin/python benchmarks/bundle_semi.py [--labels 5] [--heldout 30] [--seeds 0 1 2] [--bundles dermoscopy chest]
+    .venv/bin/python benchmarks/bundle_semi.py [--labels 5] [--heldout 30] [--unlabelled N] [--seeds 0 1 2]
+                                               [--bundles dermoscopy chest]
 
-For each bundle and seed: ``--labels`` pool images with masks and the pool's other images without, less ``--heldout``
-pool images kept aside with their masks (all drawn with the seed; the target's test split is never read). The bundle's
+For each bundle and seed: ``--labels`` pool images with masks and the pool's other images without (``--unlabelled``
+of them, or all), less ``--heldout`` pool images kept aside with their masks (all drawn with the seed; the target's
+test split is never read). The bundle's
 ``train.json`` runs twice from its ``pretrained.pt`` through ``python -m monai.bundle run``: with a semi-supervised
 algorithm (``--algorithm``; by default the bundle's own ``semi_algorithm``, or ``fixmatch`` where the bundle ships
 ``none``) and with ``semi_algorithm=none``; ``evaluate.json`` then scores each on the held-back images at
@@ -63,6 +65,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--labels", type=int, default=5)
     ap.add_argument("--heldout", type=int, default=30)
+    ap.add_argument("--unlabelled", type=int, help="unlabelled images in the site's folder (default: the rest of the pool)")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--bundles", nargs="+", default=list(BUNDLES), choices=list(BUNDLES))
     ap.add_argument("--iterations", type=int, help="fixed training iterations (default: the bundle's schedule)")
@@ -88,10 +91,12 @@ def main() -> None:
             for seed in args.seeds:
                 order = few_shot_ids([p["id"] for p in pool], len(pool), seed)
                 held, labelled = set(order[: args.heldout]), set(order[args.heldout : args.heldout + args.labels])
+                rest = order[args.heldout + args.labels :]
+                unlabelled = set(rest if args.unlabelled is None else rest[: args.unlabelled])
                 work = Path(tmp) / f"{name}-s{seed}"
-                site = site_folder(work / "site", [p for p in pool if p["id"] not in held], labelled)
+                site = site_folder(work / "site", [p for p in pool if p["id"] in labelled | unlabelled], labelled)
                 heldout = site_folder(work / "heldout", [p for p in pool if p["id"] in held], held)
-                row = {"bundle": name, "seed": seed, "labelled": len(labelled), "unlabelled": len(pool) - len(held) - len(labelled),
+                row = {"bundle": name, "seed": seed, "labelled": len(labelled), "unlabelled": len(unlabelled),
                        "heldout": len(held)}
                 for arm in args.arms:
                     semi, wise = ARMS[arm]

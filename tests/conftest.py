@@ -9,6 +9,7 @@ skip: CI always has it. Training tests use tiny dataset YAMLs over the real fold
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import shutil
@@ -418,6 +419,57 @@ def pretrain_cfg(workdir, mlflow_uri):
         return load_config(PretrainConfig, None, ov)
 
     return make
+
+
+@dataclasses.dataclass
+class BundleRun:
+    """What a bundle run printed (its log and progress, stdout and stderr together) and its exit status."""
+
+    returncode: int
+    log: str
+
+
+def run_bundle(bundle: Path, configs: list[str], *args: str, check: bool = True) -> BundleRun:
+    """``python -m monai.bundle run --config_file "['configs/<c>.json', ...]" --meta_file configs/metadata.json
+    --logging_file configs/logging.conf <args>``, in this process: the same entry point (Fire over
+    ``monai.bundle.run``, as ``monai/bundle/__main__.py`` calls it, so ``--wise 0`` or ``--adapt_rule "{...}"`` are
+    parsed as on the command line), with the bundle folder as the working directory. A ``SystemExit`` is its exit
+    status, another exception exit status 1 with its traceback in the log; ``check`` asserts exit status 0. The working
+    directory, the root logger (which the bundle's logging.conf configures) and torch's thread count are put back.
+    ``tests/test_bundle_install.py`` runs the command line itself, in a fresh environment; torchrun's launch is in
+    ``tests/test_bundle.py``."""
+    import io
+    import logging
+    import traceback
+    import warnings
+
+    import fire
+    import torch
+    from monai.bundle import run
+
+    files = "[" + ",".join(f"'configs/{c}.json'" for c in configs) + "]"
+    command = ["run", "--config_file", files, "--meta_file", "configs/metadata.json", "--logging_file",
+               "configs/logging.conf", *args]
+    out, code = io.StringIO(), 0
+    root = logging.getLogger()
+    handlers, level, threads = root.handlers[:], root.level, torch.get_num_threads()
+    try:
+        with contextlib.chdir(bundle), contextlib.redirect_stdout(out), contextlib.redirect_stderr(out), \
+                warnings.catch_warnings():
+            warnings.filterwarnings("ignore", "parsing config_file", UserWarning)  # MONAI's notice that configs run code
+            try:
+                fire.Fire({"run": run}, command=command, name="monai.bundle")
+            except SystemExit as e:
+                code = e.code if isinstance(e.code, int) else 1
+            except Exception:
+                code = 1
+                out.write(traceback.format_exc())
+    finally:
+        root.handlers[:] = handlers
+        root.setLevel(level)
+        torch.set_num_threads(threads)
+    assert code == 0 or not check, f"monai.bundle {' '.join(command)} in {bundle} exited {code}:\n{out.getvalue()[-5000:]}"
+    return BundleRun(code, out.getvalue())
 
 
 def cli_env(**extra: str) -> dict:

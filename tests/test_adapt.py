@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from conftest import PH2
+from conftest import PH2, run_bundle
 from PIL import Image
 
 from medhybrid.networks.checkpoints import interpolate_weights, load_model, read_model_file
@@ -62,6 +62,36 @@ def test_every_label_is_held_out_exactly_once():
 
 
 # --------------------------------------------------------------------------------------------- real adaptations
+def test_an_adaptation_is_the_same_run_on_restored_data_and_another_one_on_other_labels(tiny_dataset, tiny_spec, tmp_path):
+    """The run identity behind resuming: a data folder whose files were copied or restored (new modification times,
+    same bytes) is the same adaptation, so its run resumes; another mask, another start or another unlabelled image
+    make it another adaptation."""
+    import os
+
+    from medhybrid.workflows.adapt import AdaptConfig, _identity
+
+    start = tmp_path / "start.pt"
+    start.write_bytes(b"weights")
+    extra = tmp_path / "more.png"
+    shutil.copy(PH2 / "images" / "IMD008.png", extra)
+    cfg = AdaptConfig(model=start, data=tiny_spec, unlabelled_images=[str(extra)])
+    before = _identity(cfg, start)
+    for f in [*tiny_dataset.rglob("*.png"), extra]:
+        os.utime(f, (1e9, 1e9))
+    assert _identity(cfg, start) == before
+    mask = tiny_dataset / "masks" / "IMD003_lesion.png"
+    arr = np.asarray(Image.open(mask)).copy()
+    arr[0, 0] = 255 - arr[0, 0]
+    Image.fromarray(arr).save(mask)
+    assert _identity(cfg, start) != before
+    shutil.copy(PH2 / "masks" / "IMD003_lesion.png", mask)
+    assert _identity(cfg, start) == before
+    start.write_bytes(b"other weights")
+    assert _identity(cfg, start) != before
+    start.write_bytes(b"weights")
+    assert _identity(cfg.model_copy(update={"unlabelled_images": []}), start) != before
+
+
 def _user_folder(root: Path, labelled: list[str], unlabelled: list[str]) -> Path:
     """A user's folder as the README describes it: images/ and masks/ (masks named like their images, 0/255 PNG)."""
     (root / "images").mkdir(parents=True)
@@ -180,20 +210,6 @@ def test_a_folder_without_labels_is_refused_naming_it(tmp_path, capsys):
 
 
 # --------------------------------------------------------------------------------------------- the bundles' train.json
-def _run_bundle(bundle: Path, *args: str):
-    import os
-    import subprocess
-    import sys
-
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    env.update(OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
-    cmd = [sys.executable, "-m", "monai.bundle", "run", "--config_file", "configs/train.json", "--meta_file",
-           "configs/metadata.json", "--logging_file", "configs/logging.conf", *args]
-    res = subprocess.run(cmd, cwd=bundle, env=env, capture_output=True, text=True, timeout=900)
-    assert res.returncode == 0, f"{res.stdout[-3000:]}\n{res.stderr[-5000:]}"
-    return res.stdout + res.stderr
-
-
 @pytest.mark.slow(seconds=90)
 def test_the_bundles_train_json_adapts_and_replaces_its_weights_only_on_the_decision(tmp_path):
     """``train.json`` (``adapt: true``, the default) on a folder of 2 labelled PH2 images, from a copy of the bundle's
@@ -209,11 +225,11 @@ def test_the_bundles_train_json_adapts_and_replaces_its_weights_only_on_the_deci
     fast = ["--min_iterations", "2", "--max_iterations", "2", "--dataset_dir", str(data), "--train_split", "None",
             "--semi_algorithm", "none"]
     # a rule no candidate passes stands in for a better start, one every candidate passes for a worse one
-    log = _run_bundle(bundle, *fast, "--adapt_rule", "{'min_gain': 5.0}")
+    log = run_bundle(bundle, ["train"], *fast, "--adapt_rule", "{'min_gain': 5.0}").log
     report = json.loads((bundle / "eval" / "adapt" / "report.json").read_text())
     assert report["labels"] == 2 and report["decision"] == KEEP and len(report["candidates"]) == 1 + 2 * 4
     assert "model.pt kept as it was" in log and hashlib.sha256(weights.read_bytes()).hexdigest() == before
-    log = _run_bundle(bundle, *fast, "--adapt_rule", "{'min_gain': -5.0, 'min_share': 0.0}")
+    log = run_bundle(bundle, ["train"], *fast, "--adapt_rule", "{'min_gain': -5.0, 'min_share': 0.0}").log
     assert "model.pt replaced" in log
     decided = json.loads((bundle / "eval" / "adapt" / "report.json").read_text())["decision"]
     assert decided != KEEP and "model.pt replaced" in log

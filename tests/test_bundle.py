@@ -1,6 +1,7 @@
 """The MONAI bundles in ``bundles/`` (dermoscopy RGB, chest X-ray grey/DICOM) and :mod:`medhybrid.workflows.bundle`: every
-workflow run through ``monai.bundle`` on real images, from a copy of the bundle folder with only the installed
-package around it."""
+workflow run through ``monai.bundle``'s command-line entry on real images, from a copy of the bundle folder (in this
+process, :func:`conftest.run_bundle`; under ``torchrun``, in its own processes). A bundle folder installed into a
+fresh environment and run with ``python -m monai.bundle run`` is tests/test_bundle_install.py's."""
 
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ import pydicom
 import pytest
 import torch
 import yaml
-from conftest import DICOM, OPENIST, PH2, REPO_ROOT, isic_yaml, real_split
+from conftest import DICOM, OPENIST, PH2, REPO_ROOT, BundleRun, isic_yaml, real_split, run_bundle
 from monai.bundle import ConfigParser, ckpt_export, verify_metadata, verify_net_in_out
 from PIL import Image
 
@@ -67,20 +68,19 @@ def copy_bundle(src: Path, tmp_path: Path) -> Path:
     return dst
 
 
-def run_bundle(bundle: Path, configs: list[str], *args: str, torchrun: int = 0, check: bool = True) -> subprocess.CompletedProcess:
-    """``python -m monai.bundle run`` (under ``torchrun`` with ``torchrun`` processes) in the bundle folder, as a user
-    runs it: the bundle folder is the working directory and nothing of the repository is on the path."""
+def torchrun_bundle(bundle: Path, configs: list[str], *args: str, processes: int = 2) -> BundleRun:
+    """``python -m torch.distributed.run --standalone --nproc_per_node=<processes> -m monai.bundle run ...`` in the
+    bundle folder, as a user launches it: the bundle folder is the working directory and nothing of the repository is
+    on the path."""
     files = "[" + ",".join(f"'configs/{c}.json'" for c in configs) + "]"
-    launcher = [sys.executable]
-    if torchrun:
-        launcher += ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={torchrun}"]
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH",)}
     env.update(OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
-    cmd = [*launcher, "-m", "monai.bundle", "run", "--config_file", files, "--meta_file", "configs/metadata.json",
-           "--logging_file", "configs/logging.conf", *args]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}", "-m",
+           "monai.bundle", "run", "--config_file", files, "--meta_file", "configs/metadata.json", "--logging_file",
+           "configs/logging.conf", *args]
     res = subprocess.run(cmd, cwd=bundle, env=env, capture_output=True, text=True, timeout=900)
-    assert res.returncode == 0 or not check, f"{' '.join(cmd)}\n{res.stdout[-3000:]}\n{res.stderr[-5000:]}"
-    return res
+    assert res.returncode == 0, f"{' '.join(cmd)}\n{res.stdout[-3000:]}\n{res.stderr[-5000:]}"
+    return BundleRun(res.returncode, res.stdout + res.stderr)
 
 
 def dice(a: np.ndarray, b: np.ndarray) -> float:
@@ -232,7 +232,7 @@ def test_bundle_and_medhybrid_infer_write_the_same_masks_and_survive_bad_files(w
     (inputs / "cut.dcm").write_bytes((DICOM / "RG1_UNCI.dcm").read_bytes()[:5000])
     bundle = copy_bundle(which, tmp_path)
     res = run_bundle(bundle, ["inference"], "--input_dir", str(inputs), "--output_dir", str(tmp_path / "b"), check=False)
-    log = res.stdout + res.stderr
+    log = res.log
     assert res.returncode == 1 and "Traceback" not in log, log[-3000:]
     for bad in ("truncated.jpg", "notes.png", "cut.dcm"):
         assert sum(f"skipped {inputs / bad}:" in line for line in log.splitlines()) == 1, bad
@@ -297,7 +297,7 @@ def test_evaluate_scores_every_readable_pair_and_names_the_unreadable_one(tmp_pa
     work = copy_bundle(DERM, tmp_path)
     res = run_bundle(work, ["train", "evaluate"], "--dataset_dir", str(data), "--output_dir", str(tmp_path / "eval"),
                      check=False)
-    log = res.stdout + res.stderr
+    log = res.log
     assert res.returncode == 1 and "Traceback" not in log, log[-3000:]
     assert sum(f"skipped {broken}:" in line for line in log.splitlines()) == 1, log[-3000:]
     assert re.search(r"evaluation: 3/3 images, [\d.]+ images/s, \d+:\d\d in all", log), log[-3000:]  # progress, named
@@ -313,7 +313,7 @@ def test_train_fine_tunes_the_pretraining_and_publishes_the_weights(tmp_path):
     before = sha256(bundle / "models" / "model.pt")
     res = run_bundle(bundle, ["train"], "--dataset_dir", str(decathlon(tmp_path, pool)), "--train_split", "train",
                      "--val_fraction", "0.34", "--min_iterations", "6", "--max_iterations", "6", "--adapt", "False")
-    assert "val_mean_dice" in res.stdout + res.stderr
+    assert "val_mean_dice" in res.log
     assert sha256(bundle / "models" / "model.pt") != before
     assert sha256(bundle / "models" / "pretrained.pt") == sha256(DERM / "models" / "pretrained.pt")
     out = tmp_path / "masks"
@@ -334,7 +334,7 @@ def test_train_publishes_the_wiseft_interpolation_with_its_start(tmp_path):
     folder = decathlon(tmp_path, real_split(PH2)["pool"][:2])
     res = run_bundle(bundle, ["train"], "--dataset_dir", str(folder), "--train_split", "train", "--semi_algorithm", "none",
                      "--min_iterations", "2", "--max_iterations", "2", "--wise", "0", "--adapt", "False")
-    assert "WiSE-FT: the trained weights interpolated" in res.stdout + res.stderr
+    assert "WiSE-FT: the trained weights interpolated" in res.log
     start = torch.load(DERM / "models" / "pretrained.pt", weights_only=True)
     published = torch.load(bundle / "models" / "model.pt", weights_only=True)
     assert published.keys() == start.keys()
@@ -364,20 +364,21 @@ def test_train_reads_the_unlabelled_images_of_the_dataset_folder(tmp_path):
     res = run_bundle(bundle, ["train"], "--dataset_dir", str(folder), "--unlabelled_dir", str(archive),
                      "--min_iterations", "4", "--max_iterations", "4", "--adapt", "False")
     semi = json.loads((bundle / "configs" / "train.json").read_text())["semi_algorithm"]
-    assert f"semi-supervised fine-tuning ({semi}): 2 labelled, 7 unlabelled images" in res.stdout + res.stderr
+    assert f"semi-supervised fine-tuning ({semi}): 2 labelled, 7 unlabelled images" in res.log
     assert sha256(bundle / "models" / "model.pt") != sha256(DERM / "models" / "model.pt")
     plain = run_bundle(bundle, ["train"], "--dataset_dir", str(folder), "--semi_algorithm", "none",
                        "--min_iterations", "4", "--max_iterations", "4", "--adapt", "False")
-    assert "semi-supervised fine-tuning" not in plain.stdout + plain.stderr
+    assert "semi-supervised fine-tuning" not in plain.log
 
 
 @pytest.mark.slow
 def test_multi_gpu_train_under_torchrun_with_gloo(tmp_path):
     """configs/multi_gpu_train.json layered over train.json, 2 processes on the CPU: one weights file, from rank 0."""
     bundle = copy_bundle(DERM, tmp_path)
-    res = run_bundle(bundle, ["train", "multi_gpu_train"], "--dataset_dir", str(decathlon(tmp_path, real_split(PH2)["pool"][:4])),
-                     "--train_split", "train", "--min_iterations", "4", "--max_iterations", "4", torchrun=2)
-    assert "bundle weights written" in res.stdout + res.stderr
+    res = torchrun_bundle(bundle, ["train", "multi_gpu_train"], "--dataset_dir",
+                          str(decathlon(tmp_path, real_split(PH2)["pool"][:4])), "--train_split", "train",
+                          "--min_iterations", "4", "--max_iterations", "4")
+    assert "bundle weights written" in res.log
     state = torch.load(bundle / "models" / "model.pt", map_location="cpu", weights_only=True)
     assert not any(k.startswith("module.") for k in state)  # unwrapped from DistributedDataParallel
     assert sha256(bundle / "models" / "model.pt") != sha256(DERM / "models" / "model.pt")

@@ -1,16 +1,26 @@
-"""Files written so that a crash or a kill loses nothing (:func:`atomic_write`, :func:`write_json`), and the errors
-that stop a whole command (:func:`disk_full`, :class:`DiskFull`)."""
+"""Files written so that a crash or a kill loses nothing (:func:`atomic_write`, :func:`write_json`), a file's content
+hash (:func:`sha256`), and the errors that stop a whole command (:func:`disk_full`, :class:`DiskFull`)."""
 
 from __future__ import annotations
 
 import contextlib
 import errno
+import hashlib
 import json
 import os
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+
+
+def sha256(path: str | os.PathLike) -> str:
+    """The file's SHA-256 (hex), read in 1 MiB blocks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 def _in_chain(exc: BaseException, wanted) -> BaseException | None:

@@ -41,7 +41,7 @@ from tqdm import tqdm
 
 from medhybrid.core import runs, tracking
 from medhybrid.core.config import StrictModel, apply_overrides, deep_merge, dump_config, validate
-from medhybrid.core.files import atomic_write, write_json
+from medhybrid.core.files import atomic_write, sha256, write_json
 from medhybrid.core.stats import paired_bootstrap
 from medhybrid.core.tracking import MLflowConfig
 from medhybrid.data.check import require_valid
@@ -415,14 +415,15 @@ def run_adaptation(cfg: AdaptConfig) -> AdaptResult:
 
 
 def _identity(cfg: AdaptConfig, start: Path) -> str:
-    """The adaptation's identity: its settings, the starting weights' content and every pool and unlabelled file it may
-    read (path, size, modification time; a target's test split is not even looked at), so a folder adapted to other
-    labels or another start is never taken as done."""
-    files = [q for p in load_pairs(cfg.data, "pool") for q in (p["image"], p.get("label"))] + list(cfg.unlabelled_images)
-    stamp = [(f, *(lambda s: (s.st_size, s.st_mtime_ns))(Path(f).stat())) for f in files if f and Path(f).exists()]
+    """The adaptation's identity: its settings, the starting weights' content, the content of every pool image and mask
+    (the labels it may be given; a target's test split is not even looked at) and the path and size of every other
+    unlabelled image, so a folder adapted to other labels or another start is never taken as done. Modification times
+    are left out: a copied or restored data folder is the same data, and its runs resume."""
+    pool = [q for p in load_pairs(cfg.data, "pool") for q in (p["image"], p.get("label")) if q]
     d = {k: v for k, v in dump_config(cfg).items() if k not in ("mlflow", "output_dir", "progress", "check_data")}
     src = cfg.weights or (Path(cfg.model) / "models" / "model.pt" if Path(cfg.model).is_dir() else start)
-    d.update(start_sha256=hashlib.sha256(Path(src).read_bytes()).hexdigest(), files=stamp)
+    d.update(start_sha256=sha256(src), pool=[(Path(f).name, sha256(f)) for f in pool if Path(f).exists()],
+             unlabelled=[(f, Path(f).stat().st_size) for f in cfg.unlabelled_images if Path(f).exists()])
     return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 

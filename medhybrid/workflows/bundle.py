@@ -9,7 +9,6 @@ else (preprocessing, network size), so a bundle folder and the installed package
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -23,7 +22,7 @@ from monai.engines.utils import default_prepare_batch
 from torch import nn
 
 from medhybrid.core.config import deep_merge
-from medhybrid.core.files import write_json
+from medhybrid.core.files import sha256, write_json
 from medhybrid.data.datasets import discover_pairs, load_pairs, select_split
 from medhybrid.data.io import DataError
 from medhybrid.data.specs import load_dataset_spec
@@ -218,14 +217,6 @@ def publish_weights(checkpoint: str | os.PathLike, path: str | os.PathLike, netw
             raise DataError(checkpoint, f"does not fit the bundle's network_def: {e}") from e
     return save_weights(net, path, note={"holds": "pretrained", "by": f"a medhybrid run ({Path(checkpoint).name})"})
 
-
-def sha256(path: str | os.PathLike) -> str:
-    """The file's SHA-256 (hex), as ``large_files.yml`` lists it."""
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 __all__ = ["NOTE_SUFFIX", "adapt_bundle", "image_datalist", "labelled_datalist", "publish_weights", "save_weights",
