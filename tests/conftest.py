@@ -421,6 +421,61 @@ def pretrain_cfg(workdir, mlflow_uri):
     return make
 
 
+@contextlib.contextmanager
+def as_own_process(cwd: Path, argv: list[str] | None = None, env: dict | None = None, merged: bool = False):
+    """Run a program's entry point in this process as if it were a process of its own: in ``cwd``, with ``argv`` and
+    ``env`` on top of this environment, its stdout and stderr collected in the two ``io.StringIO`` yielded (one, when
+    ``merged``: the order of a terminal's lines); afterwards the
+    working folder, environment, ``sys.argv``, ``sys.path``, every logger's level, handlers and propagation (a bundle's
+    logging.conf configures the root logger; scripts add handlers to ``medhybrid``) and torch's thread count are put
+    back."""
+    import io
+    import logging
+    import sys
+
+    import torch
+
+    loggers = [logging.getLogger(), *(lg for lg in logging.Logger.manager.loggerDict.values() if isinstance(lg, logging.Logger))]
+    saved_loggers = [(lg, lg.level, lg.handlers[:], lg.propagate, lg.disabled) for lg in loggers]
+    saved = (dict(os.environ), sys.argv, sys.path[:], torch.get_num_threads())
+    out = io.StringIO()
+    err = out if merged else io.StringIO()
+    os.environ.update(env or {})
+    if argv is not None:
+        sys.argv = argv
+    try:
+        with contextlib.chdir(cwd), contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            yield out if merged else (out, err)
+    finally:
+        environ, sys.argv, sys.path[:], threads = saved
+        os.environ.clear()
+        os.environ.update(environ)
+        for lg in logging.Logger.manager.loggerDict.values():  # loggers made meanwhile: as logging makes them
+            if isinstance(lg, logging.Logger) and lg not in loggers:
+                lg.setLevel(logging.NOTSET)
+                lg.handlers[:], lg.propagate, lg.disabled = [], True, False
+        for lg, level, handlers, propagate, disabled in saved_loggers:
+            lg.setLevel(level)
+            lg.handlers[:], lg.propagate, lg.disabled = handlers, propagate, disabled
+        torch.set_num_threads(threads)
+
+
+def exit_status(run) -> tuple[int, str]:
+    """``run()``'s exit status as a process would have it (a ``SystemExit``'s code; 1 for another exception) and what
+    it would print on the way out (an exit message, a traceback)."""
+    import traceback
+
+    try:
+        run()
+    except SystemExit as e:
+        if e.code is None or isinstance(e.code, int):
+            return e.code or 0, ""
+        return 1, str(e.code)
+    except Exception:
+        return 1, traceback.format_exc()
+    return 0, ""
+
+
 @dataclasses.dataclass
 class BundleRun:
     """What a bundle run printed (its log and progress, stdout and stderr together) and its exit status."""
@@ -431,43 +486,23 @@ class BundleRun:
 
 def run_bundle(bundle: Path, configs: list[str], *args: str, check: bool = True) -> BundleRun:
     """``python -m monai.bundle run --config_file "['configs/<c>.json', ...]" --meta_file configs/metadata.json
-    --logging_file configs/logging.conf <args>``, in this process: the same entry point (Fire over
-    ``monai.bundle.run``, as ``monai/bundle/__main__.py`` calls it, so ``--wise 0`` or ``--adapt_rule "{...}"`` are
-    parsed as on the command line), with the bundle folder as the working directory. A ``SystemExit`` is its exit
-    status, another exception exit status 1 with its traceback in the log; ``check`` asserts exit status 0. The working
-    directory, the root logger (which the bundle's logging.conf configures) and torch's thread count are put back.
-    ``tests/test_bundle_install.py`` runs the command line itself, in a fresh environment; torchrun's launch is in
+    --logging_file configs/logging.conf <args>``, in this process (:func:`as_own_process`): the same entry point (Fire
+    over ``monai.bundle.run``, as ``monai/bundle/__main__.py`` calls it, so ``--wise 0`` or ``--adapt_rule "{...}"``
+    are parsed as on the command line), with the bundle folder as the working directory. ``check`` asserts exit status
+    0. ``tests/test_bundle_install.py`` runs the command line itself, in a fresh environment; torchrun's launch is in
     ``tests/test_bundle.py``."""
-    import io
-    import logging
-    import traceback
     import warnings
 
     import fire
-    import torch
     from monai.bundle import run
 
     files = "[" + ",".join(f"'configs/{c}.json'" for c in configs) + "]"
     command = ["run", "--config_file", files, "--meta_file", "configs/metadata.json", "--logging_file",
                "configs/logging.conf", *args]
-    out, code = io.StringIO(), 0
-    root = logging.getLogger()
-    handlers, level, threads = root.handlers[:], root.level, torch.get_num_threads()
-    try:
-        with contextlib.chdir(bundle), contextlib.redirect_stdout(out), contextlib.redirect_stderr(out), \
-                warnings.catch_warnings():
-            warnings.filterwarnings("ignore", "parsing config_file", UserWarning)  # MONAI's notice that configs run code
-            try:
-                fire.Fire({"run": run}, command=command, name="monai.bundle")
-            except SystemExit as e:
-                code = e.code if isinstance(e.code, int) else 1
-            except Exception:
-                code = 1
-                out.write(traceback.format_exc())
-    finally:
-        root.handlers[:] = handlers
-        root.setLevel(level)
-        torch.set_num_threads(threads)
+    with as_own_process(bundle, merged=True) as out, warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "parsing config_file", UserWarning)  # MONAI's notice that configs run code
+        code, last = exit_status(lambda: fire.Fire({"run": run}, command=command, name="monai.bundle"))
+        out.write(last)
     assert code == 0 or not check, f"monai.bundle {' '.join(command)} in {bundle} exited {code}:\n{out.getvalue()[-5000:]}"
     return BundleRun(code, out.getvalue())
 

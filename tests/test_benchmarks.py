@@ -18,7 +18,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import REPO_ROOT, isic_yaml, ph2_yaml
+from conftest import REPO_ROOT, as_own_process, exit_status, isic_yaml, ph2_yaml
 
 BENCH = REPO_ROOT / "benchmarks"
 
@@ -32,47 +32,21 @@ def run(*cmd: str, env: dict | None = None, timeout: float = 600) -> str:
     """The stdout of ``cmd`` (a script under benchmarks/ with its arguments), run from the repository; exit 0 asserted.
 
     A Python script runs as ``python benchmarks/<script>.py <args>`` would, in this process (``runpy`` as
-    ``__main__``, with that ``sys.argv`` and benchmarks/ first on the path): what it prints, its exit status, the
-    children it starts for its own measurements are the same, without a second interpreter importing torch and MONAI
-    for each smoke. The working folder, environment, ``sys.argv``, ``sys.path``, the root logger and torch's thread
-    count are put back afterwards. Shell scripts and :data:`OWN_PROCESS` run as child processes."""
+    ``__main__``, with that ``sys.argv`` and benchmarks/ first on the path; :func:`conftest.as_own_process` puts back
+    what it changes): what it prints, its exit status, the children it starts for its own measurements are the same,
+    without a second interpreter importing torch and MONAI for each smoke. Shell scripts and :data:`OWN_PROCESS` run
+    as child processes."""
     if cmd[0].endswith(".sh") or cmd[0] in OWN_PROCESS:
         argv = ["bash", str(BENCH / cmd[0]), *cmd[1:]] if cmd[0].endswith(".sh") else [sys.executable, str(BENCH / cmd[0]), *cmd[1:]]
         res = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, cwd=REPO_ROOT, env={**os.environ, **(env or {})})
         assert res.returncode == 0, f"{' '.join(cmd)} exited {res.returncode}:\n{res.stdout[-3000:]}\n{res.stderr[-3000:]}"
         return res.stdout
-    import contextlib
-    import io
-    import logging
     import runpy
-    import traceback
 
-    import torch
-
-    out, err, code = io.StringIO(), io.StringIO(), 0
-    saved = (dict(os.environ), sys.argv, sys.path[:], logging.getLogger().handlers[:], logging.getLogger().level,
-             torch.get_num_threads())
-    os.environ.update(env or {})
-    sys.argv, sys.path[:0] = [str(BENCH / cmd[0]), *cmd[1:]], [str(BENCH)]
-    try:
-        with contextlib.chdir(REPO_ROOT), contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-            try:
-                runpy.run_path(str(BENCH / cmd[0]), run_name="__main__")
-            except SystemExit as e:
-                code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
-                if not isinstance(e.code, int | None):
-                    err.write(str(e.code))
-            except Exception:
-                code = 1
-                err.write(traceback.format_exc())
-    finally:
-        environ, sys.argv, sys.path[:], handlers, level, threads = saved
-        os.environ.clear()
-        os.environ.update(environ)
-        logging.getLogger().handlers[:] = handlers
-        logging.getLogger().setLevel(level)
-        torch.set_num_threads(threads)
-    assert code == 0, f"{' '.join(cmd)} exited {code}:\n{out.getvalue()[-3000:]}\n{err.getvalue()[-3000:]}"
+    with as_own_process(REPO_ROOT, [str(BENCH / cmd[0]), *cmd[1:]], env) as (out, err):
+        sys.path.insert(0, str(BENCH))
+        code, last = exit_status(lambda: runpy.run_path(str(BENCH / cmd[0]), run_name="__main__"))
+    assert code == 0, f"{' '.join(cmd)} exited {code}:\n{out.getvalue()[-3000:]}\n{err.getvalue()[-3000:]}\n{last[-3000:]}"
     return out.getvalue()
 
 
