@@ -13,7 +13,8 @@ PY=${PYTHON:-python3.11}
 command -v "$PY" >/dev/null 2>&1 || PY=python3
 venv=.venv-label
 stamp=$venv/.medhybrid-label-installed
-want=$(cat pyproject.toml scripts/setup_label.sh scripts/uv_env.sh docker/requirements-label.txt | sha256sum | cut -d' ' -f1)
+want=$(cat pyproject.toml scripts/setup_label.sh scripts/uv_env.sh scripts/compile_imports.py docker/requirements-label.txt \
+  | sha256sum | cut -d' ' -f1)
 if [ -x $venv/bin/python ] && [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
   exit 0
 fi
@@ -30,5 +31,8 @@ SAM2_BUILD_CUDA=0 uv_install $venv --no-build-isolation \
   -r docker/requirements-label.txt "pytest==9.2.0" -r "$reqs"
 # under the lock scripts/setup.sh takes for its editable install (both write medhybrid.egg-info here)
 flock pyproject.toml bash -c ". scripts/uv_env.sh && uv_install $venv --no-deps --no-build-isolation -e ."
+# what the server, the medhybrid app, MONAI Label's client and the train task's process import
+compile_imports $venv 'medhybrid.*' monai monai.bundle monailabel.main monailabel.app monailabel.client \
+  'monailabel.tasks.*' 'monailabel.datastore.*' highdicom pytest
 echo "$want" > "$stamp"
 echo "MONAI Label and medhybrid installed in $venv"

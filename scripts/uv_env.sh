@@ -19,9 +19,19 @@ uv_setup() {
   value=$(_pip_setting cert); [ -z "$value" ] || export SSL_CERT_FILE="$value"
   # pip takes the best version over all indexes; uv's default is the first index that has the package
   export UV_INDEX_STRATEGY=unsafe-best-match
-  # compiled at install, as pip does: where PYTHONDONTWRITEBYTECODE is set, nothing is ever compiled afterwards, and
-  # every process would compile MONAI, torch and the rest from source at each start (twice as slow)
-  export UV_COMPILE_BYTECODE=1
+  # bytecode: by compile_imports below, for what is imported, not for every installed file
+  export UV_COMPILE_BYTECODE=0
+}
+
+# compile_imports VENV NAME...: bytecode for the modules the environment imports (scripts/compile_imports.py says how
+# NAMEs read), written by importing them once. Where PYTHONDONTWRITEBYTECODE is set, Python never writes bytecode
+# afterwards, and every process would compile MONAI, torch and the rest from source at each start (twice as slow).
+# Compiling every installed file instead (uv's --compile-bytecode, pip's default) takes ten times as long as installing:
+# about four in five of those files are never imported (packages' own tests, pip, most of Ray, sympy, pandas).
+compile_imports() {
+  local venv=$1
+  shift
+  "$venv/bin/python" scripts/compile_imports.py "$@"
 }
 
 uv_install() {
