@@ -26,6 +26,6 @@ uv_install .venv --no-deps -r scripts/nnunet-requirements.txt
 compile_imports .venv 'medhybrid.*' monai monai.bundle fire torch.distributed.run torch._dynamo torch._inductor.compile_fx \
   mlflow.server mlflow.store.tracking.sqlalchemy_store dir:mlflow/store/db_migrations ray ray.util nnunetv2.run.run_training \
   nnunetv2.inference.predict_from_raw_data nnunetv2.experiment_planning.plan_and_preprocess_entrypoints highdicom \
-  matplotlib.pyplot SimpleITK nibabel pytest xdist
+  matplotlib.pyplot SimpleITK nibabel 'pytest' '_pytest.*' 'xdist.*' execnet execnet.rsync execnet.rsync_remote 'anyio.*'
 echo "$want" > "$stamp"
 echo "medhybrid installed in .venv"

@@ -331,3 +331,19 @@ def test_no_module_imports_one_that_imports_it_back():
         return seen
 
     assert [m for m in sorted(graph) if m in reach(m, set())] == []
+
+
+# --------------------------------------------------------------------------------------------- the environment
+def test_setup_compiled_what_this_process_imported():
+    """scripts/setup.sh writes bytecode for the modules medhybrid and its tools import (scripts/compile_imports.py):
+    every installed module this test process has imported so far (torch, MONAI, Ignite, MLflow, the test tools) has
+    it, so no process of the suite or of a user compiles them from source at each start."""
+    import medhybrid.cli  # noqa: F401 - the CLI's imports, whatever ran before in this process
+
+    site = sysconfig.get_paths()["purelib"]
+    missing = sorted(name for name, mod in list(sys.modules.items())
+                     if (f := getattr(mod, "__file__", None)) and f.endswith(".py") and f.startswith(site)
+                     and name not in ("__main__", "__mp_main__")  # a script run as such: never cached
+                     and not name.startswith(("__editable__", "_distutils_hack"))
+                     and not os.path.exists(importlib.util.cache_from_source(f)))
+    assert missing == [], f"{len(missing)} imported modules without bytecode, e.g. {missing[:10]}"
