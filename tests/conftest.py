@@ -13,6 +13,7 @@ import dataclasses
 import json
 import os
 import shutil
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -431,7 +432,6 @@ def as_own_process(cwd: Path, argv: list[str] | None = None, env: dict | None = 
     back."""
     import io
     import logging
-    import sys
 
     import torch
 
@@ -567,3 +567,10 @@ def running_server(cmd: list[str], ready_url: str, log_path: Path, what: str, ti
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
         log.close()
+
+
+import medhybrid.cli  # noqa: E402, F401 - the CLI's imports too, for STARTUP_MODULES
+
+STARTUP_MODULES = {name: f for name, mod in list(sys.modules.items()) if isinstance(f := getattr(mod, "__file__", None), str)}
+"""Every module this test process had imported when conftest.py was read, with its file: what any test process
+starts with (tests/test_install.py checks that setup wrote their bytecode)."""
