@@ -484,6 +484,14 @@ class BundleRun:
     log: str
 
 
+def bundle_command(configs: list[str], *args: str) -> list[str]:
+    """``run --config_file "['configs/<c>.json', ...]" --meta_file configs/metadata.json --logging_file
+    configs/logging.conf <args>``: what follows ``python -m monai.bundle`` for a run in a bundle's folder."""
+    files = "[" + ",".join(f"'configs/{c}.json'" for c in configs) + "]"
+    return ["run", "--config_file", files, "--meta_file", "configs/metadata.json", "--logging_file", "configs/logging.conf",
+            *args]
+
+
 def run_bundle(bundle: Path, configs: list[str], *args: str, check: bool = True) -> BundleRun:
     """``python -m monai.bundle run --config_file "['configs/<c>.json', ...]" --meta_file configs/metadata.json
     --logging_file configs/logging.conf <args>``, in this process (:func:`as_own_process`): the same entry point (Fire
@@ -496,9 +504,7 @@ def run_bundle(bundle: Path, configs: list[str], *args: str, check: bool = True)
     import fire
     from monai.bundle import run
 
-    files = "[" + ",".join(f"'configs/{c}.json'" for c in configs) + "]"
-    command = ["run", "--config_file", files, "--meta_file", "configs/metadata.json", "--logging_file",
-               "configs/logging.conf", *args]
+    command = bundle_command(configs, *args)
     with as_own_process(bundle, merged=True) as out, warnings.catch_warnings():
         warnings.filterwarnings("ignore", "parsing config_file", UserWarning)  # MONAI's notice that configs run code
         code, last = exit_status(lambda: fire.Fire({"run": run}, command=command, name="monai.bundle"))

@@ -35,7 +35,7 @@ def run(*cmd: str, env: dict | None = None, timeout: float = 600) -> str:
     ``__main__``, with that ``sys.argv`` and benchmarks/ first on the path; :func:`conftest.as_own_process` puts back
     what it changes): what it prints, its exit status, the children it starts for its own measurements are the same,
     without a second interpreter importing torch and MONAI for each smoke. Shell scripts and :data:`OWN_PROCESS` run
-    as child processes."""
+    as child processes, stopped after ``timeout`` seconds (a script run in this process has no such limit)."""
     if cmd[0].endswith(".sh") or cmd[0] in OWN_PROCESS:
         argv = ["bash", str(BENCH / cmd[0]), *cmd[1:]] if cmd[0].endswith(".sh") else [sys.executable, str(BENCH / cmd[0]), *cmd[1:]]
         res = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, cwd=REPO_ROOT, env={**os.environ, **(env or {})})

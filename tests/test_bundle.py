@@ -20,7 +20,7 @@ import pydicom
 import pytest
 import torch
 import yaml
-from conftest import DICOM, OPENIST, PH2, REPO_ROOT, BundleRun, isic_yaml, real_split, run_bundle
+from conftest import DICOM, OPENIST, PH2, REPO_ROOT, BundleRun, bundle_command, isic_yaml, real_split, run_bundle
 from monai.bundle import ConfigParser, ckpt_export, verify_metadata, verify_net_in_out
 from PIL import Image
 
@@ -72,12 +72,10 @@ def torchrun_bundle(bundle: Path, configs: list[str], *args: str, processes: int
     """``python -m torch.distributed.run --standalone --nproc_per_node=<processes> -m monai.bundle run ...`` in the
     bundle folder, as a user launches it: the bundle folder is the working directory and nothing of the repository is
     on the path."""
-    files = "[" + ",".join(f"'configs/{c}.json'" for c in configs) + "]"
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH",)}
     env.update(OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}", "-m",
-           "monai.bundle", "run", "--config_file", files, "--meta_file", "configs/metadata.json", "--logging_file",
-           "configs/logging.conf", *args]
+           "monai.bundle", *bundle_command(configs, *args)]
     res = subprocess.run(cmd, cwd=bundle, env=env, capture_output=True, text=True, timeout=900)
     assert res.returncode == 0, f"{' '.join(cmd)}\n{res.stdout[-3000:]}\n{res.stderr[-5000:]}"
     return BundleRun(res.returncode, res.stdout + res.stderr)

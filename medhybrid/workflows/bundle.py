@@ -218,6 +218,5 @@ def publish_weights(checkpoint: str | os.PathLike, path: str | os.PathLike, netw
     return save_weights(net, path, note={"holds": "pretrained", "by": f"a medhybrid run ({Path(checkpoint).name})"})
 
 
-
 __all__ = ["NOTE_SUFFIX", "adapt_bundle", "image_datalist", "labelled_datalist", "publish_weights", "save_weights",
            "semi_seams", "sha256", "strong_views", "unlabelled_datalist", "weights_note"]
