@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import csv
 import json
-import logging
 import os
 import re
 import shutil
@@ -51,14 +50,10 @@ def _files(folder: Path) -> dict[str, float]:
 
 @pytest.fixture(autouse=True)
 def _bundle_folders_untouched():
-    """Tests write under tmp_path only: nothing in a shipped bundle is created or changed. (Also puts back the root
-    logger, which a bundle run configures.)"""
+    """Tests write under tmp_path only: nothing in a shipped bundle is created or changed. (The loggers a bundle run
+    configures are put back by :func:`conftest.run_bundle`.)"""
     before = {b: _files(b) for b in (DERM, CHEST)}
-    root = logging.getLogger()
-    handlers, level = root.handlers[:], root.level
     yield
-    root.handlers[:] = handlers
-    root.setLevel(level)
     assert {b: _files(b) for b in (DERM, CHEST)} == before
 
 

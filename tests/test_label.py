@@ -63,12 +63,15 @@ def test_served_bundle_is_a_copy_that_keeps_what_it_learnt(tmp_path):
     served = served_bundle(src, tmp_path / "work")
     assert served == (tmp_path / "work" / "bundles" / DERM.name).resolve()
     assert sha256(served / "models" / "model.pt") == sha256(src / "models" / "model.pt")
-    (served / "models" / "model.pt").write_bytes(b"trained")  # what a training on the server leaves
+    learnt = {"model.pt": b"trained", "model.pt.json": b'{"base": "model.base.pt"}', "model.base.pt": b"served before"}
+    for name, content in learnt.items():  # what an adapting training on the server leaves
+        (served / "models" / name).write_bytes(content)
     cfg = json.loads((src / "configs" / "train.json").read_text())
     cfg["learning_rate"] = 1e-4
     (src / "configs" / "train.json").write_text(json.dumps(cfg))  # the bundle is updated
+    (src / "models" / "model.base.pt").write_bytes(b"the source's own")
     again = served_bundle(src, tmp_path / "work")
-    assert (again / "models" / "model.pt").read_bytes() == b"trained"
+    assert {name: (again / "models" / name).read_bytes() for name in learnt} == learnt
     assert json.loads((again / "configs" / "train.json").read_text())["learning_rate"] == 1e-4
     (src / "models" / "model.pt").unlink()
     with pytest.raises(ConfigError, match="missing models/model.pt"):
@@ -138,6 +141,12 @@ def test_train_requests_are_typed_and_code_is_refused():
     for bad in ({"wise": "$0.5"}, {"wise": 1.5}, {"wise": "half"}):
         with pytest.raises(ValueError, match="wise"):
             train_request(bad, {**defaults, "wise": 0.75})
+    # adapting: from trained weights only, and on one device (the multi-GPU training has no check)
+    adapting = train_request({"multi_gpu": "true"}, {**defaults, "adapt": True})
+    assert adapting["adapt"] is True and adapting["multi_gpu"] is False
+    assert train_request({"adapt": "false"}, {**defaults, "adapt": True})["multi_gpu"] is True
+    with pytest.raises(ValueError, match="scratch"):
+        train_request({"pretrained": "false"}, {**defaults, "adapt": True})
 
 
 _TRAIN_TASK_PROBE = """
@@ -176,8 +185,9 @@ def run(self, request, datastore):  # MONAI Label's training: the overrides it p
     self._load_checkpoint(os.path.join(self.bundle_path, "models", request["model_filename"]), True, [])
     seen.update(self._update_overrides({}))
     os.makedirs(self.bundle_path + "/eval/adapt", exist_ok=True)
-    with open(self.bundle_path + "/eval/adapt/report.json", "w") as f:
-        json.dump({"decision": "start", "reason": "kept the start: no candidate gains", "labels": 3}, f)
+    with open(self.bundle_path + "/eval/adapt/outcome.json", "w") as f:
+        json.dump({"decision": "start", "reason": "kept the start: no candidate gains", "replaced": False, "labels": 3,
+                   "start": seen["adapt_start"], "report": "report.md"}, f)
     return {}
 BundleTrainTask.__call__ = run
 task = MedhybridTrain(sys.argv[1], {})
@@ -191,7 +201,8 @@ print(json.dumps({"config": {k: task.config()[k] for k in ("adapt", "model_filen
 def test_train_task_adapts_from_the_served_model_and_reports_the_decision(tmp_path):
     """A bundle that adapts (``adapt: true``): MONAI Label's train task offers the served ``model.pt`` first as the
     start, passes it to the bundle as ``adapt_start``, and its train result says what the bundle decided (here: keep,
-    so the served weights stay; what the bundle's run does with them is tested in tests/test_adapt.py)."""
+    so the served weights stay; the bundle's run, which writes that outcome and keeps or replaces the weights, is
+    tested in tests/test_adapt.py)."""
     if not LABEL_PYTHON.is_file():
         pytest.fail(f"{LABEL_PYTHON} not found: the MONAI Label environment is made by scripts/setup_label.sh", pytrace=False)
     bundle = tmp_path / DERM.name
@@ -203,7 +214,7 @@ def test_train_task_adapts_from_the_served_model_and_reports_the_decision(tmp_pa
     assert got["overrides"]["adapt"] is True
     assert got["overrides"]["adapt_start"] == str(bundle / "models" / "model.pt")
     assert got["result"]["adapt"] == {"decision": "start", "reason": "kept the start: no candidate gains", "replaced": False,
-                                      "labels": 3}
+                                      "labels": 3, "start": str(bundle / "models" / "model.pt")}
     assert "the served model was kept" in res.stderr + res.stdout
 
 

@@ -55,5 +55,7 @@ def test_bundles_train_json_trains_with_the_recipe(train_json):
     raw = parser.config
     assert "RECIPE" in raw["batch_size"] and raw["train"]["lr_scheduler"]["warmup_steps"].endswith("RECIPE.warmup_iterations")
     assert raw["optimizer"]["weight_decay"] == 0.0
+    # the iterations are split into the recipe's epochs (MONAI Label's max_epochs splits the same iterations otherwise)
+    assert parser.get_parsed_content("train#trainer#max_epochs") == RECIPE.epochs
     clip = next(h for h in raw["train"]["handlers"] if h.get("_target_", "").endswith("GradientClipping"))
     assert clip["max_norm"] == 1.0

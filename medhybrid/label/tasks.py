@@ -85,7 +85,10 @@ class MedhybridInfer(BundleInferTask):
 
 
 class MedhybridTrain(BundleTrainTask):
-    """MONAI Label's bundle train task; by default training starts again from the hybrid pretraining.
+    """MONAI Label's bundle train task. A bundle that adapts (``adapt: true``, both shipped ones) starts from the served
+    ``model.pt`` (or from the weights an earlier adaptation started from: :func:`medhybrid.workflows.bundle.adapt_bundle`)
+    and replaces it only when a fine-tune wins on the saved labels, on one device; with ``adapt`` off, training starts
+    again from the bundle's pretraining (``pretrained.pt``) and always replaces the served model.
 
     A request's settings become ``monai.bundle`` overrides, where a ``$`` string is Python code: every setting is
     checked and typed here first (:func:`train_request`), and missing ones take :meth:`config`'s defaults."""
@@ -100,10 +103,12 @@ class MedhybridTrain(BundleTrainTask):
         self._unlabelled = unlabelled_studies(datastore)
         self._wise = clean.get("wise")
         self._adapt = clean.get("adapt")
+        if self._adapt and request.get("multi_gpu") not in (None, False, "false", "False"):
+            log.info("train: adapting runs on one device (the bundle's multi-GPU training has no check)")
         started = time.time()
         result = super().__call__(clean, datastore) or {}
         outcome = adapt_outcome(self.bundle_path) if self._adapt else None
-        if outcome is not None and (Path(self.bundle_path) / "eval" / "adapt" / "report.json").stat().st_mtime >= started:
+        if outcome is not None and (Path(self.bundle_path) / "eval" / "adapt" / "outcome.json").stat().st_mtime >= started:
             log.info("train: %s (%s): %s", "the served model was replaced" if outcome["replaced"] else
                      "the served model was kept", outcome["decision"], outcome["reason"])
             result = {**result, "adapt": outcome}

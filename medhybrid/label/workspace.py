@@ -27,6 +27,7 @@ import torch
 
 from medhybrid.core.config import ConfigError
 from medhybrid.core.files import atomic_write, write_json
+from medhybrid.networks.checkpoints import NOTE_SUFFIX
 from medhybrid.workflows.inference import bundle_segmenter
 
 log = logging.getLogger("medhybrid")
@@ -59,7 +60,7 @@ def check_bundle(path: str | os.PathLike) -> Path:
 
 def served_bundle(source: str | os.PathLike, workdir: str | os.PathLike) -> Path:
     """The copy of the bundle ``source`` that the server serves: ``<workdir>/bundles/<name>``, made on first use.
-    An existing copy keeps its trained ``models/model.pt``; its configs and other weights (``pretrained.pt``) are
+    An existing copy keeps its trained ``models/model.pt`` (and :data:`LEARNT`); its configs and other weights (``pretrained.pt``) are
     refreshed from ``source`` when those change, so a bundle update reaches the server without losing what it
     learnt. (If an update changes the network, the served ``model.pt`` no longer loads strictly and the server says
     so: delete it to serve the bundle's.)"""
@@ -83,9 +84,14 @@ def served_bundle(source: str | os.PathLike, workdir: str | os.PathLike) -> Path
             shutil.copy2(s, d)
     for s in (src / "models").glob("*"):
         d = dst / "models" / s.name
-        if s.is_file() and s.name != "model.pt" and (not d.is_file() or d.read_bytes() != s.read_bytes()):
+        if s.is_file() and s.name not in LEARNT and (not d.is_file() or d.read_bytes() != s.read_bytes()):
             shutil.copy2(s, d)
     return dst
+
+
+LEARNT = ("model.pt", "model.pt" + NOTE_SUFFIX, "model.base.pt", "model.base.pt" + NOTE_SUFFIX)
+"""A served copy's own files in ``models/``, never refreshed from the source: the served weights and their note, and
+the weights they were adapted from (:func:`medhybrid.workflows.bundle.adapt_bundle`) with theirs."""
 
 
 class BundleNetwork:
@@ -167,13 +173,14 @@ _DEVICE = re.compile(r"^(cpu|cuda(:\d+)?)$")
 
 
 def adapt_outcome(bundle: str | os.PathLike) -> dict[str, Any] | None:
-    """What the last self-checking training of ``bundle`` decided (``eval/adapt/report.json``): ``{"decision",
-    "reason", "replaced"}``, or None when it has not adapted."""
-    path = Path(bundle) / "eval" / "adapt" / "report.json"
+    """What the last self-checking training of ``bundle`` decided (``eval/adapt/outcome.json``, written by
+    :func:`medhybrid.workflows.bundle.adapt_bundle`): ``{"decision", "reason", "replaced", "start", "labels"}``, or None
+    when it has not adapted."""
+    path = Path(bundle) / "eval" / "adapt" / "outcome.json"
     if not path.is_file():
         return None
     r = json.loads(path.read_text())
-    return {"decision": r["decision"], "reason": r["reason"], "replaced": r["decision"] != "start", "labels": r["labels"]}
+    return {k: r[k] for k in ("decision", "reason", "replaced", "start", "labels")}
 
 
 def train_request(request: dict[str, Any], defaults: dict[str, Any],
@@ -222,6 +229,12 @@ def train_request(request: dict[str, Any], defaults: dict[str, Any],
             raise ValueError(f"wise {out['wise']}: a number in [0, 1] (1 keeps the trained weights)")
     if pick("adapt") is not None:  # the bundle's self-checking adaptation (train.json's "adapt"), a yes or no
         out["adapt"] = flag("adapt")
+    if out.get("adapt"):
+        if not out["pretrained"]:
+            raise ValueError("adapt starts from trained weights (model_filename) and keeps them unless a fine-tune of "
+                             "them wins: training from scratch (pretrained false) needs adapt false")
+        # the bundle's multi-GPU training (multi_gpu_train.json) trains without the check: adapting runs on one device
+        out["multi_gpu"] = False
     for key in ("tracking_uri", "tracking_experiment_name", "tracking_run_name"):
         v = request.get(key)
         if v:

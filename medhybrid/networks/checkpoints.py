@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import glob
+import json
 import logging
 import os
 import pickle
@@ -164,5 +165,18 @@ def interpolate_weights(pretrained: dict[str, torch.Tensor], finetuned: dict[str
     return out
 
 
+NOTE_SUFFIX = ".json"
+"""A bundle's weights file (a bare state dict) has its note beside it: ``models/model.pt`` and ``models/model.pt.json``."""
+
+
+def weights_note(path: str | os.PathLike) -> dict | None:
+    """What a bundle's weights file holds, from the note beside it (``<file>.json``): ``{"holds": "trained" |
+    "mixed" | "pretrained", "wise": alpha of a mix, "start": the weights it was mixed with, "by": what wrote it,
+    "sha256"}``, and for an adaptation's outcome ``"base"`` (the weights it started from, never trained on the user's
+    labels) and ``"labels_sha256"`` (the images it was adapted on); None for a file without a note."""
+    note = Path(str(path) + NOTE_SUFFIX)
+    return json.loads(note.read_text()) if note.is_file() else None
+
+
 __all__ = ["_META_CACHE", "atomic_save", "HEAD", "interpolate_weights", "latest_checkpoint", "load_model", "model_meta", "network_meta",
-           "read_model_file", "save_model", "transfer_weights"]
+           "NOTE_SUFFIX", "read_model_file", "save_model", "transfer_weights", "weights_note"]

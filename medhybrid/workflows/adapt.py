@@ -11,8 +11,9 @@ but the labels themselves are a free held-out check of the starting model, which
    are unlabelled images) and scores it on what was held out, at each WiSE-FT mixing weight (Wortsman et al. 2022,
    eq. 1: ``(1 - a) * start + a * fine-tuned``, forward passes only);
 3. switches away from the start only when the held-out, paired evidence passes the rule fixed in advance
-   (:class:`AdaptRule`, :func:`decide`): the best candidate's mean held-out gain over the start is at least
-   ``min_gain`` Dice and the gain is positive in at least ``min_share`` of the folds;
+   (:class:`AdaptRule`, :func:`decide`): a candidate qualifies when its mean held-out gain over the start is at least
+   ``min_gain`` Dice and the gain is positive in at least ``min_share`` of the folds, and the qualifying candidate
+   with the highest mean held-out Dice is chosen;
 4. with k = 1 there is no held-out check of a fine-tune; the tool then trains the robust recipe (L2-SP, alpha 1) on
    the one label and mixes it 0.5 with the start: no choice is best on both targets' development sets (on PH2 the
    start is, on OpenIST the unmixed robust fine-tune), and this one loses least where it is wrong (docs/adapt.md);
@@ -20,7 +21,9 @@ but the labels themselves are a free held-out check of the starting model, which
    ``report.md`` and ``report.json`` (every candidate's held-out Dice with its interval, the decision and its reason)
    and one MLflow run, the fold fine-tunes its children.
 
-The fold that holds an image out never trains on it, not even as an unlabelled image.
+The fold that holds an image out never trains on it, not even as an unlabelled image. Nor may the start have: a model
+that an earlier adaptation trained on some of these labels is refused (its ``meta["adapt"]``, or a bundle's weights
+note, lists the content hashes of the images it was adapted on); adapt the model it started from with all the labels.
 """
 
 from __future__ import annotations
@@ -46,9 +49,10 @@ from medhybrid.core.stats import paired_bootstrap
 from medhybrid.core.tracking import MLflowConfig
 from medhybrid.data.check import require_valid
 from medhybrid.data.datasets import load_pairs
-from medhybrid.data.io import SUPPORTED_SUFFIXES, DataError, file_suffix, image_stem
+from medhybrid.data.io import SUPPORTED_SUFFIXES, DataError, file_suffix, image_stem, one_line, read_image
 from medhybrid.data.specs import DatasetSpec, Preprocess, load_dataset_spec
-from medhybrid.networks.checkpoints import interpolate_weights, load_model, read_model_file, save_model
+from medhybrid.data.unlabelled import HELD_OUT_SPLITS
+from medhybrid.networks.checkpoints import interpolate_weights, load_model, read_model_file, save_model, weights_note
 from medhybrid.networks.nets import ModelConfig, build_network
 from medhybrid.workflows.evaluate import evaluate
 from medhybrid.workflows.finetune import FinetuneConfig, run_finetuning
@@ -191,10 +195,11 @@ def decide(start: Sequence[float], trained: Mapping[str, Sequence[float]], rule:
 
 def fold_split(ids: Sequence[str], max_loo: int, folds: int, seed: int) -> list[list[str]]:
     """The held-out ids of each fold: every id alone (leave-one-out) up to ``max_loo`` ids, else ``folds`` groups of
-    a seeded shuffle. Every id is held out exactly once."""
+    a seeded shuffle (at most one group per id). Every id is held out exactly once, and no fold is empty."""
     ids = list(ids)
     if len(ids) <= max_loo:
         return [[i] for i in ids]
+    folds = min(folds, len(ids))
     order = [ids[j] for j in np.random.default_rng(seed).permutation(len(ids))]
     return [sorted(order[f::folds]) for f in range(folds)]
 
@@ -208,8 +213,13 @@ def pairs_dataset(pairs: Sequence[Mapping[str, str]], channels: int, work: Path,
     items = [{"id": q.get("id") or image_stem(q["image"]), "image": str(Path(q["image"]).resolve()),
               "label": str(Path(q["label"]).resolve())} for q in pairs]
     work.mkdir(parents=True, exist_ok=True)
-    write_json(work / "datalist.json", {"pool": items})
-    data = {"name": name, "role": "target", "root": str(work.resolve()), "datalist": "datalist.json", "split": None,
+    # named by its content: another adaptation's data, in the same folder, never overwrites a running one's
+    text = json.dumps({"pool": items}, indent=1)
+    datalist = f"datalist-{hashlib.sha256(text.encode()).hexdigest()[:12]}.json"
+    if not (work / datalist).is_file():
+        with atomic_write(work / datalist) as tmp:
+            tmp.write_text(text)
+    data = {"name": name, "role": "target", "root": str(work.resolve()), "datalist": datalist, "split": None,
             "required_splits": ["pool"], "channels": channels, **({"mask": dict(mask)} if mask else {})}
     data = apply_overrides(data, [o for o in (overrides or []) if not o.startswith(("channels=", "role=", "split="))])
     return validate(DatasetSpec, data, source=f"adapt data ({name})")
@@ -220,13 +230,22 @@ def folder_dataset(folder: str | Path, channels: int, work: Path, overrides: lis
     """The user's folder as a dataset: ``images/`` and ``masks/`` (a mask named like its image, any supported type;
     an image without a mask is unlabelled), or a CSV or decathlon JSON datalist (every row labelled). Returns the
     labelled images as the ``pool`` split of a dataset written under ``work`` (:func:`pairs_dataset`) and the
-    unlabelled image files. Raises :class:`DataError` naming the folder when it holds no labelled image."""
+    unlabelled image files. A dataset with a ``test`` split (a shipped one, a dataset YAML) gives its other splits
+    only: a test split is never adapted on. Raises :class:`DataError` naming the folder when it holds no labelled
+    image."""
     folder = Path(folder)
     mask = None
     if folder.is_file() or not (folder / "images").is_dir():
-        spec = load_dataset_spec(folder, [*(overrides or []), f"channels={channels}", "role=target", "split=null",
-                                          "required_splits=[]"])
-        labelled, unlabelled, mask = load_pairs(spec), [], spec.mask.model_dump()
+        spec = load_dataset_spec(folder, [*(overrides or []), f"channels={channels}", "role=target", "required_splits=[]"])
+        pairs = load_pairs(spec)
+        held = [p for p in pairs if p.get("split") in HELD_OUT_SPLITS]
+        if held:
+            log.info("adapt: %s: the %d image(s) of split(s) %s left out: a test split is never adapted on", folder,
+                     len(held), sorted({p["split"] for p in held}))
+        pairs = [p for p in pairs if p.get("split") not in HELD_OUT_SPLITS]
+        labelled = [p for p in pairs if p.get("label")]
+        unlabelled = [str(Path(p["image"]).resolve()) for p in pairs if not p.get("label")]
+        mask = spec.mask.model_dump()
     else:
         masks = folder / "masks"
         by_stem: dict[str, Path] = {}
@@ -257,12 +276,18 @@ def starting_channels(model: str | Path) -> int:
 
 def starting_model(model: str | Path, work: Path, weights: str | Path | None = None) -> Path:
     """A medhybrid ``model.pt`` of the starting model: the file itself, or, for a medhybrid bundle's folder, its
-    ``models/model.pt`` (or ``weights``) with the network its ``configs/inference.json`` declares (written under
-    ``work``)."""
+    ``models/model.pt`` (or ``weights``) with the network its ``configs/inference.json`` declares, written under
+    ``work`` as ``start-<hash of the weights>.pt``: another start in the same folder never overwrites it."""
     model = Path(model)
     if not model.is_dir():
         read_model_file(model)  # a clear error now, not after the folds
         return model
+    src = Path(weights) if weights else model / "models" / "model.pt"
+    if not src.is_file():
+        raise DataError(src, "model file not found")
+    out = work / f"start-{sha256(src)[:12]}.pt"
+    if out.is_file():
+        return out
     net, meta = bundle_segmenter(model, weights)
     backbone = json.loads((model / "configs" / "inference.json").read_text())["network_def"]["backbone"]
     mcfg = ModelConfig(channels=tuple(backbone["channels"]), attention_levels=tuple(backbone["attention_levels"]),
@@ -272,7 +297,6 @@ def starting_model(model: str | Path, work: Path, weights: str | Path | None = N
     classes = 2 if net.mask_channels == 1 else net.mask_channels
     edm = build_network(mcfg, meta["image_channels"], classes)
     edm.load_state_dict(net.state_dict(), strict=True)
-    out = work / "start.pt"
     save_model(edm, {"mode": "bundle", "bundle": model.resolve().name, "image_channels": edm.image_channels,
                      "mask_channels": edm.mask_channels, "num_classes": classes, "dataset": model.resolve().name,
                      "model": dump_config(mcfg), "preprocess": meta["preprocess"]}, out)
@@ -331,8 +355,15 @@ def run_adaptation(cfg: AdaptConfig) -> AdaptResult:
         missing = [i for i in ids if i not in pool]
         if missing:
             raise DataError(cfg.data.root, f"labelled ids {missing[:5]} are not in the data")
+        rule = cfg.rule
+        if len(ids) == 1 and rule.single_label_wise > 0 and rule.single_label_recipe not in cfg.recipes:
+            raise ValueError(f"one label: rule.single_label_recipe {rule.single_label_recipe!r}, what one label trains, is "
+                             f"not one of recipes {sorted(cfg.recipes)}: add it, or name one of them")
+        label_sha = {i: sha256(pool[i]["image"]) for i in ids}
+        _refuse_a_start_trained_on(cfg, start, meta, label_sha)
         if cfg.check_data:
             require_valid(cfg.data.model_copy(update={"required_splits": ("pool",)}), splits=["pool"])
+            _check_unlabelled(cfg.unlabelled_images)
         has_unlabelled = bool(cfg.unlabelled_images) or (cfg.unlabelled_pool and len(pool) > len(ids))
         recipes = {k: v for k, v in cfg.recipes.items() if has_unlabelled or not (v.get("semi") or {}).get("algorithm")}
         run_id = run.start(cfg, cfg.mlflow.run_name or f"adapt-{out.resolve().name}", params=dump_config(cfg),
@@ -400,7 +431,10 @@ def run_adaptation(cfg: AdaptConfig) -> AdaptResult:
             final.load_state_dict(interpolate_weights(start_sd, final.state_dict(), alpha))
             final_meta = dict(final_meta)
         final_meta["adapt"] = {"decision": choice, "recipe": recipe_name, "wise": alpha, "labels": k,
-                               "start": str(Path(cfg.model).resolve()), "reason": decision.reason}
+                               "start": str(Path(cfg.model).resolve()), "start_sha256": sha256(_start_weights(cfg, start)),
+                               "reason": decision.reason,
+                               # the images these weights were trained on (none when the start is kept as it is)
+                               "labels_sha256": sorted(label_sha.values()) if recipe_name is not None else []}
         if recipe_name is not None and alpha < 1:
             final_meta["wise"] = alpha
         save_model(final, final_meta, out / "model.pt")
@@ -421,10 +455,41 @@ def _identity(cfg: AdaptConfig, start: Path) -> str:
     are left out: a copied or restored data folder is the same data, and its runs resume."""
     pool = [q for p in load_pairs(cfg.data, "pool") for q in (p["image"], p.get("label")) if q]
     d = {k: v for k, v in dump_config(cfg).items() if k not in ("mlflow", "output_dir", "progress", "check_data")}
-    src = cfg.weights or (Path(cfg.model) / "models" / "model.pt" if Path(cfg.model).is_dir() else start)
-    d.update(start_sha256=sha256(src), pool=[(Path(f).name, sha256(f)) for f in pool if Path(f).exists()],
+    d.update(start_sha256=sha256(_start_weights(cfg, start)), pool=[(Path(f).name, sha256(f)) for f in pool if Path(f).exists()],
              unlabelled=[(f, Path(f).stat().st_size) for f in cfg.unlabelled_images if Path(f).exists()])
     return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _start_weights(cfg: AdaptConfig, start: Path) -> Path:
+    """The file the starting weights come from: ``cfg.weights``, a bundle's ``models/model.pt``, or the model.pt."""
+    return Path(cfg.weights or (Path(cfg.model) / "models" / "model.pt" if Path(cfg.model).is_dir() else start))
+
+
+def _refuse_a_start_trained_on(cfg: AdaptConfig, start: Path, meta: Mapping, label_sha: Mapping[str, str]) -> None:
+    """Raise :class:`DataError` when an earlier adaptation trained the starting weights on some of these labelled
+    images (by content, from the model's ``meta["adapt"]`` or a bundle weights file's note): scored on them, the start
+    would be checked on images it learnt, and every fold would start from weights that saw its held-out image."""
+    src = _start_weights(cfg, start)
+    info = meta.get("adapt") or weights_note(src) or {}
+    seen = set(info.get("labels_sha256") or ())
+    both = [i for i, h in label_sha.items() if h in seen]
+    if both:
+        raise DataError(src, f"was adapted on {len(both)} of these {len(label_sha)} labelled images ({', '.join(both[:5])}"
+                        f"{', ...' if len(both) > 5 else ''}): checked on them, it would be scored on images it trained "
+                        f"on. Adapt the weights it started from ({info.get('base') or info.get('start') or 'unknown'}) "
+                        "with all your labels instead")
+
+
+def _check_unlabelled(files: Sequence[str]) -> None:
+    """Open every unlabelled image as training will, before anything trains; raise naming every bad file."""
+    problems = []
+    for f in files:
+        try:
+            read_image(f, reduce_to=256)
+        except (DataError, OSError, ValueError) as e:
+            problems.append(str(e) if isinstance(e, DataError) else f"{f}: {one_line(e)}")
+    if problems:
+        raise DataError(None, f"{len(problems)} unlabelled image(s) cannot be read:\n  " + "\n  ".join(problems[:20]))
 
 
 def _name(recipe: str, alpha: float) -> str:

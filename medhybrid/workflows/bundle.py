@@ -9,7 +9,6 @@ else (preprocessing, network size), so a bundle folder and the installed package
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import shutil
@@ -22,7 +21,7 @@ from monai.engines.utils import default_prepare_batch
 from torch import nn
 
 from medhybrid.core.config import deep_merge
-from medhybrid.core.files import sha256, write_json
+from medhybrid.core.files import atomic_write, sha256, write_json
 from medhybrid.data.datasets import discover_pairs, load_pairs, select_split
 from medhybrid.data.io import DataError
 from medhybrid.data.specs import load_dataset_spec
@@ -30,9 +29,9 @@ from medhybrid.data.unlabelled import MixedDataset
 from medhybrid.engines import semi as S
 from medhybrid.engines.handlers import WiSEFT, unwrap
 from medhybrid.engines.losses import SegmentationLoss
-from medhybrid.networks.checkpoints import atomic_save, load_model
-from medhybrid.workflows.adapt import FIXMATCH_RECIPE, ROBUST_RECIPE, AdaptConfig, pairs_dataset, parse_choice, run_adaptation
-from medhybrid.workflows.inference import collect_inputs
+from medhybrid.networks.checkpoints import NOTE_SUFFIX, atomic_save, load_model, weights_note
+from medhybrid.workflows.adapt import FIXMATCH_RECIPE, KEEP, ROBUST_RECIPE, AdaptConfig, pairs_dataset, parse_choice, run_adaptation
+from medhybrid.workflows.inference import bundle_segmenter, collect_inputs
 
 log = logging.getLogger("medhybrid")
 
@@ -133,22 +132,40 @@ def strong_views(algorithm: str, resolution: int, settings: dict | None = None) 
 
 
 def adapt_bundle(bundle_root: str | os.PathLike, datalist: Sequence[dict], unlabelled: Sequence[dict], image_channels: int,
-                 label_values: dict, label_threshold: float | None, start: str | os.PathLike, model_path: str | os.PathLike,
-                 output_dir: str | os.PathLike, semi_algorithm: str = "none", semi_settings: dict | None = None,
-                 learning_rate: float | None = None, per_label: int | None = None, min_iterations: int | None = None,
-                 max_iterations: int | None = None, seed: int = 0, rule: dict | None = None) -> dict:
+                 label_values: dict | None, label_threshold: float | None, start: str | os.PathLike,
+                 model_path: str | os.PathLike, output_dir: str | os.PathLike, semi_algorithm: str = "none",
+                 semi_settings: dict | None = None, learning_rate: float | None = None, per_label: int | None = None,
+                 min_iterations: int | None = None, max_iterations: int | None = None, seed: int = 0,
+                 rule: dict | None = None) -> dict:
     """A bundle's ``train.json`` with ``adapt: true``: :func:`medhybrid.workflows.adapt.run_adaptation` from the
     weights ``start`` (by default the served ``models/model.pt``) on the labelled ``datalist`` (and the ``unlabelled``
     images, for a semi-supervised candidate when the bundle trains with one), in ``output_dir/adapt``, with the decision
-    rule's defaults or ``rule`` (:class:`~medhybrid.workflows.adapt.AdaptRule` fields). The bundle's
-    weights file ``model_path`` is replaced only when the decision picks a fine-tune; kept, it is not touched. Returns
-    ``{"decision", "reason", "replaced", "report"}``; each training has its own folder under ``output_dir/adapt/runs``,
-    and the last one's ``report.md``, ``report.json`` and ``model.pt`` are copied to ``output_dir/adapt``."""
+    rule's defaults or ``rule`` (:class:`~medhybrid.workflows.adapt.AdaptRule` fields). Masks are read with
+    ``label_threshold`` when it is given, else with ``label_values``.
+
+    The bundle's weights file ``model_path`` ends up holding the adaptation's outcome, the start or the chosen
+    fine-tune, and is written only when it does not hold it already: with the served weights as the start and the
+    start kept, it is not touched.
+
+    - When the served weights are themselves an earlier adaptation's outcome (their note names its ``base``), the
+      adaptation starts again from that base on all the labels given: scoring the served weights on labels they were
+      trained on would flatter them, and every fold would start from weights that saw its held-out image.
+    - Before a fine-tune of the served weights replaces them, they are kept as ``<model_path stem>.base.pt`` beside
+      it, the base of the next adaptation.
+
+    Returns ``{"decision", "reason", "replaced", "start", "labels", "report"}``, also written as
+    ``output_dir/adapt/outcome.json``; each training has its own folder under ``output_dir/adapt/runs``, and the last
+    one's ``report.md``, ``report.json`` and ``model.pt`` are copied to ``output_dir/adapt``."""
     top = Path(output_dir) / "adapt"
     out = top / "runs" / time.strftime("%Y%m%d-%H%M%S")  # each training its own run; the last one's report on top
-    mask = {"values": {int(k): int(v) for k, v in label_values.items()}, "threshold": label_threshold}
+    model_path = Path(model_path)
+    start = adaptation_base(start, model_path)
     if label_threshold is not None:
         mask = {"threshold": label_threshold}
+    elif label_values:
+        mask = {"values": {int(k): int(v) for k, v in label_values.items()}}
+    else:
+        mask = None
     spec = pairs_dataset(datalist, image_channels, out / "work", Path(bundle_root).resolve().name, mask)
     recipes: dict = {"plain": {}, "robust": ROBUST_RECIPE}
     if semi_algorithm != "none" and unlabelled:
@@ -157,33 +174,67 @@ def adapt_bundle(bundle_root: str | os.PathLike, datalist: Sequence[dict], unlab
     schedule = {k: v for k, v in {"per_label": per_label, "min_iterations": min_iterations,
                                   "max_iterations": max_iterations}.items() if v is not None}
     finetune = {**({"schedule": schedule} if schedule else {}), **({"train": {"lr": learning_rate}} if learning_rate else {})}
-    cfg = AdaptConfig(model=Path(bundle_root), weights=Path(start), data=spec, output_dir=out, recipes=recipes,
+    cfg = AdaptConfig(model=Path(bundle_root), weights=start, data=spec, output_dir=out, recipes=recipes,
                       unlabelled_images=[str(d["image"]) for d in unlabelled], finetune=finetune, seed=seed,
                       rule=rule or {}, mlflow={"enabled": False})
     res = run_adaptation(cfg)
     for name in ("report.md", "report.json", "model.pt"):
         shutil.copyfile(out / name, top / name)
-    replaced = res.decision != "start"
-    if replaced:
+    before = sha256(model_path) if model_path.is_file() else None
+    if res.decision == KEEP:
+        if before != sha256(start):  # the start is not what is served: serve it, with its own note
+            net, _ = bundle_segmenter(bundle_root, start)
+            save_weights(net, model_path, note={k: v for k, v in (weights_note(start) or {"holds": "trained",
+                         "by": f"weights from {start.name}"}).items() if k != "sha256"})
+        what = f"the start ({_shown(start, model_path)}), kept over its fine-tunes"
+    else:
+        base = start
+        if before is not None and before == sha256(start):  # the served weights are the start: keep them as the base
+            base = model_path.with_name(model_path.stem + ".base" + model_path.suffix)
+            with atomic_write(base) as tmp:
+                shutil.copyfile(model_path, tmp)
+            write_json(Path(str(base) + NOTE_SUFFIX), {**(weights_note(model_path) or {"holds": "trained"}),
+                                                       "sha256": sha256(base)})
         alpha = parse_choice(res.decision)[1]
-        net, _ = load_model(res.model)
-        save_weights(net, model_path, note={"holds": "mixed", "wise": alpha, "start": str(start), "by": "medhybrid adapt"}
-                     if alpha < 1 else {"holds": "trained", "by": "medhybrid adapt", "start": str(start)})
-    log.info("adapt: %s; %s (%s)", res.decision, f"{model_path} replaced" if replaced else f"{model_path} kept as it was",
-             res.reason)
-    return {"decision": res.decision, "reason": res.reason, "replaced": replaced, "report": str(top / "report.md")}
+        net, meta = load_model(res.model)
+        note = {"holds": "mixed", "wise": alpha} if alpha < 1 else {"holds": "trained"}
+        save_weights(net, model_path, note={**note, "by": "medhybrid adapt", "decision": res.decision,
+                                            "base": _shown(base, model_path), "base_sha256": sha256(base),
+                                            "labels_sha256": meta["adapt"]["labels_sha256"]})
+        what = f"{res.decision}, a fine-tune of {_shown(start, model_path)}"
+    replaced = sha256(model_path) != before
+    log.info("adapt: %s; %s (%s)", res.decision, f"{model_path} replaced by {what}" if replaced else
+             f"{model_path} kept as it was", res.reason)
+    outcome = {"decision": res.decision, "reason": res.reason, "replaced": replaced, "start": str(start.resolve()),
+               "labels": len(datalist), "report": str(top / "report.md")}
+    write_json(top / "outcome.json", outcome)
+    return outcome
 
 
-NOTE_SUFFIX = ".json"
-"""A weights file's note sits beside it: ``models/model.pt`` and ``models/model.pt.json``."""
+def adaptation_base(start: str | os.PathLike, model_path: str | os.PathLike) -> Path:
+    """The weights an adaptation of a bundle starts from: ``start``, unless it is the served ``model_path`` and that
+    holds an earlier adaptation's outcome, whose note names its base (the weights it was adapted from, which never saw
+    the user's labels): then the base, checked against the hash the note keeps. Raises :class:`DataError` naming the
+    served weights when their base is gone or changed."""
+    start, model_path = Path(start), Path(model_path)
+    note = weights_note(model_path) if model_path.is_file() else None
+    if not (note and note.get("base")) or not start.is_file() or sha256(start) != sha256(model_path):
+        return start
+    base = Path(note["base"]) if Path(note["base"]).is_absolute() else model_path.parent / note["base"]
+    if not base.is_file() or sha256(base) != note.get("base_sha256"):
+        raise DataError(model_path, f"holds an adaptation of {base} to earlier labels, and {base} is "
+                        f"{'missing' if not base.is_file() else 'not the file it was adapted from'}: an adaptation must "
+                        "start from weights that never saw your labels; pass them as adapt_start (e.g. "
+                        "models/pretrained.pt)")
+    log.info("adapt: %s holds an adaptation to earlier labels: adapting %s, the weights it started from, to all the "
+             "labels given", model_path, base)
+    return base
 
 
-def weights_note(path: str | os.PathLike) -> dict | None:
-    """What a bundle's weights file holds, from the note beside it (``<file>.json``): ``{"holds": "trained" |
-    "mixed" | "pretrained", "wise": alpha of a mix, "start": the weights it was mixed with, "by": what wrote it}``;
-    None for a file without a note."""
-    note = Path(str(path) + NOTE_SUFFIX)
-    return json.loads(note.read_text()) if note.is_file() else None
+def _shown(path: Path, model_path: Path) -> str:
+    """``path`` relative to the folder of ``model_path`` when it lies there (a bundle's ``models/``), else absolute."""
+    path = Path(path).resolve()
+    return path.name if path.parent == Path(model_path).resolve().parent else str(path)
 
 
 def save_weights(network: nn.Module, path: str | os.PathLike, handlers: Sequence | None = None,
@@ -218,5 +269,5 @@ def publish_weights(checkpoint: str | os.PathLike, path: str | os.PathLike, netw
     return save_weights(net, path, note={"holds": "pretrained", "by": f"a medhybrid run ({Path(checkpoint).name})"})
 
 
-__all__ = ["NOTE_SUFFIX", "adapt_bundle", "image_datalist", "labelled_datalist", "publish_weights", "save_weights",
+__all__ = ["NOTE_SUFFIX", "adapt_bundle", "adaptation_base", "image_datalist", "labelled_datalist", "publish_weights", "save_weights",
            "semi_seams", "sha256", "strong_views", "unlabelled_datalist", "weights_note"]
