@@ -120,8 +120,11 @@ def _adapt(args) -> int:
     model = Path(args.model)
     channels = starting_channels(model)
     data, unlabelled = folder_dataset(args.data, channels, work, args.data_overrides)
+    # the menu's defaults seeded, so that recipes.<name>=... adds a candidate instead of replacing the menu
+    menu = AdaptConfig.model_fields["recipes"].default_factory()
     cfg = validate(AdaptConfig, apply_overrides({"model": str(model), "data": data.model_dump(), "output_dir": args.output,
-                                                 "unlabelled_images": unlabelled}, args.overrides), source="medhybrid adapt")
+                                                 "unlabelled_images": unlabelled, "recipes": menu}, args.overrides),
+                   source="medhybrid adapt")
     res = run_adaptation(cfg)
     print(f"decision: {res.decision} ({res.reason})\nmodel:  {res.model}\nreport: {res.report}")
     return 0

@@ -245,19 +245,29 @@ def _sha(path: Path) -> str:
 @pytest.mark.slow(seconds=60)
 def test_the_bundles_train_json_keeps_its_weights_untouched_when_the_start_wins(tmp_path):
     """``train.json`` (``adapt: true``, the default) on a folder of 2 labelled PH2 images, from a copy of the bundle's
-    folder: kept, ``models/model.pt`` is not touched, byte for byte, and the outcome says so."""
+    folder, pointed at the source's labelled images for rehearsal: the menu holds the rehearsal candidate, whose folds
+    draw from ISIC's train split; kept, ``models/model.pt`` is not touched, byte for byte, and the outcome says so.
+    Rehearsal without the check is refused, naming the setting."""
     bundle = tmp_path / BUNDLE.name
     shutil.copytree(BUNDLE, bundle, ignore=shutil.ignore_patterns("eval", "runs"))
     data = _user_folder(tmp_path / "labels", ["IMD003", "IMD004"], [])
     weights = bundle / "models" / "model.pt"
     before = _sha(weights)
-    log = run_bundle(bundle, ["train"], *FAST_BUNDLE, "--dataset_dir", str(data), "--adapt_rule", KEEPS).log
+    log = run_bundle(bundle, ["train"], *FAST_BUNDLE, "--dataset_dir", str(data), "--adapt_rule", KEEPS,
+                     "--rehearsal_dataset", "isic2018").log
     report = json.loads((bundle / "eval" / "adapt" / "report.json").read_text())
-    assert report["labels"] == 2 and report["decision"] == KEEP and len(report["candidates"]) == 1 + 2 * 4
+    assert report["labels"] == 2 and report["decision"] == KEEP and len(report["candidates"]) == 1 + 3 * 4
+    fold = next((bundle / "eval" / "adapt" / "runs").iterdir()) / "work" / "folds" / "rehearsal" / "f0"
+    rehearsed = yaml.safe_load((fold / "config.yaml").read_text())["robust"]["rehearsal"]
+    assert rehearsed["dataset"]["name"] == "isic2018" and rehearsed.get("splits", ["train"]) == ["train"]
     outcome = json.loads((bundle / "eval" / "adapt" / "outcome.json").read_text())
     assert outcome["decision"] == KEEP and outcome["replaced"] is False and outcome["start"] == str(weights)
     assert "model.pt kept as it was" in log and _sha(weights) == before
     assert not (bundle / "models" / "model.base.pt").exists()
+    refused = run_bundle(bundle, ["train"], *FAST_BUNDLE, "--dataset_dir", str(data), "--adapt", "False",
+                         "--rehearsal_dataset", "isic2018", check=False)
+    assert refused.returncode != 0 and "rehearsal_dataset 'isic2018': source rehearsal is a candidate" in refused.log
+    assert _sha(weights) == before
 
 
 @pytest.mark.slow(seconds=90)

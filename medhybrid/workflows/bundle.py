@@ -20,7 +20,7 @@ import torch
 from monai.engines.utils import default_prepare_batch
 from torch import nn
 
-from medhybrid.core.config import deep_merge
+from medhybrid.core.config import deep_merge, dump_config
 from medhybrid.core.files import atomic_write, sha256, write_json
 from medhybrid.data.datasets import discover_pairs, load_pairs, select_split
 from medhybrid.data.io import DataError
@@ -29,6 +29,7 @@ from medhybrid.data.unlabelled import MixedDataset
 from medhybrid.engines import semi as S
 from medhybrid.engines.handlers import WiSEFT, unwrap
 from medhybrid.engines.losses import SegmentationLoss
+from medhybrid.engines.robust import RehearsalConfig
 from medhybrid.networks.checkpoints import NOTE_SUFFIX, atomic_save, load_model, weights_note
 from medhybrid.workflows.adapt import FIXMATCH_RECIPE, KEEP, ROBUST_RECIPE, AdaptConfig, pairs_dataset, parse_choice, run_adaptation
 from medhybrid.workflows.inference import bundle_segmenter, collect_inputs
@@ -136,12 +137,16 @@ def adapt_bundle(bundle_root: str | os.PathLike, datalist: Sequence[dict], unlab
                  model_path: str | os.PathLike, output_dir: str | os.PathLike, semi_algorithm: str = "none",
                  semi_settings: dict | None = None, learning_rate: float | None = None, per_label: int | None = None,
                  min_iterations: int | None = None, max_iterations: int | None = None, seed: int = 0,
-                 rule: dict | None = None) -> dict:
+                 rule: dict | None = None, rehearsal: str | os.PathLike | dict | None = None,
+                 rehearsal_share: float = 0.25) -> dict:
     """A bundle's ``train.json`` with ``adapt: true``: :func:`medhybrid.workflows.adapt.run_adaptation` from the
     weights ``start`` (by default the served ``models/model.pt``) on the labelled ``datalist`` (and the ``unlabelled``
     images, for a semi-supervised candidate when the bundle trains with one), in ``output_dir/adapt``, with the decision
     rule's defaults or ``rule`` (:class:`~medhybrid.workflows.adapt.AdaptRule` fields). Masks are read with
-    ``label_threshold`` when it is given, else with ``label_values``.
+    ``label_threshold`` when it is given, else with ``label_values``. With ``rehearsal`` (the source's labelled images:
+    a shipped name, a dataset YAML or a folder with ``split.json``, its ``train`` split), the menu gains source
+    rehearsal, ``rehearsal_share`` of each batch drawn from them (:class:`~medhybrid.engines.robust.RehearsalConfig`),
+    checked like every other candidate.
 
     The bundle's weights file ``model_path`` ends up holding the adaptation's outcome, the start or the chosen
     fine-tune, and is written only when it does not hold it already: with the served weights as the start and the
@@ -168,6 +173,8 @@ def adapt_bundle(bundle_root: str | os.PathLike, datalist: Sequence[dict], unlab
         mask = None
     spec = pairs_dataset(datalist, image_channels, out / "work", Path(bundle_root).resolve().name, mask)
     recipes: dict = {"plain": {}, "robust": ROBUST_RECIPE}
+    if rehearsal is not None:  # checked now (a clear error before anything trains), passed resolved
+        recipes["rehearsal"] = {"robust": {"rehearsal": dump_config(RehearsalConfig(dataset=rehearsal, share=rehearsal_share))}}
     if semi_algorithm != "none" and unlabelled:
         recipes[semi_algorithm] = ({"semi": {"algorithm": semi_algorithm, **(semi_settings or {})}}
                                    if semi_algorithm != "fixmatch" else deep_merge(FIXMATCH_RECIPE, {"semi": semi_settings or {}}))
@@ -209,6 +216,14 @@ def adapt_bundle(bundle_root: str | os.PathLike, datalist: Sequence[dict], unlab
                "labels": len(datalist), "report": str(top / "report.md")}
     write_json(top / "outcome.json", outcome)
     return outcome
+
+
+def rehearsal_needs_adapt(rehearsal: str | os.PathLike | dict | None, adapt: bool) -> None:
+    """``train.json``'s source rehearsal (``rehearsal_dataset``) is a candidate of the adaptation's menu: refused,
+    naming the setting, where the bundle trains without the check (``adapt`` false, its multi-GPU training)."""
+    if rehearsal is not None and not adapt:
+        raise ValueError(f"rehearsal_dataset {rehearsal!r}: source rehearsal is a candidate of the adaptation "
+                         "(adapt true, on one device); this training runs without the check")
 
 
 def adaptation_base(start: str | os.PathLike, model_path: str | os.PathLike) -> Path:
@@ -269,5 +284,6 @@ def publish_weights(checkpoint: str | os.PathLike, path: str | os.PathLike, netw
     return save_weights(net, path, note={"holds": "pretrained", "by": f"a medhybrid run ({Path(checkpoint).name})"})
 
 
-__all__ = ["NOTE_SUFFIX", "adapt_bundle", "adaptation_base", "image_datalist", "labelled_datalist", "publish_weights", "save_weights",
-           "semi_seams", "sha256", "strong_views", "unlabelled_datalist", "weights_note"]
+__all__ = ["NOTE_SUFFIX", "adapt_bundle", "adaptation_base", "rehearsal_needs_adapt", "image_datalist",
+           "labelled_datalist", "publish_weights", "save_weights", "semi_seams", "sha256", "strong_views",
+           "unlabelled_datalist", "weights_note"]
