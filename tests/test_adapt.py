@@ -94,7 +94,7 @@ def test_an_adaptation_is_the_same_run_on_restored_data_and_another_one_on_other
     start = tmp_path / "start.pt"
     start.write_bytes(b"weights")
     extra = tmp_path / "more.png"
-    shutil.copy(PH2 / "images" / "IMD008.png", extra)
+    shutil.copy(PH2 / "images" / "IMD010.png", extra)
     cfg = AdaptConfig(model=start, data=tiny_spec, unlabelled_images=[str(extra)])
     before = _identity(cfg, start)
     for f in [*tiny_dataset.rglob("*.png"), extra]:
@@ -138,7 +138,7 @@ def test_adapt_on_real_images_checks_itself_without_training_on_what_it_holds_ou
     from medhybrid.cli import main
     from medhybrid.workflows.inference import infer_files
 
-    labelled, unlabelled = ["IMD003", "IMD004", "IMD006"], ["IMD002", "IMD008"]
+    labelled, unlabelled = ["IMD003", "IMD004", "IMD009"], ["IMD010", "IMD013"]  # PH2 pool images, as a user's
     data = _user_folder(tmp_path / "mine", labelled, unlabelled)
     out = tmp_path / "adapted"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_uri)
