@@ -8,7 +8,7 @@ from monai.bundle import ConfigParser
 
 from medhybrid.core.config import deep_merge, load_config, validate
 from medhybrid.experiments.ablation import load_ablation
-from medhybrid.workflows.finetune import RECIPE, FinetuneConfig
+from medhybrid.workflows.finetune import RECIPE, AugmentConfig, FinetuneConfig, augmentation
 
 BUNDLES = sorted((Path(__file__).resolve().parents[1] / "bundles").glob("*/configs/train.json"))
 
@@ -59,3 +59,27 @@ def test_bundles_train_json_trains_with_the_recipe(train_json):
     assert parser.get_parsed_content("train#trainer#max_epochs") == RECIPE.epochs
     clip = next(h for h in raw["train"]["handlers"] if h.get("_target_", "").endswith("GradientClipping"))
     assert clip["max_norm"] == 1.0
+
+
+@pytest.mark.parametrize("train_json", BUNDLES, ids=lambda p: p.parts[-3])
+def test_bundles_train_json_augments_as_the_recipe(train_json):
+    """``train.json``'s random transforms and the recipe's augmentation (:class:`AugmentConfig`'s defaults) give the same
+    images and masks from the same random state: the same transforms, in the same order, with the same ranges."""
+    import torch
+    from monai.transforms import Compose
+
+    parser = ConfigParser()
+    parser.read_config(str(train_json))
+    parser["bundle_root"] = str(train_json.parents[1])
+    theirs = Compose(parser.get_parsed_content("train#random_transforms"))
+    ours = augmentation(AugmentConfig())
+    assert [type(t).__name__ for t in theirs.transforms] == [type(t).__name__ for t in ours.transforms]
+    g = torch.Generator().manual_seed(0)
+    channels = parser.get_parsed_content("image_channels")
+    for seed in range(8):
+        item = {"image": torch.rand(channels, 32, 32, generator=g) * 2 - 1,
+                "label": (torch.rand(1, 32, 32, generator=g) > 0.5).float()}
+        a = ours.set_random_state(seed)({k: v.clone() for k, v in item.items()})
+        b = theirs.set_random_state(seed)({k: v.clone() for k, v in item.items()})
+        for k in item:
+            assert torch.allclose(torch.as_tensor(a[k]), torch.as_tensor(b[k]), atol=1e-5), (seed, k)
