@@ -264,11 +264,37 @@ def label_server(tmp_path, write_dicom):
     env = {**os.environ, "MONAI_LABEL_SESSION_PATH": str(tmp_path / "sessions"), "PYTHONUNBUFFERED": "1",
            "MONAI_LABEL_AUTO_UPDATE_SCORING": "false", "CUDA_VISIBLE_DEVICES": ""}
     env.pop("MLFLOW_TRACKING_URI", None)
-    cmd = [str(LABEL_PYTHON), "-m", "monailabel.main", "start_server", "--app", str(REPO_ROOT / "medhybrid" / "label"),
-           "--studies", str(studies), "--host", "127.0.0.1", "--port", str(port)]
+    # as the docs start it: scripts/serve_label.sh, without --host (its default, loopback only)
+    cmd = ["bash", str(REPO_ROOT / "scripts" / "serve_label.sh"), str(studies), "--port", str(port)]
     server = f"http://127.0.0.1:{port}"
     with running_server(cmd, f"{server}/info/", tmp_path / "server.log", "MONAI Label server", env=env, cwd=tmp_path):
+        assert _listening(port) == {"127.0.0.1"}, "the server must listen on the loopback interface alone"
         yield server, studies, ids, tmp_path / "server.log"
+
+
+def test_serve_label_names_what_is_wrong_before_starting(tmp_path):
+    res = subprocess.run(["bash", str(REPO_ROOT / "scripts" / "serve_label.sh"), str(tmp_path / "nowhere")],
+                         capture_output=True, text=True, timeout=60)
+    assert res.returncode == 2 and f"{tmp_path / 'nowhere'} is not a folder" in res.stderr
+
+
+def _listening(port: int) -> set[str]:
+    """The local addresses with a socket listening on TCP ``port`` (IPv4 and IPv6), read from /proc/net."""
+    import ipaddress
+
+    out = set()
+    for table, width in (("/proc/net/tcp", 8), ("/proc/net/tcp6", 32)):
+        if not os.path.exists(table):
+            continue
+        for line in open(table).read().splitlines()[1:]:
+            local, state = line.split()[1], line.split()[3]
+            addr, hexport = local.split(":")
+            if state != "0A" or int(hexport, 16) != port:  # 0A: LISTEN
+                continue
+            raw = bytes.fromhex(addr)
+            raw = b"".join(raw[i:i + 4][::-1] for i in range(0, len(raw), 4))  # each 32-bit word in host order
+            out.add(str(ipaddress.ip_address(raw)) if width == 8 else str(ipaddress.IPv6Address(raw)))
+    return out
 
 
 @pytest.mark.label
