@@ -9,6 +9,7 @@ are recorded from full-size runs in benchmarks/README.md.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -35,7 +36,8 @@ def run(*cmd: str, env: dict | None = None, timeout: float = 600) -> str:
     ``__main__``, with that ``sys.argv`` and benchmarks/ first on the path; :func:`conftest.as_own_process` puts back
     what it changes): what it prints, its exit status, the children it starts for its own measurements are the same,
     without a second interpreter importing torch and MONAI for each smoke. Shell scripts and :data:`OWN_PROCESS` run
-    as child processes, stopped after ``timeout`` seconds (a script run in this process has no such limit)."""
+    as child processes, stopped after ``timeout`` seconds; a script run in this process is interrupted then (a
+    ``TimeoutError`` raised in it, which also stops the child process it is waiting for)."""
     if cmd[0].endswith(".sh") or cmd[0] in OWN_PROCESS:
         argv = ["bash", str(BENCH / cmd[0]), *cmd[1:]] if cmd[0].endswith(".sh") else [sys.executable, str(BENCH / cmd[0]), *cmd[1:]]
         res = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, cwd=REPO_ROOT, env={**os.environ, **(env or {})})
@@ -45,9 +47,37 @@ def run(*cmd: str, env: dict | None = None, timeout: float = 600) -> str:
 
     with as_own_process(REPO_ROOT, [str(BENCH / cmd[0]), *cmd[1:]], env) as (out, err):
         sys.path.insert(0, str(BENCH))
-        code, last = exit_status(lambda: runpy.run_path(str(BENCH / cmd[0]), run_name="__main__"))
+        with time_limit(timeout, " ".join(cmd)):
+            code, last = exit_status(lambda: runpy.run_path(str(BENCH / cmd[0]), run_name="__main__"))
     assert code == 0, f"{' '.join(cmd)} exited {code}:\n{out.getvalue()[-3000:]}\n{err.getvalue()[-3000:]}\n{last[-3000:]}"
     return out.getvalue()
+
+
+@contextlib.contextmanager
+def time_limit(seconds: float, what: str):
+    """Raise ``TimeoutError`` in the code this wraps once ``seconds`` have passed (a real-time timer: the test's own
+    thread, which is the worker's main thread)."""
+    import signal
+
+    def stop(signum, frame):
+        raise TimeoutError(f"{what} ran past its {seconds:g} s limit")
+
+    old = signal.signal(signal.SIGALRM, stop)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, old)
+
+
+def test_a_script_run_in_this_process_is_stopped_at_its_limit():
+    import time
+
+    started = time.monotonic()
+    with pytest.raises(TimeoutError, match="sleeper ran past its 0.2 s limit"), time_limit(0.2, "sleeper"):
+        time.sleep(30)
+    assert time.monotonic() - started < 5
 
 
 def finite(text: str) -> float:
