@@ -4,6 +4,7 @@ folder of real PH2 images (``medhybrid adapt``)."""
 from __future__ import annotations
 
 import json
+import math
 import shutil
 from pathlib import Path
 
@@ -190,33 +191,68 @@ def _per_fold(out: Path, name: str, folds: list[list[str]]) -> list[float]:
     return per[name]
 
 
+def test_the_one_label_check_reads_the_start_s_sure_errors():
+    """With one label: the share of the start's wrong pixels that it is sure of, padding left out; at or above the
+    rule's share the robust recipe replaces the start unmixed, below it (or with no error) the start is kept; with
+    the check off, the fixed mix."""
+    from medhybrid.workflows.adapt import confident_error_share, foreground_probability, single_label_decision
+
+    prob = torch.tensor([[0.95, 0.6, 0.3, 0.02], [0.99, 0.45, 0.97, 0.5]])
+    label = torch.tensor([[0.0, 0.0, 1.0, 0.0], [1.0, 1.0, -1.0, -1.0]])  # -1: padding (IGNORE_INDEX)
+    # wrong: 0.95 (sure), 0.6 (unsure), 0.3 (unsure), 0.45 (unsure); 0.97 and 0.5 are padding
+    assert confident_error_share(prob, label, 0.9) == pytest.approx(1 / 4)
+    assert confident_error_share(prob, label, 0.65) == pytest.approx(2 / 4)  # 0.95 and 0.3 now count as sure
+    assert math.isnan(confident_error_share(torch.tensor([0.9, 0.1]), torch.tensor([1.0, 0.0])))
+    logits = torch.tensor([[[[2.0]], [[-1.0]]]])  # two classes: background more likely
+    assert foreground_probability(logits).item() == pytest.approx(float(torch.softmax(logits, 1)[0, 1]))
+    assert foreground_probability(torch.tensor([[[[0.0]]]])).item() == 0.5
+    rule = AdaptRule()
+    assert single_label_decision(rule, 0.7, []).choice == "robust"
+    assert single_label_decision(rule, rule.single_label_check, []).choice == "robust"
+    assert single_label_decision(rule, 0.3, []).choice == KEEP
+    assert single_label_decision(rule, math.nan, []).choice == KEEP
+    fixed = AdaptRule(single_label_check=None)
+    assert single_label_decision(fixed, 0.9, []).choice == f"robust-wise{fixed.single_label_wise:g}"
+
+
 @pytest.mark.slow(seconds=40)
-def test_one_label_trains_the_robust_recipe_and_a_strict_rule_keeps_the_start(tmp_path):
-    """k = 1: no held-out check; the model is the documented choice for one label, the robust recipe (L2-SP) trained
-    on it, bit for bit, and the report says why. With a rule no candidate can pass, the start is kept: model.pt holds
-    its weights."""
+def test_one_label_checks_the_start_on_it_and_a_strict_rule_keeps_the_start(tmp_path):
+    """k = 1 from the shipped dermoscopy bundle (fitted to PH2) on a PH2 image: the report gives the share of the
+    start's wrong pixels it is sure of and the decision follows it; a rule that always switches gives the robust recipe
+    (L2-SP) trained on the label, bit for bit; with the check off, that fine-tune mixed with the start at
+    single_label_wise. With 2 labels and a rule no candidate can pass, the start is kept: model.pt holds its weights."""
     from medhybrid.cli import main
 
+    def adapt(folder, out, *settings):
+        assert main(["adapt", "--model", str(BUNDLE), "--data", str(folder), "--output", str(out), *FAST,
+                     "mlflow.enabled=false", *settings]) == 0
+        return load_model(out / "model.pt")
+
     data = _user_folder(tmp_path / "one", ["IMD003"], [])
-    out = tmp_path / "one-out"
-    assert main(["adapt", "--model", str(BUNDLE), "--data", str(data), "--output", str(out), *FAST, "mlflow.enabled=false"]) == 0
-    adapted, meta = load_model(out / "model.pt")
-    rule = AdaptRule()  # the documented one-label choice: the robust recipe, mixed with the start at single_label_wise
-    assert rule.single_label_recipe == "robust" and 0 < rule.single_label_wise <= 1
-    mixed = "" if rule.single_label_wise == 1 else f"-wise{rule.single_label_wise:g}"
-    assert meta["adapt"]["decision"] == f"robust{mixed}" and meta["adapt"]["labels"] == 1
+    rule = AdaptRule()
+    _, meta = adapt(data, tmp_path / "checked")
+    share = json.loads((tmp_path / "checked" / "report.json").read_text())["confident_error_share"]
+    assert 0 <= share <= 1 and meta["adapt"]["labels"] == 1
+    assert meta["adapt"]["decision"] == ("robust" if share >= rule.single_label_check else KEEP)
+    assert f"{share:.0%} of the pixels it gets wrong" in (tmp_path / "checked" / "report.md").read_text()
+
+    out = tmp_path / "switched"
+    adapted, meta = adapt(data, out, "rule.single_label_check=0")
     start, _ = load_model(next((out / "work").glob("start-*.pt")))
     ft, ft_meta = load_model(out / "work" / "final" / "robust" / "model.pt")
-    assert ft_meta["robust"] == {"l2sp_alpha": 1.0}
+    assert meta["adapt"]["decision"] == "robust" and ft_meta["robust"] == {"l2sp_alpha": 1.0}
+    assert all(torch.equal(adapted.state_dict()[k], v) for k, v in ft.state_dict().items())
+
+    out = tmp_path / "mixed"
+    adapted, meta = adapt(data, out, "rule.single_label_check=null")
+    assert meta["adapt"]["decision"] == f"robust-wise{rule.single_label_wise:g}"
+    ft, _ = load_model(out / "work" / "final" / "robust" / "model.pt")
     want = interpolate_weights(start.state_dict(), ft.state_dict(), rule.single_label_wise)
     assert all(torch.equal(adapted.state_dict()[k], v) for k, v in want.items())
     assert "one label" in (out / "report.md").read_text()
 
     data2 = _user_folder(tmp_path / "two", ["IMD003", "IMD004"], [])
-    out2 = tmp_path / "two-out"
-    assert main(["adapt", "--model", str(BUNDLE), "--data", str(data2), "--output", str(out2), *FAST,
-                 "mlflow.enabled=false", "rule.min_gain=2", "recipes={plain: {}}", "wise=[1.0]"]) == 0
-    kept, meta2 = load_model(out2 / "model.pt")
+    kept, meta2 = adapt(data2, tmp_path / "two-out", "rule.min_gain=2", "recipes={plain: {}}", "wise=[1.0]")
     assert meta2["adapt"]["decision"] == KEEP
     assert all(torch.equal(kept.state_dict()[k], v) for k, v in start.state_dict().items())
 

@@ -14,9 +14,11 @@ but the labels themselves are a free held-out check of the starting model, which
    (:class:`AdaptRule`, :func:`decide`): a candidate qualifies when its mean held-out gain over the start is at least
    ``min_gain`` Dice and the gain is positive in at least ``min_share`` of the folds, and the qualifying candidate
    with the highest mean held-out Dice is chosen;
-4. with k = 1 there is no held-out check of a fine-tune; the tool then trains the robust recipe (L2-SP, alpha 1) on
-   the one label and mixes it 0.5 with the start: no choice is best on both targets' development sets (on PH2 the
-   start is, on OpenIST the unmixed robust fine-tune), and this one loses least where it is wrong (docs/adapt.md);
+4. with k = 1 there is no held-out check of a fine-tune, but the label checks the start: when at least half of the
+   pixels the start gets wrong on it are ones it is sure of (a systematic difference: the user's masks draw the
+   boundary elsewhere, as OpenIST's leave out the lung behind the heart), the robust recipe (L2-SP, alpha 1) trained
+   on the label replaces it; otherwise (errors where the boundary is unsure, as on PH2) the start is kept
+   (:func:`single_label_decision`, chosen on development sets of both targets: docs/results/k1-dev);
 5. trains the chosen candidate on all k labels and writes ``model.pt`` (its ``meta["adapt"]`` says what was decided),
    ``report.md`` and ``report.json`` (every candidate's held-out Dice with its interval, the decision and its reason)
    and one MLflow run, the fold fine-tunes its children.
@@ -39,6 +41,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 from pydantic import Field, model_validator
 from tqdm import tqdm
 
@@ -51,10 +54,11 @@ from medhybrid.data.check import require_valid
 from medhybrid.data.datasets import load_pairs
 from medhybrid.data.io import SUPPORTED_SUFFIXES, DataError, file_suffix, image_stem, one_line, read_image
 from medhybrid.data.specs import DatasetSpec, Preprocess, load_dataset_spec
+from medhybrid.data.transforms import IGNORE_INDEX, preprocessing
 from medhybrid.data.unlabelled import HELD_OUT_SPLITS
 from medhybrid.networks.checkpoints import interpolate_weights, load_model, read_model_file, save_model, weights_note
 from medhybrid.networks.nets import ModelConfig, build_network
-from medhybrid.workflows.evaluate import evaluate
+from medhybrid.workflows.evaluate import evaluate, predict
 from medhybrid.workflows.finetune import FinetuneConfig, run_finetuning
 from medhybrid.workflows.inference import bundle_segmenter
 
@@ -80,9 +84,17 @@ class AdaptRule(StrictModel):
     min_share: float = Field(2 / 3, ge=0, le=1, description="least share of folds in which the gain is positive")
     single_label_recipe: str = Field("robust", description="k = 1, no held-out check possible: the recipe trained on "
                                      "the one label (a name of `recipes`)")
-    single_label_wise: float = Field(0.5, ge=0, le=1, description="k = 1, no held-out check possible: the mixing "
+    single_label_wise: float = Field(0.5, ge=0, le=1, description="k = 1 with single_label_check off: the mixing "
                                      "weight of that fine-tune with the start (0 keeps the start); 0.5 has the smallest "
                                      "worst-case loss over both targets' development sets (docs/results/k1-dev)")
+    single_label_check: float | None = Field(0.5, ge=0, le=1, description="k = 1: the one label checks the start "
+                                             "instead: when at least this share of the pixels the start gets wrong on it "
+                                             "are pixels it is sure of (`sure`), the labels follow another convention, "
+                                             "which one label can teach: the single-label recipe, unmixed, replaces the "
+                                             "start; otherwise the start is kept. None: always the recipe mixed at "
+                                             "single_label_wise (docs/results/k1-dev)")
+    sure: float = Field(0.9, gt=0.5, lt=1, description="a pixel the start is sure of: foreground probability at least "
+                        "this, or at most 1 - this")
 
 
 class AdaptConfig(StrictModel):
@@ -191,6 +203,64 @@ def decide(start: Sequence[float], trained: Mapping[str, Sequence[float]], rule:
               f"labels, positive in {best['positive_share']:.0%} of {best['folds']} folds; switching needs a gain of at "
               f"least {rule.min_gain:.3f} positive in at least {rule.min_share:.0%} of the folds")
     return Decision(KEEP, reason, summaries)
+
+
+def foreground_probability(logits: torch.Tensor) -> torch.Tensor:
+    """Mask logits (B, C, H, W) as each pixel's probability of foreground (B, H, W): the sigmoid of one channel, else
+    one minus the softmax's background (the same side of 0.5 as :func:`~medhybrid.networks.nets.mask_classes` for
+    one channel and for two)."""
+    if logits.shape[1] == 1:
+        return torch.sigmoid(logits[:, 0])
+    return 1 - torch.softmax(logits, 1)[:, 0]
+
+
+def confident_error_share(prob: torch.Tensor, label: torch.Tensor, sure: float = 0.9) -> float:
+    """Of the pixels a model gets wrong against ``label`` (its foreground ``prob`` on the wrong side of 0.5; label
+    pixels at IGNORE_INDEX, the padding, left out), the share it is sure of: probability at least ``sure`` or at most
+    ``1 - sure``. NaN when it gets no pixel wrong. Errors a model is sure of are systematic: the label draws the
+    boundary elsewhere than the model learnt to (another convention); errors it is unsure of lie where the boundary is
+    ambiguous."""
+    valid = label != IGNORE_INDEX
+    wrong = ((prob > 0.5) != (label > 0)) & valid
+    n = int(wrong.sum())
+    if n == 0:
+        return math.nan
+    sure_px = (prob >= sure) | (prob <= 1 - sure)
+    return float((wrong & sure_px).sum()) / n
+
+
+def start_confident_errors(net, dataset: DatasetSpec, preprocess: Preprocess, pair: Mapping[str, str],
+                           sure: float = 0.9) -> float:
+    """:func:`confident_error_share` of ``net`` on one labelled ``pair``, at the resolution it reads images."""
+    item = preprocessing(dataset, preprocess)(dict(pair))
+    prob = foreground_probability(predict(net, item["image"][None]))[0]
+    return confident_error_share(prob, torch.as_tensor(item["label"])[0], sure)
+
+
+def single_label_decision(rule: AdaptRule, share: float, candidates: list[dict]) -> Decision:
+    """The decision with one label, where no fine-tune can be checked: by the start's errors on the label
+    (``share``, :func:`confident_error_share`) when ``rule.single_label_check`` is set, else the fixed mix."""
+    r = rule.single_label_recipe
+    if rule.single_label_check is None:
+        a = rule.single_label_wise
+        choice = KEEP if a == 0 else _name(r, a)
+        mix = f" mixed with the start at {a:g} (WiSE-FT)" if a < 1 else ""
+        reason = ("one label: no held-out check of a fine-tune is possible; "
+                  + ("kept the start (rule.single_label_wise = 0)" if choice == KEEP else
+                     f"the {r} recipe on it{mix} (rule.single_label_check off); label a second image to let adapt "
+                     "check its choice"))
+        return Decision(choice, reason, candidates)
+    seen = "it gets no pixel wrong" if math.isnan(share) else f"{share:.0%} of the pixels it gets wrong are ones it is sure of"
+    if not math.isnan(share) and share >= rule.single_label_check:
+        reason = (f"one label: no fine-tune can be checked, but the label checks the start: {seen} (at least "
+                  f"{rule.single_label_check:.0%} switches), so your masks draw the boundary elsewhere than it learnt "
+                  f"to, which one label can teach: the {r} recipe on it")
+        return Decision(_name(r, 1.0), reason, candidates)
+    reason = (f"one label: no fine-tune can be checked, but the label checks the start: {seen} (below "
+              f"{rule.single_label_check:.0%}: its errors lie where the boundary is unsure, which one label cannot "
+              "teach and a fine-tune on it can spoil): kept the start; label a second image to let adapt check a "
+              "fine-tune")
+    return Decision(KEEP, reason, candidates)
 
 
 def fold_split(ids: Sequence[str], max_loo: int, folds: int, seed: int) -> list[list[str]]:
@@ -356,7 +426,8 @@ def run_adaptation(cfg: AdaptConfig) -> AdaptResult:
         if missing:
             raise DataError(cfg.data.root, f"labelled ids {missing[:5]} are not in the data")
         rule = cfg.rule
-        if len(ids) == 1 and rule.single_label_wise > 0 and rule.single_label_recipe not in cfg.recipes:
+        if len(ids) == 1 and rule.single_label_recipe not in cfg.recipes and (
+                rule.single_label_wise > 0 or rule.single_label_check is not None):
             raise ValueError(f"one label: rule.single_label_recipe {rule.single_label_recipe!r}, what one label trains, is "
                              f"not one of recipes {sorted(cfg.recipes)}: add it, or name one of them")
         label_sha = {i: sha256(pool[i]["image"]) for i in ids}
@@ -382,6 +453,7 @@ def run_adaptation(cfg: AdaptConfig) -> AdaptResult:
 
         trained: dict[str, list[float]] = {}
         folds: list[list[str]] = []
+        share = None
         if k >= 2:
             folds = fold_split(ids, cfg.max_loo, cfg.folds, cfg.seed)
             tasks = [(f, r) for f in range(len(folds)) for r in recipes]
@@ -409,14 +481,9 @@ def run_adaptation(cfg: AdaptConfig) -> AdaptResult:
             decision = decide(start_folds, trained, cfg.rule, cfg.seed)
             choice = decision.choice
         else:
-            a, r = cfg.rule.single_label_wise, cfg.rule.single_label_recipe
-            choice = KEEP if a == 0 else _name(r, a)
-            mix = f" mixed with the start at {a:g} (WiSE-FT)" if a < 1 else ""
-            reason = ("one label: no held-out check of a fine-tune is possible; "
-                      + ("kept the start (rule.single_label_wise = 0)" if choice == KEEP else
-                         f"the {r} recipe on it{mix}, the choice for one label on development sets of both targets "
-                         "(docs/adapt.md); label a second image to let adapt check its choice"))
-            decision = Decision(choice, reason, [Candidate(KEEP, None, None, [start_scores[ids[0]]]).summary()])
+            share = start_confident_errors(net, cfg.data, preprocess, pool[ids[0]], cfg.rule.sure)
+            decision = single_label_decision(cfg.rule, share, [Candidate(KEEP, None, None, [start_scores[ids[0]]]).summary()])
+            choice = decision.choice
         log.info("adapt: decision: %s (%s)", decision.choice, decision.reason)
 
         recipe_name, alpha = parse_choice(choice)
@@ -439,7 +506,7 @@ def run_adaptation(cfg: AdaptConfig) -> AdaptResult:
             final_meta["wise"] = alpha
         save_model(final, final_meta, out / "model.pt")
         per_fold = {KEEP: [_fold_mean(start_scores, fold) for fold in folds], **trained}
-        report = _write_report(cfg, out, k, start_scores, folds, per_fold, decision, recipes)
+        report = _write_report(cfg, out, k, start_scores, folds, per_fold, decision, recipes, share)
         if run_id:
             best = {f"heldout_dice_{c['name']}": c["dice"] for c in decision.candidates if not math.isnan(c["dice"])}
             tracking.log_metrics(cfg.mlflow, run_id, {"labels": k, "switched": float(choice != KEEP), **best}, step=0)
@@ -506,9 +573,12 @@ def parse_choice(choice: str) -> tuple[str | None, float]:
 
 
 def _write_report(cfg: AdaptConfig, out: Path, k: int, start_scores: Mapping[str, float], folds: list[list[str]],
-                  per_fold: Mapping[str, list[float]], decision: Decision, recipes: Mapping[str, dict]) -> Path:
-    """``report.md`` and ``report.json``: each candidate's held-out Dice with its interval, the decision, its reason."""
+                  per_fold: Mapping[str, list[float]], decision: Decision, recipes: Mapping[str, dict],
+                  share: float | None = None) -> Path:
+    """``report.md`` and ``report.json``: each candidate's held-out Dice with its interval, the decision, its reason
+    (with one label, the share of the start's wrong pixels on it that it is sure of, ``share``)."""
     write_json(out / "report.json", {"labels": k, "folds": folds, "start_per_image": dict(start_scores),
+                                      **({"confident_error_share": share} if share is not None else {}),
                                       "decision": decision.choice, "reason": decision.reason,
                                       "rule": dump_config(cfg.rule), "candidates": decision.candidates, "per_fold": dict(per_fold),
                                       "recipes": {n: recipes[n] for n in recipes}}, allow_nan=True)
@@ -535,6 +605,11 @@ def _write_report(cfg: AdaptConfig, out: Path, k: int, start_scores: Mapping[str
                   f"{cfg.rule.min_gain:.3f} Dice and positive in at least {cfg.rule.min_share:.0%} of the folds."]
     else:
         lines += [f"The start scores {f(next(iter(start_scores.values())))} Dice on the one label (it never saw it)."]
+        if share is not None:
+            lines += ["", f"Of the pixels it gets wrong there, {f(share, '{:.0%}')} are ones it is sure of (foreground "
+                      f"probability beyond {cfg.rule.sure:g} or below {1 - cfg.rule.sure:g}); the rule switches at "
+                      + (f"{cfg.rule.single_label_check:.0%}." if cfg.rule.single_label_check is not None else
+                         "no share (single_label_check off).")]
     lines += ["", "Starting model's Dice on each labelled image:", "", "| image | Dice |", "|---|---|"]
     lines += [f"| {i} | {f(v)} |" for i, v in sorted(start_scores.items())]
     path = out / "report.md"
@@ -543,5 +618,6 @@ def _write_report(cfg: AdaptConfig, out: Path, k: int, start_scores: Mapping[str
     return path
 
 
-__all__ = ["AdaptConfig", "AdaptResult", "AdaptRule", "Decision", "KEEP", "decide", "fold_split", "folder_dataset", "pairs_dataset",
+__all__ = ["AdaptConfig", "AdaptResult", "AdaptRule", "Decision", "KEEP", "confident_error_share", "decide", "fold_split",
+           "folder_dataset", "foreground_probability", "pairs_dataset", "single_label_decision", "start_confident_errors",
            "parse_choice", "run_adaptation", "starting_channels", "starting_model"]
