@@ -15,6 +15,7 @@ import yaml
 from conftest import OPENIST, PH2, run_bundle
 from PIL import Image
 
+from medhybrid.core.files import sha256
 from medhybrid.networks.checkpoints import interpolate_weights, load_model, read_model_file
 from medhybrid.workflows.adapt import KEEP, AdaptRule, decide, fold_split
 
@@ -266,16 +267,23 @@ def test_a_folder_without_labels_is_refused_naming_it(tmp_path, capsys):
     assert f"{data}: holds no labelled image" in err and not (tmp_path / "x" / "model.pt").exists()
 
 
+def test_an_unreadable_unlabelled_image_is_named_before_anything_trains(tmp_path, capsys):
+    from medhybrid.cli import main
+
+    data = _user_folder(tmp_path / "mine", ["IMD003", "IMD004"], ["IMD009"])
+    broken = data / "images" / "IMD009.png"
+    broken.write_bytes(broken.read_bytes()[:600])
+    out = tmp_path / "x"
+    assert main(["adapt", "--model", str(BUNDLE), "--data", str(data), "--output", str(out), "mlflow.enabled=false"]) != 0
+    err = capsys.readouterr().err
+    assert "1 unlabelled image(s) cannot be read" in err and str(broken.resolve()) in err
+    assert not (out / "work" / "folds").exists() and not (out / "model.pt").exists()
+
+
 # --------------------------------------------------------------------------------------------- the bundles' train.json
 FAST_BUNDLE = ["--min_iterations", "2", "--max_iterations", "2", "--train_split", "None", "--semi_algorithm", "none"]
 KEEPS, SWITCHES = "{'min_gain': 5.0}", "{'min_gain': -5.0, 'min_share': 0.0}"
 """A rule no candidate passes stands in for a better start, one every candidate passes for a worse one."""
-
-
-def _sha(path: Path) -> str:
-    import hashlib
-
-    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 @pytest.mark.slow(seconds=60)
@@ -288,7 +296,7 @@ def test_the_bundles_train_json_keeps_its_weights_untouched_when_the_start_wins(
     shutil.copytree(BUNDLE, bundle, ignore=shutil.ignore_patterns("eval", "runs"))
     data = _user_folder(tmp_path / "labels", ["IMD003", "IMD004"], [])
     weights = bundle / "models" / "model.pt"
-    before = _sha(weights)
+    before = sha256(weights)
     log = run_bundle(bundle, ["train"], *FAST_BUNDLE, "--dataset_dir", str(data), "--adapt_rule", KEEPS,
                      "--rehearsal_dataset", "isic2018").log
     report = json.loads((bundle / "eval" / "adapt" / "report.json").read_text())
@@ -298,12 +306,12 @@ def test_the_bundles_train_json_keeps_its_weights_untouched_when_the_start_wins(
     assert rehearsed["dataset"]["name"] == "isic2018" and rehearsed.get("splits", ["train"]) == ["train"]
     outcome = json.loads((bundle / "eval" / "adapt" / "outcome.json").read_text())
     assert outcome["decision"] == KEEP and outcome["replaced"] is False and outcome["start"] == str(weights)
-    assert "model.pt kept as it was" in log and _sha(weights) == before
+    assert "model.pt kept as it was" in log and sha256(weights) == before
     assert not (bundle / "models" / "model.base.pt").exists()
     refused = run_bundle(bundle, ["train"], *FAST_BUNDLE, "--dataset_dir", str(data), "--adapt", "False",
                          "--rehearsal_dataset", "isic2018", check=False)
     assert refused.returncode != 0 and "rehearsal_dataset 'isic2018': source rehearsal is a candidate" in refused.log
-    assert _sha(weights) == before
+    assert sha256(weights) == before
 
 
 @pytest.mark.slow(seconds=90)
@@ -329,7 +337,7 @@ def test_an_adapted_bundle_adapts_again_from_the_weights_it_started_from(tmp_pat
         shutil.copy(OPENIST / "images" / f"{i}.jpg", data / "images" / f"{i}.jpg")
         shutil.copy(OPENIST / "masks" / f"{i}_mask.png", data / "masks" / f"{i}.png")
     weights, base = bundle / "models" / "model.pt", bundle / "models" / "model.base.pt"
-    served = _sha(weights)
+    served = sha256(weights)
     shipped = torch.load(weights, weights_only=True)
 
     log = run_bundle(bundle, ["train"], *FAST_BUNDLE, "--dataset_dir", str(data), "--adapt_rule", SWITCHES).log
@@ -338,10 +346,10 @@ def test_an_adapted_bundle_adapts_again_from_the_weights_it_started_from(tmp_pat
     adapted = torch.load(bundle / "eval" / "adapt" / "model.pt", weights_only=True)["state_dict"]
     published = torch.load(weights, weights_only=True)
     assert published.keys() == adapted.keys() and all(torch.equal(published[k], adapted[k]) for k in adapted)
-    assert _sha(base) == served
+    assert sha256(base) == served
     note = weights_note(weights)
     assert note["base"] == "model.base.pt" and note["base_sha256"] == served and note["decision"] == decided
-    assert sorted(note["labels_sha256"]) == sorted(_sha(f) for f in (data / "images").iterdir())
+    assert sorted(note["labels_sha256"]) == sorted(sha256(f) for f in (data / "images").iterdir())
 
     assert main(["adapt", "--model", str(bundle), "--data", str(data), "--output", str(tmp_path / "again")]) != 0
     assert f"{weights}: was adapted on 2 of these 2 labelled images" in capsys.readouterr().err

@@ -7,6 +7,7 @@ from collections import Counter
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
@@ -134,4 +135,15 @@ def require_valid(spec: DatasetSpec, splits: Sequence[str] | None = None, images
     return report
 
 
-__all__ = ["check_dataset", "CheckReport", "require_valid"]
+def require_readable_images(files: Sequence[str | Path], what: str = "image", workers: int = 4) -> None:
+    """Open every image file as training will, as :func:`check_dataset` opens an image-only dataset's (readable, 2D,
+    grey or RGB), and raise :class:`DataError` listing the problems, if any."""
+    load = LoadImage2Dd(["image"])
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        problems = [p for _, p in pool.map(lambda f: _check_pair(None, {"image": str(f)}, load, None), files) if p]
+    if problems:
+        raise DataError(None, f"{len(problems)} {what}(s) cannot be read:\n  " + "\n  ".join(problems[:20])
+                        + (f"\n  ... {len(problems) - 20} more" if len(problems) > 20 else ""))
+
+
+__all__ = ["check_dataset", "CheckReport", "require_readable_images", "require_valid"]

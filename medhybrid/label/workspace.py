@@ -58,6 +58,11 @@ def check_bundle(path: str | os.PathLike) -> Path:
     return p
 
 
+LEARNT = ("model.pt", "model.pt" + NOTE_SUFFIX, "model.base.pt", "model.base.pt" + NOTE_SUFFIX)
+"""A served copy's own files in ``models/``, never refreshed from the source: the served weights and their note, and
+the weights they were adapted from (:func:`medhybrid.workflows.bundle.adapt_bundle`) with theirs."""
+
+
 def served_bundle(source: str | os.PathLike, workdir: str | os.PathLike) -> Path:
     """The copy of the bundle ``source`` that the server serves: ``<workdir>/bundles/<name>``, made on first use.
     An existing copy keeps its trained ``models/model.pt`` (and :data:`LEARNT`); its configs and other weights (``pretrained.pt``) are
@@ -87,11 +92,6 @@ def served_bundle(source: str | os.PathLike, workdir: str | os.PathLike) -> Path
         if s.is_file() and s.name not in LEARNT and (not d.is_file() or d.read_bytes() != s.read_bytes()):
             shutil.copy2(s, d)
     return dst
-
-
-LEARNT = ("model.pt", "model.pt" + NOTE_SUFFIX, "model.base.pt", "model.base.pt" + NOTE_SUFFIX)
-"""A served copy's own files in ``models/``, never refreshed from the source: the served weights and their note, and
-the weights they were adapted from (:func:`medhybrid.workflows.bundle.adapt_bundle`) with theirs."""
 
 
 class BundleNetwork:

@@ -50,9 +50,9 @@ from medhybrid.core.config import StrictModel, apply_overrides, deep_merge, dump
 from medhybrid.core.files import atomic_write, sha256, write_json
 from medhybrid.core.stats import paired_bootstrap
 from medhybrid.core.tracking import MLflowConfig
-from medhybrid.data.check import require_valid
+from medhybrid.data.check import require_readable_images, require_valid
 from medhybrid.data.datasets import load_pairs
-from medhybrid.data.io import SUPPORTED_SUFFIXES, DataError, file_suffix, image_stem, one_line, read_image
+from medhybrid.data.io import SUPPORTED_SUFFIXES, DataError, file_suffix, image_stem
 from medhybrid.data.specs import DatasetSpec, Preprocess, load_dataset_spec
 from medhybrid.data.transforms import IGNORE_INDEX, preprocessing
 from medhybrid.data.unlabelled import HELD_OUT_SPLITS
@@ -434,7 +434,7 @@ def run_adaptation(cfg: AdaptConfig) -> AdaptResult:
         _refuse_a_start_trained_on(cfg, start, meta, label_sha)
         if cfg.check_data:
             require_valid(cfg.data.model_copy(update={"required_splits": ("pool",)}), splits=["pool"])
-            _check_unlabelled(cfg.unlabelled_images)
+            require_readable_images(cfg.unlabelled_images, "unlabelled image")
         has_unlabelled = bool(cfg.unlabelled_images) or (cfg.unlabelled_pool and len(pool) > len(ids))
         recipes = {k: v for k, v in cfg.recipes.items() if has_unlabelled or not (v.get("semi") or {}).get("algorithm")}
         run_id = run.start(cfg, cfg.mlflow.run_name or f"adapt-{out.resolve().name}", params=dump_config(cfg),
@@ -545,18 +545,6 @@ def _refuse_a_start_trained_on(cfg: AdaptConfig, start: Path, meta: Mapping, lab
                         f"{', ...' if len(both) > 5 else ''}): checked on them, it would be scored on images it trained "
                         f"on. Adapt the weights it started from ({info.get('base') or info.get('start') or 'unknown'}) "
                         "with all your labels instead")
-
-
-def _check_unlabelled(files: Sequence[str]) -> None:
-    """Open every unlabelled image as training will, before anything trains; raise naming every bad file."""
-    problems = []
-    for f in files:
-        try:
-            read_image(f, reduce_to=256)
-        except (DataError, OSError, ValueError) as e:
-            problems.append(str(e) if isinstance(e, DataError) else f"{f}: {one_line(e)}")
-    if problems:
-        raise DataError(None, f"{len(problems)} unlabelled image(s) cannot be read:\n  " + "\n  ".join(problems[:20]))
 
 
 def _name(recipe: str, alpha: float) -> str:

@@ -188,15 +188,16 @@ def adapt_bundle(bundle_root: str | os.PathLike, datalist: Sequence[dict], unlab
     for name in ("report.md", "report.json", "model.pt"):
         shutil.copyfile(out / name, top / name)
     before = sha256(model_path) if model_path.is_file() else None
+    start_is_served = before == sha256(start)
     if res.decision == KEEP:
-        if before != sha256(start):  # the start is not what is served: serve it, with its own note
+        if not start_is_served:  # serve the start, with its own note
             net, _ = bundle_segmenter(bundle_root, start)
             save_weights(net, model_path, note={k: v for k, v in (weights_note(start) or {"holds": "trained",
                          "by": f"weights from {start.name}"}).items() if k != "sha256"})
         what = f"the start ({_shown(start, model_path)}), kept over its fine-tunes"
     else:
         base = start
-        if before is not None and before == sha256(start):  # the served weights are the start: keep them as the base
+        if start_is_served:  # keep the served weights, the start, as the base of the next adaptation
             base = model_path.with_name(model_path.stem + ".base" + model_path.suffix)
             with atomic_write(base) as tmp:
                 shutil.copyfile(model_path, tmp)
