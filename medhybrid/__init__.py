@@ -2,7 +2,7 @@
 
 import importlib
 
-__version__ = "0.2.2"
+__version__ = "0.2.3"
 
 
 def lazy_modules(package: str):

@@ -216,12 +216,35 @@ def test_the_one_label_check_reads_the_start_s_sure_errors():
     assert single_label_decision(fixed, 0.9, []).choice == f"robust-wise{fixed.single_label_wise:g}"
 
 
+def test_up_to_two_labels_a_switch_also_needs_the_labels_check():
+    """With 2 labels a switch the held-out rule allows stands only when the labels' check of the start agrees (the
+    share of its wrong pixels it is sure of at least single_label_check); a kept start stays kept; beyond
+    label_check_up_to labels, or with the check off, the held-out rule decides alone."""
+    from medhybrid.workflows.adapt import Decision, labels_check
+
+    rule = AdaptRule()
+    switch = Decision("plain-wise0.25", "plain-wise0.25 gains +0.088", [{"name": KEEP}])
+    assert labels_check(rule, 0.7, switch, 2).choice == "plain-wise0.25"
+    assert "the labels check the start too: 70%" in labels_check(rule, 0.7, switch, 2).reason
+    assert labels_check(rule, rule.single_label_check, switch, 2).choice == "plain-wise0.25"
+    kept = labels_check(rule, 0.46, switch, 2)
+    assert kept.choice == KEEP and kept.candidates == switch.candidates
+    assert "plain-wise0.25 passed the held-out rule" in kept.reason and "46%" in kept.reason
+    assert labels_check(rule, math.nan, switch, 2).choice == KEEP
+    assert labels_check(rule, 0.1, switch, 3) is switch
+    assert labels_check(AdaptRule(label_check_up_to=1), 0.1, switch, 2) is switch
+    assert labels_check(AdaptRule(single_label_check=None), 0.1, switch, 2) is switch
+    start = Decision(KEEP, "kept the start", [])
+    assert labels_check(rule, 0.9, start, 2) is start
+
+
 @pytest.mark.slow(seconds=40)
 def test_one_label_checks_the_start_on_it_and_a_strict_rule_keeps_the_start(tmp_path):
     """k = 1 from the shipped dermoscopy bundle (fitted to PH2) on a PH2 image: the report gives the share of the
     start's wrong pixels it is sure of and the decision follows it; a rule that always switches gives the robust recipe
     (L2-SP) trained on the label, bit for bit; with the check off, that fine-tune mixed with the start at
-    single_label_wise. With 2 labels and a rule no candidate can pass, the start is kept: model.pt holds its weights."""
+    single_label_wise. With 2 labels and a rule no candidate can pass, the start is kept: model.pt holds its weights,
+    and the report gives the labels' check over both labels."""
     from medhybrid.cli import main
 
     def adapt(folder, out, *settings):
@@ -255,6 +278,18 @@ def test_one_label_checks_the_start_on_it_and_a_strict_rule_keeps_the_start(tmp_
     data2 = _user_folder(tmp_path / "two", ["IMD003", "IMD004"], [])
     kept, meta2 = adapt(data2, tmp_path / "two-out", "rule.min_gain=2", "recipes={plain: {}}", "wise=[1.0]")
     assert meta2["adapt"]["decision"] == KEEP
+    share2 = json.loads((tmp_path / "two-out" / "report.json").read_text())["confident_error_share"]
+    assert 0 <= share2 <= 1  # with 2 labels the labels' check is computed and reported, over both labels' pixels
+    assert f"the labels also check the start: of the pixels it gets wrong on them, {share2:.0%}" in (
+        tmp_path / "two-out" / "report.md").read_text()
+    # a switch the held-out rule allows, refused by a labels' check no share can pass, and let through without it
+    switch = ("rule.min_gain=-5", "rule.min_share=0", "rule.single_label_check=1.0", "recipes={plain: {}}", "wise=[1.0]")
+    assert share2 < 1
+    vetoed, meta3 = adapt(data2, tmp_path / "two-vetoed", *switch)
+    assert meta3["adapt"]["decision"] == KEEP and "plain passed the held-out rule" in meta3["adapt"]["reason"]
+    assert all(torch.equal(vetoed.state_dict()[k], v) for k, v in start.state_dict().items())
+    _, meta4 = adapt(data2, tmp_path / "two-unchecked", *switch, "rule.label_check_up_to=1")
+    assert meta4["adapt"]["decision"] == "plain"
     assert all(torch.equal(kept.state_dict()[k], v) for k, v in start.state_dict().items())
 
 
@@ -282,7 +317,7 @@ def test_an_unreadable_unlabelled_image_is_named_before_anything_trains(tmp_path
 
 # --------------------------------------------------------------------------------------------- the bundles' train.json
 FAST_BUNDLE = ["--min_iterations", "2", "--max_iterations", "2", "--train_split", "None", "--semi_algorithm", "none"]
-KEEPS, SWITCHES = "{'min_gain': 5.0}", "{'min_gain': -5.0, 'min_share': 0.0}"
+KEEPS, SWITCHES = "{'min_gain': 5.0}", "{'min_gain': -5.0, 'min_share': 0.0, 'single_label_check': 0.0}"
 """A rule no candidate passes stands in for a better start, one every candidate passes for a worse one."""
 
 

@@ -13,7 +13,9 @@ but the labels themselves are a free held-out check of the starting model, which
 3. switches away from the start only when the held-out, paired evidence passes the rule fixed in advance
    (:class:`AdaptRule`, :func:`decide`): a candidate qualifies when its mean held-out gain over the start is at least
    ``min_gain`` Dice and the gain is positive in at least ``min_share`` of the folds, and the qualifying candidate
-   with the highest mean held-out Dice is chosen;
+   with the highest mean held-out Dice is chosen; with 2 labels (``rule.label_check_up_to``) a switch also needs
+   the labels' check of the start below (:func:`labels_check`), since each fold then learns from one label and is
+   checked on one (docs/results/k2-dev);
 4. with k = 1 there is no held-out check of a fine-tune, but the label checks the start: when at least half of the
    pixels the start gets wrong on it are ones it is sure of (a systematic difference: the user's masks draw the
    boundary elsewhere, as OpenIST's leave out the lung behind the heart), the robust recipe (L2-SP, alpha 1) trained
@@ -95,6 +97,11 @@ class AdaptRule(StrictModel):
                                              "single_label_wise (docs/results/k1-dev)")
     sure: float = Field(0.9, gt=0.5, lt=1, description="a pixel the start is sure of: foreground probability at least "
                         "this, or at most 1 - this")
+    label_check_up_to: int = Field(2, ge=1, description="up to this many labels, a switch the held-out rule allows also "
+                                   "needs the labels' check of the start (single_label_check, over all the labels' "
+                                   "pixels): with 2 labels every fold's fine-tune learns from one label and is checked on "
+                                   "one, so two unusual labels can agree with each other and mislead the held-out rule. "
+                                   "1: the held-out rule alone from 2 labels (docs/results/k2-dev)")
 
 
 class AdaptConfig(StrictModel):
@@ -229,12 +236,41 @@ def confident_error_share(prob: torch.Tensor, label: torch.Tensor, sure: float =
     return float((wrong & sure_px).sum()) / n
 
 
-def start_confident_errors(net, dataset: DatasetSpec, preprocess: Preprocess, pair: Mapping[str, str],
+def start_confident_errors(net, dataset: DatasetSpec, preprocess: Preprocess, pairs: Sequence[Mapping[str, str]],
                            sure: float = 0.9) -> float:
-    """:func:`confident_error_share` of ``net`` on one labelled ``pair``, at the resolution it reads images."""
-    item = preprocessing(dataset, preprocess)(dict(pair))
-    prob = foreground_probability(predict(net, item["image"][None]))[0]
-    return confident_error_share(prob, torch.as_tensor(item["label"])[0], sure)
+    """:func:`confident_error_share` of ``net`` over all the pixels of the labelled ``pairs``, at the resolution it
+    reads images."""
+    pre = preprocessing(dataset, preprocess)
+    probs, labels = [], []
+    for pair in pairs:
+        item = pre(dict(pair))
+        probs.append(foreground_probability(predict(net, item["image"][None]))[0].flatten())
+        labels.append(torch.as_tensor(item["label"])[0].flatten())
+    return confident_error_share(torch.cat(probs), torch.cat(labels), sure)
+
+
+def _share_seen(share: float) -> str:
+    return ("it gets no pixel wrong" if math.isnan(share)
+            else f"{share:.0%} of the pixels it gets wrong are ones it is sure of")
+
+
+def labels_check(rule: AdaptRule, share: float, decision: Decision, k: int) -> Decision:
+    """The held-out ``decision`` at ``k`` labels, checked by the labels themselves up to ``rule.label_check_up_to``
+    labels: a switch stands only when at least ``rule.single_label_check`` of the pixels the start gets wrong on them
+    (``share``, :func:`confident_error_share`) are ones it is sure of, the sign of a convention the labels teach.
+    Below that, the start's errors lie where the boundary is unsure, and with so few labels a held-out gain can come
+    from two unusual images that agree with each other (docs/results/k2-dev): the start is kept."""
+    if decision.choice == KEEP or rule.single_label_check is None or k > rule.label_check_up_to:
+        return decision
+    if not math.isnan(share) and share >= rule.single_label_check:
+        return Decision(decision.choice, f"{decision.reason}; the labels check the start too: {_share_seen(share)} (at "
+                        f"least {rule.single_label_check:.0%} needed up to {rule.label_check_up_to} labels)",
+                        decision.candidates)
+    reason = (f"kept the start: {decision.choice} passed the held-out rule ({decision.reason}), but with {k} labels the "
+              f"labels must also check the start, and {_share_seen(share)} (below {rule.single_label_check:.0%}): its "
+              "errors lie where the boundary is unsure, which so few labels cannot teach; label more images to let the "
+              "held-out rule decide alone")
+    return Decision(KEEP, reason, decision.candidates)
 
 
 def single_label_decision(rule: AdaptRule, share: float, candidates: list[dict]) -> Decision:
@@ -250,7 +286,7 @@ def single_label_decision(rule: AdaptRule, share: float, candidates: list[dict])
                      f"the {r} recipe on it{mix} (rule.single_label_check off); label a second image to let adapt "
                      "check its choice"))
         return Decision(choice, reason, candidates)
-    seen = "it gets no pixel wrong" if math.isnan(share) else f"{share:.0%} of the pixels it gets wrong are ones it is sure of"
+    seen = _share_seen(share)
     if not math.isnan(share) and share >= rule.single_label_check:
         reason = (f"one label: no fine-tune can be checked, but the label checks the start: {seen} (at least "
                   f"{rule.single_label_check:.0%} switches), so your masks draw the boundary elsewhere than it learnt "
@@ -479,9 +515,12 @@ def run_adaptation(cfg: AdaptConfig) -> AdaptResult:
             trained = {n: [v[f] for f in range(len(folds))] for n, v in per.items()}
             start_folds = [_fold_mean(start_scores, fold) for fold in folds]
             decision = decide(start_folds, trained, cfg.rule, cfg.seed)
+            if k <= cfg.rule.label_check_up_to and cfg.rule.single_label_check is not None:
+                share = start_confident_errors(net, cfg.data, preprocess, [pool[i] for i in ids], cfg.rule.sure)
+                decision = labels_check(cfg.rule, share, decision, k)
             choice = decision.choice
         else:
-            share = start_confident_errors(net, cfg.data, preprocess, pool[ids[0]], cfg.rule.sure)
+            share = start_confident_errors(net, cfg.data, preprocess, [pool[ids[0]]], cfg.rule.sure)
             decision = single_label_decision(cfg.rule, share, [Candidate(KEEP, None, None, [start_scores[ids[0]]]).summary()])
             choice = decision.choice
         log.info("adapt: decision: %s (%s)", decision.choice, decision.reason)
@@ -564,7 +603,8 @@ def _write_report(cfg: AdaptConfig, out: Path, k: int, start_scores: Mapping[str
                   per_fold: Mapping[str, list[float]], decision: Decision, recipes: Mapping[str, dict],
                   share: float | None = None) -> Path:
     """``report.md`` and ``report.json``: each candidate's held-out Dice with its interval, the decision, its reason
-    (with one label, the share of the start's wrong pixels on it that it is sure of, ``share``)."""
+    (with one label, or up to ``rule.label_check_up_to``, the share of the start's wrong pixels on the labels that it
+    is sure of, ``share``)."""
     write_json(out / "report.json", {"labels": k, "folds": folds, "start_per_image": dict(start_scores),
                                       **({"confident_error_share": share} if share is not None else {}),
                                       "decision": decision.choice, "reason": decision.reason,
@@ -591,6 +631,11 @@ def _write_report(cfg: AdaptConfig, out: Path, k: int, start_scores: Mapping[str
                          f"{f(c.get('positive_share'), '{:.0%}') if c['name'] != KEEP else ''} |")
         lines += ["", f"Rule (fixed in advance): switch to the best candidate only when its mean held-out gain is at least "
                   f"{cfg.rule.min_gain:.3f} Dice and positive in at least {cfg.rule.min_share:.0%} of the folds."]
+        if share is not None:
+            lines += ["", f"Up to {cfg.rule.label_check_up_to} labels the labels also check the start: of the pixels it gets "
+                      f"wrong on them, {f(share, '{:.0%}')} are ones it is sure of (foreground probability beyond "
+                      f"{cfg.rule.sure:g} or below {1 - cfg.rule.sure:g}); a switch needs at least "
+                      f"{cfg.rule.single_label_check:.0%}."]
     else:
         lines += [f"The start scores {f(next(iter(start_scores.values())))} Dice on the one label (it never saw it)."]
         if share is not None:
@@ -607,5 +652,5 @@ def _write_report(cfg: AdaptConfig, out: Path, k: int, start_scores: Mapping[str
 
 
 __all__ = ["AdaptConfig", "AdaptResult", "AdaptRule", "Decision", "KEEP", "confident_error_share", "decide", "fold_split",
-           "folder_dataset", "foreground_probability", "pairs_dataset", "single_label_decision", "start_confident_errors",
+           "folder_dataset", "foreground_probability", "labels_check", "pairs_dataset", "single_label_decision", "start_confident_errors",
            "parse_choice", "run_adaptation", "starting_channels", "starting_model"]

@@ -75,7 +75,9 @@ def main() -> None:
         ad = by[(a.adapt, b)]
         seeds = sorted(ad)
         z = np.array([ad[s] - a.zero_shot for s in seeds])
-        cells = [f"{z.mean():+.3f} [{interval(z)[0]:+.3f}, {interval(z)[1]:+.3f}]"]
+        lo, hi = interval(z)
+        # rounded first: --zero-shot is given to 4 decimals, so a kept start differs from it by less than 1e-4
+        cells = [" ".join([f"{round(z.mean(), 3) + 0.0:+.3f}", f"[{round(lo, 3) + 0.0:+.3f},", f"{round(hi, 3) + 0.0:+.3f}]"])]
         best, best_mean = None, -1.0
         for m in a.fixed:
             v = by.get((m, b), {})
