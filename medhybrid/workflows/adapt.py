@@ -94,7 +94,8 @@ class AdaptRule(StrictModel):
                                              "are pixels it is sure of (`sure`), the labels follow another convention, "
                                              "which one label can teach: the single-label recipe, unmixed, replaces the "
                                              "start; otherwise the start is kept. None: always the recipe mixed at "
-                                             "single_label_wise (docs/results/k1-dev)")
+                                             "single_label_wise (docs/results/k1-dev). The same threshold checks a "
+                                             "switch up to label_check_up_to labels; None turns that off too")
     sure: float = Field(0.9, gt=0.5, lt=1, description="a pixel the start is sure of: foreground probability at least "
                         "this, or at most 1 - this")
     label_check_up_to: int = Field(2, ge=1, description="up to this many labels, a switch the held-out rule allows also "
@@ -254,6 +255,14 @@ def _share_seen(share: float) -> str:
             else f"{share:.0%} of the pixels it gets wrong are ones it is sure of")
 
 
+def _unsure(share: float, rule: AdaptRule) -> str:
+    """Why a share below the rule's keeps the start."""
+    if math.isnan(share):
+        return "it gets no pixel wrong, so there is nothing the labels could teach it"
+    return (f"{_share_seen(share)} (below {rule.single_label_check:.0%}): its errors lie where the boundary is unsure, "
+            "which so few labels cannot teach")
+
+
 def labels_check(rule: AdaptRule, share: float, decision: Decision, k: int) -> Decision:
     """The held-out ``decision`` at ``k`` labels, checked by the labels themselves up to ``rule.label_check_up_to``
     labels: a switch stands only when at least ``rule.single_label_check`` of the pixels the start gets wrong on them
@@ -267,9 +276,8 @@ def labels_check(rule: AdaptRule, share: float, decision: Decision, k: int) -> D
                         f"least {rule.single_label_check:.0%} needed up to {rule.label_check_up_to} labels)",
                         decision.candidates)
     reason = (f"kept the start: {decision.choice} passed the held-out rule ({decision.reason}), but with {k} labels the "
-              f"labels must also check the start, and {_share_seen(share)} (below {rule.single_label_check:.0%}): its "
-              "errors lie where the boundary is unsure, which so few labels cannot teach; label more images to let the "
-              "held-out rule decide alone")
+              f"labels must also check the start, and {_unsure(share, rule)}; label more images to let the held-out "
+              "rule decide alone")
     return Decision(KEEP, reason, decision.candidates)
 
 
@@ -292,10 +300,9 @@ def single_label_decision(rule: AdaptRule, share: float, candidates: list[dict])
                   f"{rule.single_label_check:.0%} switches), so your masks draw the boundary elsewhere than it learnt "
                   f"to, which one label can teach: the {r} recipe on it")
         return Decision(_name(r, 1.0), reason, candidates)
-    reason = (f"one label: no fine-tune can be checked, but the label checks the start: {seen} (below "
-              f"{rule.single_label_check:.0%}: its errors lie where the boundary is unsure, which one label cannot "
-              "teach and a fine-tune on it can spoil): kept the start; label a second image to let adapt check a "
-              "fine-tune")
+    reason = (f"one label: no fine-tune can be checked, but the label checks the start: {_unsure(share, rule)}, and a "
+              "fine-tune on one label can spoil what the start knows: kept the start; label a second image to let "
+              "adapt check a fine-tune")
     return Decision(KEEP, reason, candidates)
 
 
@@ -539,6 +546,7 @@ def run_adaptation(cfg: AdaptConfig) -> AdaptResult:
         final_meta["adapt"] = {"decision": choice, "recipe": recipe_name, "wise": alpha, "labels": k,
                                "start": str(Path(cfg.model).resolve()), "start_sha256": sha256(_start_weights(cfg, start)),
                                "reason": decision.reason,
+                               **({"confident_error_share": share} if share is not None else {}),
                                # the images these weights were trained on (none when the start is kept as it is)
                                "labels_sha256": sorted(label_sha.values()) if recipe_name is not None else []}
         if recipe_name is not None and alpha < 1:
@@ -548,7 +556,9 @@ def run_adaptation(cfg: AdaptConfig) -> AdaptResult:
         report = _write_report(cfg, out, k, start_scores, folds, per_fold, decision, recipes, share)
         if run_id:
             best = {f"heldout_dice_{c['name']}": c["dice"] for c in decision.candidates if not math.isnan(c["dice"])}
-            tracking.log_metrics(cfg.mlflow, run_id, {"labels": k, "switched": float(choice != KEEP), **best}, step=0)
+            checked = {"confident_error_share": share} if share is not None and not math.isnan(share) else {}
+            tracking.log_metrics(cfg.mlflow, run_id, {"labels": k, "switched": float(choice != KEEP), **checked, **best},
+                                 step=0)
         run.finish([out / "config.yaml", out / "subset.json", report, out / "report.json"], decision=choice,
                    reason=decision.reason, ids=ids)
         return AdaptResult(out, out / "model.pt", choice, decision.reason, report, run_id)
@@ -632,15 +642,14 @@ def _write_report(cfg: AdaptConfig, out: Path, k: int, start_scores: Mapping[str
         lines += ["", f"Rule (fixed in advance): switch to the best candidate only when its mean held-out gain is at least "
                   f"{cfg.rule.min_gain:.3f} Dice and positive in at least {cfg.rule.min_share:.0%} of the folds."]
         if share is not None:
-            lines += ["", f"Up to {cfg.rule.label_check_up_to} labels the labels also check the start: of the pixels it gets "
-                      f"wrong on them, {f(share, '{:.0%}')} are ones it is sure of (foreground probability beyond "
-                      f"{cfg.rule.sure:g} or below {1 - cfg.rule.sure:g}); a switch needs at least "
-                      f"{cfg.rule.single_label_check:.0%}."]
+            lines += ["", f"Up to {cfg.rule.label_check_up_to} labels the labels also check the start: on them, "
+                      f"{_share_seen(share)} (foreground probability beyond {cfg.rule.sure:g} or below "
+                      f"{1 - cfg.rule.sure:g}); a switch needs at least {cfg.rule.single_label_check:.0%}."]
     else:
         lines += [f"The start scores {f(next(iter(start_scores.values())))} Dice on the one label (it never saw it)."]
         if share is not None:
-            lines += ["", f"Of the pixels it gets wrong there, {f(share, '{:.0%}')} are ones it is sure of (foreground "
-                      f"probability beyond {cfg.rule.sure:g} or below {1 - cfg.rule.sure:g}); the rule switches at "
+            lines += ["", f"On it, {_share_seen(share)} (foreground probability beyond {cfg.rule.sure:g} or below "
+                      f"{1 - cfg.rule.sure:g}); the rule switches at "
                       + (f"{cfg.rule.single_label_check:.0%}." if cfg.rule.single_label_check is not None else
                          "no share (single_label_check off).")]
     lines += ["", "Starting model's Dice on each labelled image:", "", "| image | Dice |", "|---|---|"]

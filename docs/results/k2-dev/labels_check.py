@@ -11,7 +11,6 @@ Needs the PH2 k2-dev runs (runs/ablation/dermoscopy-k2-dev, see README.md)."""
 
 import csv
 import json
-import math
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +18,7 @@ import numpy as np
 from medhybrid.data.datasets import few_shot_ids, load_pairs
 from medhybrid.data.specs import Preprocess, load_dataset_spec
 from medhybrid.networks.checkpoints import load_model
-from medhybrid.workflows.adapt import KEEP, AdaptRule, start_confident_errors
+from medhybrid.workflows.adapt import KEEP, AdaptRule, Decision, labels_check, start_confident_errors
 
 rule = AdaptRule()
 print("| target | subset | labels | sure share of the start's errors | held-out rule | keep | plain | held-out rule "
@@ -49,7 +48,7 @@ for domain, name in [("dermoscopy", "ph2"), ("chest_xray", "openist")]:
             print(f"| {name} | {s} | {', '.join(ids)} | {share:.2f} | (no development run) | | | | |")
             continue
         decision = json.loads(report.read_text())["decision"]
-        vetoed = decision != KEEP and (math.isnan(share) or share < rule.single_label_check)
+        vetoed = labels_check(rule, share, Decision(decision, "", []), 2).choice != decision
         d = dev[s]
         a, c = d["hybrid-adapt"], d["hybrid-keep"] if vetoed else d["hybrid-adapt"]
         alone.append(a)
