@@ -278,6 +278,7 @@ def test_one_label_checks_the_start_on_it_and_a_strict_rule_keeps_the_start(tmp_
     data2 = _user_folder(tmp_path / "two", ["IMD003", "IMD004"], [])
     kept, meta2 = adapt(data2, tmp_path / "two-out", "rule.min_gain=2", "recipes={plain: {}}", "wise=[1.0]")
     assert meta2["adapt"]["decision"] == KEEP
+    assert all(torch.equal(kept.state_dict()[k], v) for k, v in start.state_dict().items())
     share2 = json.loads((tmp_path / "two-out" / "report.json").read_text())["confident_error_share"]
     assert 0 <= share2 <= 1  # with 2 labels the labels' check is computed and reported, over both labels' pixels
     assert f"the labels also check the start: on them, {share2:.0%} of the pixels it gets wrong" in (
@@ -289,9 +290,10 @@ def test_one_label_checks_the_start_on_it_and_a_strict_rule_keeps_the_start(tmp_
 
     spec, _ = folder_dataset(data2, 3, tmp_path / "spec")
     pool = load_pairs(spec, "pool")
-    want = start_confident_errors(start, spec, Preprocess(**start_meta["preprocess"]), pool, rule.sure)
+    pre = Preprocess(**start_meta["preprocess"])
+    want = start_confident_errors(start, spec, pre, pool, rule.sure)
     assert share2 == pytest.approx(want, abs=1e-9) and meta2["adapt"]["confident_error_share"] == share2
-    alone = [start_confident_errors(start, spec, Preprocess(**start_meta["preprocess"]), [p], rule.sure) for p in pool]
+    alone = [start_confident_errors(start, spec, pre, [p], rule.sure) for p in pool]
     assert min(alone) <= share2 <= max(alone)
     # a switch the held-out rule allows, refused by a labels' check no share can pass, and let through without it
     switch = ("rule.min_gain=-5", "rule.min_share=0", "rule.single_label_check=1.0", "recipes={plain: {}}", "wise=[1.0]")
@@ -301,7 +303,6 @@ def test_one_label_checks_the_start_on_it_and_a_strict_rule_keeps_the_start(tmp_
     assert all(torch.equal(vetoed.state_dict()[k], v) for k, v in start.state_dict().items())
     _, meta4 = adapt(data2, tmp_path / "two-unchecked", *switch, "rule.label_check_up_to=1")
     assert meta4["adapt"]["decision"] == "plain"
-    assert all(torch.equal(kept.state_dict()[k], v) for k, v in start.state_dict().items())
 
 
 def test_a_folder_without_labels_is_refused_naming_it(tmp_path, capsys):

@@ -104,6 +104,10 @@ class AdaptRule(StrictModel):
                                    "one, so two unusual labels can agree with each other and mislead the held-out rule. "
                                    "1: the held-out rule alone from 2 labels (docs/results/k2-dev)")
 
+    def checks_labels(self, k: int) -> bool:
+        """Whether the labels' check of the start applies to a switch at ``k`` (>= 2) labels."""
+        return self.single_label_check is not None and k <= self.label_check_up_to
+
 
 class AdaptConfig(StrictModel):
     """``medhybrid adapt``: a starting model, the user's labelled (and unlabelled) images, and the menu."""
@@ -269,7 +273,7 @@ def labels_check(rule: AdaptRule, share: float, decision: Decision, k: int) -> D
     (``share``, :func:`confident_error_share`) are ones it is sure of, the sign of a convention the labels teach.
     Below that, the start's errors lie where the boundary is unsure, and with so few labels a held-out gain can come
     from two unusual images that agree with each other (docs/results/k2-dev): the start is kept."""
-    if decision.choice == KEEP or rule.single_label_check is None or k > rule.label_check_up_to:
+    if decision.choice == KEEP or not rule.checks_labels(k):
         return decision
     if not math.isnan(share) and share >= rule.single_label_check:
         return Decision(decision.choice, f"{decision.reason}; the labels check the start too: {_share_seen(share)} (at "
@@ -522,7 +526,7 @@ def run_adaptation(cfg: AdaptConfig) -> AdaptResult:
             trained = {n: [v[f] for f in range(len(folds))] for n, v in per.items()}
             start_folds = [_fold_mean(start_scores, fold) for fold in folds]
             decision = decide(start_folds, trained, cfg.rule, cfg.seed)
-            if k <= cfg.rule.label_check_up_to and cfg.rule.single_label_check is not None:
+            if cfg.rule.checks_labels(k):  # computed for the report even when the held-out rule keeps the start
                 share = start_confident_errors(net, cfg.data, preprocess, [pool[i] for i in ids], cfg.rule.sure)
                 decision = labels_check(cfg.rule, share, decision, k)
             choice = decision.choice
