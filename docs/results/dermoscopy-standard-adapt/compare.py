@@ -3,6 +3,7 @@
     python compare.py --new results.csv --earlier ../dermoscopy-standard/results.csv --zero-shot 0.912 \
         --adapt hybrid-adapt --start hybrid --plain hybrid
 
+``--new`` may name several results.csv files of the same profile (runs of one ablation made in several sittings).
 Both reports come from the same profile, pretraining and subsets (the same ``budget`` and ``seed`` name the same
 labelled images); the methods both hold (``--plain``) must agree run for run, which the script checks and prints.
 For each budget: the mean test Dice of every method, and adapt − each other method paired by seed with a 95 %
@@ -41,7 +42,9 @@ def interval(d: np.ndarray, n: int = 10_000) -> tuple[float, float]:
 
 def main() -> None:
     p = argparse.ArgumentParser()
-    p.add_argument("--new", required=True)
+    p.add_argument("--new", required=True, nargs="+",
+                   help="the adapt report's results.csv; several: their runs combined, a later file's run replacing an "
+                        "earlier one's of the same method, budget and seed")
     p.add_argument("--earlier", required=True)
     p.add_argument("--zero-shot", type=float, required=True)
     p.add_argument("--adapt", default="hybrid-adapt")
@@ -49,7 +52,7 @@ def main() -> None:
     p.add_argument("--fixed", nargs="*", default=["supervised", "hybrid", "supervised-fixmatch", "supervised-wise",
                                                   "hybrid-wise"])
     a = p.parse_args()
-    new, old = read(a.new), read(a.earlier)
+    new, old = {k: v for path in a.new for k, v in read(path).items()}, read(a.earlier)
     same = [(k, v, old[k]) for k, v in new.items() if k in old]
     worst = max((abs(v - w) for _, v, w in same), default=0.0)
     print(f"runs in both reports: {len(same)}, largest |Dice difference|: {worst:.2e}")
