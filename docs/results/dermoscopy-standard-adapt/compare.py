@@ -1,7 +1,7 @@
 """adapt beside the fixed methods of an earlier report of the same profile, paired by labelled subset.
 
     python compare.py --new results.csv --earlier ../dermoscopy-standard/results.csv --zero-shot 0.912 \
-        --adapt hybrid-adapt --start hybrid --plain hybrid
+        --adapt hybrid-adapt --plain hybrid
 
 ``--new`` may name several results.csv files of the same profile (runs of one ablation made in several sittings).
 Both reports come from the same profile, pretraining and subsets (the same ``budget`` and ``seed`` name the same
