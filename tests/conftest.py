@@ -12,8 +12,10 @@ import contextlib
 import dataclasses
 import json
 import os
+import resource
 import shutil
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -298,6 +300,27 @@ def pytest_collection_modifyitems(config, items):
         order += share + rest[:take]
         del rest[:take]
     items[:] = order + rest
+
+
+def _cpu_seconds() -> float:
+    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_protocol(item, nextitem):
+    """With ``MEDHYBRID_TEST_CPU_LOG=<file>``, one JSON line per test is appended to the file: its id, wall seconds and
+    CPU seconds (setup, call and teardown; this process and the child processes it waited for, so daemons such as
+    Ray's are left out). On a CPU-bound suite the CPU seconds say what a test costs; its wall time also counts the
+    time it waited for the cores."""
+    path = os.environ.get("MEDHYBRID_TEST_CPU_LOG")
+    wall, cpu = time.perf_counter(), _cpu_seconds()
+    yield
+    if path:
+        row = {"test": item.nodeid, "wall_s": round(time.perf_counter() - wall, 2), "cpu_s": round(_cpu_seconds() - cpu, 2),
+               "worker": os.environ.get("PYTEST_XDIST_WORKER", "main")}
+        with open(path, "a") as fh:  # one short line per write: appends from the workers do not interleave
+            fh.write(json.dumps(row) + "\n")
 
 
 # --------------------------------------------------------------------------------------------- training runs
