@@ -13,8 +13,8 @@ ablation method. It runs the real ``nnunetv2`` package on the same labelled subs
 3. the foreground probability is resized (bilinear) to each image's native grid and thresholded at 0.5, then scored by
    medhybrid's evaluator (:func:`medhybrid.workflows.evaluate.score_masks`): the same labels and metrics as every other method.
 
-nnU-Net reads its folders from environment variables when it is imported, so steps 1-2 run in a child process
-(``python -m medhybrid.experiments.nnunet <run folder>``) with ``nnUNet_raw``, ``nnUNet_preprocessed`` and ``nnUNet_results``
+nnU-Net reads its folders from environment variables when it is imported, so step 2 runs in a child process
+(:mod:`medhybrid.experiments.nnunet_child`) with ``nnUNet_raw``, ``nnUNet_preprocessed`` and ``nnUNet_results``
 inside the run folder. The run folder has the lifecycle of every run (:mod:`medhybrid.core.runs`: lock, MLflow child run,
 skipped when finished); a run stopped before its end starts nnU-Net again from its export. nnU-Net's final weights
 stay in its results folder (``checkpoint_final.pth``); the predictions are made with the network in memory, so no
@@ -23,7 +23,6 @@ checkpoint is ever unpickled.
 
 from __future__ import annotations
 
-import copy
 import json
 import logging
 import os
@@ -39,19 +38,13 @@ import torch
 from PIL import Image
 from pydantic import Field
 
-from medhybrid.core.config import load_config
 from medhybrid.data.datasets import few_shot_pairs, load_pairs
 from medhybrid.data.transforms import IGNORE_INDEX, LoadImage2D
+from medhybrid.experiments.nnunet_child import DATASET_ID, PREDICTIONS, command
 from medhybrid.workflows.evaluate import read_label, score_masks
 from medhybrid.workflows.fewshot import FewShotRunConfig, claim_few_shot_run, open_few_shot_run, record_scores
 
 log = logging.getLogger("medhybrid")
-
-DATASET_ID = 1
-"""Each run folder holds its own nnU-Net tree, with one dataset: ``Dataset001_<target>``."""
-
-PREDICTIONS = "predictions"
-"""The run folder's subfolder of nnU-Net's predictions (``<case>.npz`` probabilities, ``<case>.png`` labels)."""
 
 
 class NnunetConfig(FewShotRunConfig):
@@ -144,74 +137,7 @@ def export_raw(cfg: NnunetConfig, pairs: list[dict], score: list[dict]) -> Path:
     return root
 
 
-# ------------------------------------------------------------------------------------------------ nnU-Net itself
-TRAINER_MODULES = ("nnunetv2.training.nnUNetTrainer.nnUNetTrainer",
-                   "nnunetv2.training.nnUNetTrainer.variants.training_length.nnUNetTrainer_Xepochs",
-                   "nnunetv2.training.nnUNetTrainer.variants.training_length.nnUNetTrainer_Xepochs_NoMirroring")
-"""Where nnU-Net's default and shortened trainers live: looked up there first, since nnU-Net's own search imports every
-trainer module, transformer ones (which need timm) included."""
-
-
-def _trainer_class(name: str):
-    """An nnU-Net trainer class by name, or by ``package.module.Class`` for a trainer of your own (a small override of
-    one of nnU-Net's, importable in the child process)."""
-    import importlib
-
-    if "." in name:
-        module, _, cls = name.rpartition(".")
-        return getattr(importlib.import_module(module), cls)
-    for module in TRAINER_MODULES:
-        cls = getattr(importlib.import_module(module), name, None)
-        if cls is not None:
-            return cls
-    import nnunetv2
-    from nnunetv2.utilities.find_class_by_name import recursive_find_python_class
-
-    cls = recursive_find_python_class(str(Path(nnunetv2.__path__[0]) / "training" / "nnUNetTrainer"), name,
-                                      "nnunetv2.training.nnUNetTrainer")
-    if cls is None:
-        raise ValueError(f"nnU-Net has no trainer class {name!r}")
-    return cls
-
-
-def _train_and_predict(folder: Path) -> None:
-    """In the child process: plan, preprocess, train and predict with nnU-Net (its folders from the environment)."""
-    from nnunetv2.experiment_planning.plan_and_preprocess_api import extract_fingerprints, plan_experiments, preprocess
-    from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
-    from nnunetv2.paths import nnUNet_preprocessed, nnUNet_raw
-
-    cfg = load_config(NnunetConfig, folder / "config.yaml")
-    device = torch.device(_device(cfg.device))
-    raw = next(Path(nnUNet_raw).glob(f"Dataset{DATASET_ID:03d}_*"))
-    augmentation_workers = os.environ.get("nnUNet_n_proc_DA")
-    if augmentation_workers == "0":  # the planner sets its thread count to this: at least one while it plans
-        os.environ["nnUNet_n_proc_DA"] = "1"
-    extract_fingerprints([DATASET_ID], num_processes=1, check_dataset_integrity=True, verbose=False, show_progress_bar=False)
-    plan_experiments([DATASET_ID])
-    preprocess([DATASET_ID], configurations=(cfg.configuration,), num_processes=(1,), show_progress_bar=False)
-    if augmentation_workers is not None:
-        os.environ["nnUNet_n_proc_DA"] = augmentation_workers
-    pre = Path(nnUNet_preprocessed) / raw.name
-    plans = {**json.loads((pre / "nnUNetPlans.json").read_text()), "continue_training": False}
-    dataset_json = json.loads((pre / "dataset.json").read_text())
-    trainer_cls = _trainer_class(cfg.trainer)
-    torch.manual_seed(cfg.seed)
-    trainer = trainer_cls(plans=plans, configuration=cfg.configuration, fold="all", dataset_json=dataset_json, device=device)
-    trainer.run_training()
-    trainer.set_deep_supervision_enabled(False)  # as nnU-Net's own final validation: the full-resolution output only
-    trainer.network.eval()
-    # the trained network as it is in memory (nnU-Net's own final validation does the same), rather than its
-    # checkpoint read back: nnU-Net's loader searches every trainer module, and unpickles
-    predictor = nnUNetPredictor(tile_step_size=0.5, use_gaussian=True, use_mirroring=True, device=device,
-                                perform_everything_on_device=device.type == "cuda", verbose=False, allow_tqdm=False)
-    predictor.manual_initialization(trainer.network, trainer.plans_manager, trainer.configuration_manager,
-                                    [copy.deepcopy(trainer.network.state_dict())], trainer.dataset_json,
-                                    type(trainer).__name__, trainer.inference_allowed_mirroring_axes)
-    (folder / PREDICTIONS).mkdir(parents=True, exist_ok=True)
-    predictor.predict_from_files_sequential(str(raw / "imagesTs"), str(folder / PREDICTIONS), save_probabilities=True,
-                                            overwrite=True)
-
-
+# ------------------------------------------------------------------------------------------------ nnU-Net's results
 def native_masks(folder: Path, raw: Path) -> dict[str, torch.Tensor]:
     """Per scored image: nnU-Net's foreground probability resized (bilinear) to the image's native grid, thresholded at
     0.5 (binary), or its class probabilities resized and arg-maxed; (H, W) class maps."""
@@ -245,8 +171,9 @@ def run_nnunet(cfg: NnunetConfig) -> NnunetResult:
         device = _device(cfg.device)
         log.info("nnU-Net (%s, %s): %d labelled images, %d to predict, %s", cfg.trainer, cfg.configuration, len(pairs),
                  len(score), device)
-        child = subprocess.run([sys.executable, "-m", "medhybrid.experiments.nnunet", str(cfg.folder)], env=nnunet_env(cfg.folder, device),
-                               capture_output=True, text=True)
+        child = subprocess.run([sys.executable, "-m", "medhybrid.experiments.nnunet_child",
+                                *command(cfg.folder, device, cfg.seed, cfg.configuration, cfg.trainer)],
+                               env=nnunet_env(cfg.folder, device), capture_output=True, text=True)
         (cfg.folder / "nnunet.log").write_text(child.stdout + child.stderr)
         if child.returncode:
             last = [x for x in (child.stderr or child.stdout).strip().splitlines() if x.strip()][-1:] or ["(no output)"]
@@ -257,11 +184,6 @@ def run_nnunet(cfg: NnunetConfig) -> NnunetResult:
         run.finish([cfg.folder / "config.yaml", cfg.folder / "subset.json", cfg.folder / "nnunet.log"], ids=ids,
                    train_s=train_s)
         return NnunetResult(cfg.folder, run_id, ids, train_s)
-
-
-if __name__ == "__main__":  # the child process of run_nnunet
-    logging.basicConfig(level=logging.INFO)
-    _train_and_predict(Path(sys.argv[1]))
 
 
 __all__ = ["DATASET_ID", "export_raw", "native_masks", "nnunet_env", "NnunetConfig", "NnunetResult", "PREDICTIONS",
