@@ -307,19 +307,24 @@ def _cpu_seconds() -> float:
     return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
 
 
-@pytest.hookimpl(hookwrapper=True)
+CPU_LOG = os.path.abspath(os.environ["MEDHYBRID_TEST_CPU_LOG"]) if os.environ.get("MEDHYBRID_TEST_CPU_LOG") else None
+"""With ``MEDHYBRID_TEST_CPU_LOG=<file>``, each test appends a JSON line to that file (:func:`pytest_runtest_protocol`)."""
+
+
+@pytest.hookimpl(wrapper=True)
 def pytest_runtest_protocol(item, nextitem):
-    """With ``MEDHYBRID_TEST_CPU_LOG=<file>``, one JSON line per test is appended to the file: its id, wall seconds and
-    CPU seconds (setup, call and teardown; this process and the child processes it waited for, so daemons such as
-    Ray's are left out). On a CPU-bound suite the CPU seconds say what a test costs; its wall time also counts the
-    time it waited for the cores."""
-    path = os.environ.get("MEDHYBRID_TEST_CPU_LOG")
+    """With :data:`CPU_LOG`, one JSON line per test: its id, wall seconds and CPU seconds (setup, call and teardown; this
+    process and the descendants it reaped, so daemons such as Ray's and servers stopped by signal are left out). On a
+    CPU-bound suite the CPU seconds say what a test costs; its wall time also counts the time it waited for the cores."""
+    if CPU_LOG is None:
+        return (yield)
     wall, cpu = time.perf_counter(), _cpu_seconds()
-    yield
-    if path:
+    try:
+        return (yield)
+    finally:
         row = {"test": item.nodeid, "wall_s": round(time.perf_counter() - wall, 2), "cpu_s": round(_cpu_seconds() - cpu, 2),
                "worker": os.environ.get("PYTEST_XDIST_WORKER", "main")}
-        with open(path, "a") as fh:  # one short line per write: appends from the workers do not interleave
+        with open(CPU_LOG, "a") as fh:  # one short line per write: appends from the workers do not interleave
             fh.write(json.dumps(row) + "\n")
 
 

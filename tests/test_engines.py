@@ -178,10 +178,13 @@ def test_fit_compiled_trains_like_eager_and_saves_plain_weights(tmp_path, monkey
     into forward and backward (AOTAutograd) as with the default backend, then run by ``aot_eager`` instead of compiled
     to C++ by inductor: a cold inductor build of this network costs about 2 minutes of CPU, and generating kernels is
     torch's part, not medhybrid's."""
-    compile_ = torch.compile
-    backends = []
-    monkeypatch.setattr(torch, "compile", lambda model, **kw: backends.append(kw.get("backend", "inductor"))
-                        or compile_(model, **{**kw, "backend": "aot_eager"}))
+    compile_, backends = torch.compile, []
+
+    def aot_eager(model, **kw):
+        backends.append(kw.get("backend", "inductor"))
+        return compile_(model, **{**kw, "backend": "aot_eager"})
+
+    monkeypatch.setattr(torch, "compile", aot_eager)
     cfg, small = _cfg(epochs=1, epoch_length=3), ModelConfig(channels=(16, 16), attention_levels=(False, False), num_head_channels=16)
     eager = _fit(tmp_path / "eager", cfg, model=small)
     compiled = _fit(tmp_path / "compiled", cfg.model_copy(update={"compile": True}), model=small)

@@ -98,6 +98,7 @@ def command(folder: Path, device: str, seed: int, configuration: str, trainer: s
 
 
 def main(argv: list[str] | None = None) -> None:
+    """``python -m medhybrid.experiments.nnunet_child <run folder> --device ... --seed ... --configuration ... --trainer ...``."""
     ap = argparse.ArgumentParser(description="nnU-Net's process for one medhybrid nnunet run (started by run_nnunet)")
     ap.add_argument("folder", type=Path, help="the run folder (nnU-Net's folders come from the environment)")
     ap.add_argument("--device", required=True, help="cpu or cuda, resolved by the parent")
@@ -106,6 +107,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--trainer", required=True)
     a = ap.parse_args(argv)
     train_and_predict(a.folder, a.device, a.seed, a.configuration, a.trainer)
+
+
+__all__ = ["command", "DATASET_ID", "main", "PREDICTIONS", "train_and_predict", "trainer_class", "TRAINER_MODULES"]
 
 
 if __name__ == "__main__":
